@@ -1,0 +1,252 @@
+"""Backbones: a registry of model families, and the one function that builds a classifier.
+
+Every model takes raw uint8 images (0-255) at the dataset's working resolution. Inside the model:
+cast to float, augmentation (active only in training), resizing to the backbone's input size,
+grayscale to RGB where the backbone needs three channels, the backbone's own preprocessing, the
+backbone, and a named head (`avg_pool` or `flatten`, `top_dropout`, `dense_<i>`, `predictions`).
+A saved model therefore needs no preprocessing code beside it.
+
+Keras 3 API only, so KERAS_BACKEND may be tensorflow, jax or torch. Importing this module does not
+import Keras: config validation reads the registry without paying for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from stages.errors import UserError
+
+Preprocessing = Literal["unit", "tf", "torch", "none"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    build: Callable[[tuple[int, int, int], str | None, dict[str, Any]], Any]
+    # How the family wants its input: "unit" scales to [0, 1], "tf" to [-1, 1], "torch" is
+    # ImageNet mean/std on [0, 1], "none" means the model rescales 0-255 input itself.
+    preprocessing: Preprocessing
+    native_input_size: int | None  # None: any size (the dataset's working resolution)
+    min_input_size: int = 1
+    rgb: bool = True  # needs three channels
+    pretrained: bool = True  # has ImageNet weights
+
+
+REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(
+    name: str,
+    *,
+    preprocessing: Preprocessing,
+    native_input_size: int | None,
+    min_input_size: int = 1,
+    rgb: bool = True,
+    pretrained: bool = True,
+) -> Callable:
+    def decorate(build: Callable) -> Callable:
+        REGISTRY[name] = BackboneSpec(name, build, preprocessing, native_input_size, min_input_size, rgb, pretrained)
+        return build
+
+    return decorate
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        raise UserError(f"unknown backbone model {name!r}; valid: {', '.join(list_backbones())}")
+    return REGISTRY[name]
+
+
+def list_backbones() -> list[str]:
+    return sorted(REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------
+# Families.
+
+
+@register_backbone("cnn", preprocessing="unit", native_input_size=None, rgb=False, pretrained=False)
+def build_cnn(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any]) -> Any:
+    """The course's custom CNNs: blocks of `convs_per_block` 3x3 convolutions, then pooling.
+
+    options: filters (per block, default [32, 64]), convs_per_block (2), batch_norm (false),
+    dropout after each block (0.25). The course's CIFAR-10 model is filters [32, 64].
+    """
+    import keras
+    from keras import layers
+
+    unknown = set(options) - {"filters", "convs_per_block", "batch_norm", "dropout"}
+    if unknown:
+        raise UserError(
+            f"backbone cnn: unknown options {', '.join(sorted(unknown))}; valid: filters, convs_per_block, batch_norm, dropout"
+        )
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for block, filters in enumerate(options.get("filters", [32, 64]), start=1):
+        for conv in range(1, int(options.get("convs_per_block", 2)) + 1):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=not options.get("batch_norm", False),
+                              name=f"block{block}_conv{conv}")(x)
+            if options.get("batch_norm", False):
+                x = layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            x = layers.Activation("relu", name=f"block{block}_relu{conv}")(x)
+        x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
+        if options.get("dropout", 0.25):
+            x = layers.Dropout(float(options.get("dropout", 0.25)), name=f"block{block}_dropout")(x)
+    return keras.Model(inputs, x, name="cnn")
+
+
+def _application(factory_name: str) -> Callable:
+    """A keras.applications family without its top, with ImageNet weights or none."""
+
+    def build(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any]) -> Any:
+        import keras
+
+        factory = getattr(keras.applications, factory_name)
+        try:
+            return factory(include_top=False, weights=weights, input_shape=input_shape, **options)
+        except TypeError as error:
+            raise UserError(f"backbone {factory_name}: bad options {options}: {error}") from None
+        except Exception as error:  # noqa: BLE001 - the download's failure modes are many
+            if weights is None:
+                raise
+            raise UserError(
+                f"backbone {factory_name}: could not load the {weights} weights ({type(error).__name__}: {error}); "
+                f"put the weights file in ~/.keras/models/ or set weights: null"
+            ) from None
+
+    return build
+
+
+register_backbone("mobilenetv2", preprocessing="tf", native_input_size=224, min_input_size=32)(
+    _application("MobileNetV2")
+)
+register_backbone("resnet50v2", preprocessing="tf", native_input_size=224, min_input_size=32)(
+    _application("ResNet50V2")
+)
+register_backbone("efficientnetb0", preprocessing="none", native_input_size=224, min_input_size=32)(
+    _application("EfficientNetB0")
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Assembling a classifier.
+
+
+def build_model(
+    backbone: Any,
+    *,
+    image_size: int,
+    channels: int,
+    num_classes: int,
+    augmentation: Any,
+    seed: int,
+) -> Any:
+    """A classifier that takes (image_size, image_size, channels) uint8 images.
+
+    `backbone` is a config.BackboneConfig and `augmentation` a config.Augmentation.
+    """
+    import keras
+    from keras import layers
+
+    spec = get_backbone(backbone.model)
+    size = backbone.input_size or spec.native_input_size or image_size
+    if size < spec.min_input_size:
+        raise UserError(f"backbone {backbone.model}: input_size {size} is below its minimum {spec.min_input_size}")
+    if backbone.weights and not spec.pretrained:
+        raise UserError(f"backbone {backbone.model}: has no pretrained weights; set weights: null")
+    base_channels = 3 if spec.rgb else channels
+
+    inputs = keras.Input((image_size, image_size, channels), dtype="uint8", name="image")
+    x = layers.Rescaling(1.0, name="to_float")(inputs)
+    augment = augmentation_layers(augmentation, seed)
+    if augment is not None:
+        x = augment(x)
+    if size != image_size:
+        x = layers.Resizing(size, size, name="resize")(x)
+    if base_channels == 3 and channels == 1:
+        x = custom_layers()["GrayscaleToRGB"](name="to_rgb")(x)
+    x = preprocessing_layer(spec.preprocessing)(x)
+
+    base = spec.build((size, size, base_channels), backbone.weights, dict(backbone.options))
+    if not backbone.weights:
+        # From scratch on a small dataset, the applications' slow BatchNormalization momentum
+        # (0.999) leaves the moving statistics far from the data for thousands of steps, and the
+        # model predicts one class in inference mode; 0.9 tracks them within an epoch or two.
+        for layer in base.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = min(layer.momentum, 0.9)
+    frozen = bool(backbone.weights) and backbone.freeze
+    base.trainable = not frozen
+    # A frozen base runs in inference mode so its BatchNormalization statistics stay as trained.
+    x = base(x, training=False) if frozen else base(x)
+
+    head = backbone.head
+    if head.pool == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    else:
+        x = layers.Flatten(name="flatten")(x)
+    for i, units in enumerate(head.dense, start=1):
+        x = layers.Dense(units, activation="relu", name=f"dense_{i}")(x)
+        if head.dropout:
+            x = layers.Dropout(head.dropout, name=f"dense_{i}_dropout")(x)
+    if head.dropout and not head.dense:
+        x = layers.Dropout(head.dropout, name="top_dropout")(x)
+    # float32 output keeps the softmax stable under mixed precision.
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"{backbone.model}_classifier")
+
+
+def augmentation_layers(augmentation: Any, seed: int) -> Any | None:
+    """Keras preprocessing layers for the dataset's augmentation, or None when there is none."""
+    import keras
+    from keras import layers
+
+    steps = []
+    if augmentation.flip != "none":
+        steps.append(layers.RandomFlip(augmentation.flip, seed=seed))
+    if augmentation.rotation:
+        steps.append(layers.RandomRotation(augmentation.rotation / 360.0, seed=seed))
+    if augmentation.zoom:
+        steps.append(layers.RandomZoom(augmentation.zoom, seed=seed))
+    if augmentation.translation:
+        steps.append(layers.RandomTranslation(augmentation.translation, augmentation.translation, seed=seed))
+    if augmentation.contrast:
+        steps.append(layers.RandomContrast(augmentation.contrast, value_range=(0, 255), seed=seed))
+    return keras.Sequential(steps, name="augmentation") if steps else None
+
+
+def preprocessing_layer(mode: Preprocessing) -> Any:
+    from keras import layers
+
+    if mode == "unit":
+        return layers.Rescaling(1.0 / 255.0, name="preprocess")
+    if mode == "tf":
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
+    if mode == "torch":
+        mean = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+        variance = [(0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2]
+        return layers.Normalization(mean=mean, variance=variance, name="preprocess")
+    return layers.Identity(name="preprocess")
+
+
+_CUSTOM_LAYERS: dict[str, type] = {}
+
+
+def custom_layers() -> dict[str, type]:
+    """Our serializable layers, registered with Keras; call before loading a saved model."""
+    if not _CUSTOM_LAYERS:
+        import keras
+
+        @keras.saving.register_keras_serializable(package="classmatrix")
+        class GrayscaleToRGB(keras.layers.Layer):
+            """Repeats a single channel three times, for RGB backbones on grayscale datasets."""
+
+            def call(self, inputs: Any) -> Any:
+                return keras.ops.repeat(inputs, 3, axis=-1)
+
+            def compute_output_shape(self, input_shape: tuple) -> tuple:
+                return (*input_shape[:-1], 3)
+
+        _CUSTOM_LAYERS["GrayscaleToRGB"] = GrayscaleToRGB
+    return dict(_CUSTOM_LAYERS)

@@ -1,0 +1,395 @@
+"""params.yaml parsed into typed, validated objects.
+
+Every stage reads its configuration through `load_params`. Parsing is strict: an unknown key, a
+wrong type, or a name that points nowhere (an experiment's dataset or backbone, a source or layout
+kind, a backbone's model) raises a `UserError` whose one line names the file, the dotted key and
+the valid choices. Sources, layouts and backbones each own the schema of their options, so adding
+one to a registry adds its keys here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from stages.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+SPLITS = ("train", "val", "test")
+RULES = (
+    "labels_in_class_set",
+    "undecodable_fraction",
+    "min_per_class",
+    "image_size_bounds",
+    "no_conflicting_labels",
+    "expected_count",
+)
+
+
+class ConfigError(UserError):
+    """A problem in params.yaml, reported as `<file>: <key>: <what is wrong>`."""
+
+
+# --------------------------------------------------------------------------------------------
+# The schema. Defaults here are the documented defaults; params.yaml states the ones that matter.
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    """A registry entry chosen by `kind`, with the options that kind declares."""
+
+    kind: str
+    options: Any
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    # Fractions of the files whose split the source does not define.
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class ValidationRules:
+    min_per_class: int = 1
+    max_undecodable_fraction: float = 0.05
+    min_side: int = 1
+    max_side: int = 20000
+    expected_count: int | None = None
+    expected_count_tolerance: float = 0.02
+    # Rules whose failure stops the pipeline; the others only warn in the report.
+    hard: list[str] = field(
+        default_factory=lambda: [
+            "labels_in_class_set",
+            "undecodable_fraction",
+            "min_per_class",
+            "image_size_bounds",
+            "no_conflicting_labels",
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    rotation: float = 0.0
+    zoom: float = 0.0
+    translation: float = 0.0
+    contrast: float = 0.0
+
+
+@dataclass(frozen=True)
+class Reference:
+    # Test accuracy as a fraction; None where the course or the literature does not say.
+    course: float | None = None
+    published: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    source: ComponentConfig
+    layout: ComponentConfig
+    classes: list[str]
+    image_size: int
+    channels: Literal[1, 3] = 3
+    description: str = ""
+    split: SplitPolicy = field(default_factory=SplitPolicy)
+    validation: ValidationRules = field(default_factory=ValidationRules)
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    reference: Reference = field(default_factory=Reference)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    pool: Literal["avg", "flatten"] = "avg"
+    dense: list[int] = field(default_factory=list)
+    dropout: float = 0.2
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    model: str
+    # None means the dataset's working resolution.
+    input_size: int | None = None
+    weights: Literal["imagenet"] | None = None
+    # Only a pretrained base is frozen; a base trained from scratch must learn.
+    freeze: bool = True
+    head: HeadConfig = field(default_factory=HeadConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 0.001
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    early_stopping_patience: int = 5
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    suite: str
+    dataset: str
+    backbone: str
+    # Partial overrides, checked against TrainingConfig and BackboneConfig.
+    train: dict[str, Any] = field(default_factory=dict)
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    description: str = ""
+    rank_by: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "accuracy"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment with everything it needs resolved: what train and evaluate read."""
+
+    name: str
+    suite: str
+    dataset_name: str
+    backbone_name: str
+    dataset: DatasetConfig
+    backbone: BackboneConfig
+    training: TrainingConfig
+
+
+@dataclass(frozen=True)
+class Params:
+    training: TrainingConfig
+    datasets: dict[str, DatasetConfig]
+    backbones: dict[str, BackboneConfig]
+    experiments: dict[str, ExperimentConfig]
+    suites: dict[str, SuiteConfig]
+    path: str = PARAMS_FILE
+
+    def dataset(self, name: str) -> DatasetConfig:
+        return self.datasets[_choose(name, self.datasets, "dataset", self.path, "--dataset")]
+
+    def experiment(self, name: str) -> Experiment:
+        key = _choose(name, self.experiments, "experiment", self.path, "--experiment")
+        spec = self.experiments[key]
+        where = f"experiments.{key}"
+        backbone = _parse_override(
+            self.backbones[spec.backbone], spec.backbone_overrides, f"{where}.backbone_overrides", self.path
+        )
+        training = _parse_override(self.training, spec.train, f"{where}.train", self.path)
+        return Experiment(
+            name=key,
+            suite=spec.suite,
+            dataset_name=spec.dataset,
+            backbone_name=spec.backbone,
+            dataset=self.datasets[spec.dataset],
+            backbone=backbone,
+            training=training,
+        )
+
+    def suite_experiments(self, suite: str) -> list[str]:
+        _choose(suite, self.suites, "suite", self.path, "--suite")
+        return [name for name, spec in self.experiments.items() if spec.suite == suite]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raise ConfigError with one line on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the repository root or pass --params") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
+    return parse_params(raw, str(path))
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    """Validate an already-loaded params mapping (a test can pass a dict)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    if "path" in raw:
+        raise ConfigError(f"{source}: path: unknown key; valid keys: training, datasets, backbones, experiments, suites")
+    params = _parse(Params, {**raw, "path": source}, "", source)
+    _check_references(params, source)
+    return params
+
+
+def _check_references(params: Params, source: str) -> None:
+    """Names that must point at other entries, and component kinds that must be registered."""
+    from stages import backbones, layouts, sources  # registries; cheap to import
+
+    for name, dataset in params.datasets.items():
+        if len(set(dataset.classes)) != len(dataset.classes):
+            raise ConfigError(f"{source}: datasets.{name}.classes: class names repeat; list each once")
+        if not dataset.classes:
+            raise ConfigError(f"{source}: datasets.{name}.classes: list at least one class")
+        policy = dataset.split
+        if not (0 <= policy.val < 1 and 0 <= policy.test < 1 and policy.val + policy.test < 1):
+            raise ConfigError(
+                f"{source}: datasets.{name}.split: val and test must be fractions in [0, 1) that sum below 1"
+            )
+        for rule in dataset.validation.hard:
+            if rule not in RULES:
+                raise ConfigError(
+                    f"{source}: datasets.{name}.validation.hard: unknown rule {rule!r}; valid: {', '.join(RULES)}"
+                )
+    for name, backbone in params.backbones.items():
+        _choose(backbone.model, backbones.REGISTRY, "backbone model", source, f"backbones.{name}.model")
+    for name, spec in params.experiments.items():
+        where = f"experiments.{name}"
+        _choose(spec.dataset, params.datasets, "dataset", source, f"{where}.dataset")
+        _choose(spec.backbone, params.backbones, "backbone", source, f"{where}.backbone")
+        _choose(spec.suite, params.suites, "suite", source, f"{where}.suite")
+        # dvc.yaml names stages train@<key>; the key must say what the stage trains.
+        expected = f"{spec.dataset}-{spec.backbone}"
+        if name != expected:
+            raise ConfigError(f"{source}: {where}: an experiment is named <dataset>-<backbone>; rename it {expected!r}")
+        params.experiment(name)  # validates the overrides
+    # Component options were parsed against their registries in _parse_component.
+    del sources, layouts
+
+
+def _choose(name: str, valid: typing.Mapping[str, Any] | typing.Iterable[str], what: str, source: str, key: str) -> str:
+    names = sorted(valid)
+    if name in names:
+        return name
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{source}: {key}: unknown {what} {name!r}{hint}; valid: {', '.join(names) or '(none)'}")
+
+
+def _parse_override(base: Any, overrides: dict[str, Any], where: str, source: str) -> Any:
+    merged = dataclasses.asdict(base)
+    if isinstance(base, BackboneConfig):
+        merged["options"] = dict(base.options)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "options":
+            merged[key] = {**merged[key], **value}
+        elif key == "options" and isinstance(value, dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    unknown = [key for key in overrides if key not in merged]
+    if unknown:
+        valid = ", ".join(f.name for f in dataclasses.fields(type(base)))
+        raise ConfigError(f"{source}: {where}.{unknown[0]}: unknown key; valid keys: {valid}")
+    return _parse(type(base), merged, where, source)
+
+
+# --------------------------------------------------------------------------------------------
+# The generic strict parser: dataclasses, Literal, Optional, list, dict and scalars.
+
+
+def _parse(tp: Any, value: Any, where: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if tp is ComponentConfig:
+        return _parse_component(value, where, source)
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, where, source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [arg for arg in args if arg is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _parse(option, value, where, source)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is Literal:
+        if value in args and not isinstance(value, bool):
+            return value
+        shown = ", ".join("null" if a is None else str(a) for a in args)
+        raise ConfigError(f"{source}: {where}: {value!r} is not allowed; valid: {shown}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where}: expected a list, got {_kind(value)}")
+        return [_parse(args[0], item, f"{where}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {_kind(value)}")
+        return {str(k): _parse(args[1], v, f"{where}.{k}", source) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # Class names like 0..9 are written bare in YAML; they are names, not numbers.
+            return str(value)
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported schema type {tp!r}")
+    raise ConfigError(f"{source}: {where}: expected {tp.__name__}, got {_kind(value)} {value!r}")
+
+
+def _parse_dataclass(tp: type, value: Any, where: str, source: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {where or '(top level)'}: expected a mapping, got {_kind(value)}")
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    hints = typing.get_type_hints(tp)
+    for key in value:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{source}: {_join(where, key)}: unknown key{hint}; valid keys: {', '.join(fields)}"
+            )
+    kwargs = {}
+    for name, spec in fields.items():
+        if name in value:
+            kwargs[name] = _parse(hints[name], value[name], _join(where, name), source)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: {_join(where, name)}: required key is missing")
+    return tp(**kwargs)
+
+
+def _parse_component(value: Any, where: str, source: str) -> ComponentConfig:
+    from stages import layouts, sources
+
+    registry = sources.REGISTRY if where.endswith(".source") else layouts.REGISTRY
+    what = "source kind" if where.endswith(".source") else "layout kind"
+    if not isinstance(value, dict) or "kind" not in value:
+        raise ConfigError(f"{source}: {where}.kind: required key is missing; valid: {', '.join(sorted(registry))}")
+    kind = _choose(value["kind"], registry, what, source, f"{where}.kind")
+    options = {k: v for k, v in value.items() if k != "kind"}
+    return ComponentConfig(kind=kind, options=_parse(registry[kind].options, options, where, source))
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )

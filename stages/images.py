@@ -1,0 +1,72 @@
+"""Decoding images: checking one fully, and loading one at the working resolution.
+
+Both use Pillow. Every image is decoded to the last pixel when it is checked, so a truncated file
+is caught in validate, not in the middle of training. Images are normalised on load: EXIF rotation
+applied, 16-bit, palette, CMYK and alpha images converted, grayscale and colour adapted to the
+dataset's channel count.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Refuse decompression bombs (a 30,000 x 30,000 image is 900 MP) before they are decoded. 
+MAX_PIXELS = 12_000 * 12_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    width: int | None
+    height: int | None
+    mode: str | None
+    error: str = ""  # non-empty: the file cannot be used, and why
+
+
+def check_image(path: Path) -> ImageCheck:
+    """Open and fully decode `path`; report its size and mode, or why it cannot be used."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                mode = image.mode
+                if width * height > MAX_PIXELS:
+                    return ImageCheck(width, height, mode, f"too large: {width}x{height} pixels")
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return ImageCheck(None, None, None, f"too large: {error}")
+    except (OSError, SyntaxError, ValueError) as error:
+        return ImageCheck(None, None, None, f"undecodable: {error}")
+    return ImageCheck(width, height, mode, "")
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """Decode `path` upright, convert to `channels` (1 or 3) and resize to size x size, uint8."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        image = _to_mode(image, "L" if channels == 1 else "RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
+
+
+def _to_mode(image: Image.Image, target: str) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images: scale the full range down to 8 bits rather than clip it.
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() or 1.0
+        image = Image.fromarray(np.rint(array * (255.0 / top)).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        # Transparent pixels become white, the usual background of icons and scans.
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert(target)

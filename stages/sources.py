@@ -1,0 +1,124 @@
+"""Where datasets come from: a registry of source kinds.
+
+Each kind is a function decorated with `@register_source(name, Options)`. It fills an empty
+folder with the dataset exactly as obtained (archives safely extracted) and returns what the
+provenance record should say about it (versions, checksums, refused archive entries). The options
+dataclass is the schema of the `source:` block in params.yaml for that kind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from stages import archives
+from stages.errors import UserError
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    name: str
+    options: type
+    fetch: Callable[[Any, Path, str], dict[str, Any]]
+
+
+REGISTRY: dict[str, SourceKind] = {}
+
+
+def register_source(name: str, options: type) -> Callable:
+    def decorate(fetch: Callable[[Any, Path, str], dict[str, Any]]) -> Callable:
+        REGISTRY[name] = SourceKind(name, options, fetch)
+        return fetch
+
+    return decorate
+
+
+def get_source(name: str) -> SourceKind:
+    if name not in REGISTRY:
+        raise UserError(f"unknown source kind {name!r}; valid: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+# --------------------------------------------------------------------------------------------
+# sklearn: real image datasets shipped inside scikit-learn, for the demo.
+
+
+@dataclass(frozen=True)
+class SklearnOptions:
+    name: Literal["digits"] = "digits"
+
+
+@register_source("sklearn", SklearnOptions)
+def fetch_sklearn(options: SklearnOptions, dest: Path, dataset: str) -> dict[str, Any]:
+    """Write scikit-learn's digits (1,797 8x8 images) as PNGs, one folder per class.
+
+    The pixels are 0-16 intensities; they are scaled to 0-255 so the files look like any other
+    grayscale image and every later stage treats them as such.
+    """
+    import numpy as np
+    import sklearn
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    for index, (image, target) in enumerate(zip(pixels, digits.target)):
+        folder = dest / str(digits.target_names[target])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(folder / f"{index:04d}.png", optimize=False)
+    data_file = Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
+    return {
+        "origin": f"sklearn.datasets.load_{options.name} (scikit-learn {sklearn.__version__})",
+        "version": sklearn.__version__,
+        "archives": [
+            {"name": data_file.name, "sha256": archives.sha256_file(data_file), "bytes": data_file.stat().st_size}
+        ],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# local: a folder or an archive the user already has (datasets behind a login).
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    # A folder or a .zip/.tar(.gz|.bz2|.xz) archive; relative paths are from the repository root.
+    path: str
+    # Where to get the data, shown when the path is missing.
+    instructions: str = ""
+
+
+@register_source("local", LocalOptions)
+def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, Any]:
+    """Copy a local folder, or safely extract a local archive, into the raw folder."""
+    source = Path(options.path).expanduser()
+    if not source.exists():
+        how = f" {options.instructions.rstrip('.')}." if options.instructions else ""
+        raise UserError(
+            f"datasets.{dataset}.source.path: {source} does not exist;{how} "
+            f"Put the dataset folder or archive there, or change the path in params.yaml"
+        )
+    if source.is_dir():
+        shutil.copytree(source, dest, dirs_exist_ok=True, symlinks=True)
+        links = [str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_symlink()]
+        for link in links:
+            # A link could point anywhere on this machine; raw data holds only real files.
+            (dest / link).unlink()
+        return {
+            "origin": f"local folder {source.resolve()}",
+            "refused": [{"entry": link, "reason": "symbolic link"} for link in links],
+        }
+    if not archives.is_archive(source):
+        raise UserError(
+            f"datasets.{dataset}.source.path: {source} is neither a folder nor a zip/tar archive"
+        )
+    extraction = archives.extract(source, dest)
+    return {
+        "origin": f"local archive {source.resolve()}",
+        "archives": [
+            {"name": source.name, "sha256": archives.sha256_file(source), "bytes": source.stat().st_size}
+        ],
+        "refused": extraction.refused,
+    }

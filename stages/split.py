@@ -1,0 +1,131 @@
+"""split@<dataset>: a stable train/val/test split, and the images decoded once into arrays.
+
+    python -m stages.split --dataset digits --manifest data/interim/digits/manifest.parquet \
+        --raw data/raw/digits --out data/processed/digits
+
+A file's split depends only on its key (its group if the layout gives one, else its content
+hash) and the seed: adding files never moves existing ones, identical images always land
+together, and every class is split in the same proportions in expectation (per-class counts
+differ from the exact fractions by sampling noise, the price of stability). Splits the source
+defines are honoured; only the files the source leaves unsplit are divided by the fractions.
+
+Writes, in `--out`: `splits.parquet` (path, label, split, plus the manifest's columns),
+`classes.json`, and for each split `<split>_x.npy` (N, size, size, channels) uint8 and
+`<split>_y.npy` int32 class indices, ready to be memory-mapped by training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.config import SPLITS, DatasetConfig, SplitPolicy, load_params
+from stages.errors import UserError, run_stage
+from stages.files import write_json_atomic
+from stages.images import load_image
+from stages.progress import progress
+
+
+def unit_hash(key: str, seed: int) -> float:
+    """A number in [0, 1) fixed by `key` and `seed` alone."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(manifest: pd.DataFrame, policy: SplitPolicy) -> pd.DataFrame:
+    """The usable rows of `manifest` with a `split` column added."""
+    rows = manifest[manifest["status"] == "ok"].copy()
+    keys = rows["group"].where(rows["group"].notna(), rows["sha256"]).astype(str)
+    draws = keys.map(lambda key: unit_hash(key, policy.seed))
+    defined = set(rows["source_split"].dropna())
+    # Fractions of the whole dataset become fractions of the part the source leaves unsplit.
+    carve_test = "test" not in defined
+    carve_val = "val" not in defined
+    test_cut = policy.test if carve_test else 0.0
+    val_cut = test_cut + (policy.val if carve_val else 0.0)
+
+    def choose(source_split: str | None, draw: float) -> str:
+        if source_split in ("test", "val"):
+            return source_split
+        if draw < test_cut:
+            return "test"
+        if draw < val_cut:
+            return "val"
+        return "train"
+
+    rows["split"] = [choose(s if isinstance(s, str) else None, d) for s, d in zip(rows["source_split"], draws)]
+    return rows.reset_index(drop=True)
+
+
+def check_splits(rows: pd.DataFrame, classes: list[str], dataset: str) -> None:
+    for split in SPLITS:
+        if not (rows["split"] == split).any():
+            raise UserError(
+                f"split@{dataset}: the {split} split is empty ({len(rows)} usable images); "
+                f"add images or raise datasets.{dataset}.split.{split if split != 'train' else 'val'}"
+            )
+    missing = sorted(set(classes) - set(rows.loc[rows["split"] == "train", "label"]))
+    if missing:
+        raise UserError(f"split@{dataset}: no training images for classes {', '.join(missing)}")
+
+
+def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig) -> dict[str, int]:
+    """Decode each image once into memory-mapped uint8 arrays, one pair per split."""
+    index = {name: i for i, name in enumerate(config.classes)}
+    shape = (config.image_size, config.image_size, config.channels)
+    counts = {}
+    for split in SPLITS:
+        part = rows[rows["split"] == split]
+        images = np.lib.format.open_memmap(out / f"{split}_x.npy", mode="w+", dtype=np.uint8, shape=(len(part), *shape))
+        for i, path in enumerate(progress(part["path"], desc=f"decoding {split}", unit="img")):
+            images[i] = load_image(raw / path, config.image_size, config.channels)
+        images.flush()
+        del images
+        np.save(out / f"{split}_y.npy", part["label"].map(index).to_numpy(np.int32), allow_pickle=False)
+        counts[split] = int(len(part))
+    return counts
+
+
+def split(dataset: str, params_path: str, manifest_path: Path, raw: Path, out: Path) -> dict[str, int]:
+    config = load_params(params_path).dataset(dataset)
+    if not manifest_path.exists():
+        raise UserError(f"{manifest_path}: no manifest; run validate@{dataset} first")
+    manifest = pd.read_parquet(manifest_path)
+    rows = assign_splits(manifest, config.split)
+    check_splits(rows, config.classes, dataset)
+    # Write beside the output and rename, so an interrupted split never looks complete.
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    rows.to_parquet(partial / "splits.parquet", index=False)
+    (partial / "classes.json").write_text(json.dumps(config.classes, indent=2) + "\n", encoding="utf-8")
+    counts = write_arrays(rows, raw, partial, config)
+    write_json_atomic(
+        partial / "meta.json",
+        {"dataset": dataset, "image_size": config.image_size, "channels": config.channels, "counts": counts},
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--raw", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    counts = split(args.dataset, args.params, args.manifest, args.raw, args.out)
+    print(f"split@{args.dataset}: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f" in {args.out}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

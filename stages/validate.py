@@ -1,0 +1,180 @@
+"""validate@<dataset>: account for every raw file, decode every image once, check expectations.
+
+    python -m stages.validate --dataset digits --raw data/raw/digits \
+        --manifest data/interim/digits/manifest.parquet \
+        --docs reports/validation/digits/docs --summary reports/validation/digits/summary.json
+
+The manifest has one row per file under the raw folder: usable images with status `ok`, and
+everything else `set_aside` with the reason. A Great Expectations suite then checks the manifest;
+a failed hard expectation ends the stage with one line (after the manifest, the Data Docs and the
+summary are written, so the failure can be inspected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from stages import expectations
+from stages.config import DatasetConfig, load_params
+from stages.errors import UserError, run_stage
+from stages.files import atomic_path, write_json_atomic
+from stages.images import check_image
+from stages.layouts import Candidate, get_layout
+from stages.progress import progress
+
+COLUMNS = ["path", "label", "source_split", "group", "width", "height", "mode", "bytes", "sha256", "status", "reason"]
+# When identical content sits in several source splits, it is kept in the most held-out one.
+SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, None: 3}
+
+
+def build_manifest(raw: Path, config: DatasetConfig) -> pd.DataFrame:
+    """One row per file under `raw`: where it goes, what it is, and whether it is usable."""
+    if not raw.is_dir():
+        raise UserError(f"{raw}: the raw dataset folder does not exist; run the fetch stage first")
+    layout = get_layout(config.layout.kind)
+    candidates = layout.candidates(config.layout.options, raw)
+    classes = set(config.classes)
+    rows = [_inspect(raw, candidate, classes) for candidate in progress(candidates, desc="decoding", unit="file")]
+    manifest = pd.DataFrame(rows, columns=COLUMNS)
+    manifest = set_aside_duplicates(manifest)
+    manifest["width"] = manifest["width"].astype("Int64")
+    manifest["height"] = manifest["height"].astype("Int64")
+    manifest["bytes"] = manifest["bytes"].astype("int64")
+    return manifest
+
+
+def _inspect(raw: Path, candidate: Candidate, classes: set[str]) -> dict:
+    path = raw / candidate.path
+    row = {
+        "path": candidate.path,
+        "label": candidate.label,
+        "source_split": candidate.source_split,
+        "group": candidate.group,
+        "width": None,
+        "height": None,
+        "mode": None,
+        "bytes": path.stat().st_size,
+        "sha256": _sha256(path),
+        "status": "set_aside",
+        "reason": candidate.reason,
+    }
+    if candidate.reason:
+        return row
+    if row["bytes"] == 0:
+        row["reason"] = "undecodable: empty file"
+        return row
+    check = check_image(path)
+    row.update(width=check.width, height=check.height, mode=check.mode)
+    if check.error:
+        row["reason"] = check.error
+    elif candidate.label not in classes:
+        row["reason"] = f"label {candidate.label!r} is not among the declared classes"
+    else:
+        row["status"] = "ok"
+    return row
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def set_aside_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Identical content under two labels is ambiguous: set all copies aside. Identical content in
+    two source splits leaks: keep it only in the most held-out split."""
+    manifest = manifest.copy()
+    ok = manifest["status"] == "ok"
+    for sha, group in manifest[ok].groupby("sha256"):
+        if len(group) < 2:
+            continue
+        labels = sorted(group["label"].unique())
+        if len(labels) > 1:
+            reason = f"ambiguous: the same image appears under labels {', '.join(labels)}"
+            manifest.loc[group.index, ["status", "reason"]] = ["set_aside", reason]
+            continue
+        splits = group["source_split"].where(group["source_split"].notna(), None)
+        if splits.nunique(dropna=False) > 1:
+            best = min(splits, key=lambda s: SPLIT_PRIORITY.get(s, 3))
+            keeper = group[splits == best].iloc[0]["path"]
+            leaking = group.index[(splits != best).to_numpy()]
+            reason = f"leak: the same image is in the {best} split as {keeper}"
+            manifest.loc[leaking, ["status", "reason"]] = ["set_aside", reason]
+    return manifest
+
+
+def summarise(manifest: pd.DataFrame, config: DatasetConfig, report: expectations.ExpectationReport) -> dict:
+    ok = manifest[manifest["status"] == "ok"]
+    reasons = Counter(reason.split(":")[0] for reason in manifest.loc[manifest["status"] != "ok", "reason"])
+    return {
+        "files": int(len(manifest)),
+        "accepted": int(len(ok)),
+        "set_aside": int((manifest["status"] != "ok").sum()),
+        "set_aside_by_reason": dict(sorted(reasons.items())),
+        "per_class": {name: int((ok["label"] == name).sum()) for name in config.classes},
+        "expectations_passed": int(sum(o.success for o in report.outcomes)),
+        "expectations_failed": int(sum(not o.success for o in report.outcomes)),
+        "expectations": report.to_dict(),
+    }
+
+
+def validate(dataset: str, params_path: str, raw: Path, manifest_path: Path, docs: Path, summary_path: Path) -> dict:
+    config = load_params(params_path).dataset(dataset)
+    manifest = build_manifest(raw, config)
+    rules = config.validation
+    report = expectations.check_manifest(
+        manifest,
+        dataset=dataset,
+        classes=config.classes,
+        min_per_class=rules.min_per_class,
+        max_undecodable_fraction=rules.max_undecodable_fraction,
+        min_side=rules.min_side,
+        max_side=rules.max_side,
+        hard=rules.hard,
+        expected_count=rules.expected_count,
+        expected_count_tolerance=rules.expected_count_tolerance,
+        docs_dir=docs,
+    )
+    with atomic_path(manifest_path) as temporary:
+        manifest.to_parquet(temporary, index=False)
+    summary = summarise(manifest, config, report)
+    write_json_atomic(summary_path, summary)
+    for outcome in report.outcomes:
+        if not outcome.success and not outcome.hard:
+            print(f"validate@{dataset}: warning: {outcome.name}: {outcome.observed}")
+    if report.hard_failures:
+        failure = report.hard_failures[0]
+        more = f" (and {len(report.hard_failures) - 1} more)" if len(report.hard_failures) > 1 else ""
+        raise UserError(
+            f"validate@{dataset}: expectation {failure.name} failed: {failure.observed}{more}; "
+            f"see {report.docs_index} and {manifest_path}"
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--raw", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--docs", type=Path, required=True, help="folder for the Great Expectations Data Docs")
+    parser.add_argument("--summary", type=Path, required=True, help="summary JSON (DVC metrics)")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    summary = validate(args.dataset, args.params, args.raw, args.manifest, args.docs, args.summary)
+    aside = ", ".join(f"{n} {r}" for r, n in summary["set_aside_by_reason"].items()) or "none"
+    print(
+        f"validate@{args.dataset}: {summary['files']} files = {summary['accepted']} accepted + "
+        f"{summary['set_aside']} set aside ({aside}); {summary['expectations_passed']} expectations passed"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)
