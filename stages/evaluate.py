@@ -145,11 +145,8 @@ def evaluate(
     write_json_atomic(figures / "classification_report.json", report)
 
     reference = dataclasses.asdict(experiment.dataset.reference)
+    # Numbers only: this is a DVC metrics file, shown column by column by `dvc metrics show`.
     record = {
-        "experiment": experiment.name,
-        "suite": experiment.suite,
-        "dataset": experiment.dataset_name,
-        "backbone": experiment.backbone_name,
         **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()},
         "epochs_run": training_record["epochs_run"],
         "train_seconds": training_record["train_seconds"],
@@ -158,7 +155,6 @@ def evaluate(
         "parameters": training_record["parameters"],
         "reference_course": reference["course"],
         "reference_published": reference["published"],
-        "mlflow_run_id": training_record["run_id"],
     }
     write_json_atomic(metrics_path, record)
 

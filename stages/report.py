@@ -79,7 +79,7 @@ def report(suite: str, params_path: str, metrics_dir: Path, out: Path) -> pd.Dat
         path = metrics_dir / spec.dataset / f"{spec.backbone}.json"
         if not path.exists():
             raise UserError(f"report@{suite}: {path} is missing; run evaluate@{name} (dvc repro report@{suite})")
-        records.append(json.loads(path.read_text(encoding="utf-8")))
+        records.append({"dataset": spec.dataset, "backbone": spec.backbone, **json.loads(path.read_text(encoding="utf-8"))})
     if not records:
         raise UserError(f"report@{suite}: the suite has no experiments; add some under experiments: in {params_path}")
     table = leaderboard(records, config.rank_by)

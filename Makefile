@@ -1,0 +1,44 @@
+# Two commands set everything up on a machine that has only Python 3.11:
+#   make demo   create the environment, then `dvc repro report@demo`
+#   make test   create the environment, then run the whole test suite
+# The environment is .venv, made by uv from uv.lock (uv itself is bootstrapped into .tools).
+
+PYTHON ?= python3.11
+UV_VERSION := 0.13.9
+TOOLS := .tools
+VENV := .venv
+UV := $(TOOLS)/bin/uv
+RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
+
+.PHONY: env demo test test-fast ui clean-outputs
+
+env: $(VENV)/.synced
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --python $(PYTHON)
+	touch $@
+
+demo: env
+	$(RUN) dvc repro report@demo
+	@echo
+	@cat reports/leaderboard/demo.md
+	@echo
+	@echo "Figures: reports/figures/digits/  Validation: reports/validation/digits/docs/index.html"
+	@echo "Runs:    make ui, then open http://127.0.0.1:5000"
+
+test: env
+	$(RUN) python -m pytest
+
+test-fast: env
+	$(RUN) python -m pytest -m "not slow"
+
+ui: env
+	$(RUN) mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --host 127.0.0.1 --port 5000
+
+clean-outputs:
+	rm -rf data/raw data/interim data/processed models reports/figures reports/predictions \
+	  reports/validation reports/metrics reports/leaderboard mlflow.db mlartifacts

@@ -1,0 +1,142 @@
+"""End to end: `dvc repro report@demo` in a fresh copy of the repository, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A copy of the repository's tracked files, as a fresh clone would have them."""
+    copy = tmp_path_factory.mktemp("clone")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in filter(None, tracked.stdout.split("\0")):
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    run(["git", "init", "-q"], copy, env)
+    run([*git, "add", "-A"], copy, env)
+    run([*git, "commit", "-qm", "clone"], copy, env)
+    first = run(["dvc", "repro", "report@demo"], copy, env)
+    (copy / "first_repro.log").write_text(first.stdout + first.stderr)
+    return copy, env
+
+
+def mlflow_runs(copy: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits")
+    assert experiment is not None, "no MLflow experiment named after the dataset"
+    return client.search_runs([experiment.experiment_id])
+
+
+def test_demo_runs_every_stage_of_the_demo(project: tuple[Path, dict[str, str]]) -> None:
+    """The first repro runs fetch, validate, split, both trains, both evaluates and the report."""
+    copy, _ = project
+    ran = stages_run((copy / "first_repro.log").read_text())
+    assert sorted(ran) == sorted(
+        [
+            "fetch@digits",
+            "validate@digits",
+            "split@digits",
+            "train@digits-small_cnn",
+            "train@digits-mobilenetv2",
+            "evaluate@digits-small_cnn",
+            "evaluate@digits-mobilenetv2",
+            "report@demo",
+        ]
+    )
+
+
+def test_demo_models_beat_chance_by_far(project: tuple[Path, dict[str, str]]) -> None:
+    """The CNN reaches 95% on digits; MobileNetV2 from scratch is far above the 10% of chance."""
+    copy, _ = project
+    cnn = json.loads((copy / "reports/metrics/demo/digits/small_cnn.json").read_text())
+    mobilenet = json.loads((copy / "reports/metrics/demo/digits/mobilenetv2.json").read_text())
+    assert cnn["accuracy"] >= 0.95
+    assert mobilenet["accuracy"] >= 0.6
+    assert cnn["test_images"] == mobilenet["test_images"] > 200
+    assert cnn["chance_accuracy"] < 0.15
+
+
+def test_demo_outputs_are_where_the_readme_says(project: tuple[Path, dict[str, str]]) -> None:
+    """Leaderboard, figures, predictions, validation docs and the manifest all exist."""
+    copy, _ = project
+    board = (copy / "reports/leaderboard/demo.md").read_text()
+    assert "| digits | small_cnn |" in board and "| digits | mobilenetv2 |" in board
+    for backbone in ("small_cnn", "mobilenetv2"):
+        figures = copy / "reports/figures/digits" / backbone
+        for name in ("confusion.png", "confusion_normalized.png", "curves.png"):
+            assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        predictions = (copy / f"reports/predictions/digits/{backbone}.csv").read_text().splitlines()
+        assert predictions[0] == "path,actual,predicted,confidence"
+    summary = json.loads((copy / "reports/validation/digits/summary.json").read_text())
+    assert summary["files"] == summary["accepted"] + summary["set_aside"] == 1797
+    assert (copy / "reports/validation/digits/docs/index.html").exists()
+    assert (copy / "data/interim/digits/manifest.parquet").exists()
+
+
+def test_demo_runs_are_in_mlflow_with_params_and_metrics(project: tuple[Path, dict[str, str]]) -> None:
+    """One run per experiment in the dataset's MLflow experiment, with params, epochs and test metrics."""
+    copy, _ = project
+    runs = {run.info.run_name: run for run in mlflow_runs(copy)}
+    assert set(runs) == {"small_cnn", "mobilenetv2"}
+    for name, run in runs.items():
+        record = json.loads((copy / f"reports/metrics/demo/digits/{name}.json").read_text())
+        assert run.data.params["dataset"] == "digits"
+        assert run.data.params["backbone"] == name
+        assert "training.epochs" in run.data.params
+        assert run.data.tags["suite"] == "demo"
+        assert run.data.metrics["test_accuracy"] == pytest.approx(record["accuracy"], abs=1e-6)
+        assert "val_accuracy" in run.data.metrics
+
+
+def test_second_repro_runs_nothing_and_evaluate_reuses_its_run(project: tuple[Path, dict[str, str]]) -> None:
+    """Nothing changed: nothing runs. A forced evaluate logs into the same run, not a new one."""
+    copy, env = project
+    again = run(["dvc", "repro", "report@demo"], copy, env)
+    assert stages_run(again.stdout) == []
+    assert "Data and pipelines are up to date." in again.stdout
+    before = {run.info.run_id for run in mlflow_runs(copy)}
+    run(["dvc", "repro", "--force", "--single-item", "evaluate@digits-small_cnn"], copy, env)
+    assert {run.info.run_id for run in mlflow_runs(copy)} == before
+
+
+def test_changing_one_experiments_training_param_reruns_only_it(project: tuple[Path, dict[str, str]]) -> None:
+    """A new epoch count for the CNN reruns its train and evaluate and the report, nothing else."""
+    copy, env = project
+    params_path = copy / "params.yaml"
+    text = params_path.read_text()
+    params = yaml.safe_load(text)
+    params["experiments"]["digits-small_cnn"]["train"]["epochs"] = 3
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = run(["dvc", "repro", "report@demo"], copy, env)
+    assert sorted(stages_run(rerun.stdout)) == ["evaluate@digits-small_cnn", "report@demo", "train@digits-small_cnn"]
+    record = json.loads((copy / "reports/metrics/demo/digits/small_cnn.json").read_text())
+    assert record["epochs_run"] == 3
