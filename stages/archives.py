@@ -13,6 +13,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -44,14 +45,17 @@ def is_archive(path: Path) -> bool:
 
 
 def safe_member_path(name: str) -> PurePosixPath | None:
-    """The relative path an entry may be written to, or None if it points outside."""
+    """The relative path an entry may be written to (`.` for the folder itself), or None if it
+    points outside."""
+    if not name.strip():
+        return None
     posix = PurePosixPath(name.replace("\\", "/"))
     if posix.is_absolute() or (posix.parts and ":" in posix.parts[0]):
         return None
     if any(part == ".." for part in posix.parts):
         return None
     parts = [part for part in posix.parts if part not in ("", ".")]
-    return PurePosixPath(*parts) if parts else None
+    return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
 def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Extraction:
@@ -61,8 +65,12 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Ex
         if name.endswith(".zip"):
             return _extract_zip(archive, dest, max_bytes)
         return _extract_tar(archive, dest, max_bytes)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as error:
-        raise UserError(f"{archive}: not a readable archive ({error}); download it again") from None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
+        detail = " ".join(str(error).split())
+        raise UserError(f"{archive}: not a readable archive ({detail}); download it again") from None
+    except (IsADirectoryError, FileExistsError, NotADirectoryError) as error:
+        # Entries that clash (a file `a` and a folder `a/`) make an archive that cannot be laid out.
+        raise UserError(f"{archive}: entries clash at {error.filename}; the archive is malformed") from None
 
 
 def _refuse(result: Extraction, entry: str, reason: str) -> None:

@@ -51,7 +51,8 @@ class ComponentConfig:
 
 @dataclass(frozen=True)
 class SplitPolicy:
-    # Fractions of the files whose split the source does not define.
+    # Fractions of the files whose split the source leaves open: with no source splits, of the
+    # whole dataset; when the source defines train and test only, val is this share of train.
     val: float = 0.15
     test: float = 0.15
     seed: int = 42
@@ -173,7 +174,8 @@ class Params:
     backbones: dict[str, BackboneConfig]
     experiments: dict[str, ExperimentConfig]
     suites: dict[str, SuiteConfig]
-    path: str = PARAMS_FILE
+    # Where the params came from, for error messages; not a key of params.yaml.
+    path: str = field(default=PARAMS_FILE, metadata={"internal": True})
 
     def dataset(self, name: str) -> DatasetConfig:
         return self.datasets[_choose(name, self.datasets, "dataset", self.path, "--dataset")]
@@ -212,11 +214,14 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the repository root or pass --params") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot be read ({reason}); pass a params YAML file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        where = f" line {mark.line + 1}:" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
+        raise ConfigError(f"{path}:{where} not valid YAML ({problem})") from None
     return parse_params(raw, str(path))
 
 
@@ -261,7 +266,12 @@ def _check_references(params: Params, source: str) -> None:
         expected = f"{spec.dataset}-{spec.backbone}"
         if name != expected:
             raise ConfigError(f"{source}: {where}: an experiment is named <dataset>-<backbone>; rename it {expected!r}")
-        params.experiment(name)  # validates the overrides
+        experiment = params.experiment(name)  # validates the overrides
+        if "model" in spec.backbone_overrides:
+            _choose(
+                experiment.backbone.model, backbones.REGISTRY, "backbone model", source,
+                f"{where}.backbone_overrides.model",
+            )
     # Component options were parsed against their registries in _parse_component.
     del sources, layouts
 
@@ -286,10 +296,7 @@ def _parse_override(base: Any, overrides: dict[str, Any], where: str, source: st
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
-    unknown = [key for key in overrides if key not in merged]
-    if unknown:
-        valid = ", ".join(f.name for f in dataclasses.fields(type(base)))
-        raise ConfigError(f"{source}: {where}.{unknown[0]}: unknown key; valid keys: {valid}")
+    # An unknown override key is reported by the strict parse, under `where`.
     return _parse(type(base), merged, where, source)
 
 
@@ -318,8 +325,10 @@ def _parse(tp: Any, value: Any, where: str, source: str) -> Any:
                 errors.append(error)
         raise errors[0]
     if origin is Literal:
-        if value in args and not isinstance(value, bool):
-            return value
+        for allowed in args:
+            # `1.0 == 1` and `True == 1` in Python; a Literal wants the value as written.
+            if value == allowed and type(value) is type(allowed):
+                return value
         shown = ", ".join("null" if a is None else str(a) for a in args)
         raise ConfigError(f"{source}: {where}: {value!r} is not allowed; valid: {shown}")
     if origin is list:
@@ -357,12 +366,13 @@ def _parse_dataclass(tp: type, value: Any, where: str, source: str) -> Any:
         raise ConfigError(f"{source}: {where or '(top level)'}: expected a mapping, got {_kind(value)}")
     fields = {f.name: f for f in dataclasses.fields(tp)}
     hints = typing.get_type_hints(tp)
+    public = [name for name, spec in fields.items() if not spec.metadata.get("internal")]
     for key in value:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            close = difflib.get_close_matches(str(key), public, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"{source}: {_join(where, key)}: unknown key{hint}; valid keys: {', '.join(fields)}"
+                f"{source}: {_join(where, key)}: unknown key{hint}; valid keys: {', '.join(public)}"
             )
     kwargs = {}
     for name, spec in fields.items():

@@ -27,7 +27,11 @@ def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    details = source.fetch(config.source.options, partial, dataset)
+    try:
+        details = source.fetch(config.source.options, partial, dataset)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     files = all_files(out)

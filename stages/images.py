@@ -61,8 +61,9 @@ def _to_mode(image: Image.Image, target: str) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float images: scale the full range down to 8 bits rather than clip it.
         array = np.asarray(image, dtype=np.float64)
-        top = array.max() or 1.0
-        image = Image.fromarray(np.rint(array * (255.0 / top)).astype(np.uint8), mode="L")
+        bottom = min(float(array.min()), 0.0)
+        span = (float(array.max()) - bottom) or 1.0
+        image = Image.fromarray(np.rint((array - bottom) * (255.0 / span)).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):

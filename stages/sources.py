@@ -84,7 +84,8 @@ def fetch_sklearn(options: SklearnOptions, dest: Path, dataset: str) -> dict[str
 
 @dataclass(frozen=True)
 class LocalOptions:
-    # A folder or a .zip/.tar(.gz|.bz2|.xz) archive; relative paths are from the repository root.
+    # A folder or a .zip/.tar(.gz|.bz2|.xz) archive; a relative path is from the working folder,
+    # which under `dvc repro` is the repository root.
     path: str
     # Where to get the data, shown when the path is missing.
     instructions: str = ""

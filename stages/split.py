@@ -44,7 +44,7 @@ def assign_splits(manifest: pd.DataFrame, policy: SplitPolicy) -> pd.DataFrame:
     keys = rows["group"].where(rows["group"].notna(), rows["sha256"]).astype(str)
     draws = keys.map(lambda key: unit_hash(key, policy.seed))
     defined = set(rows["source_split"].dropna())
-    # Fractions of the whole dataset become fractions of the part the source leaves unsplit.
+    # A fraction applies only where the source leaves that split open (see SplitPolicy).
     carve_test = "test" not in defined
     carve_val = "val" not in defined
     test_cut = policy.test if carve_test else 0.0
@@ -66,10 +66,18 @@ def assign_splits(manifest: pd.DataFrame, policy: SplitPolicy) -> pd.DataFrame:
 def check_splits(rows: pd.DataFrame, classes: list[str], dataset: str) -> None:
     for split in SPLITS:
         if not (rows["split"] == split).any():
-            raise UserError(
-                f"split@{dataset}: the {split} split is empty ({len(rows)} usable images); "
-                f"add images or raise datasets.{dataset}.split.{split if split != 'train' else 'val'}"
+            advice = (
+                f"lower datasets.{dataset}.split.val and .test, or add images"
+                if split == "train"
+                else f"raise datasets.{dataset}.split.{split}, or add images"
             )
+            raise UserError(f"split@{dataset}: the {split} split is empty ({len(rows)} usable images); {advice}")
+    stale = sorted(set(rows["label"]) - set(classes))
+    if stale:
+        raise UserError(
+            f"split@{dataset}: the manifest has labels that are not declared classes ({', '.join(map(str, stale[:5]))}); "
+            f"rerun validate@{dataset}"
+        )
     missing = sorted(set(classes) - set(rows.loc[rows["split"] == "train", "label"]))
     if missing:
         raise UserError(f"split@{dataset}: no training images for classes {', '.join(missing)}")
@@ -103,13 +111,17 @@ def split(dataset: str, params_path: str, manifest_path: Path, raw: Path, out: P
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    rows.to_parquet(partial / "splits.parquet", index=False)
-    (partial / "classes.json").write_text(json.dumps(config.classes, indent=2) + "\n", encoding="utf-8")
-    counts = write_arrays(rows, raw, partial, config)
-    write_json_atomic(
-        partial / "meta.json",
-        {"dataset": dataset, "image_size": config.image_size, "channels": config.channels, "counts": counts},
-    )
+    try:
+        rows.to_parquet(partial / "splits.parquet", index=False)
+        (partial / "classes.json").write_text(json.dumps(config.classes, indent=2) + "\n", encoding="utf-8")
+        counts = write_arrays(rows, raw, partial, config)
+        write_json_atomic(
+            partial / "meta.json",
+            {"dataset": dataset, "image_size": config.image_size, "channels": config.channels, "counts": counts},
+        )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return counts

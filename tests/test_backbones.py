@@ -1,0 +1,301 @@
+"""Every registered backbone builds a uint8-in, softmax-out classifier that trains, saves and reloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from stages import backbones  # noqa: E402  (after the log level, before Keras is imported)
+from stages.backbones import build_model, custom_layers, get_backbone, list_backbones  # noqa: E402
+from stages.config import Augmentation, BackboneConfig, HeadConfig  # noqa: E402
+from stages.errors import UserError  # noqa: E402
+
+IMAGE_SIZE = 16
+NUM_CLASSES = 3
+# Small options so that each family builds and steps in seconds on a CPU.
+SMALL_OPTIONS = {"cnn": {"filters": [8, 16], "convs_per_block": 1, "dropout": 0.1}, "mobilenetv2": {"alpha": 0.35}}
+
+
+@pytest.fixture(scope="module")
+def keras():
+    """Keras, imported once for the module, with a fixed seed."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras
+
+
+def small_backbone(name: str, **overrides: Any) -> BackboneConfig:
+    """The registry entry `name` at a small working size, trained from scratch."""
+    spec = get_backbone(name)
+    config = BackboneConfig(
+        model=name,
+        input_size=None if spec.native_input_size is None else 32,
+        weights=None,
+        freeze=True,
+        head=HeadConfig(pool="avg", dense=[16], dropout=0.2),
+        options=SMALL_OPTIONS.get(name, {}),
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+def build(backbone: BackboneConfig, channels: int = 1, augmentation: Augmentation | None = None) -> Any:
+    """build_model at the test's working size."""
+    return build_model(
+        backbone,
+        image_size=IMAGE_SIZE,
+        channels=channels,
+        num_classes=NUM_CLASSES,
+        augmentation=augmentation or Augmentation(),
+        seed=0,
+    )
+
+
+def images(channels: int, count: int = 8, seed: int = 0) -> np.ndarray:
+    """Random uint8 images at the working size."""
+    return np.random.default_rng(seed).integers(0, 256, (count, IMAGE_SIZE, IMAGE_SIZE, channels), dtype=np.uint8)
+
+
+def compiled(keras: Any, model: Any) -> Any:
+    """The model compiled for one eager training step (tracing a graph costs more than the step)."""
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", run_eagerly=True)
+    return model
+
+
+def base_of(model: Any) -> Any:
+    """The backbone sub-model inside a built classifier."""
+    (base,) = [layer for layer in model.layers if hasattr(layer, "layers") and layer.name != "augmentation"]
+    return base
+
+
+CASES = [(name, 1) for name in list_backbones()] + [("cnn", 3)]
+
+
+def test_the_registry_holds_the_documented_families():
+    """The registry lists the custom CNN and the three keras.applications families."""
+    assert list_backbones() == sorted(backbones.REGISTRY)
+    assert {"cnn", "mobilenetv2", "resnet50v2", "efficientnetb0"} <= set(list_backbones())
+
+
+@pytest.mark.parametrize(("name", "channels"), CASES, ids=[f"{n}-{c}ch" for n, c in CASES])
+def test_backbone_builds_trains_one_step_and_predicts_probabilities(keras, name, channels):
+    """The classifier takes uint8 images, trains one step, and predicts rows that sum to 1."""
+    spec = get_backbone(name)
+    model = compiled(keras, build(small_backbone(name), channels))
+    batch = images(channels)
+    targets = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+
+    assert model.inputs[0].dtype == "uint8"
+    assert tuple(model.inputs[0].shape) == (None, IMAGE_SIZE, IMAGE_SIZE, channels)
+    assert tuple(model.output.shape) == (None, NUM_CLASSES)
+    base = base_of(model)
+    size = IMAGE_SIZE if spec.native_input_size is None else 32
+    assert tuple(base.inputs[0].shape[1:]) == (size, size, 3 if spec.rgb else channels)
+    names = {layer.name for layer in model.layers}
+    assert ("resize" in names) == (size != IMAGE_SIZE)
+    assert ("to_rgb" in names) == (spec.rgb and channels == 1)
+    assert {"to_float", "preprocess", "avg_pool", "dense_1", "predictions"} <= names
+    assert base.trainable  # no pretrained weights: the base must learn
+    # From scratch, BatchNormalization momentum is lowered to 0.9 so its statistics track the data.
+    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert all(layer.momentum <= 0.9 for layer in norms)
+    assert bool(norms) == spec.pretrained  # the applications all use it; the small CNN here does not
+
+    before = [np.array(w) for w in model.trainable_weights]
+    loss = model.train_on_batch(batch, targets)
+    after = [np.array(w) for w in model.trainable_weights]
+    assert np.isfinite(float(np.ravel(loss)[0]))
+    assert any(not np.array_equal(b, a) for b, a in zip(before, after))
+    assert any(not np.array_equal(b, a) for b, a in zip(before[:2], after[:2]))  # the base moved too
+
+    probabilities = model.predict(batch, verbose=0)
+    assert probabilities.shape == (8, NUM_CLASSES)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities >= 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Freezing a pretrained base, without downloading weights.
+
+
+@pytest.fixture
+def fake_pretrained(keras, monkeypatch):
+    """mobilenetv2's registry entry returning a tiny 'pretrained' model when weights == 'imagenet'."""
+    spec = backbones.REGISTRY["mobilenetv2"]
+    calls = []
+
+    def fake_build(input_shape, weights, options):
+        calls.append(weights)
+        if weights != "imagenet":
+            return spec.build(input_shape, weights, options)
+        inputs = keras.Input(input_shape)
+        features = keras.layers.Conv2D(4, 3, name="fake_conv")(inputs)
+        features = keras.layers.BatchNormalization(momentum=0.99, name="fake_bn")(features)
+        return keras.Model(inputs, features, name="fake_pretrained")
+
+    monkeypatch.setitem(backbones.REGISTRY, "mobilenetv2", dataclasses.replace(spec, build=fake_build))
+    return calls
+
+
+def test_frozen_pretrained_base_is_not_trained(keras, fake_pretrained):
+    """weights imagenet + freeze: the base is non-trainable, only the head learns, BN stats stay put."""
+    model = compiled(keras, build(small_backbone("mobilenetv2", weights="imagenet", freeze=True)))
+    base = model.get_layer("fake_pretrained")
+
+    assert fake_pretrained == ["imagenet"]
+    assert base.trainable is False
+    assert base.get_layer("fake_bn").momentum == 0.99  # pretrained statistics are not re-tuned
+    head = {"dense_1", "predictions"}
+    owners = {layer.name for layer in model.layers for _ in layer.trainable_weights}
+    assert owners == head
+    assert len(model.trainable_weights) == 4  # two kernels, two biases
+
+    frozen_before = [np.array(w) for w in base.weights]
+    head_before = [np.array(w) for w in model.trainable_weights]
+    model.train_on_batch(images(1), np.array([0, 1, 2, 0, 1, 2, 0, 1]))
+
+    # Weights and BatchNormalization moving statistics alike: the base ran in inference mode.
+    assert all(np.array_equal(b, np.array(a)) for b, a in zip(frozen_before, base.weights))
+    assert any(not np.array_equal(b, np.array(a)) for b, a in zip(head_before, model.trainable_weights))
+
+
+def test_pretrained_base_with_freeze_false_is_fine_tuned(keras, fake_pretrained):
+    """weights imagenet + freeze false: the pretrained base is trainable with the head."""
+    model = build(small_backbone("mobilenetv2", weights="imagenet", freeze=False))
+    base = model.get_layer("fake_pretrained")
+
+    assert base.trainable is True
+    trainable = {id(w) for w in model.trainable_weights}
+    assert {id(w) for w in base.get_layer("fake_conv").trainable_weights} <= trainable
+
+
+def test_freeze_without_weights_leaves_the_base_trainable(keras):
+    """freeze: true is ignored for a base trained from scratch, which must learn."""
+    model = build(small_backbone("mobilenetv2", freeze=True))
+
+    assert base_of(model).trainable is True
+    assert len(model.trainable_weights) > 4
+
+
+# --------------------------------------------------------------------------------------------
+# Errors.
+
+
+def test_unknown_backbone_name_lists_the_valid_ones(keras):
+    """An unregistered model name is a UserError listing every registered one."""
+    with pytest.raises(UserError) as caught:
+        build(small_backbone("cnn", model="vgg16"))
+
+    message = str(caught.value)
+    assert "'vgg16'" in message
+    for name in list_backbones():
+        assert name in message
+
+
+def test_input_size_below_the_family_minimum_is_a_user_error(keras):
+    """mobilenetv2 at 16 px, below its 32 px minimum, is refused before any building."""
+    with pytest.raises(UserError, match="input_size 16 is below its minimum 32"):
+        build(small_backbone("mobilenetv2", input_size=16))
+
+
+def test_pretrained_weights_for_the_custom_cnn_are_refused(keras):
+    """The custom CNN has no ImageNet weights, so asking for them is a UserError."""
+    with pytest.raises(UserError, match="has no pretrained weights"):
+        build(small_backbone("cnn", weights="imagenet"))
+
+
+def test_unknown_cnn_option_is_a_user_error(keras):
+    """A typo in the CNN's options names the valid ones."""
+    with pytest.raises(UserError, match="unknown options filtres; valid: filters"):
+        build(small_backbone("cnn", options={"filtres": [8]}))
+
+
+def test_bad_application_option_is_a_user_error(keras):
+    """An option the keras.applications factory does not take is a UserError, not a TypeError."""
+    with pytest.raises(UserError, match="bad options"):
+        build(small_backbone("mobilenetv2", options={"alpah": 0.35}))
+
+
+# --------------------------------------------------------------------------------------------
+# Saving, augmentation and preprocessing.
+
+
+def test_saved_model_with_grayscale_to_rgb_reloads_safely_and_predicts_the_same(keras, tmp_path):
+    """A grayscale mobilenetv2 classifier saves and reloads in safe mode with identical predictions."""
+    model = build(small_backbone("mobilenetv2"), channels=1)
+    batch = images(1, seed=5)
+    expected = model.predict(batch, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+
+    reloaded = keras.saving.load_model(path, custom_objects=custom_layers(), safe_mode=True)
+
+    assert type(reloaded.get_layer("to_rgb")).__name__ == "GrayscaleToRGB"
+    assert reloaded.inputs[0].dtype == "uint8"
+    np.testing.assert_allclose(reloaded.predict(batch, verbose=0), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grayscale_to_rgb_repeats_the_channel(keras):
+    """GrayscaleToRGB turns (..., 1) into three identical channels."""
+    layer = custom_layers()["GrayscaleToRGB"]()
+    gray = np.arange(8, dtype="float32").reshape(1, 2, 2, 2)[..., :1]
+
+    rgb = keras.ops.convert_to_numpy(layer(gray))
+
+    assert rgb.shape == (1, 2, 2, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], gray[..., 0])
+    assert layer.compute_output_shape((None, 2, 2, 1)) == (None, 2, 2, 3)
+
+
+def test_augmentation_layers_are_present_only_when_configured(keras):
+    """Configured augmentation adds one layer per transform; none configured adds no layer."""
+    augmentation = Augmentation(flip="horizontal", rotation=8, zoom=0.1, translation=0.1, contrast=0.2)
+    augmented = build(small_backbone("cnn"), augmentation=augmentation)
+    plain = build(small_backbone("cnn"))
+
+    steps = augmented.get_layer("augmentation").layers
+    assert [type(step).__name__ for step in steps] == [
+        "RandomFlip",
+        "RandomRotation",
+        "RandomZoom",
+        "RandomTranslation",
+        "RandomContrast",
+    ]
+    assert tuple(steps[1].factor) == pytest.approx((-8 / 360, 8 / 360))  # degrees as a fraction of a turn
+    assert "augmentation" not in {layer.name for layer in plain.layers}
+    assert backbones.augmentation_layers(Augmentation(), seed=0) is None
+    only_flip = backbones.augmentation_layers(Augmentation(flip="vertical"), seed=0)
+    assert [type(step).__name__ for step in only_flip.layers] == ["RandomFlip"]
+    # Augmentation is active in training only: inference is deterministic.
+    batch = images(1)
+    np.testing.assert_array_equal(augmented.predict(batch, verbose=0), augmented.predict(batch, verbose=0))
+
+
+@pytest.mark.parametrize(
+    ("mode", "low", "high"),
+    [("unit", 0.0, 1.0), ("tf", -1.0, 1.0), ("none", 0.0, 255.0)],
+)
+def test_preprocessing_maps_the_byte_range(keras, mode, low, high):
+    """Each preprocessing mode maps 0 and 255 to the range its backbone family expects."""
+    layer = backbones.preprocessing_layer(mode)
+
+    out = keras.ops.convert_to_numpy(layer(np.array([[0.0, 255.0]], dtype="float32")))
+
+    np.testing.assert_allclose(out, [[low, high]], atol=1e-6)
+
+
+def test_torch_preprocessing_standardises_with_imagenet_statistics(keras):
+    """'torch' preprocessing maps the ImageNet mean colour to zero."""
+    layer = backbones.preprocessing_layer("torch")
+    mean = np.array([[[[0.485 * 255, 0.456 * 255, 0.406 * 255]]]], dtype="float32")
+
+    out = keras.ops.convert_to_numpy(layer(mean))
+
+    np.testing.assert_allclose(out, np.zeros((1, 1, 1, 3)), atol=1e-4)

@@ -1,0 +1,339 @@
+"""params.yaml parsing: the repository's file loads, and every kind of mistake is one clear line."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+from stages.config import RULES, ConfigError, Params, load_params, parse_params
+from stages.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def repository_raw() -> dict[str, Any]:
+    """The repository's params.yaml as plain data, loaded once."""
+    return yaml.safe_load(PARAMS.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def raw(repository_raw) -> dict[str, Any]:
+    """A private deep copy of the repository's params, free to mutate."""
+    return copy.deepcopy(repository_raw)
+
+
+def config_error(raw: dict[str, Any]) -> str:
+    """Parse `raw`, expecting a ConfigError; return its message after checking it is one line."""
+    with pytest.raises(ConfigError) as caught:
+        parse_params(raw, "params.yaml")
+    message = str(caught.value)
+    assert isinstance(caught.value, UserError)
+    assert "\n" not in message
+    assert message.startswith("params.yaml: ")
+    return message
+
+
+# --------------------------------------------------------------------------------------------
+# The repository's params.yaml.
+
+
+def test_repository_params_load_with_the_demo_catalog():
+    """params.yaml loads: digits is a dataset, and both demo experiments are in suite demo."""
+    params = load_params(PARAMS)
+
+    assert isinstance(params, Params)
+    assert "digits" in params.datasets
+    assert set(params.experiments) >= {"digits-small_cnn", "digits-mobilenetv2"}
+    assert params.experiments["digits-small_cnn"].suite == "demo"
+    assert params.experiments["digits-mobilenetv2"].suite == "demo"
+    assert set(params.suite_experiments("demo")) >= {"digits-small_cnn", "digits-mobilenetv2"}
+    digits = params.dataset("digits")
+    assert digits.source.kind == "sklearn"
+    assert digits.layout.kind == "folders"
+    # Bare YAML numbers in the class list are class names, not numbers.
+    assert digits.classes == [str(i) for i in range(10)]
+    assert digits.channels == 1
+
+
+def test_experiment_merges_backbone_and_training_overrides():
+    """experiment() applies backbone_overrides and train over the backbone and training defaults."""
+    params = load_params(PARAMS)
+
+    experiment = params.experiment("digits-mobilenetv2")
+
+    assert experiment.name == "digits-mobilenetv2"
+    assert experiment.dataset_name == "digits" and experiment.backbone_name == "mobilenetv2"
+    assert experiment.backbone.model == "mobilenetv2"
+    assert experiment.backbone.input_size == 32
+    assert experiment.backbone.weights is None
+    assert experiment.backbone.freeze is False
+    assert experiment.backbone.options["alpha"] == 0.35
+    # The head is not overridden, so it stays the backbone's.
+    assert experiment.backbone.head == params.backbones["mobilenetv2"].head
+    assert experiment.training.learning_rate == 0.002
+    assert experiment.training.epochs == 15
+    # Keys the experiment does not override keep the training defaults.
+    assert experiment.training.batch_size == params.training.batch_size
+    assert experiment.training.optimizer == params.training.optimizer
+    # The registry entry itself is untouched by the experiment's overrides.
+    assert params.backbones["mobilenetv2"].input_size == 224
+    assert params.backbones["mobilenetv2"].weights == "imagenet"
+
+
+def test_unknown_experiment_lists_the_valid_ones():
+    """Params.experiment('nope') raises a one-line ConfigError naming the valid experiments."""
+    params = load_params(PARAMS)
+
+    with pytest.raises(ConfigError) as caught:
+        params.experiment("nope")
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'nope'" in message
+    assert "digits-small_cnn" in message and "digits-mobilenetv2" in message
+
+
+# --------------------------------------------------------------------------------------------
+# Mistakes in the parsed mapping: each names the file, the dotted key and the valid choices.
+
+
+def set_key(dotted: list[str], value: Any) -> Callable[[dict], None]:
+    """A mutation setting raw[dotted[0]][dotted[1]]... to `value`."""
+
+    def mutate(raw: dict) -> None:
+        node = raw
+        for key in dotted[:-1]:
+            node = node[key]
+        node[dotted[-1]] = value
+
+    return mutate
+
+
+def rename_experiment(old: str, new: str) -> Callable[[dict], None]:
+    """A mutation renaming an experiment key, keeping its contents."""
+
+    def mutate(raw: dict) -> None:
+        raw["experiments"][new] = raw["experiments"].pop(old)
+
+    return mutate
+
+
+MISTAKES = {
+    "unknown top-level key": (
+        set_key(["trainig"], {"epochs": 3}),
+        ["trainig: unknown key", "did you mean 'training'", "training, datasets, backbones, experiments, suites"],
+    ),
+    "unknown nested key": (
+        set_key(["datasets", "digits", "sorce"], {"kind": "sklearn"}),
+        ["datasets.digits.sorce: unknown key", "did you mean 'source'", "valid keys:", "layout"],
+    ),
+    "wrong type": (
+        set_key(["training", "epochs"], "ten"),
+        ["training.epochs:", "expected int", "'ten'"],
+    ),
+    "unknown backbone in an experiment": (
+        set_key(["experiments", "digits-small_cnn", "backbone"], "small_cn"),
+        ["experiments.digits-small_cnn.backbone:", "unknown backbone 'small_cn'", "valid: mobilenetv2, small_cnn"],
+    ),
+    "unknown dataset in an experiment": (
+        set_key(["experiments", "digits-small_cnn", "dataset"], "digitz"),
+        ["experiments.digits-small_cnn.dataset:", "unknown dataset 'digitz'", "valid: digits"],
+    ),
+    "unknown suite": (
+        set_key(["experiments", "digits-small_cnn", "suite"], "dmo"),
+        ["experiments.digits-small_cnn.suite:", "unknown suite 'dmo'", "valid: demo"],
+    ),
+    "experiment not named dataset-backbone": (
+        rename_experiment("digits-small_cnn", "digits-cnn"),
+        ["experiments.digits-cnn:", "<dataset>-<backbone>", "'digits-small_cnn'"],
+    ),
+    "unknown source kind": (
+        set_key(["datasets", "digits", "source"], {"kind": "kagle", "name": "x"}),
+        ["datasets.digits.source.kind:", "unknown source kind 'kagle'", "local", "sklearn"],
+    ),
+    "bad source option": (
+        set_key(["datasets", "digits", "source", "name"], "mnist"),
+        ["datasets.digits.source.name:", "'mnist' is not allowed", "valid: digits"],
+    ),
+    "unknown layout kind": (
+        set_key(["datasets", "digits", "layout"], {"kind": "csv"}),
+        ["datasets.digits.layout.kind:", "unknown layout kind 'csv'", "valid: folders"],
+    ),
+    "unknown backbone model": (
+        set_key(["backbones", "small_cnn", "model"], "vgg16"),
+        ["backbones.small_cnn.model:", "unknown backbone model 'vgg16'", "cnn", "mobilenetv2", "resnet50v2"],
+    ),
+    "bad override key under train": (
+        set_key(["experiments", "digits-small_cnn", "train", "epochz"], 3),
+        ["experiments.digits-small_cnn.train.epochz:", "unknown key", "did you mean 'epochs'", "batch_size"],
+    ),
+    "bad override key under backbone_overrides": (
+        set_key(["experiments", "digits-mobilenetv2", "backbone_overrides", "alpha"], 0.5),
+        ["experiments.digits-mobilenetv2.backbone_overrides.alpha:", "unknown key", "input_size", "options"],
+    ),
+    "wrong type in an override": (
+        set_key(["experiments", "digits-small_cnn", "train", "epochs"], "forty"),
+        ["experiments.digits-small_cnn.train.epochs:", "expected int"],
+    ),
+    "bad Literal value": (
+        set_key(["training", "optimizer"], "rmsprop"),
+        ["training.optimizer:", "'rmsprop' is not allowed", "valid: adam, adamw, sgd"],
+    ),
+    "unknown hard validation rule": (
+        set_key(["datasets", "digits", "validation", "hard"], ["min_per_class", "no_dupes"]),
+        ["datasets.digits.validation.hard:", "unknown rule 'no_dupes'", ", ".join(RULES)],
+    ),
+    "repeated class": (
+        set_key(["datasets", "digits", "classes"], [0, 1, 1]),
+        ["datasets.digits.classes:", "repeat"],
+    ),
+    "split fractions summing to one": (
+        set_key(["datasets", "digits", "split"], {"val": 0.5, "test": 0.5}),
+        ["datasets.digits.split:", "sum below 1"],
+    ),
+    "null where a number is required": (
+        set_key(["datasets", "digits", "image_size"], None),
+        ["datasets.digits.image_size:", "expected int", "None"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISTAKES), ids=list(MISTAKES))
+def test_mistake_is_one_line_naming_file_key_and_choices(raw, case):
+    """Each kind of mistake raises a one-line ConfigError with the file, dotted key and choices."""
+    mutate, expected = MISTAKES[case]
+    mutate(raw)
+
+    message = config_error(raw)
+
+    for text in expected:
+        assert text in message, f"{text!r} not in {message!r}"
+
+
+def test_required_key_missing_is_named(raw):
+    """A dataset without its required classes names the missing key."""
+    del raw["datasets"]["digits"]["classes"]
+
+    message = config_error(raw)
+
+    assert "datasets.digits.classes: required key is missing" in message
+
+
+def test_top_level_must_be_a_mapping():
+    """A params file holding a list, not a mapping, is a ConfigError."""
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        parse_params(["training"], "params.yaml")
+
+
+def test_the_source_name_is_used_in_messages(raw):
+    """The file name passed to parse_params is the one the message starts with."""
+    raw["training"]["epochs"] = "ten"
+
+    with pytest.raises(ConfigError) as caught:
+        parse_params(raw, "elsewhere/custom.yaml")
+
+    assert str(caught.value).startswith("elsewhere/custom.yaml: training.epochs:")
+
+
+def test_unknown_top_level_key_does_not_offer_the_internal_path_field(raw):
+    """The valid keys offered for a top-level typo are only the ones a user may write."""
+    raw["trainig"] = {}
+
+    message = config_error(raw)
+
+    assert message.endswith("valid keys: training, datasets, backbones, experiments, suites")
+
+
+def test_overridden_backbone_model_is_checked_against_the_registry(raw):
+    """backbone_overrides.model naming no registered model is refused when params are loaded."""
+    raw["experiments"]["digits-mobilenetv2"]["backbone_overrides"]["model"] = "mobilenetv9"
+
+    message = config_error(raw)
+
+    assert "experiments.digits-mobilenetv2.backbone_overrides.model" in message
+    assert "mobilenetv2" in message
+
+
+def test_float_channels_are_refused_or_made_integers(raw):
+    """channels: 1.0 is either refused or parsed as the integer 1, never kept as a float."""
+    raw["datasets"]["digits"]["channels"] = 1.0
+
+    try:
+        params = parse_params(raw, "params.yaml")
+    except ConfigError:
+        return
+    assert type(params.datasets["digits"].channels) is int
+
+
+# --------------------------------------------------------------------------------------------
+# Files: invalid YAML, a missing file, and the one-line error contract of a stage.
+
+
+def test_invalid_yaml_is_one_line_with_file_and_line(tmp_path):
+    """A YAML syntax error is a one-line ConfigError naming the file and the line."""
+    path = tmp_path / "params.yaml"
+    path.write_text("training:\n  epochs: [1, 2\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: line ")
+    assert "not valid YAML" in message
+
+
+def test_missing_file_is_one_line_naming_it(tmp_path):
+    """A params path that does not exist is a one-line ConfigError naming the path."""
+    path = tmp_path / "absent.yaml"
+
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: not found")
+
+
+def test_stage_reports_a_broken_params_file_in_one_line_without_traceback(tmp_path, repository_raw):
+    """A stage run on a broken params file exits 1 with exactly one 'error:' line on stderr."""
+    broken = copy.deepcopy(repository_raw)
+    broken["datasets"]["digits"]["sorce"] = {"kind": "sklearn"}
+    params = tmp_path / "broken.yaml"
+    params.write_text(yaml.safe_dump(broken), encoding="utf-8")
+    out = tmp_path / "raw"
+
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.fetch",
+            "--dataset",
+            "digits",
+            "--out",
+            str(out),
+            "--provenance",
+            str(tmp_path / "provenance.json"),
+            "--params",
+            str(params),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert completed.returncode == 1
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("error: ")
+    assert "datasets.digits.sorce" in lines[0] and "Traceback" not in completed.stderr
+    assert not out.exists()

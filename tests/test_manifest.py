@@ -1,0 +1,281 @@
+"""The manifest: one row per raw file, bad files set aside with a reason; validate end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from stages import layouts
+from stages.config import DatasetConfig, parse_params
+from stages.errors import UserError
+from stages.validate import COLUMNS, build_manifest, validate
+
+CLASSES = ["a", "b", "c"]
+
+
+def write_png(path: Path, seed: int, size: int = 8, mode: str = "L") -> Path:
+    """A small PNG of seeded noise (distinct content per seed) at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def toy_params(layout: dict[str, Any] | None = None, classes: list[str] = CLASSES, **dataset: Any) -> dict:
+    """A minimal params mapping with one dataset, `toy`, read from a local folder."""
+    return {
+        "training": {},
+        "datasets": {
+            "toy": {
+                "source": {"kind": "local", "path": "unused"},
+                "layout": layout or {"kind": "folders"},
+                "classes": classes,
+                "image_size": 8,
+                "channels": 1,
+                **dataset,
+            }
+        },
+        "backbones": {},
+        "experiments": {},
+        "suites": {},
+    }
+
+
+def toy_config(layout: dict[str, Any] | None = None, **dataset: Any) -> DatasetConfig:
+    """The `toy` DatasetConfig, parsed through the real params parser."""
+    return parse_params(toy_params(layout, **dataset), "test-params.yaml").datasets["toy"]
+
+
+def by_path(manifest: pd.DataFrame) -> dict[str, dict]:
+    """Manifest rows keyed by path."""
+    return {row["path"]: row for row in manifest.to_dict("records")}
+
+
+# --------------------------------------------------------------------------------------------
+# A dataset with every kind of bad file, under a train/test splits layout.
+
+
+@pytest.fixture
+def messy_raw(tmp_path) -> Path:
+    """train/ and test/ folders of three classes, plus one of every kind of file to set aside."""
+    raw = tmp_path / "raw"
+    seed = 0
+    for split, count in (("train", 3), ("test", 2)):
+        for label in CLASSES:
+            for index in range(count):
+                seed += 1
+                write_png(raw / split / label / f"{index}.png", seed)
+    # Undecodable: a real PNG cut short, and an empty file.
+    good = write_png(tmp_path / "whole.png", seed=900, size=32)
+    (raw / "train" / "a" / "truncated.png").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (raw / "train" / "a" / "empty.png").write_bytes(b"")
+    # Files no class folder holds, and a file that is not an image.
+    (raw / "README.txt").write_text("about this dataset", encoding="utf-8")
+    (raw / "train" / "loose.png").write_bytes((raw / "train" / "a" / "0.png").read_bytes())
+    (raw / "train" / "b" / "notes.txt").write_text("taken on a Tuesday", encoding="utf-8")
+    # A class folder the params do not declare.
+    write_png(raw / "train" / "zebra" / "0.png", seed=901)
+    # One content under two labels.
+    write_png(raw / "train" / "a" / "twin.png", seed=902)
+    shutil.copyfile(raw / "train" / "a" / "twin.png", raw / "train" / "b" / "twin.png")
+    # One content in both train and test, same label.
+    write_png(raw / "test" / "c" / "shared.png", seed=903)
+    shutil.copyfile(raw / "test" / "c" / "shared.png", raw / "train" / "c" / "shared.png")
+    return raw
+
+
+SPLITS_LAYOUT = {"kind": "folders", "splits": {"train": "train", "test": "test"}}
+
+
+def test_manifest_accounts_for_every_file_with_the_stage_columns(messy_raw):
+    """One row per file under raw, in the stage's column order, each ok or set aside."""
+    manifest = build_manifest(messy_raw, toy_config(SPLITS_LAYOUT))
+
+    assert list(manifest.columns) == COLUMNS
+    files = layouts.all_files(messy_raw)
+    assert sorted(manifest["path"]) == files
+    assert manifest["path"].is_unique
+    assert set(manifest["status"]) == {"ok", "set_aside"}
+    ok = int((manifest["status"] == "ok").sum())
+    aside = int((manifest["status"] == "set_aside").sum())
+    assert len(files) == ok + aside == len(manifest)
+    assert (manifest.loc[manifest["status"] == "set_aside", "reason"].str.len() > 0).all()
+    assert (manifest.loc[manifest["status"] == "ok", "reason"] == "").all()
+
+
+def test_each_bad_file_is_set_aside_with_its_reason(messy_raw):
+    """Every bad file is set aside, with a reason saying what is wrong with it."""
+    rows = by_path(build_manifest(messy_raw, toy_config(SPLITS_LAYOUT)))
+
+    def reason(path: str) -> str:
+        assert rows[path]["status"] == "set_aside", path
+        return rows[path]["reason"]
+
+    assert reason("train/a/truncated.png").startswith("undecodable: ")
+    assert reason("train/a/empty.png") == "undecodable: empty file"
+    assert reason("README.txt").startswith("stray file: in the layout root, not in a split folder")
+    assert reason("train/loose.png") == "stray file: not inside a class folder"
+    assert reason("train/b/notes.txt") == "not an image file ('.txt')"
+    assert reason("train/zebra/0.png") == "label 'zebra' is not among the declared classes"
+    assert reason("train/a/twin.png") == "ambiguous: the same image appears under labels a, b"
+    assert reason("train/b/twin.png") == "ambiguous: the same image appears under labels a, b"
+    assert reason("train/c/shared.png") == "leak: the same image is in the test split as test/c/shared.png"
+    # The held-out copy of the leaked image is the one kept.
+    assert rows["test/c/shared.png"]["status"] == "ok"
+    # Labels and source splits are still recorded for files inside a class folder.
+    assert rows["train/b/notes.txt"]["label"] == "b"
+    assert rows["train/c/shared.png"]["source_split"] == "train"
+
+
+def test_good_files_are_ok_with_size_mode_and_checksum(messy_raw):
+    """Usable images are ok with label, source split, width, height, mode, bytes and sha256."""
+    manifest = build_manifest(messy_raw, toy_config(SPLITS_LAYOUT))
+    ok = manifest[manifest["status"] == "ok"]
+
+    expected_ok = {f"{split}/{label}/{i}.png" for split, count in (("train", 3), ("test", 2))
+                   for label in CLASSES for i in range(count)} | {"test/c/shared.png"}
+    assert set(ok["path"]) == expected_ok
+    assert set(ok["label"]) == set(CLASSES)
+    assert (ok["label"] == ok["path"].str.split("/").str[1]).all()
+    assert (ok["source_split"] == ok["path"].str.split("/").str[0]).all()
+    assert (ok["width"] == 8).all() and (ok["height"] == 8).all()
+    assert (ok["mode"] == "L").all()
+    assert ok["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
+    assert ok["sha256"].is_unique
+    assert (ok["bytes"] > 0).all()
+    assert str(manifest["width"].dtype) == "Int64" and str(manifest["bytes"].dtype) == "int64"
+    row = by_path(manifest)["train/a/0.png"]
+    assert row["bytes"] == (messy_raw / "train" / "a" / "0.png").stat().st_size
+
+
+def test_without_split_folders_a_top_level_file_is_stray(tmp_path):
+    """With the plain folders layout, a file at the top is stray and files carry no source split."""
+    raw = tmp_path / "raw"
+    write_png(raw / "a" / "0.png", 1)
+    write_png(raw / "b" / "0.png", 2)
+    (raw / "README.txt").write_text("hello", encoding="utf-8")
+
+    rows = by_path(build_manifest(raw, toy_config()))
+
+    assert rows["README.txt"]["status"] == "set_aside"
+    assert rows["README.txt"]["reason"] == "stray file: not inside a class folder"
+    assert rows["a/0.png"]["status"] == "ok" and rows["a/0.png"]["source_split"] is None
+
+
+def test_layout_root_and_files_outside_it(tmp_path):
+    """A layout root moves where class folders start; files outside it are set aside."""
+    raw = tmp_path / "raw"
+    write_png(raw / "nested" / "data" / "a" / "0.png", 1)
+    write_png(raw / "other" / "a" / "0.png", 2)
+
+    rows = by_path(build_manifest(raw, toy_config({"kind": "folders", "root": "nested/data"})))
+
+    assert rows["nested/data/a/0.png"]["status"] == "ok" and rows["nested/data/a/0.png"]["label"] == "a"
+    assert rows["other/a/0.png"]["reason"] == "outside the layout root 'nested/data'"
+
+
+def test_missing_layout_root_and_bad_split_name_are_user_errors(tmp_path):
+    """A layout root that does not exist, or a split folder mapped to no split, is a UserError."""
+    raw = tmp_path / "raw"
+    write_png(raw / "a" / "0.png", 1)
+
+    with pytest.raises(UserError, match="layout root does not exist"):
+        build_manifest(raw, toy_config({"kind": "folders", "root": "missing"}))
+    with pytest.raises(UserError, match="'holdout' is not a split"):
+        build_manifest(raw, toy_config({"kind": "folders", "splits": {"train": "holdout"}}))
+
+
+def test_missing_raw_folder_is_a_user_error(tmp_path):
+    """build_manifest on a folder that does not exist says to run fetch first."""
+    with pytest.raises(UserError, match="run the fetch stage first"):
+        build_manifest(tmp_path / "absent", toy_config())
+
+
+# --------------------------------------------------------------------------------------------
+# validate, end to end.
+
+
+def write_params(tmp_path: Path, **dataset: Any) -> Path:
+    """A params file for the toy dataset, written into tmp_path."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(toy_params(**dataset)), encoding="utf-8")
+    return path
+
+
+def clean_raw(root: Path, per_class: dict[str, int]) -> Path:
+    """Folders of distinct 8x8 PNGs, `per_class[label]` of each, plus one README."""
+    seed = 0
+    for label, count in per_class.items():
+        for index in range(count):
+            seed += 1
+            write_png(root / label / f"{index}.png", seed)
+    (root / "README.txt").write_text("about", encoding="utf-8")
+    return root
+
+
+def run_validate(tmp_path: Path, raw: Path, params: Path) -> tuple[Path, Path, Path, Any]:
+    """Run validate() with every output under tmp_path/out; return the paths and the result."""
+    out = tmp_path / "out"
+    manifest, docs, summary = out / "manifest.parquet", out / "docs", out / "summary.json"
+    try:
+        result = validate("toy", str(params), raw, manifest, docs, summary)
+    except UserError as error:
+        result = error
+    return manifest, docs, summary, result
+
+
+def test_validate_writes_manifest_summary_and_data_docs(tmp_path):
+    """On a clean dataset, validate writes a manifest, Data Docs and a summary that reconciles."""
+    raw = clean_raw(tmp_path / "raw", {"a": 3, "b": 3, "c": 4})
+    params = write_params(
+        tmp_path,
+        validation={"min_per_class": 3, "min_side": 8, "max_side": 8, "expected_count": 11,
+                    "expected_count_tolerance": 0.0},
+    )
+
+    manifest_path, docs, summary_path, summary = run_validate(tmp_path, raw, params)
+
+    assert not isinstance(summary, Exception), summary
+    written = json.loads(summary_path.read_text(encoding="utf-8"))
+    assert written == json.loads(json.dumps(summary))
+    assert written["files"] == 11
+    assert written["accepted"] == 10 and written["set_aside"] == 1
+    assert written["files"] == written["accepted"] + written["set_aside"]
+    assert written["set_aside_by_reason"] == {"stray file": 1}
+    assert written["per_class"] == {"a": 3, "b": 3, "c": 4}
+    assert sum(written["per_class"].values()) == written["accepted"]
+    assert written["expectations_failed"] == 0 and written["expectations_passed"] == 6
+    assert (docs / "index.html").is_file()
+    manifest = pd.read_parquet(manifest_path)
+    assert list(manifest.columns) == COLUMNS and len(manifest) == 11
+    assert not list(manifest_path.parent.glob(".*.tmp*"))
+
+
+def test_validate_hard_rule_failure_names_rule_and_class_and_still_writes(tmp_path):
+    """A class below min_per_class fails the stage with the rule and class named, outputs kept."""
+    raw = clean_raw(tmp_path / "raw", {"a": 3, "b": 3, "c": 1})
+    params = write_params(tmp_path, validation={"min_per_class": 3})
+
+    manifest_path, docs, summary_path, error = run_validate(tmp_path, raw, params)
+
+    assert isinstance(error, UserError)
+    message = str(error)
+    assert "\n" not in message
+    assert "min_per_class" in message
+    assert "class 'c' has 1 image" in message
+    assert "'a'" not in message and "'b'" not in message
+    assert manifest_path.is_file() and summary_path.is_file()
+    assert (docs / "index.html").is_file()
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    assert summary["per_class"] == {"a": 3, "b": 3, "c": 1}
+    assert summary["expectations_failed"] == 1
+    assert len(pd.read_parquet(manifest_path)) == 8

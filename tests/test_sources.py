@@ -1,0 +1,444 @@
+"""Sources (sklearn, local folder or archive), safe archive extraction, and the fetch stage."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import stat
+import tarfile
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from stages import archives, sources
+from stages.errors import UserError
+from stages.fetch import fetch
+from stages.sources import LocalOptions, SklearnOptions, get_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_png(path: Path, seed: int, size: int = 8) -> Path:
+    """A small grayscale PNG of seeded noise at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def class_folder_dataset(root: Path) -> Path:
+    """Two classes with two PNGs each under `root`."""
+    for label in ("a", "b"):
+        for index in range(2):
+            write_png(root / label / f"{index}.png", seed=10 * ord(label) + index)
+    return root
+
+
+def reasons_by_entry(refused: list[dict[str, str]]) -> dict[str, str]:
+    """Refused archive entries as {entry: reason}."""
+    return {item["entry"]: item["reason"] for item in refused}
+
+
+def files_under(root: Path) -> set[str]:
+    """Every regular file under `root`, as POSIX relative paths."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+# --------------------------------------------------------------------------------------------
+# The registry.
+
+
+def test_registry_lists_sklearn_and_local():
+    """Both built-in source kinds are registered with their options schema."""
+    assert {"sklearn", "local"} <= set(sources.REGISTRY)
+    assert get_source("sklearn").options is SklearnOptions
+    assert get_source("local").options is LocalOptions
+
+
+def test_unknown_source_kind_lists_the_valid_names():
+    """get_source on an unregistered name raises a UserError naming the valid kinds."""
+    with pytest.raises(UserError) as caught:
+        get_source("nope")
+
+    message = str(caught.value)
+    assert "'nope'" in message
+    assert "local" in message and "sklearn" in message
+
+
+# --------------------------------------------------------------------------------------------
+# sklearn.
+
+
+def test_sklearn_digits_are_written_as_1797_pngs_in_10_class_folders(tmp_path):
+    """The sklearn source writes every digit as an 8x8 'L' PNG scaled to 0..255, by class."""
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("sklearn").fetch(SklearnOptions(name="digits"), dest, "digits")
+
+    folders = sorted(p.name for p in dest.iterdir())
+    assert folders == [str(i) for i in range(10)]
+    pngs = sorted(dest.rglob("*.png"))
+    assert len(pngs) == 1797
+    assert len(files_under(dest)) == 1797
+    low, high = 255, 0
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.size == (8, 8) and image.mode == "L"
+            pixels = np.asarray(image)
+        low, high = min(low, int(pixels.min())), max(high, int(pixels.max()))
+    assert (low, high) == (0, 255)
+
+    (archive,) = details["archives"]
+    assert archive["name"] == "digits.csv.gz"
+    import sklearn
+
+    data_file = Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
+    assert archive["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
+    assert archive["bytes"] == data_file.stat().st_size
+    assert sklearn.__version__ in details["origin"]
+
+
+# --------------------------------------------------------------------------------------------
+# local.
+
+
+def test_local_missing_path_names_the_path_and_the_instructions(tmp_path):
+    """A local source whose path does not exist says which path and how to get the data."""
+    missing = tmp_path / "nowhere" / "data.zip"
+    options = LocalOptions(path=str(missing), instructions="Download it from the course page")
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    with pytest.raises(UserError) as caught:
+        get_source("local").fetch(options, dest, "toy")
+
+    message = str(caught.value)
+    assert str(missing) in message
+    assert "Download it from the course page" in message
+    assert "datasets.toy.source.path" in message
+    assert "\n" not in message
+
+
+def test_local_folder_is_copied_without_its_symlinks(tmp_path):
+    """A local folder is copied file for file; symlinks inside are removed and reported as refused."""
+    source = class_folder_dataset(tmp_path / "source")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the dataset", encoding="utf-8")
+    (source / "a" / "link.png").symlink_to(secret)
+    (source / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    assert files_under(dest) == {"a/0.png", "a/1.png", "b/0.png", "b/1.png"}
+    assert not any(p.is_symlink() for p in dest.rglob("*"))
+    assert not (dest / "a" / "link.png").exists() and not (dest / "linked_dir").exists()
+    assert reasons_by_entry(details["refused"]) == {"a/link.png": "symbolic link", "linked_dir": "symbolic link"}
+    assert (dest / "a" / "0.png").read_bytes() == (source / "a" / "0.png").read_bytes()
+    # The source folder itself is left as it was.
+    assert (source / "a" / "link.png").is_symlink()
+
+
+def test_local_non_archive_file_is_refused(tmp_path):
+    """A local path that is a plain file, not a folder or archive, is a UserError."""
+    plain = tmp_path / "data.csv"
+    plain.write_text("a,b\n", encoding="utf-8")
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    with pytest.raises(UserError, match="neither a folder nor a zip/tar archive"):
+        get_source("local").fetch(LocalOptions(path=str(plain)), dest, "toy")
+
+
+def zip_of_folder(folder: Path, archive: Path) -> Path:
+    """A zip of every file under `folder`, with paths relative to it."""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as handle:
+        for path in sorted(folder.rglob("*")):
+            handle.write(path, path.relative_to(folder).as_posix())
+    return archive
+
+
+def tar_of_folder(folder: Path, archive: Path) -> Path:
+    """A gzipped tar of the folder's contents, with paths relative to it."""
+    with tarfile.open(archive, "w:gz") as handle:
+        for path in sorted(folder.iterdir()):
+            handle.add(path, arcname=path.name)
+    return archive
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_local_archive_is_extracted_with_its_checksum(tmp_path, kind):
+    """A local zip or tar.gz is extracted into the raw folder and its sha256 recorded."""
+    folder = class_folder_dataset(tmp_path / "made")
+    archive = tmp_path / f"data.{kind}"
+    (zip_of_folder if kind == "zip" else tar_of_folder)(folder, archive)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("local").fetch(LocalOptions(path=str(archive)), dest, "toy")
+
+    assert files_under(dest) == {"a/0.png", "a/1.png", "b/0.png", "b/1.png"}
+    assert (dest / "b" / "1.png").read_bytes() == (folder / "b" / "1.png").read_bytes()
+    assert details["refused"] == []
+    (record,) = details["archives"]
+    assert record["name"] == archive.name
+    assert record["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert record["bytes"] == archive.stat().st_size
+
+
+# --------------------------------------------------------------------------------------------
+# Archive safety.
+
+
+def test_zip_refuses_escaping_paths_and_symlinks_and_keeps_good_entries(tmp_path):
+    """A hostile zip writes nothing outside the destination; each refused entry has a reason."""
+    absolute = f"/classmatrix-test-{uuid.uuid4().hex}.txt"
+    archive = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("good/one.txt", b"kept")
+        handle.writestr("../evil.txt", b"escaped")
+        handle.writestr(absolute, b"absolute")
+        handle.writestr("..\\backslash_evil.txt", b"escaped on windows")
+        link = zipfile.ZipInfo("good/link")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        handle.writestr(link, "/etc/passwd")
+        handle.writestr("good/sub/two.txt", b"kept too")
+    dest = tmp_path / "box" / "dest"
+    dest.mkdir(parents=True)
+
+    result = archives.extract(archive, dest)
+
+    assert files_under(dest) == {"good/one.txt", "good/sub/two.txt"}
+    assert (dest / "good" / "one.txt").read_bytes() == b"kept"
+    assert result.files == 2 and result.bytes == len(b"kept") + len(b"kept too")
+    assert reasons_by_entry(result.refused) == {
+        "../evil.txt": "path outside the dataset folder",
+        absolute: "path outside the dataset folder",
+        "..\\backslash_evil.txt": "path outside the dataset folder",
+        "good/link": "symbolic link",
+    }
+    assert not (tmp_path / "box" / "evil.txt").exists()
+    assert not (tmp_path / "box" / "backslash_evil.txt").exists()
+    assert not Path(absolute).exists()
+    assert files_under(tmp_path / "box") == {"dest/good/one.txt", "dest/good/sub/two.txt"}
+
+
+def add_tar_member(handle: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"",
+                   linkname: str = "") -> None:
+    """Add one member of the given type to an open tar."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    handle.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def test_tar_refuses_escapes_links_and_devices_and_keeps_good_entries(tmp_path):
+    """A hostile tar writes nothing outside the destination; each refused entry has a reason."""
+    archive = tmp_path / "hostile.tar"
+    with tarfile.open(archive, "w") as handle:
+        add_tar_member(handle, "good", tarfile.DIRTYPE)
+        add_tar_member(handle, "good/one.txt", data=b"kept")
+        add_tar_member(handle, "../x", data=b"escaped")
+        add_tar_member(handle, "good/../../y", data=b"escaped too")
+        add_tar_member(handle, "good/symlink", tarfile.SYMTYPE, linkname="/etc/passwd")
+        add_tar_member(handle, "good/hardlink", tarfile.LNKTYPE, linkname="good/one.txt")
+        add_tar_member(handle, "good/device", tarfile.CHRTYPE)
+        add_tar_member(handle, "good/fifo", tarfile.FIFOTYPE)
+    dest = tmp_path / "box" / "dest"
+    dest.mkdir(parents=True)
+
+    result = archives.extract(archive, dest)
+
+    assert files_under(dest) == {"good/one.txt"}
+    assert not any(p.is_symlink() for p in dest.rglob("*"))
+    assert result.files == 1 and result.bytes == 4
+    reasons = reasons_by_entry(result.refused)
+    assert reasons == {
+        "../x": "path outside the dataset folder",
+        "good/../../y": "path outside the dataset folder",
+        "good/symlink": "link",
+        "good/hardlink": "link",
+        "good/device": "device, fifo or other special file",
+        "good/fifo": "device, fifo or other special file",
+    }
+    assert files_under(tmp_path / "box") == {"dest/good/one.txt"}
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_safe_member_path_normalises_or_refuses():
+    """Harmless path noise is normalised; absolute, drive and parent paths are refused."""
+    assert str(archives.safe_member_path("a/./b//c.png")) == "a/b/c.png"
+    assert str(archives.safe_member_path("a\\b.png")) == "a/b.png"
+    assert archives.safe_member_path("/etc/passwd") is None
+    assert archives.safe_member_path("C:/windows/x") is None
+    assert archives.safe_member_path("a/../../b") is None
+    assert archives.safe_member_path("") is None
+
+
+def test_tar_of_current_folder_refuses_nothing(tmp_path):
+    """The '.' entry of a `tar -C folder .` archive is the destination itself, not an escape."""
+    folder = class_folder_dataset(tmp_path / "made")
+    archive = tmp_path / "dot.tar"
+    with tarfile.open(archive, "w") as handle:
+        handle.add(folder, arcname=".")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    result = archives.extract(archive, dest)
+
+    assert files_under(dest) == {"a/0.png", "a/1.png", "b/0.png", "b/1.png"}
+    assert result.refused == []
+
+
+def test_zip_larger_than_the_limit_is_refused(tmp_path):
+    """A zip whose content passes max_bytes raises a UserError naming the limit."""
+    archive = tmp_path / "big.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as handle:
+        handle.writestr("a.bin", b"\0" * 600)
+        handle.writestr("b.bin", b"\0" * 600)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    with pytest.raises(UserError) as caught:
+        archives.extract(archive, dest, max_bytes=1000)
+
+    assert "1,000-byte limit" in str(caught.value)
+    assert not (dest / "b.bin").exists()
+
+
+def test_tar_larger_than_the_limit_is_refused(tmp_path):
+    """A tar whose members pass max_bytes raises a UserError."""
+    archive = tmp_path / "big.tar"
+    with tarfile.open(archive, "w") as handle:
+        add_tar_member(handle, "a.bin", data=b"\0" * 600)
+        add_tar_member(handle, "b.bin", data=b"\0" * 600)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    with pytest.raises(UserError, match="limit"):
+        archives.extract(archive, dest, max_bytes=1000)
+
+
+def corrupt_deflate_zip(archive: Path) -> None:
+    """A zip whose central directory is fine but whose compressed data is garbled."""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as handle:
+        handle.writestr("a/x.txt", b"hello world " * 1000)
+    data = bytearray(archive.read_bytes())
+    start = 30 + len("a/x.txt")  # local file header, then the compressed stream
+    for offset in range(start + 2, start + 20):
+        data[offset] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+
+def test_garbage_zip_is_a_user_error(tmp_path):
+    """Bytes that are not a zip at all raise a one-line UserError naming the archive."""
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(b"this is not a zip file" * 10)
+
+    with pytest.raises(UserError) as caught:
+        archives.extract(archive, tmp_path / "dest")
+
+    message = str(caught.value)
+    assert str(archive) in message and "not a readable archive" in message
+    assert "\n" not in message
+
+
+def test_truncated_tar_gz_is_a_user_error(tmp_path):
+    """A tar.gz cut in half raises a one-line UserError naming the archive."""
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as handle:
+        add_tar_member(handle, "a/x.bin", data=np.random.default_rng(0).bytes(100_000))
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    with pytest.raises(UserError) as caught:
+        archives.extract(archive, dest)
+
+    message = str(caught.value)
+    assert str(archive) in message and "\n" not in message
+
+
+def test_garbage_tar_gz_is_a_one_line_user_error(tmp_path):
+    """Bytes that are not a tar.gz raise a UserError whose message is a single line."""
+    archive = tmp_path / "data.tar.gz"
+    archive.write_bytes(b"this is not a tarball" * 10)
+
+    with pytest.raises(UserError) as caught:
+        archives.extract(archive, tmp_path / "dest")
+
+    assert "\n" not in str(caught.value)
+
+
+def test_zip_with_corrupt_compressed_data_is_a_user_error(tmp_path):
+    """A zip whose compressed stream is garbled raises a UserError, not a zlib traceback."""
+    archive = tmp_path / "data.zip"
+    corrupt_deflate_zip(archive)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    with pytest.raises(UserError):
+        archives.extract(archive, dest)
+
+
+# --------------------------------------------------------------------------------------------
+# The fetch stage, end to end.
+
+
+def params_with_local_source(tmp_path: Path, folder: Path) -> Path:
+    """The repository's params.yaml with digits read from a local folder, written to tmp_path."""
+    raw = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")))
+    raw["datasets"]["digits"]["source"] = {"kind": "local", "path": str(folder)}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def test_fetch_fills_the_raw_folder_and_writes_provenance(tmp_path):
+    """fetch() copies a local folder into `out`, leaves no .partial, and records provenance."""
+    folder = class_folder_dataset(tmp_path / "source")
+    (folder / "a" / "link.png").symlink_to(folder / "a" / "0.png")
+    params = params_with_local_source(tmp_path, folder)
+    out = tmp_path / "data" / "raw" / "digits"
+    provenance = tmp_path / "data" / "raw" / "digits.provenance.json"
+
+    record = fetch("digits", str(params), out, provenance)
+
+    assert files_under(out) == {"a/0.png", "a/1.png", "b/0.png", "b/1.png"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["digits", "digits.provenance.json"]
+    assert not out.with_name("digits.partial").exists()
+    written = json.loads(provenance.read_text(encoding="utf-8"))
+    assert written == record
+    assert written["dataset"] == "digits"
+    assert written["files"] == 4
+    assert written["bytes"] == sum((out / f).stat().st_size for f in files_under(out))
+    assert written["source"] == {"kind": "local", "path": str(folder), "instructions": ""}
+    assert written["archives"] == []
+    assert written["refused"] == [{"entry": "a/link.png", "reason": "symbolic link"}]
+    assert written["origin"] == f"local folder {folder.resolve()}"
+
+
+def test_fetch_replaces_an_earlier_output(tmp_path):
+    """A second fetch replaces the folder's contents rather than merging with stale files."""
+    folder = class_folder_dataset(tmp_path / "source")
+    params = params_with_local_source(tmp_path, folder)
+    out = tmp_path / "raw" / "digits"
+    out.mkdir(parents=True)
+    (out / "stale.png").write_bytes(b"old")
+
+    fetch("digits", str(params), out, tmp_path / "raw" / "provenance.json")
+
+    assert files_under(out) == {"a/0.png", "a/1.png", "b/0.png", "b/1.png"}
+    assert not out.with_name("digits.partial").exists()
+    assert sorted(os.listdir(out.parent)) == ["digits", "provenance.json"]
