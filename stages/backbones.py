@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from stages.errors import UserError
+from stages.registry import Registry
 
 Preprocessing = Literal["unit", "tf", "torch", "none"]
 
@@ -33,7 +34,7 @@ class BackboneSpec:
     pretrained: bool = True  # has ImageNet weights
 
 
-REGISTRY: dict[str, BackboneSpec] = {}
+REGISTRY: Registry[BackboneSpec] = Registry("backbone model")
 
 
 def register_backbone(
@@ -53,9 +54,7 @@ def register_backbone(
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    if name not in REGISTRY:
-        raise UserError(f"unknown backbone model {name!r}; valid: {', '.join(list_backbones())}")
-    return REGISTRY[name]
+    return REGISTRY.lookup(name)
 
 
 def list_backbones() -> list[str]:

@@ -20,17 +20,10 @@ from typing import Any, Literal
 import yaml
 
 from stages.errors import UserError
+from stages.expectations import RULES
 
 PARAMS_FILE = "params.yaml"
 SPLITS = ("train", "val", "test")
-RULES = (
-    "labels_in_class_set",
-    "undecodable_fraction",
-    "min_per_class",
-    "image_size_bounds",
-    "no_conflicting_labels",
-    "expected_count",
-)
 
 
 class ConfigError(UserError):

@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from stages.errors import UserError
+from stages.registry import Registry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -32,7 +33,7 @@ class LayoutKind:
     candidates: Callable[[Any, Path], list[Candidate]]
 
 
-REGISTRY: dict[str, LayoutKind] = {}
+REGISTRY: Registry[LayoutKind] = Registry("layout kind")
 
 
 def register_layout(name: str, options: type) -> Callable:
@@ -44,9 +45,7 @@ def register_layout(name: str, options: type) -> Callable:
 
 
 def get_layout(name: str) -> LayoutKind:
-    if name not in REGISTRY:
-        raise UserError(f"unknown layout kind {name!r}; valid: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    return REGISTRY.lookup(name)
 
 
 def all_files(raw: Path) -> list[str]:

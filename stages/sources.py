@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal
 
 from stages import archives
 from stages.errors import UserError
+from stages.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class SourceKind:
     fetch: Callable[[Any, Path, str], dict[str, Any]]
 
 
-REGISTRY: dict[str, SourceKind] = {}
+REGISTRY: Registry[SourceKind] = Registry("source kind")
 
 
 def register_source(name: str, options: type) -> Callable:
@@ -36,9 +37,7 @@ def register_source(name: str, options: type) -> Callable:
 
 
 def get_source(name: str) -> SourceKind:
-    if name not in REGISTRY:
-        raise UserError(f"unknown source kind {name!r}; valid: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    return REGISTRY.lookup(name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from stages.images import check_image
 from stages.layouts import Candidate, get_layout
 from stages.progress import progress
 
-COLUMNS = ["path", "label", "source_split", "group", "width", "height", "mode", "bytes", "sha256", "status", "reason"]
+COLUMNS = list(expectations.MANIFEST_COLUMNS)
 # When identical content sits in several source splits, it is kept in the most held-out one.
 SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, None: 3}
 
