@@ -46,14 +46,32 @@ def check_image(path: Path) -> ImageCheck:
     return ImageCheck(width, height, mode, "")
 
 
+def check_pixels(pixels: np.ndarray) -> ImageCheck:
+    """The same report as check_image, for an image held as a uint8 array (H, W[, C])."""
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3, 4)):
+        return ImageCheck(None, None, None, f"undecodable: pixel array of shape {pixels.shape} and type {pixels.dtype}")
+    mode = "L" if pixels.ndim == 2 or pixels.shape[2] == 1 else ("RGB" if pixels.shape[2] == 3 else "RGBA")
+    return ImageCheck(int(pixels.shape[1]), int(pixels.shape[0]), mode, "")
+
+
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     """Decode `path` upright, convert to `channels` (1 or 3) and resize to size x size, uint8."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        image = _to_mode(image, "L" if channels == 1 else "RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
+        return _normalise(ImageOps.exif_transpose(image), size, channels)
+
+
+def load_pixels(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """Like load_image, for an image held as a uint8 array (H, W[, C])."""
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    return _normalise(Image.fromarray(pixels), size, channels)
+
+
+def _normalise(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    image = _to_mode(image, "L" if channels == 1 else "RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if channels == 1 else array
 
 

@@ -24,6 +24,9 @@ class Candidate:
     source_split: str | None = None
     group: str | None = None
     reason: str = ""  # non-empty: set aside by the layout, with this reason
+    # For images stored as pixel values inside another file (FER-2013's CSV), the decoded uint8
+    # array (H, W) or (H, W, C); `path` then names the member, as `<file>::<row>`.
+    pixels: Any = None
 
 
 @dataclass(frozen=True)
@@ -31,14 +34,16 @@ class LayoutKind:
     name: str
     options: type
     candidates: Callable[[Any, Path], list[Candidate]]
+    # True when candidates carry pixels rather than naming image files.
+    in_memory: bool = False
 
 
 REGISTRY: Registry[LayoutKind] = Registry("layout kind")
 
 
-def register_layout(name: str, options: type) -> Callable:
+def register_layout(name: str, options: type, in_memory: bool = False) -> Callable:
     def decorate(fn: Callable[[Any, Path], list[Candidate]]) -> Callable:
-        REGISTRY[name] = LayoutKind(name, options, fn)
+        REGISTRY[name] = LayoutKind(name, options, fn, in_memory)
         return fn
 
     return decorate

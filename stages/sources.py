@@ -9,7 +9,7 @@ dataclass is the schema of the `source:` block in params.yaml for that kind.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -122,3 +122,58 @@ def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, An
         ],
         "refused": extraction.refused,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Sources with more machinery keep it in their own module; their schema and registration are here.
+
+
+@dataclass(frozen=True)
+class KaggleOptions:
+    # Exactly one of `dataset` ("owner/slug") and `competition` (the competition's slug).
+    dataset: str | None = None
+    competition: str | None = None
+    # The dataset version to fetch; recorded in the provenance. Competitions have no versions.
+    version: int | None = None
+    # Only these files of the dataset or competition (default: all of it).
+    files: list[str] = field(default_factory=list)
+
+
+@register_source("kaggle", KaggleOptions)
+def fetch_kaggle(options: KaggleOptions, dest: Path, dataset: str) -> dict[str, Any]:
+    """A Kaggle dataset or competition, through the `kaggle` package's API."""
+    from stages import kaggle_api
+
+    return kaggle_api.fetch(options, dest, dataset)
+
+
+@dataclass(frozen=True)
+class UrlOptions:
+    # An HTTP(S) file, usually an archive, and its pinned sha256.
+    url: str
+    sha256: str
+    # Extract a zip/tar archive into the dataset folder (else keep the file as downloaded).
+    extract: bool = True
+
+
+@register_source("url", UrlOptions)
+def fetch_url(options: UrlOptions, dest: Path, dataset: str) -> dict[str, Any]:
+    """A file from a URL: downloaded with resume, verified against its sha256, extracted safely."""
+    from stages import downloads
+
+    return downloads.fetch_url(options, dest, dataset)
+
+
+@dataclass(frozen=True)
+class KerasOptions:
+    name: Literal["cifar10", "cifar100", "mnist", "fashion_mnist"]
+    # cifar100 only: the 100 fine classes or the 20 coarse superclasses.
+    label_mode: Literal["fine", "coarse"] = "fine"
+
+
+@register_source("keras", KerasOptions)
+def fetch_keras(options: KerasOptions, dest: Path, dataset: str) -> dict[str, Any]:
+    """A keras.datasets dataset, written out as PNGs in train/ and test/ class folders."""
+    from stages import keras_datasets
+
+    return keras_datasets.fetch(options, dest, dataset)

@@ -28,7 +28,8 @@ import pandas as pd
 from stages.config import SPLITS, DatasetConfig, SplitPolicy, load_params
 from stages.errors import UserError, run_stage
 from stages.files import write_json_atomic
-from stages.images import load_image
+from stages.images import load_image, load_pixels
+from stages.layouts import get_layout
 from stages.progress import progress
 
 
@@ -85,6 +86,11 @@ def check_splits(rows: pd.DataFrame, classes: list[str], dataset: str) -> None:
 
 def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig) -> dict[str, int]:
     """Decode each image once into memory-mapped uint8 arrays, one pair per split."""
+    layout = get_layout(config.layout.kind)
+    in_memory = {}
+    if layout.in_memory:
+        # Images stored as pixel values come from the layout again, not from image files.
+        in_memory = {c.path: c.pixels for c in layout.candidates(config.layout.options, raw) if c.pixels is not None}
     index = {name: i for i, name in enumerate(config.classes)}
     shape = (config.image_size, config.image_size, config.channels)
     counts = {}
@@ -92,7 +98,10 @@ def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig
         part = rows[rows["split"] == split]
         images = np.lib.format.open_memmap(out / f"{split}_x.npy", mode="w+", dtype=np.uint8, shape=(len(part), *shape))
         for i, path in enumerate(progress(part["path"], desc=f"decoding {split}", unit="img")):
-            images[i] = load_image(raw / path, config.image_size, config.channels)
+            if path in in_memory:
+                images[i] = load_pixels(in_memory[path], config.image_size, config.channels)
+            else:
+                images[i] = load_image(raw / path, config.image_size, config.channels)
         images.flush()
         del images
         np.save(out / f"{split}_y.npy", part["label"].map(index).to_numpy(np.int32), allow_pickle=False)

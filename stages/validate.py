@@ -17,13 +17,14 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from stages import expectations
 from stages.config import DatasetConfig, load_params
 from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_json_atomic
-from stages.images import check_image
+from stages.images import check_image, check_pixels
 from stages.layouts import Candidate, get_layout
 from stages.progress import progress
 
@@ -49,6 +50,8 @@ def build_manifest(raw: Path, config: DatasetConfig) -> pd.DataFrame:
 
 
 def _inspect(raw: Path, candidate: Candidate, classes: set[str]) -> dict:
+    if candidate.pixels is not None:
+        return _inspect_pixels(candidate, classes)
     path = raw / candidate.path
     row = {
         "path": candidate.path,
@@ -77,6 +80,30 @@ def _inspect(raw: Path, candidate: Candidate, classes: set[str]) -> dict:
     else:
         row["status"] = "ok"
     return row
+
+
+def _inspect_pixels(candidate: Candidate, classes: set[str]) -> dict:
+    """An image stored as pixel values inside another file: checked like a file."""
+    pixels = np.ascontiguousarray(candidate.pixels)
+    check = check_pixels(pixels)
+    # The shape is part of the content: the same bytes as 48x48 and as 24x96 are different images.
+    digest = hashlib.sha256(str(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+    reason = candidate.reason or check.error
+    if not reason and candidate.label not in classes:
+        reason = f"label {candidate.label!r} is not among the declared classes"
+    return {
+        "path": candidate.path,
+        "label": candidate.label,
+        "source_split": candidate.source_split,
+        "group": candidate.group,
+        "width": check.width,
+        "height": check.height,
+        "mode": check.mode,
+        "bytes": int(pixels.nbytes),
+        "sha256": digest,
+        "status": "set_aside" if reason else "ok",
+        "reason": reason,
+    }
 
 
 def _sha256(path: Path) -> str:
