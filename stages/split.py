@@ -17,6 +17,7 @@ Writes, in `--out`: `splits.parquet` (path, label, split, plus the manifest's co
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import shutil
@@ -30,7 +31,7 @@ from stages.errors import UserError, run_stage
 from stages.files import write_json_atomic
 from stages.images import load_image, load_pixels
 from stages.layouts import get_layout
-from stages.progress import progress
+from stages.workers import map_ordered
 
 
 def unit_hash(key: str, seed: int) -> float:
@@ -97,16 +98,22 @@ def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig
     for split in SPLITS:
         part = rows[rows["split"] == split]
         images = np.lib.format.open_memmap(out / f"{split}_x.npy", mode="w+", dtype=np.uint8, shape=(len(part), *shape))
-        for i, path in enumerate(progress(part["path"], desc=f"decoding {split}", unit="img")):
-            if path in in_memory:
-                images[i] = load_pixels(in_memory[path], config.image_size, config.channels)
-            else:
-                images[i] = load_image(raw / path, config.image_size, config.channels)
+        if in_memory:
+            decoded = (load_pixels(in_memory[p], config.image_size, config.channels) for p in part["path"])
+        else:
+            decode = functools.partial(_decode_file, raw, size=config.image_size, channels=config.channels)
+            decoded = map_ordered(decode, part["path"].to_list(), desc=f"decoding {split}", unit="img")
+        for i, image in enumerate(decoded):
+            images[i] = image
         images.flush()
         del images
         np.save(out / f"{split}_y.npy", part["label"].map(index).to_numpy(np.int32), allow_pickle=False)
         counts[split] = int(len(part))
     return counts
+
+
+def _decode_file(raw: Path, path: str, size: int, channels: int) -> np.ndarray:
+    return load_image(raw / path, size, channels)
 
 
 def split(dataset: str, params_path: str, manifest_path: Path, raw: Path, out: Path) -> dict[str, int]:

@@ -13,6 +13,7 @@ summary are written, so the failure can be inspected).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,7 @@ from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_json_atomic
 from stages.images import check_image, check_pixels
 from stages.layouts import Candidate, get_layout
-from stages.progress import progress
+from stages.workers import map_ordered
 
 COLUMNS = list(expectations.MANIFEST_COLUMNS)
 # When identical content sits in several source splits, it is kept in the most held-out one.
@@ -39,8 +40,8 @@ def build_manifest(raw: Path, config: DatasetConfig) -> pd.DataFrame:
         raise UserError(f"{raw}: the raw dataset folder does not exist; run the fetch stage first")
     layout = get_layout(config.layout.kind)
     candidates = layout.candidates(config.layout.options, raw)
-    classes = set(config.classes)
-    rows = [_inspect(raw, candidate, classes) for candidate in progress(candidates, desc="decoding", unit="file")]
+    inspect = functools.partial(_inspect, raw, classes=frozenset(config.classes))
+    rows = list(map_ordered(inspect, candidates, desc="decoding"))
     manifest = pd.DataFrame(rows, columns=COLUMNS)
     manifest = set_aside_duplicates(manifest)
     manifest["width"] = manifest["width"].astype("Int64")
@@ -49,7 +50,7 @@ def build_manifest(raw: Path, config: DatasetConfig) -> pd.DataFrame:
     return manifest
 
 
-def _inspect(raw: Path, candidate: Candidate, classes: set[str]) -> dict:
+def _inspect(raw: Path, candidate: Candidate, classes: frozenset[str]) -> dict:
     if candidate.pixels is not None:
         return _inspect_pixels(candidate, classes)
     path = raw / candidate.path
@@ -82,7 +83,7 @@ def _inspect(raw: Path, candidate: Candidate, classes: set[str]) -> dict:
     return row
 
 
-def _inspect_pixels(candidate: Candidate, classes: set[str]) -> dict:
+def _inspect_pixels(candidate: Candidate, classes: frozenset[str]) -> dict:
     """An image stored as pixel values inside another file: checked like a file."""
     pixels = np.ascontiguousarray(candidate.pixels)
     check = check_pixels(pixels)
