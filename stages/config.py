@@ -90,16 +90,19 @@ class Reference:
 
 @dataclass(frozen=True)
 class DatasetConfig:
+    # Every key a stage declares in dvc.yaml is required here: DVC refuses to run a stage whose
+    # declared param key is absent from params.yaml, so a default would only move the error.
+    # An empty mapping (`augmentation: {}`) takes the documented defaults.
     source: ComponentConfig
     layout: ComponentConfig
     classes: list[str]
     image_size: int
-    channels: Literal[1, 3] = 3
+    channels: Literal[1, 3]
+    split: SplitPolicy
+    validation: ValidationRules
+    augmentation: Augmentation
+    reference: Reference
     description: str = ""
-    split: SplitPolicy = field(default_factory=SplitPolicy)
-    validation: ValidationRules = field(default_factory=ValidationRules)
-    augmentation: Augmentation = field(default_factory=Augmentation)
-    reference: Reference = field(default_factory=Reference)
 
 
 @dataclass(frozen=True)

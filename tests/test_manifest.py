@@ -41,6 +41,10 @@ def toy_params(layout: dict[str, Any] | None = None, classes: list[str] = CLASSE
                 "classes": classes,
                 "image_size": 8,
                 "channels": 1,
+                "split": {},
+                "validation": {},
+                "augmentation": {},
+                "reference": {},
                 **dataset,
             }
         },

@@ -275,6 +275,9 @@ def toy_params_file(tmp_path: Path, channels: int, classes: list[str]) -> Path:
                 "image_size": 16,
                 "channels": channels,
                 "split": {"val": 0.2, "test": 0.2, "seed": 42},
+                "validation": {},
+                "augmentation": {},
+                "reference": {},
             }
         },
         "backbones": {},

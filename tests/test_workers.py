@@ -57,6 +57,9 @@ def tiny_dataset(raw: Path) -> DatasetConfig:
                     "image_size": 8,
                     "channels": 3,
                     "split": {"val": 0.2, "test": 0.2, "seed": 1},
+                    "validation": {},
+                    "augmentation": {},
+                    "reference": {},
                 }
             },
             "backbones": {},
