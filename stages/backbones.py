@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal
 from stages.errors import UserError
 from stages.registry import Registry
 
-Preprocessing = Literal["unit", "tf", "torch", "none"]
+Preprocessing = Literal["unit", "tf", "torch", "caffe", "none"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class BackboneSpec:
     name: str
     build: Callable[[tuple[int, int, int], str | None, dict[str, Any]], Any]
     # How the family wants its input: "unit" scales to [0, 1], "tf" to [-1, 1], "torch" is
-    # ImageNet mean/std on [0, 1], "none" means the model rescales 0-255 input itself.
+    # ImageNet mean/std on [0, 1], "caffe" is BGR minus ImageNet means, "none" means the model
+    # rescales 0-255 input itself.
     preprocessing: Preprocessing
     native_input_size: int | None  # None: any size (the dataset's working resolution)
     min_input_size: int = 1
@@ -117,15 +118,38 @@ def _application(factory_name: str) -> Callable:
     return build
 
 
-register_backbone("mobilenetv2", preprocessing="tf", native_input_size=224, min_input_size=32)(
-    _application("MobileNetV2")
-)
-register_backbone("resnet50v2", preprocessing="tf", native_input_size=224, min_input_size=32)(
-    _application("ResNet50V2")
-)
-register_backbone("efficientnetb0", preprocessing="none", native_input_size=224, min_input_size=32)(
-    _application("EfficientNetB0")
-)
+# keras.applications families: registry name -> (factory, preprocessing, native size, minimum size).
+# Preprocessing follows each family's own `preprocess_input`: "tf" scales to [-1, 1], "torch" is
+# ImageNet mean/std, "caffe" is BGR minus the ImageNet means, and "none" means the model does it.
+APPLICATIONS = {
+    "vgg16": ("VGG16", "caffe", 224, 32),
+    "resnet50v2": ("ResNet50V2", "tf", 224, 32),
+    "resnet101v2": ("ResNet101V2", "tf", 224, 32),
+    "resnet152v2": ("ResNet152V2", "tf", 224, 32),
+    "mobilenetv2": ("MobileNetV2", "tf", 224, 32),
+    "inceptionv3": ("InceptionV3", "tf", 299, 75),
+    "densenet121": ("DenseNet121", "torch", 224, 32),
+    "densenet169": ("DenseNet169", "torch", 224, 32),
+    "densenet201": ("DenseNet201", "torch", 224, 32),
+    "nasnetmobile": ("NASNetMobile", "tf", 224, 32),
+    "nasnetlarge": ("NASNetLarge", "tf", 331, 32),
+    "efficientnetb0": ("EfficientNetB0", "none", 224, 32),
+    "efficientnetb1": ("EfficientNetB1", "none", 240, 32),
+    "efficientnetb2": ("EfficientNetB2", "none", 260, 32),
+    "efficientnetb3": ("EfficientNetB3", "none", 300, 32),
+    "efficientnetb4": ("EfficientNetB4", "none", 380, 32),
+    "efficientnetb5": ("EfficientNetB5", "none", 456, 32),
+    "efficientnetb6": ("EfficientNetB6", "none", 528, 32),
+    "efficientnetb7": ("EfficientNetB7", "none", 600, 32),
+    # Modern choices beside the course's: EfficientNetV2 and ConvNeXt rescale 0-255 input themselves.
+    "efficientnetv2b0": ("EfficientNetV2B0", "none", 224, 32),
+    "efficientnetv2s": ("EfficientNetV2S", "none", 384, 32),
+    "convnexttiny": ("ConvNeXtTiny", "none", 224, 32),
+}
+for _name, (_factory, _preprocessing, _native, _minimum) in APPLICATIONS.items():
+    register_backbone(_name, preprocessing=_preprocessing, native_input_size=_native, min_input_size=_minimum)(
+        _application(_factory)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +250,8 @@ def preprocessing_layer(mode: Preprocessing) -> Any:
         mean = [0.485 * 255, 0.456 * 255, 0.406 * 255]
         variance = [(0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2]
         return layers.Normalization(mean=mean, variance=variance, name="preprocess")
+    if mode == "caffe":
+        return custom_layers()["CaffePreprocess"](name="preprocess")
     return layers.Identity(name="preprocess")
 
 
@@ -247,5 +273,14 @@ def custom_layers() -> dict[str, type]:
             def compute_output_shape(self, input_shape: tuple) -> tuple:
                 return (*input_shape[:-1], 3)
 
+        @keras.saving.register_keras_serializable(package="classmatrix")
+        class CaffePreprocess(keras.layers.Layer):
+            """VGG's preprocessing: RGB to BGR, minus the ImageNet channel means, no scaling."""
+
+            def call(self, inputs: Any) -> Any:
+                bgr = keras.ops.flip(inputs, axis=-1)
+                return bgr - keras.ops.convert_to_tensor([103.939, 116.779, 123.68], dtype=bgr.dtype)
+
         _CUSTOM_LAYERS["GrayscaleToRGB"] = GrayscaleToRGB
+        _CUSTOM_LAYERS["CaffePreprocess"] = CaffePreprocess
     return dict(_CUSTOM_LAYERS)
