@@ -1,0 +1,455 @@
+"""The kaggle source against a fake Kaggle API, driven by the real `kaggle` client.
+
+tests/fake_kaggle.py routes the client's HTTPS through a local CONNECT proxy that answers for
+api.kaggle.com and storage.googleapis.com with a throwaway CA, so nothing here patches the client:
+the requests, redirects, authentication and resumes are the ones it makes against Kaggle.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import io
+import json
+import os
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+
+from fake_kaggle import RULES_MESSAGE, FakeKaggle  # noqa: E402
+
+from stages import kaggle_api  # noqa: E402
+from stages.errors import UserError  # noqa: E402
+from stages.fetch import fetch as fetch_stage  # noqa: E402
+from stages.sources import KaggleOptions, get_source  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 1 << 20
+
+
+def png(seed: int, size: int = 6) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as handle:
+        for name, data in entries.items():
+            handle.writestr(name, data)
+    return buffer.getvalue()
+
+
+def class_images(seed: int = 0) -> dict[str, bytes]:
+    """A miniature class-folder dataset: two classes, two tiny PNGs each."""
+    return {f"{label}/{index}.png": png(seed + 10 * k + index) for k, label in enumerate(("cat", "dog")) for index in range(2)}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def run(tmp_path: Path, name: str = "demo", **options) -> tuple[dict, Path]:
+    """Fetch through the registered `kaggle` source into a fresh, empty folder."""
+    dest = tmp_path / "raw" / f"{name}-{uuid.uuid4().hex[:8]}"
+    dest.mkdir(parents=True)
+    return get_source("kaggle").fetch(KaggleOptions(**options), dest, name), dest
+
+
+def fails(tmp_path: Path, **options) -> str:
+    with pytest.raises(UserError) as caught:
+        run(tmp_path, **options)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    with FakeKaggle(tmp_path) as server:
+        server.apply(monkeypatch)
+        yield server
+
+
+DS_PATH = "/kaggle-fake/datasets/own/pets/{}/pets.zip"
+
+
+# --------------------------------------------------------------------------------------------
+# Fetching.
+
+
+def test_dataset_fetch_resolves_the_current_version_and_fills_dest(fake, tmp_path):
+    """Unpinned: the API's current version is asked for, downloaded, extracted and recorded."""
+    old, new = zip_bytes(class_images(0)), zip_bytes(class_images(100))
+    fake.add_dataset("own/pets", old, version=1)
+    fake.add_dataset("own/pets", new, version=2)
+
+    details, dest = run(tmp_path, dataset="own/pets")
+
+    assert files_under(dest) == class_images(100)
+    assert details["origin"] == "kaggle dataset own/pets version 2"
+    assert details["version"] == 2
+    assert details["archives"] == [{"name": "pets.zip", "sha256": sha256(new), "bytes": len(new)}]
+    assert details["refused"] == [] and details["downloaded"] is True
+    assert len(fake.rpc("GetDataset")) == 1
+    assert [s.body.get("datasetVersionNumber") for s in fake.rpc("DownloadDataset")] == [2]
+    assert fake.count("GET", DS_PATH.format(2)) == 1
+    cached = fake.downloads / "demo" / "kaggle" / "datasets" / "own" / "pets" / "v2" / "pets.zip"
+    assert cached.read_bytes() == new
+
+
+def test_pinned_version_is_requested_as_asked(fake, tmp_path):
+    old, new = zip_bytes(class_images(0)), zip_bytes(class_images(100))
+    fake.add_dataset("own/pets", old, version=1)
+    fake.add_dataset("own/pets", new, version=2)
+
+    details, dest = run(tmp_path, dataset="own/pets", version=1)
+
+    assert [s.body.get("datasetVersionNumber") for s in fake.rpc("DownloadDataset")] == [1]
+    assert fake.rpc("GetDataset") == []  # a pinned version needs no lookup
+    assert files_under(dest) == class_images(0)
+    assert details["version"] == 1
+    assert details["origin"] == "kaggle dataset own/pets version 1"
+    assert details["archives"][0]["sha256"] == sha256(old)
+
+
+def test_competition_fetch_extracts_the_zips_nested_in_the_bundle(fake, tmp_path):
+    """Kaggle zips competition files inside the bundle (train.csv.zip); those are unpacked too."""
+    csv = b"id,label\n1,cat\n2,dog\n"
+    bundle = zip_bytes({"train.csv.zip": zip_bytes({"train.csv": csv}), **class_images(7)})
+    fake.add_competition("pets-challenge", bundle)
+
+    details, dest = run(tmp_path, competition="pets-challenge")
+
+    assert files_under(dest) == {"train.csv": csv, **class_images(7)}
+    assert details["origin"] == "kaggle competition pets-challenge"
+    assert details["version"] is None
+    assert details["archives"] == [{"name": "pets-challenge.zip", "sha256": sha256(bundle), "bytes": len(bundle)}]
+    assert [s.body for s in fake.rpc("DownloadDataFiles")] == [{"competitionName": "pets-challenge"}]
+
+
+def test_files_subset_downloads_only_those_files(fake, tmp_path):
+    """`files`: one request per file; a file Kaggle serves zipped lands under its own name."""
+    labels = b"file,label\ncat/0.png,cat\n"
+    fake.add_dataset(
+        "own/pets",
+        zip_bytes(class_images(0)),
+        version=3,
+        files={"cat/0.png": png(1)},
+        zipped_files={"meta/labels.csv": zip_bytes({"labels.csv": labels})},
+    )
+
+    details, dest = run(tmp_path, dataset="own/pets", version=3, files=["cat/0.png", "meta/labels.csv"])
+
+    assert files_under(dest) == {"cat/0.png": png(1), "meta/labels.csv": labels}
+    assert sorted(s.body.get("fileName") for s in fake.rpc("DownloadDataset")) == ["cat/0.png", "meta/labels.csv"]
+    assert fake.count("GET", DS_PATH.format(3)) == 0  # never the whole bundle
+    assert [a["name"] for a in details["archives"]] == ["files/cat/0.png", "files/meta/labels.csv.zip"]
+    assert details["origin"] == "kaggle dataset own/pets version 3, files cat/0.png, meta/labels.csv"
+
+
+def test_competition_files_subset(fake, tmp_path):
+    fake.add_competition("pets-challenge", zip_bytes(class_images(0)), files={"sample.csv": b"id\n1\n"})
+
+    details, dest = run(tmp_path, competition="pets-challenge", files=["sample.csv"])
+
+    assert files_under(dest) == {"sample.csv": b"id\n1\n"}
+    assert [s.body for s in fake.rpc("DownloadDataFile")] == [{"competitionName": "pets-challenge", "fileName": "sample.csv"}]
+    assert fake.rpc("DownloadDataFiles") == []
+
+
+# --------------------------------------------------------------------------------------------
+# The download cache and resuming.
+
+
+def test_rerun_with_the_archive_cached_downloads_nothing(fake, tmp_path):
+    archive = zip_bytes(class_images(0))
+    fake.add_dataset("own/pets", archive, version=1)
+    first, _ = run(tmp_path, dataset="own/pets", version=1)
+    gets, everything = fake.count("GET", DS_PATH.format(1)), fake.count()
+
+    again, dest = run(tmp_path, dataset="own/pets", version=1)
+
+    assert again["downloaded"] is False and first["downloaded"] is True
+    assert gets == 1 and fake.count("GET", DS_PATH.format(1)) == 1
+    assert fake.count() == everything  # a pinned version, verified in the cache: no request at all
+    assert files_under(dest) == class_images(0)
+    assert again["archives"] == first["archives"]
+
+
+def test_unpinned_rerun_only_asks_for_the_current_version(fake, tmp_path):
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
+    run(tmp_path, dataset="own/pets")
+    gets = fake.count("GET")
+
+    again, dest = run(tmp_path, dataset="own/pets")
+
+    assert again["downloaded"] is False and again["version"] == 1
+    assert fake.count("GET") == gets and len(fake.rpc("DownloadDataset")) == 1
+    assert len(fake.rpc("GetDataset")) == 2
+    # A new version on Kaggle is a new download.
+    newer = zip_bytes(class_images(50))
+    fake.add_dataset("own/pets", newer, version=2)
+    latest, dest = run(tmp_path, dataset="own/pets")
+    assert latest["downloaded"] is True and latest["version"] == 2
+    assert files_under(dest) == class_images(50)
+
+
+def test_a_damaged_cached_archive_is_downloaded_again(fake, tmp_path):
+    archive = zip_bytes(class_images(0))
+    fake.add_dataset("own/pets", archive, version=1)
+    run(tmp_path, dataset="own/pets", version=1)
+    cached = fake.downloads / "demo" / "kaggle" / "datasets" / "own" / "pets" / "v1" / "pets.zip"
+    cached.write_bytes(archive[:-1] + bytes([archive[-1] ^ 0xFF]))  # same size, one byte flipped
+
+    again, dest = run(tmp_path, dataset="own/pets", version=1)
+
+    assert again["downloaded"] is True
+    assert cached.read_bytes() == archive
+    assert files_under(dest) == class_images(0)
+
+
+def test_competition_rerun_checks_the_server_but_reads_no_body_unless_it_changed(fake, tmp_path):
+    """No versions: the archive is revalidated with the size, ETag and MD5 the server announces."""
+    bundle = zip_bytes(class_images(0))
+    fake.add_competition("pets-challenge", bundle)
+    run(tmp_path, competition="pets-challenge")
+    cached = fake.downloads / "demo" / "kaggle" / "competitions" / "pets-challenge" / "pets-challenge.zip"
+    stamp = cached.stat().st_mtime_ns
+
+    again, dest = run(tmp_path, competition="pets-challenge")
+
+    assert again["downloaded"] is False
+    assert cached.stat().st_mtime_ns == stamp and files_under(dest) == class_images(0)
+    changed = zip_bytes(class_images(30))
+    fake.add_competition("pets-challenge", changed)
+    third, dest = run(tmp_path, competition="pets-challenge")
+    assert third["downloaded"] is True and cached.read_bytes() == changed
+    assert files_under(dest) == class_images(30)
+
+
+def big_archive() -> bytes:
+    """A zip over the client's 1 MiB read size, so an interruption leaves a partial file."""
+    return zip_bytes({"cat/0.png": png(0), "blob/noise.bin": os.urandom(MIB + MIB // 2)})
+
+
+def test_an_interrupted_download_resumes_on_the_next_run(fake, tmp_path, monkeypatch):
+    archive = big_archive()
+    fake.add_dataset("own/pets", archive, version=1)
+    monkeypatch.setattr(kaggle_api, "DOWNLOAD_RETRIES", 0)  # give up at once: the run fails
+    fake.cut_once(DS_PATH.format(1), MIB + 200_000)
+
+    message = fails(tmp_path, dataset="own/pets", version=1)
+
+    assert "interrupted" in message and "run again to resume" in message
+    partial = fake.downloads / "demo" / "kaggle" / "datasets" / "own" / "pets" / "v1" / "pets.zip"
+    kept = partial.stat().st_size
+    assert 0 < kept < len(archive)
+    details, dest = run(tmp_path, dataset="own/pets", version=1)
+    ranges = [s.headers.get("range") for s in fake.requests("GET", DS_PATH.format(1))]
+    assert f"bytes={kept}-" in ranges
+    assert details["downloaded"] is True
+    assert details["archives"][0]["sha256"] == sha256(archive) == sha256(partial.read_bytes())
+    assert (dest / "cat" / "0.png").read_bytes() == png(0)
+
+
+def test_a_download_cut_off_once_resumes_within_the_run(fake, tmp_path):
+    """The client's own retry resumes with a Range request (after its ~2 s backoff)."""
+    archive = big_archive()
+    fake.add_dataset("own/pets", archive, version=1)
+    fake.cut_once(DS_PATH.format(1), MIB + 200_000)
+
+    details, _ = run(tmp_path, dataset="own/pets", version=1)
+
+    gets = fake.requests("GET", DS_PATH.format(1))
+    assert [(s.status, s.headers.get("range") is None) for s in gets] == [(200, True), (206, False)]
+    offset = int(gets[1].headers["range"].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < offset <= MIB + 200_000  # from where the cut left the file, not from scratch
+    assert details["archives"][0]["sha256"] == sha256(archive)
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials and errors: one line each, saying what to do.
+
+
+def test_no_credentials_is_one_line_naming_where_they_were_looked_for(fake, tmp_path, monkeypatch, capsys):
+    fake.apply(monkeypatch, credentials="none")
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)))
+
+    message = fails(tmp_path, dataset="own/pets")
+
+    assert message.startswith("datasets.demo.source: no Kaggle credentials found")
+    for looked_at in ("KAGGLE_API_TOKEN", "~/.kaggle/access_token", "kaggle.json", "KAGGLE_USERNAME", "KAGGLE_KEY"):
+        assert looked_at in message
+    assert "https://www.kaggle.com/settings/api" in message
+    captured = capsys.readouterr()
+    assert "Authentication required" not in captured.out + captured.err  # the client's help text
+    assert fake.count("POST") == 0
+
+
+def test_bad_key_is_a_401_naming_the_credentials_file(fake, tmp_path):
+    fake.write_kaggle_json(Path(os.environ["KAGGLE_CONFIG_DIR"]), key="wrong" + fake.key[5:])
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)))
+
+    message = fails(tmp_path, dataset="own/pets")  # the first call, the version lookup, is refused
+
+    assert "HTTP 401" in message and os.environ["KAGGLE_CONFIG_DIR"] + "/kaggle.json" in message
+    assert "https://www.kaggle.com/settings/api" in message
+    assert fake.key[5:] not in message
+
+
+def test_an_expired_access_token_is_reported_as_rejected(fake, tmp_path, monkeypatch):
+    fake.apply(monkeypatch, credentials="none")
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "KGAT_expired")
+
+    message = fails(tmp_path, dataset="own/pets", version=1)
+
+    assert "rejected the access token from KAGGLE_API_TOKEN" in message
+    assert "KGAT_expired" not in message
+    assert [s.body for s in fake.rpc("IntrospectToken")][-1] == {"token": "KGAT_expired"}
+
+
+def test_competition_rules_not_accepted_gives_the_rules_url(fake, tmp_path):
+    fake.add_competition("pets-challenge", zip_bytes(class_images(0)), rules_accepted=False)
+
+    message = fails(tmp_path, competition="pets-challenge")
+
+    assert "HTTP 403" in message and RULES_MESSAGE in message
+    assert "https://www.kaggle.com/competitions/pets-challenge/rules" in message
+    assert "accept" in message
+
+
+def test_private_dataset_is_a_403_without_rules_advice(fake, tmp_path):
+    fake.add_dataset("own/secret", zip_bytes(class_images(0)), private=True)
+
+    message = fails(tmp_path, dataset="own/secret", version=1)
+
+    assert "no access to dataset own/secret version 1 (HTTP 403" in message
+    assert "/rules" not in message
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"dataset": "own/missing"}, "dataset own/missing"),
+        ({"dataset": "own/pets", "version": 9}, "dataset own/pets version 9"),
+        ({"dataset": "own/pets", "version": 1, "files": ["nope.csv"]}, "file 'nope.csv' of dataset own/pets version 1"),
+        ({"competition": "no-such-challenge"}, "competition no-such-challenge"),
+    ],
+)
+def test_not_found_names_what_was_missing(fake, tmp_path, options, named):
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
+
+    message = fails(tmp_path, **options)
+
+    assert f"{named} was not found on Kaggle (HTTP 404" in message
+
+
+def test_server_down_is_a_network_error_naming_the_host(fake, tmp_path):
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)))
+    fake.stop()  # the port is closed now
+
+    message = fails(tmp_path, dataset="own/pets", version=1)
+
+    assert "cannot reach api.kaggle.com through the proxy" in message
+    assert f"127.0.0.1:{fake.port}" in message and "connection refused" in message
+
+
+def test_a_stalled_server_times_out_with_a_network_error(fake, tmp_path, monkeypatch):
+    """The client sets no timeout on its calls; the source adds one, so a stall cannot hang a run."""
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)))
+    monkeypatch.setattr(kaggle_api, "TIMEOUT", (5, 0.3))
+    fake.stall_once("DownloadDataset", 1.5)
+
+    message = fails(tmp_path, dataset="own/pets", version=1)
+
+    assert "api.kaggle.com did not answer in time" in message and "proxy" in message
+
+
+@pytest.mark.parametrize("options", [{"dataset": "own/pets", "competition": "pets"}, {}], ids=["both", "neither"])
+def test_exactly_one_of_dataset_and_competition(tmp_path, options):
+
+    message = fails(tmp_path, **options)
+
+    assert message.startswith("datasets.demo.source: a kaggle source needs exactly one of")
+
+
+def test_malformed_references_are_refused_before_any_request(tmp_path):
+    assert "datasets.demo.source.dataset" in fails(tmp_path, dataset="https://www.kaggle.com/datasets/own/pets")
+    assert "datasets.demo.source.version" in fails(tmp_path, competition="pets", version=2)
+    assert "datasets.demo.source.files" in fails(tmp_path, dataset="own/pets", files=["../x.csv"])
+
+
+# --------------------------------------------------------------------------------------------
+# Safety: hostile archives, secrets, key file permissions.
+
+
+def test_entries_escaping_dest_are_refused_and_reported(fake, tmp_path):
+    inner = zip_bytes({"../inner-evil.txt": b"x", "ok.csv": b"a\n"})
+    bundle = zip_bytes({"../evil.txt": b"owned", "/abs.txt": b"owned", "nested.zip": inner, **class_images(0)})
+    fake.add_dataset("own/pets", bundle)
+
+    details, dest = run(tmp_path, dataset="own/pets", version=1)
+
+    assert {(r["archive"], r["entry"]) for r in details["refused"]} == {
+        ("pets.zip", "../evil.txt"),
+        ("pets.zip", "/abs.txt"),
+        ("nested.zip", "../inner-evil.txt"),
+    }
+    assert files_under(dest) == {"ok.csv": b"a\n", **class_images(0)}
+    assert not [p for p in tmp_path.rglob("*evil.txt")] and not [p for p in tmp_path.rglob("abs.txt")]
+
+
+def params_with_kaggle_source(tmp_path: Path, source: dict) -> Path:
+    raw = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")))
+    raw["datasets"]["digits"]["source"] = {"kind": "kaggle", **source}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("credentials", ["kaggle.json", "env", "token", "token-file"])
+def test_credentials_never_reach_output_provenance_or_cache(fake, tmp_path, monkeypatch, capsys, credentials):
+    """The whole fetch stage, for each way of giving credentials; the fake checks they are sent."""
+    fake.apply(monkeypatch, credentials=credentials)
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
+    params = params_with_kaggle_source(tmp_path, {"dataset": "own/pets"})
+    provenance = tmp_path / "raw" / "digits.provenance.json"
+
+    record = fetch_stage("digits", str(params), tmp_path / "raw" / "digits", provenance)
+
+    assert record["files"] == 4 and record["origin"] == "kaggle dataset own/pets version 1"
+    assert json.loads(provenance.read_text(encoding="utf-8")) == record
+    sent = {s.headers.get("authorization", "").split(" ")[0] for s in fake.requests("POST")}
+    assert sent == ({"Bearer"} if credentials.startswith("token") else {"Basic"})
+    captured = capsys.readouterr()
+    cache_files = "".join(p.read_text(errors="replace") for p in fake.downloads.rglob("*.json"))
+    basic = base64.b64encode(f"{fake.username}:{fake.key}".encode()).decode()
+    for secret in (fake.key, fake.token, basic):
+        for text in (provenance.read_text(encoding="utf-8"), captured.out, captured.err, cache_files):
+            assert secret not in text
+
+
+def test_a_key_file_readable_by_others_warns_once_on_stderr(fake, tmp_path, capsys):
+    os.chmod(Path(os.environ["KAGGLE_CONFIG_DIR"]) / "kaggle.json", 0o644)
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
+
+    run(tmp_path, dataset="own/pets", version=1)
+
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "chmod 600" in line]
+    assert len(warnings) == 1 and "kaggle.json" in warnings[0] and "readable by other users" in warnings[0]
+    assert "Your Kaggle API key is readable" not in captured.out  # the client's own warning is not repeated
