@@ -1,0 +1,264 @@
+"""Resumable, verified HTTP(S) downloads, and the `url` source kind built on them.
+
+A download goes to `<target>.part` and is renamed onto `<target>` only once its sha256 matches,
+so a file named `<target>` is always complete and verified. An interrupted download (killed
+stage, dropped connection) resumes from the `.part` with an HTTP Range request; a server that
+ignores Range (answers 200 instead of 206) makes it start again from zero.
+
+Downloads are kept in `data/downloads/<dataset>/` (or `$CLASSMATRIX_DOWNLOADS/<dataset>/`), outside
+the stage's DVC output folder: DVC deletes a stage's outputs before running it again, and a
+multi-gigabyte archive should not be fetched twice because a later step failed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import requests
+from tqdm.auto import tqdm
+
+from stages import archives
+from stages.errors import UserError
+
+# urllib3 fills a whole chunk before handing it over, so a dropped connection loses the partial
+# chunk; small chunks keep the loss (and the bytes to fetch again) small.
+CHUNK = 1 << 16
+# (connect, read) seconds: the read timeout is the longest silence between two chunks, not a
+# bound on the whole download.
+TIMEOUT = (15.0, 60.0)
+RETRIES = 4
+BACKOFF_S = 1.0
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+# Statuses worth another try; anything else in 4xx is the URL's fault and fails at once.
+TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+
+
+def download_cache(dataset: str) -> Path:
+    """Where downloads for `dataset` are kept, read from the environment at each call."""
+    return Path(os.environ.get("CLASSMATRIX_DOWNLOADS", "data/downloads")) / dataset
+
+
+class _Transient(Exception):
+    """A failure worth retrying (dropped connection, timeout, 5xx); its message is the reason."""
+
+
+def download(
+    url: str,
+    target: Path,
+    *,
+    sha256: str | None,
+    what: str,
+    timeout: tuple[float, float] | None = None,
+    retries: int | None = None,
+    backoff: float | None = None,
+) -> dict[str, Any]:
+    """Download `url` to `target` (resuming a `.part`), verify `sha256`, and say what happened.
+
+    Returns {"name", "sha256", "bytes", "downloaded"}; `downloaded` is False when `target` was
+    already there with the right checksum. `what` names the download in messages (e.g. the
+    params.yaml key the URL came from). Raises UserError on a checksum mismatch, an
+    HTTP error, or a network failure that outlasts `retries` further tries. `timeout`, `retries`
+    and `backoff` default to the module's TIMEOUT, RETRIES and BACKOFF_S, read at call time.
+    """
+    timeout = TIMEOUT if timeout is None else timeout
+    retries = RETRIES if retries is None else retries
+    backoff = BACKOFF_S if backoff is None else backoff
+    target = Path(target)
+    expected = sha256.lower() if sha256 else None
+    if target.is_file():
+        actual = archives.sha256_file(target)
+        if expected is None or actual == expected:
+            return _result(target, actual, downloaded=False)
+        # A stale file from an earlier pin: fetch the file the pin names.
+        target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+
+    failures = 0
+    with requests.Session() as session:
+        while True:
+            before = part.stat().st_size if part.exists() else 0
+            try:
+                _attempt(session, url, part, what, timeout, target)
+                break
+            except _Transient as error:
+                progressed = (part.stat().st_size if part.exists() else 0) > before
+                # A connection that keeps delivering bytes between drops is allowed to go on.
+                failures = 0 if progressed else failures + 1
+                if failures > retries:
+                    kept = part.stat().st_size if part.exists() else 0
+                    again = f"run again (it resumes from the {kept:,} bytes in {part})" if kept else "run again"
+                    raise UserError(
+                        f"{what}: downloading {url} failed after {retries + 1} tries ({error}); "
+                        f"check the network connection (or proxy) and {again}, "
+                        f"or download the file yourself to {target}"
+                    ) from None
+                time.sleep(backoff * 2 ** max(failures - 1, 0))
+
+    actual = archives.sha256_file(part)
+    if expected is not None and actual != expected:
+        part.unlink()
+        raise UserError(
+            f"{what}: sha256 mismatch for {url}: expected {expected}, got {actual}; "
+            f"the upstream file changed or the download is corrupt; check the pinned sha256 in params.yaml"
+        )
+    os.replace(part, target)
+    return _result(target, actual, downloaded=True)
+
+
+def _result(target: Path, digest: str, downloaded: bool) -> dict[str, Any]:
+    return {"name": target.name, "sha256": digest, "bytes": target.stat().st_size, "downloaded": downloaded}
+
+
+def _attempt(session: Any, url: str, part: Path, what: str, timeout: tuple[float, float], target: Path) -> None:
+    """One request: append to (206) or restart (200) `part` until the body ends; raise _Transient
+    for what a retry may cure and UserError for what it cannot."""
+    offset = part.stat().st_size if part.exists() else 0
+    # identity: the bytes on disk must be the file itself, and Range counts those bytes.
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
+    except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidSchema) as error:
+        raise UserError(f"{what}: {url} is not a valid URL ({_reason(error)}); fix it in params.yaml") from None
+    except requests.exceptions.TooManyRedirects:
+        raise UserError(f"{what}: {url} redirects in a loop; check the URL in params.yaml") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
+        raise _Transient(_reason(error)) from None
+
+    with response:
+        status = response.status_code
+        if status == 416 and offset:
+            # The .part already holds the whole file (or more): verify it rather than refetch.
+            total = _content_range_total(response.headers.get("Content-Range", ""))
+            if total is not None and total == offset:
+                return
+            part.unlink()
+            raise _Transient("the server refused to resume the partial download; starting again")
+        if status in TRANSIENT_STATUSES:
+            raise _Transient(f"HTTP {status} {response.reason}")
+        if status >= 400:
+            raise UserError(_http_error(what, url, status, response.reason, target))
+        if status == 206:
+            start = _content_range_start(response.headers.get("Content-Range", ""))
+            if start != offset:
+                part.unlink(missing_ok=True)
+                raise _Transient(f"the server resumed at byte {start} instead of {offset}; starting again")
+            mode = "ab"
+        else:  # 200 (or another 2xx): the whole file, whatever was asked for.
+            offset = 0
+            mode = "wb"
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length and length.isdigit() else None
+        received = 0
+        bar = tqdm(
+            total=total, initial=offset, desc=f"downloading {target.name}", unit="B", unit_scale=True,
+            unit_divisor=1024, disable=None, leave=False,
+        )
+        try:
+            with open(part, mode) as sink:
+                for block in response.iter_content(CHUNK):
+                    sink.write(block)
+                    received += len(block)
+                    bar.update(len(block))
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.Timeout) as error:
+            raise _Transient(_reason(error)) from None
+        finally:
+            bar.close()
+        if total is not None and offset + received < total:
+            raise _Transient(f"the connection closed after {offset + received:,} of {total:,} bytes")
+
+
+def _content_range_start(value: str) -> int | None:
+    match = re.match(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)", value)
+    return int(match.group(1)) if match else None
+
+
+def _content_range_total(value: str) -> int | None:
+    match = re.match(r"\s*bytes\s+(?:\*|\d+-\d+)/(\d+)", value)
+    return int(match.group(1)) if match else None
+
+
+def _http_error(what: str, url: str, status: int, reason: str, target: Path) -> str:
+    if status == 404 or status == 410:
+        advice = "the file is not there (any more); check the URL in params.yaml"
+    elif status in (401, 403):
+        advice = (
+            "the server refuses access (login needed or the link expired); download the file yourself "
+            f"to {target}, or use a `local` source"
+        )
+    else:
+        advice = "check the URL in params.yaml"
+    return f"{what}: {url} answered HTTP {status} {reason}; {advice}"
+
+
+def _reason(error: BaseException) -> str:
+    """A short human reason for a requests/urllib3 exception, from the root cause if there is one."""
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return "timed out connecting"
+    if isinstance(error, (requests.exceptions.ReadTimeout, socket.timeout, TimeoutError)):
+        return "timed out waiting for data"
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        current = pending.pop(0)
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(current, socket.gaierror):
+            return "host name not found (no network, or a typo in the host)"
+        if isinstance(current, ConnectionResetError):
+            return "connection reset"
+        if isinstance(current, (socket.timeout, TimeoutError)):
+            return "timed out"
+        pending.extend([current.__cause__, current.__context__, getattr(current, "reason", None), *current.args])
+    text = " ".join(str(error).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# The `url` source kind.
+
+
+def fetch_url(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
+    """Download `options.url` into the download cache, verify it, and extract or copy it to `dest`."""
+    key = f"datasets.{dataset}.source"
+    pinned = (options.sha256 or "").strip()
+    if not SHA256.fullmatch(pinned):
+        raise UserError(
+            f"{key}.sha256: {options.sha256!r} is not a sha256 (64 hexadecimal characters); "
+            f"pin the file's checksum (`sha256sum <file>`) in params.yaml"
+        )
+    parts = urlsplit(options.url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UserError(f"{key}.url: {options.url!r} is not an http(s) URL")
+    name = unquote(parts.path.rsplit("/", 1)[-1])
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        name = f"{dataset}.download"
+
+    target = download_cache(dataset) / name
+    fetched = download(options.url, target, sha256=pinned, what=f"{key}.url")
+    refused: list[dict[str, str]] = []
+    if options.extract and archives.is_archive(target):
+        refused = archives.extract(target, dest).refused
+    else:
+        shutil.copyfile(target, dest / name)
+    return {
+        "origin": options.url,
+        "archives": [{"name": fetched["name"], "sha256": fetched["sha256"], "bytes": fetched["bytes"]}],
+        "refused": refused,
+        "downloaded": fetched["downloaded"],
+    }

@@ -1,0 +1,328 @@
+"""Resumable verified downloads and the `url` source kind, against a local HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages import downloads
+from stages.downloads import download, download_cache
+from stages.errors import UserError
+from stages.sources import UrlOptions, get_source
+
+
+class FileServer:
+    """A ThreadingHTTPServer on 127.0.0.1 serving in-memory files, with knobs for failures.
+
+    files: path -> bytes. cut_once: path -> N, send only N bytes of the next response for that path
+    (with the full Content-Length) and drop the connection. ignore_range: paths answered 200 with the
+    whole file whatever the Range header says. status: path -> an error status to answer.
+    requests: (path, Range header or None) for every request received.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.cut_once: dict[str, int] = {}
+        self.ignore_range: set[str] = set()
+        self.status: dict[str, int] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # keep pytest output clean
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+                path = self.path
+                with server.lock:
+                    server.requests.append((path, self.headers.get("Range")))
+                    status = server.status.get(path)
+                    cut = server.cut_once.pop(path, None)
+                if status is not None:
+                    self.send_error(status)
+                    return
+                if path not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[path]
+                start = 0
+                wanted = self.headers.get("Range")
+                if wanted and path not in server.ignore_range:
+                    start = int(wanted.removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if cut is not None:
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    # Drop the connection mid-body: the client sees fewer bytes than announced.
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def ranges(self, path: str) -> list[str | None]:
+        return [wanted for seen, wanted in self.requests if seen == path]
+
+
+@pytest.fixture
+def server():
+    served = FileServer()
+    served.thread.start()
+    yield served
+    served.httpd.shutdown()
+    served.httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    """No real waiting between retries in tests."""
+    monkeypatch.setattr(downloads, "BACKOFF_S", 0.01)
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# download()
+
+
+def test_full_download_is_verified_and_renamed_into_place(server, tmp_path):
+    """A plain download lands at the target with the right sha256 and no .part left behind."""
+    data = payload(300_000)
+    server.files["/data.bin"] = data
+    target = tmp_path / "cache" / "data.bin"
+
+    result = download(server.url("/data.bin"), target, sha256=sha(data), what="test")
+
+    assert target.read_bytes() == data
+    assert result == {"name": "data.bin", "sha256": sha(data), "bytes": len(data), "downloaded": True}
+    assert not target.with_name("data.bin.part").exists()
+    assert server.ranges("/data.bin") == [None]
+
+
+def test_a_target_already_there_with_the_right_sha256_makes_no_request(server, tmp_path):
+    """A cached, verified file is reused without contacting the server."""
+    data = payload(1000)
+    target = tmp_path / "data.bin"
+    target.write_bytes(data)
+
+    result = download(server.url("/data.bin"), target, sha256=sha(data), what="test")
+
+    assert result["downloaded"] is False and result["sha256"] == sha(data)
+    assert server.requests == []
+
+
+def test_a_dropped_connection_is_resumed_with_a_range_request(server, tmp_path):
+    """Cut off after 100,000 bytes, the download asks for the rest with Range and ends complete."""
+    data = payload(250_000, seed=1)
+    server.files["/big.bin"] = data
+    server.cut_once["/big.bin"] = 100_000
+    target = tmp_path / "big.bin"
+
+    result = download(server.url("/big.bin"), target, sha256=sha(data), what="test")
+
+    first, resumed = server.ranges("/big.bin")
+    assert first is None
+    # The bytes kept before the drop are whole chunks, at most the 100,000 that arrived.
+    start = int(resumed.removeprefix("bytes=").removesuffix("-"))
+    assert 0 < start <= 100_000
+    assert target.read_bytes() == data and result["sha256"] == sha(data)
+    assert not target.with_name("big.bin.part").exists()
+
+
+def test_a_part_left_by_a_killed_run_is_resumed(server, tmp_path):
+    """A .part from an earlier, killed run is continued rather than fetched again."""
+    data = payload(50_000, seed=2)
+    server.files["/f.bin"] = data
+    target = tmp_path / "f.bin"
+    target.with_name("f.bin.part").write_bytes(data[:12_345])
+
+    download(server.url("/f.bin"), target, sha256=sha(data), what="test")
+
+    assert server.ranges("/f.bin") == ["bytes=12345-"]
+    assert target.read_bytes() == data
+
+
+def test_a_server_that_ignores_range_restarts_the_file_from_zero(server, tmp_path):
+    """Answered 200 to a Range request, the download rewrites the .part instead of appending."""
+    data = payload(40_000, seed=3)
+    server.files["/f.bin"] = data
+    server.ignore_range.add("/f.bin")
+    target = tmp_path / "f.bin"
+    # Junk, not a prefix of the file: appending to it would give a wrong checksum.
+    target.with_name("f.bin.part").write_bytes(b"x" * 5000)
+
+    result = download(server.url("/f.bin"), target, sha256=sha(data), what="test")
+
+    assert server.ranges("/f.bin") == ["bytes=5000-"]
+    assert target.read_bytes() == data and result["downloaded"] is True
+
+
+def test_a_sha256_mismatch_is_one_line_and_leaves_no_file(server, tmp_path):
+    """The wrong bytes are deleted, and the message gives both checksums, the URL and what to do."""
+    data = payload(2000, seed=4)
+    server.files["/f.bin"] = data
+    target = tmp_path / "f.bin"
+    wrong = "0" * 64
+
+    with pytest.raises(UserError) as caught:
+        download(server.url("/f.bin"), target, sha256=wrong, what="datasets.x.source.url")
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert wrong in message and sha(data) in message and server.url("/f.bin") in message
+    assert "pinned sha256 in params.yaml" in message
+    assert not target.exists() and not target.with_name("f.bin.part").exists()
+
+
+def test_404_is_one_line_naming_the_url_and_not_retried(server, tmp_path):
+    with pytest.raises(UserError) as caught:
+        download(server.url("/missing.zip"), tmp_path / "missing.zip", sha256=None, what="datasets.x.source.url")
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert server.url("/missing.zip") in message and "404" in message and "params.yaml" in message
+    assert len(server.requests) == 1
+
+
+def test_500_is_retried_then_reported(server, tmp_path):
+    """A server error is transient: retried `retries` more times, then one line naming the URL."""
+    server.status["/f.bin"] = 500
+
+    with pytest.raises(UserError) as caught:
+        download(server.url("/f.bin"), tmp_path / "f.bin", sha256=None, what="test", retries=2)
+
+    message = str(caught.value)
+    assert "\n" not in message and "500" in message and server.url("/f.bin") in message
+    assert len(server.requests) == 3
+
+
+def test_connection_refused_is_one_line_naming_the_url(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}/f.bin"
+
+    with pytest.raises(UserError) as caught:
+        download(url, tmp_path / "f.bin", sha256=None, what="datasets.x.source.url", retries=1)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert url in message and "connection refused" in message and "network" in message
+
+
+# --------------------------------------------------------------------------------------------
+# The `url` source kind.
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "downloads"
+    monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(folder))
+    return folder
+
+
+def test_fetch_url_extracts_a_zip_and_reports_refused_entries(server, cache, tmp_path):
+    """The archive is cached under the download folder, extracted safely, and a `../x` entry is
+    refused and reported; a second fetch reuses the cached archive."""
+    data = zip_bytes({"cats/1.png": b"one", "dogs/2.png": b"two", "../x": b"escape"})
+    server.files["/files/pets.zip"] = data
+    options = UrlOptions(url=server.url("/files/pets.zip"), sha256=sha(data).upper())
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("url").fetch(options, dest, "pets")
+
+    assert download_cache("pets") == cache / "pets"
+    assert (cache / "pets" / "pets.zip").read_bytes() == data
+    assert (dest / "cats" / "1.png").read_bytes() == b"one"
+    assert (dest / "dogs" / "2.png").read_bytes() == b"two"
+    assert not (tmp_path / "x").exists()
+    assert details["refused"] == [{"entry": "../x", "reason": "path outside the dataset folder"}]
+    assert details["archives"] == [{"name": "pets.zip", "sha256": sha(data), "bytes": len(data)}]
+    assert details["origin"] == options.url and details["downloaded"] is True
+
+    again = tmp_path / "raw2"
+    again.mkdir()
+    details = get_source("url").fetch(options, again, "pets")
+    assert details["downloaded"] is False
+    assert len(server.requests) == 1
+    assert (again / "cats" / "1.png").exists()
+
+
+def test_fetch_url_without_extract_copies_the_file(server, cache, tmp_path):
+    data = zip_bytes({"a.txt": b"a"})
+    server.files["/pets.zip"] = data
+    options = UrlOptions(url=server.url("/pets.zip"), sha256=sha(data), extract=False)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("url").fetch(options, dest, "pets")
+
+    assert sorted(p.name for p in dest.iterdir()) == ["pets.zip"]
+    assert (dest / "pets.zip").read_bytes() == data
+    assert details["refused"] == []
+
+
+@pytest.mark.parametrize("pinned", ["", "abc123", "g" * 64, "0" * 63])
+def test_a_malformed_sha256_names_the_params_key(server, cache, tmp_path, pinned):
+    options = UrlOptions(url=server.url("/pets.zip"), sha256=pinned)
+
+    with pytest.raises(UserError) as caught:
+        get_source("url").fetch(options, tmp_path, "pets")
+
+    message = str(caught.value)
+    assert "datasets.pets.source.sha256" in message and "\n" not in message
+    assert server.requests == []
+
+
+def test_download_cache_follows_the_environment_at_call_time(monkeypatch, tmp_path):
+    monkeypatch.delenv("CLASSMATRIX_DOWNLOADS", raising=False)
+    assert download_cache("d") == Path("data/downloads/d")
+    monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path))
+    assert download_cache("d") == tmp_path / "d"
