@@ -3,18 +3,44 @@
 A layout looks at every file under `data/raw/<dataset>/` and returns one `Candidate` per file.
 A file the layout cannot place (a README, a split list, a file outside any class folder) is still
 returned, with the reason it is set aside, so that the manifest accounts for every file.
+
+Layouts:
+- `folders`: class = folder name, optionally under split folders (most Kaggle datasets).
+- `filename_pattern`: class read from the file name by a regular expression (Food-11's EPFL
+  original, `training/<classid>_<n>.jpg`).
+- `csv`: class (and optionally split and group) read from one or more CSV files that name the
+  image files (GTSRB, HAM10000, covid-chest-xray, AICUP mango).
+- `pixels_csv`: images stored as pixel values in a CSV (FER-2013's `fer2013.csv`, the
+  `label,pixel1..pixelN` form of sign-language MNIST and HAM10000's `hmnist_*.csv`).
+
+Every layout takes `class_map` (raw label -> declared class name), applied by `map_label`.
+
+Accounting. Over the real files under raw, files in = accepted + set aside: each file is one
+candidate. The table layouts add candidates that name no file: a CSV row whose image does not
+exist ("missing: ..."), the extra rows when a CSV names one file several times ("duplicate row:
+..."), and pixel rows that cannot be decoded. Those are named `<csv file>::<row>` (the row as a
+spreadsheet numbers it: the header is row 1, the first data row is row 2), so the manifest has
+one row per real file plus these extra rows, and every path in it is unique.
 """
 
 from __future__ import annotations
 
+import csv as csvmodule
+import math
+import posixpath
+import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Literal, Mapping
+
+import numpy as np
 
 from stages.errors import UserError
 from stages.registry import Registry
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,64 @@ def all_files(raw: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# Pieces every layout shares.
+
+
+def map_label(raw_label: str | None, class_map: Mapping[str, str]) -> str | None:
+    """The class name for a raw label: its `class_map` entry, else the raw label unchanged (a raw
+    label the map does not name is then set aside by validate as not a declared class)."""
+    if raw_label is None:
+        return None
+    return class_map.get(raw_label, raw_label)
+
+
+def not_an_image(path: str) -> str:
+    """The reason a file is not an image by its name, or "" when it may be one."""
+    name = PurePosixPath(path).name
+    suffix = PurePosixPath(path).suffix
+    if name.startswith(".") or suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file ('{suffix or name}')"
+    return ""
+
+
+def row_only(path: str, reason: str, label: str | None = None, split: str | None = None,
+             group: str | None = None) -> Candidate:
+    """A set-aside candidate for a table row that names no file under raw (a CSV row whose image
+    is missing, a duplicate row): validate records it with 0 bytes and no checksum."""
+    return Candidate(path, label=label, source_split=split, group=group, reason=reason)
+
+
+def _check_splits(splits: Mapping[str, str], key: str) -> None:
+    for name, split in splits.items():
+        if split not in SPLITS:
+            raise UserError(f"{key}.{name}: {split!r} is not a split; valid: {', '.join(SPLITS)}")
+
+
+def _root(raw: Path, root: str) -> PurePosixPath:
+    if root and not (raw / root).is_dir():
+        raise UserError(f"{raw / root}: the layout root does not exist; check layout.root in params.yaml")
+    return PurePosixPath(root) if root else PurePosixPath()
+
+
+def _under_root(
+    path: PurePosixPath, root: PurePosixPath, splits: dict[str, str]
+) -> tuple[tuple[str, ...], str | None] | Candidate:
+    """The parts of `path` below the root and its split folder, and the split; or, for a file
+    outside them, the set-aside candidate that says so."""
+    text = path.as_posix()
+    try:
+        parts = path.relative_to(root).parts if root.parts else path.parts
+    except ValueError:
+        return Candidate(text, reason=f"outside the layout root '{root}'")
+    if not splits:
+        return parts, None
+    if len(parts) < 2 or parts[0] not in splits:
+        where = f"folder '{parts[0]}'" if len(parts) > 1 else "the layout root"
+        return Candidate(text, reason=f"stray file: in {where}, not in a split folder ({', '.join(splits)})")
+    return parts[1:], splits[parts[0]]
+
+
+# --------------------------------------------------------------------------------------------
 # folders: class = folder name, optionally under split folders (most Kaggle datasets).
 
 
@@ -69,39 +153,591 @@ class FoldersOptions:
     root: str = ""
     # Split folder name -> our split name (train, val, test). Empty: no split folders.
     splits: dict[str, str] = field(default_factory=dict)
+    # Class folder name -> class name. A folder the map does not name keeps its own name.
+    class_map: dict[str, str] = field(default_factory=dict)
 
 
 @register_layout("folders", FoldersOptions)
 def folders(options: FoldersOptions, raw: Path) -> list[Candidate]:
-    for folder, split in options.splits.items():
-        if split not in ("train", "val", "test"):
-            raise UserError(f"layout.splits.{folder}: {split!r} is not a split; valid: train, val, test")
-    root = PurePosixPath(options.root) if options.root else PurePosixPath()
-    if options.root and not (raw / options.root).is_dir():
-        raise UserError(f"{raw / options.root}: the layout root does not exist; check layout.root in params.yaml")
+    _check_splits(options.splits, "layout.splits")
+    root = _root(raw, options.root)
+    return [_place(PurePosixPath(path), root, options.splits, options.class_map) for path in all_files(raw)]
+
+
+def _place(path: PurePosixPath, root: PurePosixPath, splits: dict[str, str], class_map: Mapping[str, str]) -> Candidate:
+    text = path.as_posix()
+    placed = _under_root(path, root, splits)
+    if isinstance(placed, Candidate):
+        return placed
+    parts, source_split = placed
+    if len(parts) < 2:
+        return Candidate(text, source_split=source_split, reason="stray file: not inside a class folder")
+    label = map_label(parts[0], class_map)
+    return Candidate(text, label=label, source_split=source_split, reason=not_an_image(text))
+
+
+# --------------------------------------------------------------------------------------------
+# filename_pattern: class read from the file name (Food-11's EPFL original: training/3_125.jpg).
+
+
+@dataclass(frozen=True)
+class FilenamePatternOptions:
+    # A regular expression matched against the whole file name (not the folders), with a named
+    # group `label` (the raw label) and optionally one named `group` (files sharing it are split
+    # together). Food-11: '(?P<label>\d+)_\d+\.jpg'.
+    pattern: str
+    # Folder inside the raw folder where the split folders (or the files) start.
+    root: str = ""
+    # Split folder name -> our split name, as for `folders`. Files may sit at any depth below it.
+    splits: dict[str, str] = field(default_factory=dict)
+    # Raw label -> class name (Food-11: "0" -> bread, ...).
+    class_map: dict[str, str] = field(default_factory=dict)
+
+
+@register_layout("filename_pattern", FilenamePatternOptions)
+def filename_pattern(options: FilenamePatternOptions, raw: Path) -> list[Candidate]:
+    _check_splits(options.splits, "layout.splits")
+    try:
+        pattern = re.compile(options.pattern)
+    except re.error as error:
+        raise UserError(f"layout.pattern: {options.pattern!r} is not a regular expression ({error})") from None
+    if "label" not in pattern.groupindex:
+        raise UserError(f"layout.pattern: {options.pattern!r} has no named group for the label; write (?P<label>...)")
+    root = _root(raw, options.root)
     result = []
-    for path in all_files(raw):
-        result.append(_place(PurePosixPath(path), root, options.splits))
+    for text in all_files(raw):
+        placed = _under_root(PurePosixPath(text), root, options.splits)
+        if isinstance(placed, Candidate):
+            result.append(placed)
+            continue
+        _, source_split = placed
+        if reason := not_an_image(text):
+            result.append(Candidate(text, source_split=source_split, reason=reason))
+            continue
+        match = pattern.fullmatch(PurePosixPath(text).name)
+        if match is None:
+            result.append(Candidate(text, source_split=source_split, reason=f"name does not match {options.pattern}"))
+            continue
+        group = match.group("group") if "group" in pattern.groupindex else None
+        label = map_label(match.group("label"), options.class_map)
+        result.append(Candidate(text, label=label, source_split=source_split, group=group))
     return result
 
 
-def _place(path: PurePosixPath, root: PurePosixPath, splits: dict[str, str]) -> Candidate:
-    text = path.as_posix()
-    try:
-        parts = path.relative_to(root).parts if root.parts else path.parts
-    except ValueError:
-        return Candidate(text, reason=f"outside the layout root '{root}'")
-    source_split = None
-    if splits:
-        if len(parts) < 2 or parts[0] not in splits:
-            where = f"folder '{parts[0]}'" if len(parts) > 1 else "the layout root"
-            return Candidate(text, reason=f"stray file: in {where}, not in a split folder ({', '.join(splits)})")
-        source_split = splits[parts[0]]
-        parts = parts[1:]
-    if len(parts) < 2:
-        return Candidate(text, source_split=source_split, reason="stray file: not inside a class folder")
-    if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
-        return Candidate(
-            text, label=parts[0], source_split=source_split, reason=f"not an image file ('{path.suffix or path.name}')"
+# --------------------------------------------------------------------------------------------
+# Reading CSV files.
+
+
+def _csv_path(raw: Path, relpath: str) -> Path:
+    path = raw / relpath
+    if not path.is_file():
+        raise UserError(
+            f"{path}: the layout's CSV file does not exist; check layout.file / layout.files in params.yaml"
         )
-    return Candidate(text, label=parts[0], source_split=source_split)
+    return path
+
+
+def _unreadable(path: Path, error: BaseException, limit: int = 200) -> UserError:
+    """The one-line error for a CSV file that cannot be parsed (the parser's message, shortened:
+    Arrow's quotes the offending row, which can be 10 KB of pixel values)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return UserError(f"{path}: cannot be read as a CSV file ({text}); check layout.file in params.yaml")
+
+
+def read_table(raw: Path, relpath: str) -> Any:
+    """A CSV under raw as a pandas DataFrame, every cell as text ("" for an empty cell), column
+    names stripped."""
+    import pandas as pd  # here, not at the top: every stage imports this module to parse params
+
+    path = _csv_path(raw, relpath)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
+        raise _unreadable(path, error) from None
+    frame.columns = [str(name).strip() for name in frame.columns]
+    return frame
+
+
+def require_columns(path: Path, columns: list[str], wanted: list[tuple[str, str]]) -> None:
+    """Raise one line naming the file, the missing column and the option that names it; `wanted`
+    holds (option, column) pairs, an empty column meaning the option is not set."""
+    for key, column in wanted:
+        if column and column not in columns:
+            shown = ", ".join(columns[:15]) + (f", ... ({len(columns)} in all)" if len(columns) > 15 else "")
+            raise UserError(
+                f"{path}: no column {column!r} (named by layout.{key}); its columns are: {shown}; "
+                f"fix layout.{key} in params.yaml"
+            )
+
+
+def _split_of(value: str, column: str, split_map: Mapping[str, str]) -> tuple[str | None, str]:
+    """The split a split column's cell names, or the reason it names none."""
+    split = split_map.get(value, value) if split_map else value
+    if split in SPLITS:
+        return split, ""
+    where = "split_map" if split_map else f"the splits ({', '.join(SPLITS)}); set layout.split_map"
+    return None, f"unknown split: {column} {value!r} is not in {where}"
+
+
+# --------------------------------------------------------------------------------------------
+# csv: CSV files name the images and give their labels (GTSRB, HAM10000, covid19, mango).
+
+
+@dataclass(frozen=True)
+class CsvFile:
+    # The CSV, relative to the raw folder.
+    file: str
+    # The source split of every row of this file (GTSRB: Train.csv -> train, Test.csv -> test).
+    split: str | None = None
+    # Folders where this file's images are looked for, overriding layout.search (mango:
+    # train.csv -> [C1-P1_Train], dev.csv -> [C1-P1_Dev]).
+    search: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    # The column holding the raw label (GTSRB ClassId, HAM10000 dx, covid19 finding, mango label).
+    label_column: str
+    # One CSV (file), or several, each with its own fixed split and search folders (files).
+    file: str = ""
+    files: list[CsvFile] = field(default_factory=list)
+    # The image file each row names: a column holding its path (GTSRB Path, covid19 filename), or
+    # a template of {column} placeholders, filled with the row's cells as written (HAM10000:
+    # "{image_id}.jpg"). Exactly one of the two.
+    path_column: str = ""
+    path_template: str = ""
+    # Folders, relative to the CSV's own folder, where a named file is looked for, in order; the
+    # first that holds it wins. The default [""] is the CSV's folder itself (GTSRB's Path
+    # "Train/20/00020_00000_00000.png" is relative to it). HAM10000: its two image part folders.
+    search: list[str] = field(default_factory=lambda: [""])
+    # A column holding each row's source split, mapped through split_map (raw value -> train,
+    # val or test); without a map its values must be train, val or test already.
+    split_column: str = ""
+    split_map: dict[str, str] = field(default_factory=dict)
+    # Images of one group stay in one split: a column holding the group (HAM10000 lesion_id), or
+    # a regular expression with a named group `group`, searched in the image's path (GTSRB
+    # tracks: 'Train/(?P<group>\d+/\d+_\d+)_').
+    group_column: str = ""
+    group_pattern: str = ""
+    # Raw label -> class name (HAM10000: nv -> melanocytic_nevus).
+    class_map: dict[str, str] = field(default_factory=dict)
+    # Column -> accepted values: rows with any other value are left out, and a file only such
+    # rows name is set aside as filtered out (covid19: {modality: [X-ray]}).
+    filter: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A CSV row that names an existing file."""
+
+    csv: str
+    row: int
+    label: str | None
+    split: str | None
+    group: str | None
+    reason: str
+
+
+def _csv_files(options: CsvOptions | PixelsCsvOptions) -> list[Any]:
+    if bool(options.file) == bool(options.files):
+        raise UserError("layout: set exactly one of layout.file (one CSV) and layout.files (a list of CSVs)")
+    specs = options.files or [CsvFile(options.file) if isinstance(options, CsvOptions) else PixelsFile(options.file)]
+    for i, spec in enumerate(specs):
+        if spec.split is not None and spec.split not in SPLITS:
+            raise UserError(f"layout.files[{i}].split: {spec.split!r} is not a split; valid: {', '.join(SPLITS)}")
+        if spec.split is not None and options.split_column:
+            raise UserError(f"layout.files[{i}].split: give a file a fixed split or layout.split_column, not both")
+    _check_splits(options.split_map, "layout.split_map")
+    return specs
+
+
+def _template(template: str) -> list[tuple[str, str | None]]:
+    """A path template as (literal text, column or None) pieces."""
+    try:
+        pieces = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise UserError(
+            f"layout.path_template: {template!r} is not a template ({error}); write e.g. '{{image_id}}.jpg'"
+        ) from None
+    result = []
+    for literal, name, spec, conversion in pieces:
+        if name is not None and (not name or spec or conversion):
+            raise UserError(f"layout.path_template: {template!r}: write plain {{column}} placeholders, without formats")
+        result.append((literal, name))
+    return result
+
+
+def _group_regex(pattern: str) -> re.Pattern | None:
+    if not pattern:
+        return None
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise UserError(f"layout.group_pattern: {pattern!r} is not a regular expression ({error})") from None
+    if "group" not in regex.groupindex:
+        raise UserError(f"layout.group_pattern: {pattern!r} has no named group; write (?P<group>...)")
+    return regex
+
+
+def _resolve(name: str, base: str, search: list[str], files: set[str]) -> tuple[str | None, list[str]]:
+    """The raw-relative path of the file a row names, looked for in each search folder in turn."""
+    name = name.replace("\\", "/")
+    tried = []
+    for folder in search:
+        path = posixpath.normpath(posixpath.join(base, folder, name))
+        if path in files:
+            return path, tried
+        tried.append(path)
+    return None, tried
+
+
+@register_layout("csv", CsvOptions)
+def csv_layout(options: CsvOptions, raw: Path) -> list[Candidate]:
+    specs = _csv_files(options)
+    if bool(options.path_column) == bool(options.path_template):
+        raise UserError(
+            "layout: set exactly one of layout.path_column and layout.path_template (where each row's image is)"
+        )
+    template = _template(options.path_template) if options.path_template else []
+    group_regex = _group_regex(options.group_pattern)
+    if options.group_column and group_regex:
+        raise UserError("layout: take the group from layout.group_column or layout.group_pattern, not both")
+    files = all_files(raw)
+    file_set = set(files)
+    read = []  # the CSV files this layout reads, as raw-relative paths
+    claims: dict[str, list[_Row]] = {}  # existing file -> the rows that name it, in order
+    filtered: dict[str, str] = {}  # existing file named only by filtered-out rows -> why
+    extra: list[Candidate] = []  # rows that are not files: missing images, bad rows
+
+    for spec in specs:
+        frame = read_table(raw, spec.file)
+        csv_name = posixpath.normpath(spec.file)
+        read.append(csv_name)
+        path = raw / spec.file
+        columns = list(frame.columns)
+        wanted = [("label_column", options.label_column), ("path_column", options.path_column),
+                  ("split_column", options.split_column), ("group_column", options.group_column)]
+        wanted += [("path_template", name) for _, name in template if name]
+        wanted += [(f"filter.{name}", name) for name in options.filter]
+        require_columns(path, columns, wanted)
+        base = posixpath.dirname(csv_name)
+        search = spec.search if spec.search is not None else options.search
+        if not search:
+            raise UserError(
+                f"layout.search: list at least one folder where {csv_name}'s images are (\"\" is the CSV's folder)"
+            )
+        if options.path_column:
+            names = frame[options.path_column].tolist()
+            what = f"column {options.path_column!r}"
+        else:
+            cells = {name: frame[name].tolist() for _, name in template if name}
+            names = [
+                "".join(literal + (cells[name][i] if name else "") for literal, name in template)
+                for i in range(len(frame))
+            ]
+            what = f"path_template {options.path_template!r}"
+        labels = frame[options.label_column].tolist()
+        splits = frame[options.split_column].tolist() if options.split_column else None
+        groups = frame[options.group_column].tolist() if options.group_column else None
+        filters = {name: (frame[name].tolist(), set(values)) for name, values in options.filter.items()}
+
+        for i, name in enumerate(names):
+            row = i + 2  # as a spreadsheet numbers it: the header is row 1
+            member = f"{csv_name}::{row}"
+            name = name.strip()
+            if not name:
+                extra.append(row_only(member, f"no file: {csv_name} row {row} has an empty {what}"))
+                continue
+            found, tried = _resolve(name, base, search, file_set)
+            refused = next(
+                (
+                    f"filtered out: {csv_name} row {row} has {column} {column_cells[i].strip()!r}, "
+                    f"not one of layout.filter.{column}"
+                    for column, (column_cells, accepted) in filters.items()
+                    if column_cells[i].strip() not in accepted
+                ),
+                "",
+            )
+            if refused:
+                # A filtered-out row is not part of the dataset; only a file it names is recorded.
+                if found is not None:
+                    filtered.setdefault(found, refused)
+                continue
+            raw_label = labels[i].strip()
+            label = map_label(raw_label or None, options.class_map)
+            reason = "" if raw_label else f"no label: {csv_name} row {row} has an empty {options.label_column!r}"
+            split = spec.split
+            if splits is not None:
+                split, split_reason = _split_of(splits[i].strip(), options.split_column, options.split_map)
+                reason = reason or split_reason
+            group = None
+            if groups is not None:
+                group = groups[i].strip() or None
+            elif group_regex is not None:
+                match = group_regex.search(found or tried[0])
+                group = match.group("group") if match else None
+            if found is None:
+                extra.append(row_only(
+                    member, f"missing: listed in {csv_name} row {row} but not found (looked for {', '.join(tried)})",
+                    label, split, group,
+                ))
+                continue
+            claims.setdefault(found, []).append(_Row(csv_name, row, label, split, group, reason))
+
+    listed_in = " or ".join(read)
+    result = []
+    for path in files:
+        if path in read:
+            result.append(Candidate(path, reason="label file (read by the layout)"))
+        elif path in claims:
+            rows = claims[path]
+            first = rows[0]
+            labels_seen = list(dict.fromkeys(r.label for r in rows))
+            if len(labels_seen) > 1:
+                where = ", ".join(f"{r.csv} row {r.row}" for r in rows)
+                shown = ", ".join("(none)" if label is None else label for label in labels_seen)
+                reason = f"ambiguous: {path} is listed under labels {shown} ({where})"
+                result.append(Candidate(path, first.label, first.split, first.group, reason))
+                extra.extend(row_only(f"{r.csv}::{r.row}", reason, r.label, r.split, r.group) for r in rows[1:])
+                continue
+            result.append(Candidate(path, first.label, first.split, first.group, first.reason or not_an_image(path)))
+            extra.extend(
+                row_only(f"{r.csv}::{r.row}", f"duplicate row: {path} is already listed in {first.csv} row {first.row}",
+                         r.label, r.split, r.group)
+                for r in rows[1:]
+            )
+        elif path in filtered:
+            result.append(Candidate(path, reason=filtered[path]))
+        elif reason := not_an_image(path):
+            result.append(Candidate(path, reason=reason))
+        else:
+            result.append(Candidate(path, reason=f"not listed in {listed_in}"))
+    return result + extra
+
+
+# --------------------------------------------------------------------------------------------
+# pixels_csv: images stored as pixel values in a CSV (FER-2013, sign-language MNIST).
+
+
+@dataclass(frozen=True)
+class PixelsFile:
+    # The CSV, relative to the raw folder.
+    file: str
+    # The source split of every row of this file (sign_mnist_train.csv -> train).
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class PixelsCsvOptions:
+    # The column holding the raw label (FER-2013: emotion; sign-language MNIST: label).
+    label_column: str
+    # One CSV (file), or several, each with its own fixed split (files).
+    file: str = ""
+    files: list[PixelsFile] = field(default_factory=list)
+    # Where the pixels are: one column of space-separated values (FER-2013: pixels), or one
+    # column per value named <prefix><number>, ordered by the number (pixel1..pixel784).
+    # Exactly one of the two. Values are row-major, channels interleaved (H, W, C).
+    pixels_column: str = ""
+    pixel_columns_prefix: str = ""
+    # Image size; 0 infers it: both 0 -> a square from the number of values per row (the most
+    # common number, for space-separated values), one 0 -> from the other.
+    width: int = 0
+    height: int = 0
+    channels: Literal[1, 3, 4] = 1
+    # A column holding each row's source split, mapped through split_map (FER-2013: Usage,
+    # {Training: train, PublicTest: val, PrivateTest: test}).
+    split_column: str = ""
+    split_map: dict[str, str] = field(default_factory=dict)
+    # Raw label -> class name (FER-2013: "0" -> angry, ...).
+    class_map: dict[str, str] = field(default_factory=dict)
+
+
+def _read_header(path: Path) -> list[str]:
+    """The column names of a CSV file (its first row), stripped."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return [name.strip() for name in next(csvmodule.reader(handle), [])]
+    except (OSError, UnicodeDecodeError, csvmodule.Error) as error:
+        raise _unreadable(path, error) from None
+
+
+def _read_arrow(path: Path, header: list[str], columns: list[str]) -> Any:
+    """The chosen columns of a CSV as a pyarrow Table of strings ("" for an empty cell). Arrow's
+    C++ parser reads FER-2013's 300 MB in about half a second, where pandas takes four."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    try:
+        return pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=header, skip_rows=1, block_size=1 << 24),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=columns,
+                column_types={name: pa.string() for name in columns},
+                strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, OSError) as error:
+        raise _unreadable(path, error) from None
+
+
+def _decode_values(tokens: Any) -> tuple[np.ndarray, np.ndarray]:
+    """int16 values of pyarrow string tokens, and a mask of the tokens that are not integers in
+    0..255 (their value is then 0)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        values = pc.cast(tokens, pa.int16()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, OverflowError):
+        # Some token is not a small integer: mark the bad ones, decode the rest.
+        good = pc.and_(pc.ascii_is_decimal(tokens), pc.less_equal(pc.binary_length(tokens), 3))
+        values = pc.cast(pc.if_else(good, tokens, "0"), pa.int16()).to_numpy(zero_copy_only=False)
+        bad = ~good.to_numpy(zero_copy_only=False)
+    else:
+        bad = np.zeros(len(values), dtype=bool)
+    # One pass for both ends: a negative int16 read as uint16 is above 255 too.
+    bad |= values.view(np.uint16) > 255
+    return values, bad
+
+
+ROWS_AT_ONCE = 4096
+"""Rows of space-separated values split at once: bounds the memory of the string tokens."""
+
+
+def _split_cells(column: Any) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Cells of space-separated values, a chunk of rows at a time: the int16 values, each row's
+    run `offsets[i]:offsets[i + 1]` of them, each row's number of values, and whether a row holds
+    a value that is not an integer in 0..255."""
+    import pyarrow.compute as pc
+
+    for start in range(0, len(column), ROWS_AT_ONCE):
+        cells = column.slice(start, ROWS_AT_ONCE)
+        parts = pc.ascii_split_whitespace(pc.ascii_trim_whitespace(cells))
+        offsets = parts.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets -= offsets[0]
+        values, bad = _decode_values(parts.flatten())
+        # Every row splits into at least one token, so each reduceat segment is that row's own.
+        has_bad = np.logical_or.reduceat(bad, offsets[:-1]) if bad.any() else np.zeros(len(cells), dtype=bool)
+        counts = np.diff(offsets)
+        # An empty cell splits into one empty token: it holds no values.
+        counts[pc.binary_length(cells).to_numpy(zero_copy_only=False) == 0] = 0
+        yield values, offsets, counts, has_bad
+
+
+def _pixel_shape(options: PixelsCsvOptions, count: int, path: Path) -> tuple[int, ...]:
+    """(H, W) or (H, W, C) for rows of `count` values."""
+    channels, width, height = options.channels, options.width, options.height
+    if width < 0 or height < 0:
+        raise UserError("layout.width and layout.height: give a positive size, or 0 to infer it")
+    if not width and not height:
+        side = math.isqrt(count // channels) if count > 0 else 0
+        if side == 0 or side * side * channels != count:
+            raise UserError(
+                f"{path}: {count} pixel values a row is not a square image of {channels} channel(s); "
+                "set layout.width and layout.height"
+            )
+        width = height = side
+    elif not width or not height:
+        known = width or height
+        other, rest = divmod(count, known * channels)
+        if rest or other == 0:
+            raise UserError(
+                f"{path}: {count} pixel values a row do not fit a side of {known} with {channels} channel(s); "
+                "set layout.width and layout.height"
+            )
+        width, height = width or other, height or other
+    return (height, width) if channels == 1 else (height, width, channels)
+
+
+@register_layout("pixels_csv", PixelsCsvOptions, in_memory=True)
+def pixels_csv(options: PixelsCsvOptions, raw: Path) -> list[Candidate]:
+    specs = _csv_files(options)
+    if bool(options.pixels_column) == bool(options.pixel_columns_prefix):
+        raise UserError(
+            "layout: set exactly one of layout.pixels_column and layout.pixel_columns_prefix (where the pixels are)"
+        )
+    result: list[Candidate] = []
+    read = []
+    for spec in specs:
+        csv_name = posixpath.normpath(spec.file)
+        read.append(csv_name)
+        result.extend(_pixel_rows(options, raw, spec, csv_name))
+    for path in all_files(raw):
+        if path in read:
+            result.append(Candidate(path, reason="label file (read by the layout)"))
+        else:
+            stray = f"stray file: the images come from {' and '.join(read)}"
+            result.append(Candidate(path, reason=not_an_image(path) or stray))
+    return result
+
+
+def _pixel_rows(options: PixelsCsvOptions, raw: Path, spec: PixelsFile, csv_name: str) -> list[Candidate]:
+    path = _csv_path(raw, spec.file)
+    header = _read_header(path)
+    wanted = [("label_column", options.label_column), ("pixels_column", options.pixels_column),
+              ("split_column", options.split_column)]
+    require_columns(path, header, wanted)
+    if options.pixel_columns_prefix:
+        numbered = re.compile(re.escape(options.pixel_columns_prefix) + r"(\d+)")
+        pixel_columns = sorted(
+            (name for name in header if numbered.fullmatch(name)), key=lambda name: int(numbered.fullmatch(name)[1])
+        )
+        if not pixel_columns:
+            raise UserError(
+                f"{path}: no columns named {options.pixel_columns_prefix}<number> (layout.pixel_columns_prefix); "
+                f"its columns start: {', '.join(header[:8])}; fix layout.pixel_columns_prefix in params.yaml"
+            )
+    else:
+        pixel_columns = [options.pixels_column]
+    table = _read_arrow(path, header, list(dict.fromkeys(c for c in (*(c for _, c in wanted), *pixel_columns) if c)))
+    count = table.num_rows
+    if not count:
+        return []
+    if options.pixels_column:
+        chunks = list(_split_cells(table.column(options.pixels_column).combine_chunks()))
+    else:
+        # One value a cell: a run of len(pixel_columns) tokens a row.
+        decoded = [_decode_values(table.column(name).combine_chunks()) for name in pixel_columns]
+        values = np.stack([v for v, _ in decoded], axis=1).reshape(-1)
+        bad = np.stack([b for _, b in decoded], axis=1).reshape(count, -1).any(axis=1)
+        chunks = [(values, np.arange(count + 1) * len(pixel_columns), np.full(count, len(pixel_columns)), bad)]
+    lengths = np.concatenate([c[2] for c in chunks])
+    bad_value = np.concatenate([c[3] for c in chunks])
+    # The shape is inferred from the most common number of values a row.
+    shape = _pixel_shape(options, int(np.bincount(lengths).argmax()), path)
+    expected = math.prod(shape)
+    right_count = lengths == expected
+    block = np.zeros((count, expected), dtype=np.uint8)
+    first = 0
+    for values, offsets, counts, _ in chunks:
+        rows = len(counts)
+        if (counts == expected).all():
+            block[first: first + rows] = values.reshape(rows, expected)
+        else:
+            for i in np.flatnonzero(counts == expected):
+                block[first + i] = values[offsets[i]: offsets[i + 1]]
+        first += rows
+    block = block.reshape((count, *shape))
+
+    labels = table.column(options.label_column).to_pylist()
+    splits = table.column(options.split_column).to_pylist() if options.split_column else None
+    size = "x".join(str(n) for n in (shape[1], shape[0], *shape[2:]))
+    result = []
+    for i in range(count):
+        member = f"{csv_name}::{i + 2}"  # the row as a spreadsheet numbers it: the header is row 1
+        raw_label = labels[i].strip()
+        label = map_label(raw_label or None, options.class_map)
+        split, reason = spec.split, ""
+        if splits is not None:
+            split, reason = _split_of(splits[i].strip(), options.split_column, options.split_map)
+        if not right_count[i]:
+            reason = f"undecodable: {lengths[i]} pixel values, expected {expected} ({size})"
+            result.append(row_only(member, reason, label, split))
+        elif bad_value[i]:
+            result.append(row_only(member, "undecodable: pixel values that are not integers in 0..255", label, split))
+        else:
+            reason = reason or ("" if raw_label else f"no label: an empty {options.label_column!r}")
+            result.append(Candidate(member, label=label, source_split=split, reason=reason, pixels=block[i]))
+    return result

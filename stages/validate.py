@@ -54,6 +54,9 @@ def _inspect(raw: Path, candidate: Candidate, classes: frozenset[str]) -> dict:
     if candidate.pixels is not None:
         return _inspect_pixels(candidate, classes)
     path = raw / candidate.path
+    exists = path.is_file()
+    if not exists and not candidate.reason:
+        raise UserError(f"{path}: the layout named a file that does not exist (a layout bug); report it")
     row = {
         "path": candidate.path,
         "label": candidate.label,
@@ -62,8 +65,9 @@ def _inspect(raw: Path, candidate: Candidate, classes: frozenset[str]) -> dict:
         "width": None,
         "height": None,
         "mode": None,
-        "bytes": path.stat().st_size,
-        "sha256": _sha256(path),
+        # A row of a label file that names no file here has no content to measure.
+        "bytes": path.stat().st_size if exists else 0,
+        "sha256": _sha256(path) if exists else "",
         "status": "set_aside",
         "reason": candidate.reason,
     }
@@ -142,7 +146,9 @@ def summarise(manifest: pd.DataFrame, config: DatasetConfig, report: expectation
     ok = manifest[manifest["status"] == "ok"]
     reasons = Counter(reason.split(":")[0] for reason in manifest.loc[manifest["status"] != "ok", "reason"])
     return {
+        # Every file under the raw folder, plus rows of label files that name no file there.
         "files": int(len(manifest)),
+        "rows_without_file": int((manifest["sha256"] == "").sum()),
         "accepted": int(len(ok)),
         "set_aside": int((manifest["status"] != "ok").sum()),
         "set_aside_by_reason": dict(sorted(reasons.items())),

@@ -164,12 +164,12 @@ MISTAKES = {
         ["datasets.digits.source.name:", "'mnist' is not allowed", "valid: digits"],
     ),
     "unknown layout kind": (
-        set_key(["datasets", "digits", "layout"], {"kind": "csv"}),
-        ["datasets.digits.layout.kind:", "unknown layout kind 'csv'", "valid: folders"],
+        set_key(["datasets", "digits", "layout"], {"kind": "cvs"}),
+        ["datasets.digits.layout.kind:", "unknown layout kind 'cvs'", "did you mean 'csv'", "valid: csv, filename_pattern, folders, pixels_csv"],
     ),
     "unknown backbone model": (
-        set_key(["backbones", "small_cnn", "model"], "vgg16"),
-        ["backbones.small_cnn.model:", "unknown backbone model 'vgg16'", "cnn", "mobilenetv2", "resnet50v2"],
+        set_key(["backbones", "small_cnn", "model"], "vgg99"),
+        ["backbones.small_cnn.model:", "unknown backbone model 'vgg99'", "cnn", "mobilenetv2", "resnet50v2"],
     ),
     "bad override key under train": (
         set_key(["experiments", "digits-small_cnn", "train", "epochz"], 3),
