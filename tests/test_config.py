@@ -141,15 +141,15 @@ MISTAKES = {
     ),
     "unknown backbone in an experiment": (
         set_key(["experiments", "digits-small_cnn", "backbone"], "small_cn"),
-        ["experiments.digits-small_cnn.backbone:", "unknown backbone 'small_cn'", "valid: mobilenetv2, small_cnn"],
+        ["experiments.digits-small_cnn.backbone:", "unknown backbone 'small_cn'", "valid: cifar10_cnn", "mobilenetv2", "small_cnn"],
     ),
     "unknown dataset in an experiment": (
         set_key(["experiments", "digits-small_cnn", "dataset"], "digitz"),
-        ["experiments.digits-small_cnn.dataset:", "unknown dataset 'digitz'", "valid: digits"],
+        ["experiments.digits-small_cnn.dataset:", "unknown dataset 'digitz'", "valid: birds", "digits", "ham10000"],
     ),
     "unknown suite": (
         set_key(["experiments", "digits-small_cnn", "suite"], "dmo"),
-        ["experiments.digits-small_cnn.suite:", "unknown suite 'dmo'", "valid: demo"],
+        ["experiments.digits-small_cnn.suite:", "unknown suite 'dmo'", "valid: course, demo"],
     ),
     "experiment not named dataset-backbone": (
         rename_experiment("digits-small_cnn", "digits-cnn"),
