@@ -177,3 +177,28 @@ def fetch_keras(options: KerasOptions, dest: Path, dataset: str) -> dict[str, An
     from stages import keras_datasets
 
     return keras_datasets.fetch(options, dest, dataset)
+
+
+@dataclass(frozen=True)
+class OpenImagesOptions:
+    # Classes by display name, as in Open Images' class descriptions ("Cat", "Dog", "Horse").
+    classes: list[str]
+    split: Literal["train", "validation", "test"] = "train"
+    # Images per class to sample; a class with fewer gets them all, and a warning.
+    per_class: int = 500
+    seed: int = 42
+    # Leave out images that carry more than one of the chosen classes (single-label data).
+    exclusive: bool = True
+    # Where the metadata CSVs and the images come from (overridable for mirrors and tests).
+    metadata_url: str = "https://storage.googleapis.com/openimages/v7"
+    bucket: str = "open-images-dataset"
+    # Parallel image downloads.
+    workers: int = 16
+
+
+@register_source("openimages", OpenImagesOptions)
+def fetch_openimages(options: OpenImagesOptions, dest: Path, dataset: str) -> dict[str, Any]:
+    """A class-balanced sample of Open Images' human-verified image-level labels."""
+    from stages import openimages
+
+    return openimages.fetch(options, dest, dataset)
