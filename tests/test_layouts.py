@@ -24,6 +24,7 @@ from stages.config import DatasetConfig, parse_params
 from stages.errors import UserError
 from stages.split import assign_splits, write_arrays
 from stages.validate import COLUMNS, build_manifest
+from tests.toy import toy_config
 
 SEED = iter(range(1, 1_000_000))
 
@@ -50,27 +51,7 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
 
 def config(layout: dict[str, Any], classes: list[str], image_size: int = 8, channels: int = 3) -> DatasetConfig:
     """A DatasetConfig through the real strict params parser."""
-    params = {
-        "training": {},
-        "datasets": {
-            "toy": {
-                "source": {"kind": "local", "path": "unused"},
-                "layout": layout,
-                "classes": classes,
-                "image_size": image_size,
-                "channels": channels,
-                # Empty mappings take the documented defaults.
-                "split": {},
-                "validation": {},
-                "augmentation": {},
-                "reference": {},
-            }
-        },
-        "backbones": {},
-        "experiments": {},
-        "suites": {},
-    }
-    return parse_params(params, "test-params.yaml").datasets["toy"]
+    return toy_config(classes, layout=layout, image_size=image_size, channels=channels)
 
 
 def run_layout(cfg: DatasetConfig, raw: Path) -> dict[str, layouts.Candidate]:

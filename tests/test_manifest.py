@@ -13,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests import toy
 from stages import layouts
 from stages.config import DatasetConfig, parse_params
 from stages.errors import UserError
@@ -32,26 +33,7 @@ def write_png(path: Path, seed: int, size: int = 8, mode: str = "L") -> Path:
 
 def toy_params(layout: dict[str, Any] | None = None, classes: list[str] = CLASSES, **dataset: Any) -> dict:
     """A minimal params mapping with one dataset, `toy`, read from a local folder."""
-    return {
-        "training": {},
-        "datasets": {
-            "toy": {
-                "source": {"kind": "local", "path": "unused"},
-                "layout": layout or {"kind": "folders"},
-                "classes": classes,
-                "image_size": 8,
-                "channels": 1,
-                "split": {},
-                "validation": {},
-                "augmentation": {},
-                "reference": {},
-                **dataset,
-            }
-        },
-        "backbones": {},
-        "experiments": {},
-        "suites": {},
-    }
+    return toy.toy_params(classes, layout=layout or {"kind": "folders"}, **dataset)
 
 
 def toy_config(layout: dict[str, Any] | None = None, **dataset: Any) -> DatasetConfig:

@@ -16,6 +16,7 @@ from PIL import Image
 from stages.config import SplitPolicy
 from stages.errors import UserError
 from stages.images import load_image
+from tests.toy import toy_params
 from stages.split import assign_splits, check_splits, split, unit_hash
 from stages.validate import COLUMNS, build_manifest
 
@@ -265,25 +266,7 @@ def write_png(path: Path, seed: int, mode: str = "L", size: int = 8) -> Path:
 
 def toy_params_file(tmp_path: Path, channels: int, classes: list[str]) -> Path:
     """A params file with one `toy` dataset at working size 16."""
-    raw = {
-        "training": {},
-        "datasets": {
-            "toy": {
-                "source": {"kind": "local", "path": "unused"},
-                "layout": {"kind": "folders"},
-                "classes": classes,
-                "image_size": 16,
-                "channels": channels,
-                "split": {"val": 0.2, "test": 0.2, "seed": 42},
-                "validation": {},
-                "augmentation": {},
-                "reference": {},
-            }
-        },
-        "backbones": {},
-        "experiments": {},
-        "suites": {},
-    }
+    raw = toy_params(classes, image_size=16, channels=channels, split={"val": 0.2, "test": 0.2, "seed": 42})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path

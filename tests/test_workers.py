@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from stages import workers
-from stages.config import DatasetConfig, parse_params
+from stages.config import DatasetConfig
+from tests.toy import toy_config
 from stages.split import assign_splits, write_arrays
 from stages.validate import build_manifest
 
@@ -46,28 +47,7 @@ def tiny_dataset(raw: Path) -> DatasetConfig:
         for i in range(12):
             Image.fromarray(rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)).save(raw / label / f"{i}.png")
     (raw / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    params = parse_params(
-        {
-            "training": {},
-            "datasets": {
-                "toy": {
-                    "source": {"kind": "local", "path": str(raw)},
-                    "layout": {"kind": "folders"},
-                    "classes": ["a", "b", "c"],
-                    "image_size": 8,
-                    "channels": 3,
-                    "split": {"val": 0.2, "test": 0.2, "seed": 1},
-                    "validation": {},
-                    "augmentation": {},
-                    "reference": {},
-                }
-            },
-            "backbones": {},
-            "experiments": {},
-            "suites": {},
-        }
-    )
-    return params.datasets["toy"]
+    return toy_config(["a", "b", "c"], image_size=8, channels=3, split={"val": 0.2, "test": 0.2, "seed": 1})
 
 
 def test_manifest_and_arrays_are_the_same_in_parallel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
