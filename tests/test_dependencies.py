@@ -17,6 +17,7 @@ def test_every_named_dependency_imports_at_its_pinned_major_version():
     import efficientnet.tfkeras
     import great_expectations
     import kagglesdk
+    import boto3
     import keras
     import matplotlib
     import mlflow
