@@ -22,14 +22,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from sampling import run_sampled  # noqa: E402
 SOURCES = np.array(["verification", "crowdsource-verification", "human"])
 
 CHILD = r"""
@@ -101,33 +101,12 @@ def generate(path: Path, rows: int, classes: int = 600, seed: int = 0) -> list[s
 
 def measure(path: Path, labels: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(path), ",".join(labels)], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        handle = psutil.Process(process.pid)
-        while not done.is_set():
-            try:
-                peak = max(peak, handle.memory_info().rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = process.communicate()
-    done.set()
-    sampler.join()
-    if process.returncode:
-        raise SystemExit(f"the selection failed:\n{err[-3000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["process_seconds"] = time.perf_counter() - started
+    command = [sys.executable, "-c", CHILD, str(path), ",".join(labels)]
+    seconds, peak, finished = run_sampled(command, REPO, env, tree=False, interval=0.05)
+    if finished.returncode:
+        raise SystemExit(f"the selection failed:\n{finished.stderr[-3000:]}")
+    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    result["process_seconds"] = seconds
     result["sampled_peak_rss"] = peak
     return result
 

@@ -18,16 +18,15 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from sampling import run_sampled  # noqa: E402
 
 
 def generate(folder: Path, files: int, classes: int, seed: int = 0) -> None:
@@ -72,29 +71,9 @@ def make_project(workdir: Path, data: Path, classes: int) -> Path:
 def timed(command: list[str], cwd: Path) -> tuple[float, int, str]:
     """Wall seconds, peak RSS of the process tree in bytes, and the output."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        root = psutil.Process(process.pid)
-        while not done.is_set():
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output, _ = process.communicate()
-    done.set()
-    sampler.join()
-    seconds = time.perf_counter() - started
-    if process.returncode:
+    seconds, peak, finished = run_sampled(command, cwd, env)
+    output = finished.stdout + finished.stderr
+    if finished.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{output[-3000:]}")
     return seconds, peak, output
 
