@@ -10,7 +10,7 @@ VENV := .venv
 UV := $(TOOLS)/bin/uv
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: env demo test test-fast ui clean-outputs
+.PHONY: env env-torch demo test test-fast ui clean-outputs
 
 env: $(VENV)/.synced
 
@@ -21,6 +21,16 @@ $(UV):
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --python $(PYTHON)
 	touch $@
+
+# PyTorch (for KERAS_BACKEND=torch) is optional, and not in uv.lock: PyPI's Linux build carries
+# CUDA (gigabytes). This installs the CPU build into .venv; a wheel folder given as
+# TORCH_FIND_LINKS (CI's machine has one) is used instead of PyTorch's index. A later
+# `uv sync` (after uv.lock changes) removes it again: run `make env-torch` once more.
+TORCH_VERSION := 2.13.0+cpu
+TORCH_FIND_LINKS ?=
+env-torch: env
+	$(UV) pip install --python $(VENV)/bin/python "torch==$(TORCH_VERSION)" \
+	  $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS),--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
 
 demo: env
 	$(RUN) dvc repro report@demo

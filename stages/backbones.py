@@ -3,7 +3,7 @@
 Every model takes raw uint8 images (0-255) at the dataset's working resolution. Inside the model:
 cast to float, augmentation (active only in training), resizing to the backbone's input size,
 grayscale to RGB where the backbone needs three channels, the backbone's own preprocessing, the
-backbone, and a named head (`avg_pool` or `flatten`, `top_dropout`, `dense_<i>`, `predictions`).
+backbone, and a named head (`features`: pooling or flattening, `top_dropout`, `dense_<i>`, `predictions`).
 A saved model therefore needs no preprocessing code beside it.
 
 Keras 3 API only, so KERAS_BACKEND may be tensorflow, jax or torch. Importing this module does not
@@ -33,6 +33,7 @@ class BackboneSpec:
     min_input_size: int = 1
     rgb: bool = True  # needs three channels
     pretrained: bool = True  # has ImageNet weights
+    tensorflow_only: bool = False  # imports TensorFlow itself (KERAS_BACKEND must be tensorflow)
 
 
 REGISTRY: Registry[BackboneSpec] = Registry("backbone model")
@@ -46,9 +47,12 @@ def register_backbone(
     min_input_size: int = 1,
     rgb: bool = True,
     pretrained: bool = True,
+    tensorflow_only: bool = False,
 ) -> Callable:
     def decorate(build: Callable) -> Callable:
-        REGISTRY[name] = BackboneSpec(name, build, preprocessing, native_input_size, min_input_size, rgb, pretrained)
+        REGISTRY[name] = BackboneSpec(
+            name, build, preprocessing, native_input_size, min_input_size, rgb, pretrained, tensorflow_only
+        )
         return build
 
     return decorate
@@ -107,12 +111,12 @@ def _application(factory_name: str) -> Callable:
             return factory(include_top=False, weights=weights, input_shape=input_shape, **options)
         except TypeError as error:
             raise UserError(f"backbone {factory_name}: bad options {options}: {error}") from None
-        except Exception as error:  # noqa: BLE001 - the download's failure modes are many
+        except Exception as error:  # noqa: BLE001 - a wrong or damaged file fails in many ways
             if weights is None:
                 raise
             raise UserError(
-                f"backbone {factory_name}: could not load the {weights} weights ({type(error).__name__}: {error}); "
-                f"put the weights file in ~/.keras/models/ or set weights: null"
+                f"backbone {factory_name}: could not load the weights file {weights} "
+                f"({type(error).__name__}: {error}); run the weights stage again for this experiment"
             ) from None
 
     return build
@@ -152,6 +156,41 @@ for _name, (_factory, _preprocessing, _native, _minimum) in APPLICATIONS.items()
     )
 
 
+def _efficientnet_package(factory_name: str) -> Callable:
+    """The `efficientnet` package's EfficientNet (efficientnet.tfkeras), as the course uses it.
+
+    It is written against tf.keras, so it runs on the TensorFlow backend only. Its
+    `preprocess_input` is ImageNet mean/std on [0, 1] ("torch"), unlike keras.applications'
+    EfficientNet, which takes 0-255 input.
+    """
+
+    def build(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any]) -> Any:
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            raise UserError(
+                f"backbone efficientnet package {factory_name}: runs on the TensorFlow backend only "
+                f"(KERAS_BACKEND is {keras.backend.backend()}); use keras.applications' efficientnet entries"
+            )
+        import efficientnet.tfkeras as efn
+
+        try:
+            return getattr(efn, factory_name)(include_top=False, weights=weights, input_shape=input_shape, **options)
+        except TypeError as error:
+            raise UserError(f"backbone efficientnet package {factory_name}: bad options {options}: {error}") from None
+
+    return build
+
+
+# The `efficientnet` package's B0-B7 (ImageNet weights trained with AutoAugment), native sizes as
+# in the paper.
+EFFICIENTNET_PACKAGE = {f"efn_b{i}": (f"EfficientNetB{i}", size) for i, size in enumerate((224, 240, 260, 300, 380, 456, 528, 600))}
+for _name, (_factory, _native) in EFFICIENTNET_PACKAGE.items():
+    register_backbone(_name, preprocessing="torch", native_input_size=_native, min_input_size=32, tensorflow_only=True)(
+        _efficientnet_package(_factory)
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Assembling a classifier.
 
@@ -164,10 +203,13 @@ def build_model(
     num_classes: int,
     augmentation: Any,
     seed: int,
+    weights_file: str | None = None,
 ) -> Any:
     """A classifier that takes (image_size, image_size, channels) uint8 images.
 
-    `backbone` is a config.BackboneConfig and `augmentation` a config.Augmentation.
+    `backbone` is a config.BackboneConfig and `augmentation` a config.Augmentation. A pretrained
+    backbone (`weights: imagenet`) loads its weights from `weights_file`, the file the weights
+    stage pinned; nothing is downloaded here.
     """
     import keras
     from keras import layers
@@ -178,6 +220,11 @@ def build_model(
         raise UserError(f"backbone {backbone.model}: input_size {size} is below its minimum {spec.min_input_size}")
     if backbone.weights and not spec.pretrained:
         raise UserError(f"backbone {backbone.model}: has no pretrained weights; set weights: null")
+    if backbone.weights and not weights_file:
+        raise UserError(
+            f"backbone {backbone.model}: weights: {backbone.weights} needs the pinned weights file; "
+            f"run the weights stage (dvc repro weights@<experiment>) first"
+        )
     base_channels = 3 if spec.rgb else channels
 
     inputs = keras.Input((image_size, image_size, channels), dtype="uint8", name="image")
@@ -191,7 +238,7 @@ def build_model(
         x = custom_layers()["GrayscaleToRGB"](name="to_rgb")(x)
     x = preprocessing_layer(spec.preprocessing)(x)
 
-    base = spec.build((size, size, base_channels), backbone.weights, dict(backbone.options))
+    base = spec.build((size, size, base_channels), weights_file if backbone.weights else None, dict(backbone.options))
     if not backbone.weights:
         # From scratch on a small dataset, the applications' slow BatchNormalization momentum
         # (0.999) leaves the moving statistics far from the data for thousands of steps, and the
@@ -206,9 +253,9 @@ def build_model(
 
     head = backbone.head
     if head.pool == "avg":
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
     else:
-        x = layers.Flatten(name="flatten")(x)
+        x = layers.Flatten(name=FEATURES_LAYER)(x)
     for i, units in enumerate(head.dense, start=1):
         x = layers.Dense(units, activation="relu", name=f"dense_{i}")(x)
         if head.dropout:
@@ -218,6 +265,53 @@ def build_model(
     # float32 output keeps the softmax stable under mixed precision.
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name=f"{backbone.model}_classifier")
+
+
+# The layer whose output is the backbone's pooled (or flattened) features: everything up to it
+# has no trainable weights when the base is frozen, everything after it is the head.
+FEATURES_LAYER = "features"
+
+
+def base_of(model: Any) -> Any:
+    """The backbone sub-model inside a classifier built by build_model."""
+    import keras
+
+    (base,) = [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "augmentation"]
+    return base
+
+
+def split_at_features(model: Any) -> tuple[Any, Any]:
+    """(features, head): two models sharing `model`'s layers, with head(features(x)) == model(x).
+
+    Training the head model trains the classifier's own head layers.
+    """
+    import keras
+
+    features = keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="features")
+    names = [layer.name for layer in model.layers]
+    head_layers = model.layers[names.index(FEATURES_LAYER) + 1 :]
+    head_input = keras.Input(features.output.shape[1:], name="features_in")
+    x = head_input
+    for layer in head_layers:
+        x = layer(x)
+    return features, keras.Model(head_input, x, name="head")
+
+
+def unfreeze_top(model: Any, count: int) -> int:
+    """Phase 2 of transfer learning: make the base's top `count` layers trainable (all when 0).
+
+    BatchNormalization layers stay frozen, and the base keeps running in inference mode (it is
+    called with training=False), so their statistics stay those of the pretrained weights.
+    Returns the number of base layers left trainable that hold weights.
+    """
+    from keras import layers
+
+    base = base_of(model)
+    base.trainable = True
+    chosen = base.layers if count == 0 else base.layers[-count:]
+    for layer in base.layers:
+        layer.trainable = layer in chosen and not isinstance(layer, layers.BatchNormalization)
+    return sum(1 for layer in base.layers if layer.trainable and layer.weights)
 
 
 def augmentation_layers(augmentation: Any, seed: int) -> Any | None:

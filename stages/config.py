@@ -118,6 +118,11 @@ class BackboneConfig:
     # None means the dataset's working resolution.
     input_size: int | None = None
     weights: Literal["imagenet"] | None = None
+    # Where the ImageNet weights file comes from when not from its published URL (a team's mirror,
+    # say); the file's sha256 is then required. Both null: the published file and hash, pinned in
+    # stages/weights.py.
+    weights_url: str | None = None
+    weights_sha256: str | None = None
     # Only a pretrained base is frozen; a base trained from scratch must learn.
     freeze: bool = True
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -125,13 +130,34 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
+class FineTuneConfig:
+    """Phase 2 of transfer learning: after the head has trained on the frozen base, unfreeze the
+    base's top layers and train on at a low learning rate. BatchNormalization stays frozen and in
+    inference mode. Only a pretrained, frozen base has a phase 2."""
+
+    epochs: int = 0  # 0: no phase 2
+    learning_rate: float = 1.0e-5
+    unfreeze: int = 20  # the base's top layers made trainable (0: all of them)
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
-    epochs: int = 20
+    epochs: int = 20  # phase 1: the whole model from scratch, or the head on a frozen base
     batch_size: int = 64
     learning_rate: float = 0.001
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     early_stopping_patience: int = 5
     seed: int = 42
+    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
+    # "balanced": each class weighs n_images / (n_classes * n_class_images) in the loss.
+    class_weight: Literal["none", "balanced"] = "none"
+    # auto: bfloat16 on a GPU that supports it, else float16 on a GPU, float32 on a CPU.
+    mixed_precision: Literal["auto", "off", "bfloat16", "float16"] = "auto"
+    # XLA: Keras's "auto" compiles where the backend can.
+    jit_compile: Literal["auto", "on", "off"] = "auto"
+    # auto: with a frozen base and no augmentation, compute the base's features once and train
+    # the head on them (the same model, many times faster).
+    feature_cache: Literal["auto", "off"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -115,8 +115,10 @@ def evaluate(
 
     import keras
 
+    from stages import runtime
     from stages.backbones import custom_layers
 
+    runtime.keep_tensorflow_out()
     model = keras.saving.load_model(model_dir / "model.keras", custom_objects=custom_layers(), safe_mode=True)
     x_test, y_test = np.asarray(data.x["test"]), data.y["test"]
     started = time.perf_counter()

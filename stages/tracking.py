@@ -80,3 +80,19 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return flat
+
+
+def run_exists(run_id: str) -> bool:
+    """Whether `run_id` is a live run (not deleted) in the tracking store."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow_client().tracking.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.lifecycle_stage == "active"
+
+
+def reopen_run(run_id: str) -> None:
+    """Mark a run that a killed stage left behind as running again, to be continued."""
+    mlflow_client().tracking.MlflowClient().update_run(run_id, status="RUNNING")

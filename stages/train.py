@@ -1,12 +1,28 @@
 """train@<dataset>-<backbone>: fit one experiment's model on the prepared arrays.
 
-    python -m stages.train --experiment digits-cnn --data data/processed/digits --out models/digits/cnn
+    python -m stages.train --experiment digits-cnn --data data/processed/digits \
+        --weights data/weights/digits-cnn --out models/digits/cnn
 
 Reads the uint8 arrays written by split (memory-mapped, no decoding), builds the classifier from
-the backbone registry, trains it with Keras 3 `model.fit` and early stopping on validation loss,
-and writes into `--out`: `model.keras`, `history.csv` (one row per epoch, a DVC plot) and
-`training.json` (the resolved configuration, the MLflow run id, timings). Params and per-epoch
-metrics go to MLflow as the run trains.
+the backbone registry (a pretrained base loads the file the weights stage pinned) and trains it
+with Keras 3 `model.fit`, on whichever backend KERAS_BACKEND names:
+
+- phase 1 trains the whole model from scratch, or the head on a frozen pretrained base; with a
+  frozen base and no augmentation, the base's features are computed once and the head trains on
+  them (`training.feature_cache`);
+- phase 2 (`training.fine_tune`), for a pretrained base only, unfreezes the base's top layers,
+  keeps BatchNormalization frozen and in inference mode, recompiles at a low learning rate and
+  trains on.
+
+Each phase stops early on validation loss and keeps its best weights; phase 2 keeps phase 1's
+weights unless it beats them. After every epoch the whole training state (weights, optimizer,
+random generators, early-stopping state, history) is written to `<out>/checkpoint.npz`, so a
+killed run resumes from its last completed epoch and ends with the weights an uninterrupted run
+would have had. On a GPU it trains in mixed precision with XLA.
+
+Writes into `--out`: `model.keras`, `history.csv` (one row per epoch, a DVC plot) and
+`training.json` (the resolved configuration, the MLflow run id, phases, timings). Params and
+per-epoch metrics go to MLflow as the run trains.
 """
 
 from __future__ import annotations
@@ -26,6 +42,10 @@ from stages import tracking
 from stages.config import Experiment, load_params
 from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_json_atomic, write_text_atomic
+
+CHECKPOINT = "checkpoint.npz"
+# Cached features may take this many bytes; beyond it the frozen base runs every epoch.
+FEATURE_CACHE_BYTES = 4 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,34 +92,136 @@ def make_optimizer(name: str, learning_rate: float) -> Any:
     return optimizers[name](learning_rate=learning_rate)
 
 
-def epoch_logger(run_id: str) -> Any:
-    """A Keras callback sending each epoch's metrics to the MLflow run."""
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    number: int  # 1 or 2
+    epochs: int
+    learning_rate: float
+    unfreeze: int | None  # phase 2: the base's top layers to train (0: all)
+
+
+def plan_phases(experiment: Experiment) -> list[Phase]:
+    training = experiment.training
+    phases = [Phase(1, training.epochs, training.learning_rate, None)]
+    tune = training.fine_tune
+    if tune.epochs and is_frozen(experiment):
+        phases.append(Phase(2, tune.epochs, tune.learning_rate, tune.unfreeze))
+    return phases
+
+
+def is_frozen(experiment: Experiment) -> bool:
+    return bool(experiment.backbone.weights) and experiment.backbone.freeze
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: everything needed to continue after the last completed epoch, in one file.
+
+
+@dataclasses.dataclass
+class TrainingState:
+    run_key: str
+    run_id: str
+    phase_index: int = 0  # index into plan_phases
+    phase_epoch: int = 0  # epochs completed in this phase
+    epoch: int = 0  # epochs completed in all
+    best_loss: float = float("inf")  # this phase's best validation loss (phase 2 starts from phase 1's)
+    best_epoch: int = -1
+    wait: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    phases: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    phase_seconds: float = 0.0
+    done: bool = False  # this phase stopped (early or at its last epoch)
+
+
+def _numpy(variable: Any) -> np.ndarray:
     import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(variable))
+
+
+def save_checkpoint(path: Path, state: TrainingState, model: Any, optimizer: Any, best: list[np.ndarray]) -> None:
+    """Write the state atomically: a checkpoint file is always complete."""
+    arrays = {"state": np.array(json.dumps(dataclasses.asdict(state)))}
+    for i, variable in enumerate(model.variables):
+        arrays[f"model_{i}"] = _numpy(variable)
+    for i, variable in enumerate(optimizer.variables if optimizer is not None else []):
+        arrays[f"optimizer_{i}"] = _numpy(variable)
+    for i, value in enumerate(best):
+        arrays[f"best_{i}"] = value
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+def read_checkpoint(path: Path) -> tuple[TrainingState, dict[str, np.ndarray]] | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        state = TrainingState(**json.loads(str(arrays.pop("state"))))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        print(f"train: ignoring unreadable checkpoint {path} ({error}); starting over")
+        return None
+    return state, arrays
+
+
+def _assign(variables: list[Any], arrays: dict[str, np.ndarray], prefix: str, what: str) -> None:
+    values = [arrays[f"{prefix}_{i}"] for i in range(sum(1 for k in arrays if k.startswith(prefix + "_")))]
+    if len(values) != len(variables) or any(tuple(v.shape) != a.shape for v, a in zip(variables, values)):
+        raise UserError(f"checkpoint: the saved {what} does not match this model; delete the checkpoint and train again")
+    for variable, value in zip(variables, values):
+        variable.assign(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Training.
+
+
+def epoch_logger(run_id: str) -> Any:
+    """Sends one epoch's metrics to the MLflow run."""
     from mlflow.entities import Metric
 
     client = tracking.mlflow_client().tracking.MlflowClient()
 
-    class MlflowEpochLogger(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            now = int(time.time() * 1000)
-            metrics = [Metric(key, float(value), now, epoch) for key, value in (logs or {}).items()]
-            client.log_batch(run_id, metrics=metrics)
+    def log(epoch: int, logs: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, float(value), now, epoch) for key, value in logs.items()])
 
-    return MlflowEpochLogger()
+    return log
 
 
-def train(experiment_name: str, params_path: str, data_dir: Path, out: Path) -> dict[str, Any]:
+def train(
+    experiment_name: str,
+    params_path: str,
+    data_dir: Path,
+    out: Path,
+    weights_dir: Path | None = None,
+) -> dict[str, Any]:
     experiment = load_params(params_path).experiment(experiment_name)
     training = experiment.training
     data = load_prepared(data_dir)
     if len(data.x["train"]) == 0 or len(data.x["val"]) == 0:
         raise UserError(f"{data_dir}: the train or val split is empty; check split@{experiment.dataset_name}")
+    weights_file = None
+    if experiment.backbone.weights:
+        from stages.weights import weights_path
+
+        if weights_dir is None:
+            raise UserError(f"train@{experiment.name}: a pretrained backbone needs --weights (the weights stage's folder)")
+        weights_file = weights_path(weights_dir)
 
     import keras
 
-    from stages.backbones import build_model
+    from stages import runtime
+    from stages.backbones import build_model, split_at_features, unfreeze_top
+    from stages.loader import array_batches, class_weights
 
-    keras.utils.set_random_seed(training.seed)
+    runtime.keep_tensorflow_out()
+    device = runtime.accelerator()
+    policy = runtime.precision_policy(training.mixed_precision, device)
+    keras.config.set_dtype_policy(policy)
+    runtime.make_deterministic(training.seed, device)
     model = build_model(
         experiment.backbone,
         image_size=experiment.dataset.image_size,
@@ -107,16 +229,130 @@ def train(experiment_name: str, params_path: str, data_dir: Path, out: Path) -> 
         num_classes=len(data.classes),
         augmentation=experiment.dataset.augmentation,
         seed=training.seed,
-    )
-    model.compile(
-        optimizer=make_optimizer(training.optimizer, training.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        weights_file=weights_file,
     )
 
     config = resolved_config(experiment)
     params_hash = tracking.stable_hash(config)
-    run_key = tracking.stable_hash({"params": params_hash, "data": data.version})
+    weights_digest = json.loads((weights_dir / "weights.json").read_text())["sha256"] if weights_file else None
+    run_key = tracking.stable_hash({"params": params_hash, "data": data.version, "weights": weights_digest})
+    checkpoint_path = out / CHECKPOINT
+    resumed = read_checkpoint(checkpoint_path)
+    if resumed is not None and resumed[0].run_key != run_key:
+        print(f"train@{experiment.name}: the checkpoint is for other params or data; starting over")
+        resumed = None
+    if resumed is not None and not tracking.run_exists(resumed[0].run_id):
+        resumed = None
+    if resumed is not None:
+        state, arrays = resumed
+        tracking.reopen_run(state.run_id)
+        print(f"train@{experiment.name}: resuming after epoch {state.epoch} (phase {state.phase_index + 1})")
+    else:
+        arrays = {}
+        state = TrainingState(run_key=run_key, run_id=_start_run(experiment, config, params_hash, run_key, data.version))
+    log_epoch = epoch_logger(state.run_id)
+
+    sample_weight = None
+    if training.class_weight == "balanced":
+        sample_weight = class_weights(data.y["train"], len(data.classes))[data.y["train"]]
+    workers = 4 if device.kind == "gpu" else 1
+    phases = plan_phases(experiment)
+    jit = runtime.jit_compile(training.jit_compile)
+    best: list[np.ndarray] = [arrays[f"best_{i}"] for i in range(sum(1 for k in arrays if k.startswith("best_")))]
+    if arrays and state.phase_index > 0:
+        # Phase 1 ended before the checkpoint: its best weights are where phase 2 starts.
+        model.set_weights(best)
+
+    for phase in phases[state.phase_index :]:
+        if phase.number == 2:
+            trainable_layers = unfreeze_top(model, phase.unfreeze or 0)
+            print(f"train@{experiment.name}: phase 2 fine-tunes {trainable_layers} base layers at lr {phase.learning_rate}")
+        cache = phase.number == 1 and _use_feature_cache(experiment, model, len(data.x["train"]) + len(data.x["val"]))
+        if cache:
+            features, head = split_at_features(model)
+            fit_model = head
+            started = time.perf_counter()
+            train_x = _features(features, data.x["train"], training.batch_size)
+            val_x = _features(features, data.x["val"], training.batch_size)
+            cache_seconds = time.perf_counter() - started
+        else:
+            fit_model, train_x, val_x, cache_seconds = model, data.x["train"], data.x["val"], 0.0
+        fit_model.compile(
+            optimizer=make_optimizer(training.optimizer, phase.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            jit_compile=jit,
+        )
+        batches = array_batches(
+            train_x, data.y["train"], batch_size=training.batch_size, seed=training.seed, shuffle=True,
+            sample_weight=sample_weight, on_device=not cache, workers=workers,
+        )
+        val_batches = array_batches(
+            val_x, data.y["val"], batch_size=training.batch_size, seed=training.seed, shuffle=False, workers=workers
+        )
+        if arrays and state.phase_epoch > 0:
+            fit_model.optimizer.build(fit_model.trainable_variables)
+            _assign(model.variables, arrays, "model", "model")
+            _assign(fit_model.optimizer.variables, arrays, "optimizer", "optimizer state")
+        arrays = {}
+        if not best:
+            best = model.get_weights()
+        while not state.done and state.phase_epoch < phase.epochs:
+            batches.set_epoch(state.epoch)
+            started = time.perf_counter()
+            # shuffle=False: the loader orders each epoch itself, from (seed, epoch); Keras would
+            # shuffle a PyDataset's batches with Python's global `random`, which a resumed
+            # process cannot reproduce.
+            history = fit_model.fit(
+                batches, validation_data=val_batches, initial_epoch=state.epoch, epochs=state.epoch + 1,
+                shuffle=False, verbose=0,
+            )
+            seconds = time.perf_counter() - started
+            state.phase_seconds += seconds
+            logs = {key: float(values[-1]) for key, values in history.history.items()}
+            state.history.append({"epoch": state.epoch, "phase": phase.number, **logs, "seconds": round(seconds, 3)})
+            log_epoch(state.epoch, logs)
+            improved = logs["val_loss"] < state.best_loss
+            if improved:
+                state.best_loss, state.best_epoch, state.wait = logs["val_loss"], state.epoch, 0
+                best = model.get_weights()
+            else:
+                state.wait += 1
+            print(
+                f"epoch {state.epoch + 1} (phase {phase.number}{', cached features' if cache else ''}): "
+                + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+                + f" ({seconds:.1f} s){' *' if improved else ''}"
+            )
+            state.epoch += 1
+            state.phase_epoch += 1
+            state.done = state.wait >= training.early_stopping_patience
+            save_checkpoint(checkpoint_path, state, model, fit_model.optimizer, best)
+        # The phase's best weights (phase 2 keeps phase 1's unless it did better).
+        model.set_weights(best)
+        images = state.phase_epoch * len(data.x["train"])
+        state.phases.append({
+            "phase": phase.number,
+            "epochs_run": state.phase_epoch,
+            "learning_rate": phase.learning_rate,
+            "feature_cache": bool(cache),
+            "feature_cache_seconds": round(cache_seconds, 2),
+            "seconds": round(state.phase_seconds + cache_seconds, 2),
+            "images_per_second": round(images / max(state.phase_seconds + cache_seconds, 1e-9), 1),
+        })
+        state.phase_index += 1
+        state.phase_epoch, state.phase_seconds, state.wait, state.done = 0, 0.0, 0, False
+        save_checkpoint(checkpoint_path, state, model, None, best)
+
+    tracking.mlflow_client().tracking.MlflowClient().set_terminated(state.run_id)
+    record = _write_outputs(experiment, model, state, out, data, config, params_hash, run_key, policy, device, weights_file)
+    checkpoint_path.unlink(missing_ok=True)
+    return record
+
+
+def _start_run(experiment: Experiment, config: dict, params_hash: str, run_key: str, data_version: str) -> str:
+    import keras
+    from mlflow.entities import Param
+
     run_id = tracking.start_fresh_run(
         experiment.dataset_name,
         run_name=experiment.backbone_name,
@@ -127,58 +363,71 @@ def train(experiment_name: str, params_path: str, data_dir: Path, out: Path) -> 
             "suite": experiment.suite,
             "experiment": experiment.name,
             "params_hash": params_hash,
-            "data_version": data.version,
+            "data_version": data_version,
             "keras_backend": keras.backend.backend(),
         },
     )
-    client = tracking.mlflow_client().tracking.MlflowClient()
-    from mlflow.entities import Param
-
     flat = tracking.flatten({k: v for k, v in config.items() if k != "experiment"})
-    client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
-
-    callbacks = [
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=training.early_stopping_patience, restore_best_weights=True
-        ),
-        epoch_logger(run_id),
-    ]
-    started = time.perf_counter()
-    history = model.fit(
-        np.asarray(data.x["train"]),
-        data.y["train"],
-        validation_data=(np.asarray(data.x["val"]), data.y["val"]),
-        epochs=training.epochs,
-        batch_size=training.batch_size,
-        callbacks=callbacks,
-        shuffle=True,
-        verbose=2,
+    tracking.mlflow_client().tracking.MlflowClient().log_batch(
+        run_id, params=[Param(k, v) for k, v in sorted(flat.items())]
     )
-    seconds = time.perf_counter() - started
-    client.set_terminated(run_id)
+    return run_id
 
-    epochs_run = len(history.history["loss"])
-    best_epoch = int(np.argmin(history.history["val_loss"]))
+
+def _use_feature_cache(experiment: Experiment, model: Any, images: int) -> bool:
+    """Whether phase 1 can train the head on features computed once: the base is frozen, nothing
+    random runs before the features, and they fit in FEATURE_CACHE_BYTES."""
+    if experiment.training.feature_cache == "off" or not is_frozen(experiment):
+        return False
+    if any(layer.name == "augmentation" for layer in model.layers):
+        return False
+    from stages.backbones import FEATURES_LAYER
+
+    size = int(np.prod(model.get_layer(FEATURES_LAYER).output.shape[1:]))
+    return images * size * 4 <= FEATURE_CACHE_BYTES
+
+
+def _features(features: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    from stages.loader import array_batches
+
+    batches = array_batches(x, np.zeros(len(x), dtype="int64"), batch_size=batch_size, seed=0, shuffle=False)
+    return np.asarray(features.predict(batches, verbose=0), dtype="float32")
+
+
+def _write_outputs(
+    experiment: Experiment, model: Any, state: TrainingState, out: Path, data: PreparedData,
+    config: dict, params_hash: str, run_key: str, policy: str, device: Any, weights_file: str | None,
+) -> dict[str, Any]:
+    import keras
+
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.keras") as temporary:
         model.save(temporary)
-    columns = ["epoch", *history.history]
+    metric_names = [k for k in state.history[0] if k not in ("epoch", "phase", "seconds")] if state.history else []
+    columns = ["epoch", "phase", *metric_names, "seconds"]
     lines = [",".join(columns)]
-    for epoch in range(epochs_run):
-        lines.append(",".join([str(epoch)] + [f"{history.history[k][epoch]:.6f}" for k in history.history]))
+    for row in state.history:
+        lines.append(",".join(str(row["epoch"]) if c == "epoch" else str(row[c]) if c == "phase"
+                              else f"{row.get(c, float('nan')):.6f}" for c in columns))
     write_text_atomic(out / "history.csv", "\n".join(lines) + "\n")
+    seconds = sum(phase["seconds"] for phase in state.phases)
     record = {
         "experiment": experiment.name,
-        "run_id": run_id,
+        "run_id": state.run_id,
         "run_key": run_key,
         "params_hash": params_hash,
         "data_version": data.version,
         "tracking_uri": tracking.tracking_uri(),
-        "epochs_run": epochs_run,
-        "best_epoch": best_epoch,
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "phases": state.phases,
         "train_seconds": round(seconds, 2),
-        "train_images_per_second": round(epochs_run * len(data.x["train"]) / seconds, 1),
+        "train_images_per_second": round(state.epoch * len(data.x["train"]) / max(seconds, 1e-9), 1),
         "parameters": int(model.count_params()),
+        "keras_backend": keras.backend.backend(),
+        "device": dataclasses.asdict(device),
+        "dtype_policy": policy,
+        "weights_file": Path(weights_file).name if weights_file else None,
         "config": config,
     }
     write_json_atomic(out / "training.json", record)
@@ -189,14 +438,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True, help="an experiment name from params.yaml")
     parser.add_argument("--data", type=Path, required=True, help="prepared data folder (split's output)")
+    parser.add_argument("--weights", type=Path, help="the weights stage's folder (for a pretrained backbone)")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    record = train(args.experiment, args.params, args.data, args.out)
+    record = train(args.experiment, args.params, args.data, args.out, args.weights)
     print(
         f"train@{args.experiment}: {record['epochs_run']} epochs in {record['train_seconds']} s "
-        f"(best epoch {record['best_epoch']}); model in {args.out}; MLflow run {record['run_id']}"
+        f"(best epoch {record['best_epoch'] + 1}, {record['dtype_policy']} on {record['keras_backend']}/"
+        f"{record['device']['kind']}); model in {args.out}; MLflow run {record['run_id']}"
     )
 
 

@@ -59,6 +59,7 @@ def build(backbone: BackboneConfig, channels: int = 1, augmentation: Augmentatio
         num_classes=NUM_CLASSES,
         augmentation=augmentation or Augmentation(),
         seed=0,
+        weights_file="pinned.h5" if backbone.weights else None,
     )
 
 
@@ -105,7 +106,7 @@ def test_backbone_builds_trains_one_step_and_predicts_probabilities(keras, name,
     names = {layer.name for layer in model.layers}
     assert ("resize" in names) == (size != IMAGE_SIZE)
     assert ("to_rgb" in names) == (spec.rgb and channels == 1)
-    assert {"to_float", "preprocess", "avg_pool", "dense_1", "predictions"} <= names
+    assert {"to_float", "preprocess", "features", "dense_1", "predictions"} <= names
     assert base.trainable  # no pretrained weights: the base must learn
     # From scratch, BatchNormalization momentum is lowered to 0.9 so its statistics track the data.
     norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
@@ -130,13 +131,13 @@ def test_backbone_builds_trains_one_step_and_predicts_probabilities(keras, name,
 
 @pytest.fixture
 def fake_pretrained(keras, monkeypatch):
-    """mobilenetv2's registry entry returning a tiny 'pretrained' model when weights == 'imagenet'."""
+    """mobilenetv2's registry entry returning a tiny 'pretrained' model when given a weights file."""
     spec = backbones.REGISTRY["mobilenetv2"]
     calls = []
 
     def fake_build(input_shape, weights, options):
         calls.append(weights)
-        if weights != "imagenet":
+        if weights is None:
             return spec.build(input_shape, weights, options)
         inputs = keras.Input(input_shape)
         features = keras.layers.Conv2D(4, 3, name="fake_conv")(inputs)
@@ -152,7 +153,7 @@ def test_frozen_pretrained_base_is_not_trained(keras, fake_pretrained):
     model = compiled(keras, build(small_backbone("mobilenetv2", weights="imagenet", freeze=True)))
     base = model.get_layer("fake_pretrained")
 
-    assert fake_pretrained == ["imagenet"]
+    assert fake_pretrained == ["pinned.h5"]
     assert base.trainable is False
     assert base.get_layer("fake_bn").momentum == 0.99  # pretrained statistics are not re-tuned
     head = {"dense_1", "predictions"}
@@ -342,3 +343,21 @@ def test_in_model_preprocessing_matches_the_familys_preprocess_input(name):
     ours = np.asarray(backbones.preprocessing_layer(mode)(images))
     theirs = np.asarray(module.preprocess_input(images.copy()))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-3)
+
+
+def test_the_efficientnet_packages_preprocessing_is_ours_inside_the_model():
+    """efficientnet.tfkeras.preprocess_input (ImageNet mean/std on [0, 1]) equals the registry's
+    in-model preprocessing for the efn_b* entries."""
+    import efficientnet.tfkeras as efn
+
+    modes = {backbones.get_backbone(name).preprocessing for name in backbones.EFFICIENTNET_PACKAGE}
+    assert modes == {"torch"}
+    images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3)).astype("float32")
+    ours = np.asarray(backbones.preprocessing_layer("torch")(images))
+    np.testing.assert_allclose(ours, np.asarray(efn.preprocess_input(images.copy())), rtol=1e-5, atol=1e-4)
+
+
+def test_a_pretrained_backbone_without_its_pinned_file_is_a_user_error(keras):
+    with pytest.raises(UserError, match="needs the pinned weights file; run the weights stage"):
+        build_model(small_backbone("mobilenetv2", weights="imagenet"), image_size=IMAGE_SIZE, channels=1,
+                    num_classes=NUM_CLASSES, augmentation=Augmentation(), seed=0)

@@ -1,0 +1,112 @@
+"""What the machine offers training, asked of the Keras backend in use.
+
+Nothing here imports TensorFlow unless KERAS_BACKEND is tensorflow: JAX and PyTorch are asked
+directly, so the training path stays free of TensorFlow on the other backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    kind: str  # "gpu" or "cpu"
+    name: str
+    bfloat16: bool  # fast bfloat16 (compute capability 8.0 or newer)
+
+
+def accelerator() -> Accelerator:
+    """The first GPU the backend sees, or the CPU."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform == "gpu":
+            capability = str(getattr(device, "compute_capability", "0"))
+            return Accelerator("gpu", device.device_kind, float(capability) >= 8.0)
+    elif backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return Accelerator("gpu", torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported())
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            major = (details.get("compute_capability") or (0, 0))[0]
+            return Accelerator("gpu", details.get("device_name", "GPU"), major >= 8)
+    return Accelerator("cpu", "cpu", False)
+
+
+def precision_policy(setting: str, device: Accelerator) -> str:
+    """The Keras dtype policy for training.mixed_precision on `device`.
+
+    auto: mixed_bfloat16 on a GPU with fast bfloat16, mixed_float16 on an older GPU (Keras then
+    scales the loss), float32 on a CPU, where mixed precision is slower.
+    """
+    if setting == "off":
+        return "float32"
+    if setting == "auto":
+        if device.kind != "gpu":
+            return "float32"
+        return "mixed_bfloat16" if device.bfloat16 else "mixed_float16"
+    return f"mixed_{setting}"
+
+
+def jit_compile(setting: str) -> bool | str:
+    return {"auto": "auto", "on": True, "off": False}[setting]
+
+
+def keep_tensorflow_out() -> None:
+    """On a backend other than TensorFlow, stop Keras importing TensorFlow behind our back.
+
+    Keras asks `tensorflow.available` (which imports it, seconds and a gigabyte) in a dozen places
+    only to test whether an object is a TensorFlow type, model.save among them. When TensorFlow
+    has not been imported, no such object exists, so the answer is no.
+    """
+    import sys
+
+    import keras
+
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        return
+    from keras.src.utils import module_utils
+
+    module_utils.tensorflow._available = False
+
+
+def make_deterministic(seed: int, device: Accelerator) -> None:
+    """Seed Python, NumPy and the backend; on a CPU, also make TensorFlow's kernels deterministic,
+    so that a resumed run ends with the same weights as an uninterrupted one."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        keras.utils.set_random_seed(seed)
+        if device.kind == "cpu":
+            import tensorflow as tf
+
+            tf.config.experimental.enable_op_determinism()
+        return
+    # keras.utils.set_random_seed imports TensorFlow whenever it is installed (to seed tf.data);
+    # this is the rest of what it does (Keras 3.15), without that import.
+    import random
+
+    import numpy as np
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils.rng_utils import GLOBAL_RANDOM_SEED
+
+    global_state.set_global_attribute(GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.manual_seed(seed)

@@ -1,0 +1,392 @@
+"""The train stage: loader, class weights, resume after a kill, feature caching, phase 2, backends."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from stages.loader import array_batches, class_weights, epoch_order  # noqa: E402
+from toy import toy_params  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [str(i) for i in range(10)]
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: real images (scikit-learn's digits) as prepared arrays, params, a weights file.
+
+
+def write_prepared(folder: Path, repeat: int = 1) -> Path:
+    """The digits as the split stage writes them: 8x8 grayscale uint8 arrays per split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int64)
+    images, labels = np.concatenate([images] * repeat), np.concatenate([labels] * repeat)
+    order = np.random.default_rng(0).permutation(len(labels))
+    images, labels = images[order], labels[order]
+    n = len(labels)
+    cuts = {"train": (0, int(0.7 * n)), "val": (int(0.7 * n), int(0.85 * n)), "test": (int(0.85 * n), n)}
+    folder.mkdir(parents=True)
+    for split, (start, stop) in cuts.items():
+        np.save(folder / f"{split}_x.npy", images[start:stop])
+        np.save(folder / f"{split}_y.npy", labels[start:stop])
+    (folder / "classes.json").write_text(json.dumps(CLASSES))
+    (folder / "meta.json").write_text(json.dumps({"image_size": 8, "channels": 1}))
+    splits = np.repeat(list(cuts), [b - a for a, b in cuts.values()])
+    pd.DataFrame({
+        "path": [f"{label}/{i:05d}.png" for i, label in enumerate(labels)],
+        "label": [str(label) for label in labels],
+        "split": splits,
+    }).to_parquet(folder / "splits.parquet", index=False)
+    return folder
+
+
+def write_params(path: Path, backbone: dict[str, Any], train: dict[str, Any], augmentation: dict | None = None) -> Path:
+    params = toy_params(CLASSES, image_size=8, augmentation=augmentation or {})
+    params["backbones"] = {"net": backbone}
+    params["experiments"] = {"toy-net": {"suite": "tests", "dataset": "toy", "backbone": "net", "train": train}}
+    params["suites"] = {"tests": {}}
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+SMALL_CNN = {
+    "model": "cnn",
+    "options": {"filters": [8, 16], "convs_per_block": 1, "dropout": 0.2},
+    "head": {"pool": "flatten", "dense": [32], "dropout": 0.3},
+}
+
+
+@pytest.fixture()
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A MobileNetV2 (alpha 0.35, 32x32) weights file, served on 127.0.0.1 like a weights host,
+    and the weights stage's folder for it, made by the real stage."""
+    import keras
+
+    from stages import weights
+
+    root = tmp_path_factory.mktemp("pretrained")
+    served = root / "served"
+    served.mkdir()
+    keras.utils.set_random_seed(1)
+    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3), alpha=0.35)
+    # BatchNormalization statistics unlike a fresh layer's, so that changing them would show.
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(np.full(layer.moving_mean.shape, 0.1, "float32"))
+            layer.moving_variance.assign(np.full(layer.moving_variance.shape, 2.0, "float32"))
+    # In the published files' format (legacy HDF5), under a published file's name.
+    import h5py
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    file = served / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+    with h5py.File(file, "w") as handle:
+        save_weights_to_hdf5_group(handle, base)
+    sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    backbone = {
+        "model": "mobilenetv2",
+        "input_size": 32,
+        "weights": "imagenet",
+        "weights_url": f"http://127.0.0.1:{server.server_port}/{file.name}",
+        "weights_sha256": sha256,
+        "freeze": True,
+        "options": {"alpha": 0.35},
+        "head": {"pool": "avg", "dense": [16], "dropout": 0.2},
+    }
+    params = write_params(root / "params.yaml", backbone, {})
+    old = os.environ.get("CLASSMATRIX_DOWNLOADS")
+    os.environ["CLASSMATRIX_DOWNLOADS"] = str(root / "downloads")
+    try:
+        weights.main(["--experiment", "toy-net", "--out", str(root / "weights" / "toy-net"), "--params", str(params)])
+    finally:
+        server.shutdown()
+        if old is None:
+            os.environ.pop("CLASSMATRIX_DOWNLOADS")
+        else:
+            os.environ["CLASSMATRIX_DOWNLOADS"] = old
+    return {
+        "backbone": backbone,
+        "folder": root / "weights" / "toy-net",
+        "values": {w.path: keras.ops.convert_to_numpy(w) for w in base.weights},
+    }
+
+
+def train_toy(tmp_path: Path, name: str, backbone: dict, train: dict, weights_dir: Path | None = None,
+              augmentation: dict | None = None) -> tuple[Any, dict]:
+    """Train experiment toy-net into tmp_path/name and return (model, training.json)."""
+    import keras
+
+    from stages.backbones import custom_layers
+    from stages.train import train as run_train
+
+    data = tmp_path / "data" if (tmp_path / "data").exists() else write_prepared(tmp_path / "data")
+    params = write_params(tmp_path / f"{name}.yaml", backbone, train, augmentation)
+    record = run_train("toy-net", str(params), data, tmp_path / name, weights_dir)
+    model = keras.saving.load_model(tmp_path / name / "model.keras", custom_objects=custom_layers(), safe_mode=True)
+    return model, record
+
+
+# --------------------------------------------------------------------------------------------
+# Loader and class weights.
+
+
+def test_loader_feeds_uint8_batches_in_an_order_fixed_by_seed_and_epoch(tmp_path: Path) -> None:
+    data = write_prepared(tmp_path / "data")
+    x = np.load(data / "train_x.npy", mmap_mode="r")
+    y = np.load(data / "train_y.npy")
+    batches = array_batches(x, y, batch_size=100, seed=3, shuffle=True)
+    seen = []
+    for epoch in (0, 1):
+        batches.set_epoch(epoch)
+        images, labels = zip(*(batches[i] for i in range(len(batches))))
+        assert {batch.dtype for batch in images} == {np.dtype("uint8")}, "images reach the model as uint8"
+        seen.append(np.concatenate(labels))
+    assert len(seen[0]) == len(y) and np.array_equal(np.sort(seen[0]), np.sort(y)), "every image once per epoch"
+    assert not np.array_equal(seen[0], seen[1]), "a new order each epoch"
+    again = array_batches(x, y, batch_size=100, seed=3, shuffle=True)
+    again.set_epoch(1)
+    assert np.array_equal(np.concatenate([again[i][1] for i in range(len(again))]), seen[1])
+    assert np.array_equal(epoch_order(10, 3, 1, shuffle=False), np.arange(10))
+
+
+def test_balanced_class_weights_match_scikit_learn_and_ride_in_the_batches() -> None:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    y = np.array([0] * 80 + [1] * 15 + [2] * 5)
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=y)
+    assert np.allclose(class_weights(y, 3), expected)
+    assert class_weights(np.array([0, 0, 2]), 3)[1] == 0.0, "an absent class weighs nothing"
+    weights = class_weights(y, 3)[y]
+    x = np.zeros((100, 2, 2, 1), np.uint8)
+    _, labels, batch_weights = array_batches(x, y, batch_size=100, seed=0, shuffle=True, sample_weight=weights)[0]
+    assert np.allclose(batch_weights, class_weights(y, 3)[labels])
+
+
+# --------------------------------------------------------------------------------------------
+# Resume.
+
+
+def test_a_killed_train_stage_resumes_and_ends_with_the_uninterrupted_weights(tmp_path: Path, tracking: str) -> None:
+    """Kill the stage (SIGKILL) after some epochs, run it again: it resumes from its checkpoint
+    and the model, history and best epoch are exactly those of a run that was never killed."""
+    import keras
+
+    data = write_prepared(tmp_path / "data", repeat=3)
+    params = write_params(
+        tmp_path / "params.yaml", SMALL_CNN, {"epochs": 8, "early_stopping_patience": 20, "batch_size": 32},
+        augmentation={"rotation": 8, "zoom": 0.1},
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+
+    def command(out: str) -> list[str]:
+        return [sys.executable, "-m", "stages.train", "--experiment", "toy-net", "--data", str(data),
+                "--out", str(tmp_path / out), "--params", str(params)]
+
+    subprocess.run(command("whole"), cwd=REPO, env=env, check=True, capture_output=True, timeout=900)
+
+    process = subprocess.Popen(command("killed"), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.npz"
+    writes, last = 0, None
+    while process.poll() is None and writes < 3:
+        if checkpoint.exists() and checkpoint.stat().st_mtime_ns != last:
+            last, writes = checkpoint.stat().st_mtime_ns, writes + 1
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert writes >= 1 and not (tmp_path / "killed" / "model.keras").exists(), "killed before it finished"
+
+    resumed = subprocess.run(command("killed"), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after epoch" in resumed.stdout
+    assert not checkpoint.exists(), "the checkpoint goes once the model is written"
+
+    whole = keras.saving.load_model(tmp_path / "whole" / "model.keras", safe_mode=True)
+    killed = keras.saving.load_model(tmp_path / "killed" / "model.keras", safe_mode=True)
+    for a, b in zip(whole.get_weights(), killed.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+    columns = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert pd.read_csv(tmp_path / "whole" / "history.csv")[columns].equals(
+        pd.read_csv(tmp_path / "killed" / "history.csv")[columns]
+    )
+    records = [json.loads((tmp_path / out / "training.json").read_text()) for out in ("whole", "killed")]
+    assert records[0]["best_epoch"] == records[1]["best_epoch"] and records[0]["epochs_run"] == records[1]["epochs_run"] == 8
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking).get_run(records[1]["run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient(tracking).get_metric_history(run.info.run_id, "val_loss")]
+    assert sorted(set(steps)) == list(range(8)), "every epoch logged once into the one run"
+
+
+def test_an_unreadable_checkpoint_is_ignored(tmp_path: Path, tracking: str, capsys) -> None:
+    from stages.train import CHECKPOINT
+
+    data = write_prepared(tmp_path / "data")
+    train_toy(tmp_path, "out", SMALL_CNN, {"epochs": 1})
+    (tmp_path / "out" / CHECKPOINT).write_bytes(b"not a checkpoint")
+    train_toy(tmp_path, "out", SMALL_CNN, {"epochs": 1})
+    assert "ignoring unreadable checkpoint" in capsys.readouterr().out
+    assert data.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Transfer learning: feature caching and phase 2.
+
+
+def test_feature_caching_trains_the_same_model_as_running_the_frozen_base(tmp_path: Path, tracking: str, pretrained) -> None:
+    train = {"epochs": 4, "early_stopping_patience": 10, "fine_tune": {"epochs": 0}}
+    fast, fast_record = train_toy(tmp_path, "cached", pretrained["backbone"], {**train, "feature_cache": "auto"}, pretrained["folder"])
+    slow, slow_record = train_toy(tmp_path, "full", pretrained["backbone"], {**train, "feature_cache": "off"}, pretrained["folder"])
+    assert fast_record["phases"][0]["feature_cache"] is True
+    assert slow_record["phases"][0]["feature_cache"] is False
+    x = np.load(tmp_path / "data" / "test_x.npy")
+    fast_p, slow_p = fast.predict(x, verbose=0), slow.predict(x, verbose=0)
+    assert np.abs(fast_p - slow_p).max() < 1e-4
+    assert np.array_equal(fast_p.argmax(1), slow_p.argmax(1))
+    assert fast_record["best_epoch"] == slow_record["best_epoch"]
+
+
+def test_augmentation_turns_feature_caching_off(tmp_path: Path, tracking: str, pretrained) -> None:
+    _, record = train_toy(tmp_path, "aug", pretrained["backbone"], {"epochs": 1, "fine_tune": {"epochs": 0}},
+                          pretrained["folder"], augmentation={"rotation": 5})
+    assert record["phases"][0]["feature_cache"] is False
+
+
+def test_phase_two_fine_tunes_the_top_of_the_base_with_batch_normalization_frozen(
+    tmp_path: Path, tracking: str, pretrained
+) -> None:
+    import keras
+
+    from stages.backbones import base_of
+
+    model, record = train_toy(
+        tmp_path, "tuned", pretrained["backbone"],
+        {"epochs": 2, "early_stopping_patience": 10, "fine_tune": {"epochs": 3, "learning_rate": 1e-3, "unfreeze": 12}},
+        pretrained["folder"],
+    )
+    assert [p["phase"] for p in record["phases"]] == [1, 2]
+    history = pd.read_csv(tmp_path / "tuned" / "history.csv")
+    assert list(history["phase"]) == [1, 1, 2, 2, 2]
+    base = base_of(model)
+    start = pretrained["values"]
+    weights = {w.path: keras.ops.convert_to_numpy(w) for w in base.weights}
+    assert weights.keys() == start.keys()
+    top = {w.path for layer in base.layers[-12:] for w in layer.weights}
+    batch_norm = {w.path for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization) for w in layer.weights}
+    for path, value in weights.items():
+        if path in batch_norm or path not in top:
+            assert np.array_equal(value, start[path]), f"{path} changed but was frozen"
+    changed = [path for path in top - batch_norm if not np.array_equal(weights[path], start[path])]
+    if record["best_epoch"] >= 2:
+        assert changed, "phase 2 won, so the unfrozen top of the base must have moved"
+    else:
+        assert not changed, "phase 2 never beat phase 1, so phase 1's weights are kept"
+
+
+def test_the_pinned_weights_are_what_the_base_starts_from(tmp_path: Path, tracking: str, pretrained) -> None:
+    import keras
+
+    from stages.backbones import base_of
+
+    model, _ = train_toy(tmp_path, "frozen", pretrained["backbone"], {"epochs": 1, "fine_tune": {"epochs": 0}}, pretrained["folder"])
+    for weight in base_of(model).weights:
+        assert np.array_equal(keras.ops.convert_to_numpy(weight), pretrained["values"][weight.path])
+
+
+def test_a_pretrained_backbone_without_its_weights_folder_fails_in_one_line(tmp_path: Path, tracking: str, pretrained) -> None:
+    from stages.errors import UserError
+
+    with pytest.raises(UserError, match="weights.json: not found; run weights@"):
+        train_toy(tmp_path, "none", pretrained["backbone"], {"epochs": 1}, tmp_path / "weights" / "toy-net")
+
+
+# --------------------------------------------------------------------------------------------
+# Backends.
+
+NO_TENSORFLOW = """
+import runpy, sys
+sys.argv = ["stages.train", *sys.argv[1:]]
+try:
+    runpy.run_module("stages.{stage}", run_name="__main__")
+except SystemExit as exit:
+    if exit.code:
+        raise
+assert "tensorflow" not in sys.modules, "TensorFlow was imported on another backend"
+print("no tensorflow")
+"""
+
+
+def torch_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "jax",
+        pytest.param("torch", marks=pytest.mark.skipif(
+            not torch_installed(), reason="PyTorch is optional: `make env-torch` installs the CPU build")),
+    ],
+)
+def test_train_and_evaluate_on_other_backends_never_import_tensorflow(backend: str, tmp_path: Path, tracking: str) -> None:
+    data = write_prepared(tmp_path / "data")
+    params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 3})
+    env = {**os.environ, "KERAS_BACKEND": backend, "MLFLOW_TRACKING_URI": tracking}
+    common = ["--experiment", "toy-net", "--data", str(data), "--params", str(params)]
+    steps = {
+        "train": [*common, "--out", str(tmp_path / "model")],
+        "evaluate": [*common, "--model", str(tmp_path / "model"), "--metrics", str(tmp_path / "metrics.json"),
+                     "--predictions", str(tmp_path / "predictions.csv"), "--figures", str(tmp_path / "figures")],
+    }
+    for stage, args in steps.items():
+        result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW.format(stage=stage), *args], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0 and "no tensorflow" in result.stdout, result.stderr[-3000:]
+    record = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert record["keras_backend"] == backend
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] > 0.2, "better than chance (0.1)"
+
+
+def test_the_efficientnet_package_refuses_other_backends_in_one_line(tmp_path: Path) -> None:
+    code = (
+        "from stages.backbones import get_backbone\n"
+        "from stages.errors import UserError\n"
+        "try:\n    get_backbone('efn_b0').build((32, 32, 3), None, {})\n"
+        "except UserError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "runs on the TensorFlow backend only (KERAS_BACKEND is jax)" in result.stdout, result.stderr[-2000:]

@@ -1,0 +1,345 @@
+"""Pretrained weights as pipeline inputs: the published-file table against what Keras itself asks
+for, and the weights stage end to end against a local HTTP server standing in for the host."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import warnings
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from stages import downloads  # noqa: E402
+from stages.backbones import APPLICATIONS, EFFICIENTNET_PACKAGE, REGISTRY  # noqa: E402
+from stages.errors import UserError  # noqa: E402
+from stages.weights import MOBILENETV2_ALPHAS, main, published_weights, weights_path  # noqa: E402
+from tests.toy import toy_params  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAINED = sorted(name for name, spec in REGISTRY.items() if spec.pretrained)
+EXPERIMENT = "toy-mobilenet"
+ALPHA = 0.35
+SIZE = 32
+# What Keras asks for at input 32 (no file of its own: the 224 file, as Keras does).
+FILENAME = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+
+
+# --------------------------------------------------------------------------------------------
+# The table matches what Keras (and the efficientnet package) would request.
+
+
+class Requested(Exception):
+    """Raised by the stand-in get_file: the factory asked for its weights file, stop there."""
+
+
+@pytest.fixture
+def requests_seen(monkeypatch) -> list[dict[str, Any]]:
+    """Replace every get_file the factories call with one that records the request and stops."""
+    import keras
+    import keras.src.utils.file_utils as file_utils
+
+    seen: list[dict[str, Any]] = []
+
+    def get_file(fname=None, origin=None, *args: Any, **kwargs: Any) -> str:
+        seen.append({"fname": fname, "origin": origin, "file_hash": kwargs.get("file_hash")})
+        raise Requested
+
+    monkeypatch.setattr(file_utils, "get_file", get_file)  # keras.applications
+    monkeypatch.setattr(keras.utils, "get_file", get_file)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow.keras as tfkeras  # what efficientnet.tfkeras hands the package as `utils`
+
+        monkeypatch.setattr(tfkeras.utils, "get_file", get_file)
+    return seen
+
+
+def keras_request(model: str, input_size: int, options: dict[str, Any], seen: list[dict[str, Any]]) -> dict:
+    """The weights file the model's own factory asks for with weights="imagenet", include_top=False."""
+    import keras
+
+    if model in EFFICIENTNET_PACKAGE:
+        if keras.backend.backend() != "tensorflow":
+            pytest.skip("the efficientnet package runs on the TensorFlow backend only")
+        import efficientnet.tfkeras as efn
+
+        factory = getattr(efn, EFFICIENTNET_PACKAGE[model][0])
+    else:
+        factory = getattr(keras.applications, APPLICATIONS[model][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MobileNetV2's "loading the 224 weights" warning
+        with pytest.raises(Requested):
+            factory(include_top=False, weights="imagenet", input_shape=(input_size, input_size, 3), **options)
+    keras.backend.clear_session()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def expected(model: str, input_size: int, options: dict[str, Any]) -> dict[str, Any]:
+    ours = published_weights(model, input_size, options)
+    if ours.hash is not None:
+        # Keras's get_file takes a 64-character hash for sha256 and a 32-character one for md5.
+        assert ours.hash_algorithm == ("sha256" if len(ours.hash) == 64 else "md5")
+    else:
+        assert ours.hash_algorithm is None
+    return {"fname": ours.filename, "origin": ours.url, "file_hash": ours.hash}
+
+
+def test_every_pretrained_backbone_has_a_published_file() -> None:
+    listed = set(APPLICATIONS) | set(EFFICIENTNET_PACKAGE)
+    assert set(PRETRAINED) <= listed
+    for name in PRETRAINED:
+        assert published_weights(name, REGISTRY[name].native_input_size, {}).url.startswith("https://")
+
+
+@pytest.mark.parametrize("model", PRETRAINED)
+def test_table_matches_what_keras_requests(model: str, requests_seen: list) -> None:
+    size = REGISTRY[model].native_input_size
+    assert keras_request(model, size, {}, requests_seen) == expected(model, size, {})
+
+
+@pytest.mark.parametrize(
+    ("alpha", "size"),
+    [(0.35, 96), (0.5, 128), (0.75, 160), (1.3, 224), (1.4, 192), (1.0, 32), (0.35, 100)],
+)
+def test_mobilenetv2_file_follows_alpha_and_size_as_keras_does(alpha: float, size: int, requests_seen: list) -> None:
+    options = {"alpha": alpha}
+    assert keras_request("mobilenetv2", size, options, requests_seen) == expected("mobilenetv2", size, options)
+
+
+def test_published_weights_refuses_what_has_no_file() -> None:
+    with pytest.raises(UserError, match="unknown backbone model 'resnet9'"):
+        published_weights("resnet9", 224, {})
+    with pytest.raises(UserError, match="backbone cnn: has no pretrained weights; set weights: null"):
+        published_weights("cnn", 32, {})
+    with pytest.raises(UserError) as error:
+        published_weights("mobilenetv2", 224, {"alpha": 0.6})
+    assert str(error.value).endswith("valid: " + ", ".join(str(a) for a in MOBILENETV2_ALPHAS))
+    with pytest.raises(UserError, match="input_size 64 is below 75"):
+        published_weights("inceptionv3", 64, {})
+
+
+# --------------------------------------------------------------------------------------------
+# The stage, against a local weights host.
+
+
+class FolderServer:
+    """http.server serving one folder on 127.0.0.1, in a thread; stop() closes the port."""
+
+    def __init__(self, folder: Path) -> None:
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A fresh download cache and no real waiting between download retries."""
+    monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "downloads"))
+    monkeypatch.setattr(downloads, "BACKOFF_S", 0.01)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    """A small MobileNetV2's weights, randomised, saved in the legacy HDF5 format of the published
+    files under a published file name; and the arrays saved."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    model = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3), alpha=ALPHA)
+    rng = np.random.default_rng(7)
+    arrays = [rng.normal(size=w.shape).astype(w.dtype) for w in model.get_weights()]
+    model.set_weights(arrays)
+    folder = tmp_path_factory.mktemp("host")
+    with h5py.File(folder / FILENAME, "w") as handle:
+        save_weights_to_hdf5_group(handle, model)
+    keras.backend.clear_session()
+    return folder, arrays
+
+
+def write_params(path: Path, **backbone: Any) -> Path:
+    params = toy_params(["a", "b"])
+    params["backbones"]["mobilenet"] = {
+        "model": "mobilenetv2",
+        "input_size": SIZE,
+        "weights": "imagenet",
+        "options": {"alpha": ALPHA},
+        **backbone,
+    }
+    params["experiments"][EXPERIMENT] = {"suite": "tests", "dataset": "toy", "backbone": "mobilenet"}
+    params["suites"]["tests"] = {}
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(params: Path, out: Path) -> None:
+    main(["--experiment", EXPERIMENT, "--out", str(out), "--params", str(params)])
+
+
+def test_mirror_download_pins_the_file_and_training_loads_it(workdir, generated, capsys) -> None:
+    import keras
+
+    host, arrays = generated
+    served = host / FILENAME
+    server = FolderServer(host)
+    out = workdir / "weights" / EXPERIMENT
+    params = write_params(workdir / "params.yaml", weights_url=server.url(FILENAME), weights_sha256=sha256(served))
+    try:
+        run(params, out)
+    finally:
+        server.stop()
+    assert "downloaded" in capsys.readouterr().out
+
+    record = json.loads((out / "weights.json").read_text(encoding="utf-8"))
+    assert sorted(p.name for p in out.iterdir()) == sorted([FILENAME, "weights.json"])
+    assert (out / FILENAME).read_bytes() == served.read_bytes()
+    assert record["model"] == "mobilenetv2" and record["weights"] == "imagenet"
+    assert record["filename"] == FILENAME and record["url"] == server.url(FILENAME)
+    assert record["input_size"] == SIZE and record["bytes"] == served.stat().st_size
+    assert record["sha256"] == sha256(served)
+    assert record["md5"] == hashlib.md5(served.read_bytes()).hexdigest()
+    assert record["published_url"].endswith("/mobilenet_v2/" + FILENAME)
+    assert record["published_hash"] is None and record["published_hash_algorithm"] is None
+    assert record["matches_published"] is None
+    cached = workdir / "downloads" / "weights" / FILENAME
+    assert cached.read_bytes() == served.read_bytes()
+
+    # Training's path: the factory loads the file by path, every weight as generated.
+    path = weights_path(out)
+    assert path == str((out / FILENAME).resolve())
+    model = keras.applications.MobileNetV2(include_top=False, weights=path, input_shape=(SIZE, SIZE, 3), alpha=ALPHA)
+    loaded = model.get_weights()
+    assert len(loaded) == len(arrays)
+    for got, want in zip(loaded, arrays):
+        np.testing.assert_array_equal(got, want)
+    keras.backend.clear_session()
+
+    # The server is gone: the cached, verified file needs no network, and the output is the same.
+    run(params, out)
+    assert "from the download cache" in capsys.readouterr().out
+    assert json.loads((out / "weights.json").read_text(encoding="utf-8")) == record
+    assert (out / FILENAME).read_bytes() == served.read_bytes()
+
+
+def test_published_file_put_in_the_cache_by_hand_needs_no_network(workdir, generated) -> None:
+    host, _ = generated
+    cache = workdir / "downloads" / "weights"
+    cache.mkdir(parents=True)
+    (cache / FILENAME).write_bytes((host / FILENAME).read_bytes())
+    out = workdir / "out"
+    # No weights_url: the published file, which Keras publishes no hash for.
+    run(write_params(workdir / "params.yaml"), out)
+    record = json.loads((out / "weights.json").read_text(encoding="utf-8"))
+    assert record["url"] == record["published_url"] == published_weights("mobilenetv2", SIZE, {"alpha": ALPHA}).url
+    assert record["sha256"] == sha256(host / FILENAME)
+    assert weights_path(out) == str((out / FILENAME).resolve())
+    # weights_sha256 alone pins the published file (here one with no published hash).
+    run(write_params(workdir / "params.yaml", weights_sha256=sha256(host / FILENAME).upper()), out)
+    assert json.loads((out / "weights.json").read_text(encoding="utf-8")) == record
+
+
+def test_wrong_sha256_removes_the_file_and_fails_in_one_line(workdir, generated) -> None:
+    host, _ = generated
+    server = FolderServer(host)
+    out = workdir / "out"
+    params = write_params(workdir / "params.yaml", weights_url=server.url(FILENAME), weights_sha256="0" * 64)
+    try:
+        with pytest.raises(UserError) as error:
+            run(params, out)
+    finally:
+        server.stop()
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"weights@{EXPERIMENT}: sha256 (expected {'0' * 64}, got {sha256(host / FILENAME)})")
+    assert "weights_sha256" in message
+    cache = workdir / "downloads" / "weights"
+    assert list(cache.iterdir()) == []
+    assert not out.exists() and not out.with_name("out.partial").exists()
+
+
+def test_weights_url_needs_a_sha256(workdir) -> None:
+    params = write_params(workdir / "params.yaml", weights_url="http://127.0.0.1:9/x.h5")
+    with pytest.raises(UserError, match=r"backbones\.mobilenet\.weights_sha256: required with weights_url"):
+        run(params, workdir / "out")
+    params = write_params(workdir / "params.yaml", weights_url="http://127.0.0.1:9/x.h5", weights_sha256="abc")
+    with pytest.raises(UserError, match=r"weights_sha256: 'abc' is not a sha256"):
+        run(params, workdir / "out")
+    params = write_params(workdir / "params.yaml", weights_url="ftp://mirror/x.h5", weights_sha256="a" * 64)
+    with pytest.raises(UserError, match=r"weights_url: 'ftp://mirror/x.h5' is not an http\(s\) URL"):
+        run(params, workdir / "out")
+    assert not (workdir / "out").exists() and not (workdir / "downloads").exists()
+
+
+def test_unreachable_host_says_where_to_put_the_file(tmp_path) -> None:
+    """The stage as DVC runs it: one `error:` line naming the cache path, no traceback."""
+    url = f"http://127.0.0.1:{closed_port()}/{FILENAME}"
+    params = write_params(tmp_path / "params.yaml", weights_url=url, weights_sha256="a" * 64)
+    env = {**os.environ, "CLASSMATRIX_DOWNLOADS": str(tmp_path / "downloads"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.weights", "--experiment", EXPERIMENT, "--out", str(tmp_path / "out"),
+         "--params", str(params)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    target = tmp_path / "downloads" / "weights" / FILENAME
+    assert lines[0] == (
+        f"error: weights@{EXPERIMENT}: cannot download {url} (failed after {downloads.RETRIES + 1} tries "
+        f"(connection refused)); put that file at {target} and run again"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_weights_writes_only_the_record(workdir) -> None:
+    params = write_params(workdir / "params.yaml", weights=None)
+    out = workdir / "out"
+    run(params, out)
+    assert [p.name for p in out.iterdir()] == ["weights.json"]
+    assert json.loads((out / "weights.json").read_text(encoding="utf-8")) == {
+        "experiment": EXPERIMENT, "model": "mobilenetv2", "weights": None,
+    }
+    assert weights_path(out) is None
+    assert not (workdir / "downloads").exists()
+
+
+def test_weights_path_without_the_stage_says_what_to_run(tmp_path) -> None:
+    with pytest.raises(UserError, match=r"weights\.json: not found; run weights@toy-cnn first"):
+        weights_path(tmp_path / "toy-cnn")
