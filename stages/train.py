@@ -231,6 +231,7 @@ def train(
         seed=training.seed,
         weights_file=weights_file,
     )
+    runtime.let_augmentation_compile(model)
 
     config = resolved_config(experiment)
     params_hash = tracking.stable_hash(config)
@@ -335,6 +336,7 @@ def train(
             "epochs_run": state.phase_epoch,
             "learning_rate": phase.learning_rate,
             "feature_cache": bool(cache),
+            "xla": bool(fit_model.jit_compile),
             "feature_cache_seconds": round(cache_seconds, 2),
             "seconds": round(state.phase_seconds + cache_seconds, 2),
             "images_per_second": round(images / max(state.phase_seconds + cache_seconds, 1e-9), 1),

@@ -363,7 +363,7 @@ def torch_installed() -> bool:
 )
 def test_train_and_evaluate_on_other_backends_never_import_tensorflow(backend: str, tmp_path: Path, tracking: str) -> None:
     data = write_prepared(tmp_path / "data")
-    params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 3})
+    params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 3}, augmentation={"rotation": 8, "zoom": 0.1})
     env = {**os.environ, "KERAS_BACKEND": backend, "MLFLOW_TRACKING_URI": tracking}
     common = ["--experiment", "toy-net", "--data", str(data), "--params", str(params)]
     steps = {
@@ -377,6 +377,9 @@ def test_train_and_evaluate_on_other_backends_never_import_tensorflow(backend: s
         assert result.returncode == 0 and "no tensorflow" in result.stdout, result.stderr[-3000:]
     record = json.loads((tmp_path / "model" / "training.json").read_text())
     assert record["keras_backend"] == backend
+    if backend == "jax":
+        # Keras would turn XLA off for the rotation and zoom layers; on JAX they compile.
+        assert record["phases"][0]["xla"] is True
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] > 0.2, "better than chance (0.1)"
 
 

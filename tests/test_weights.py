@@ -3,16 +3,13 @@ for, and the weights stage end to end against a local HTTP server standing in fo
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import warnings
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from stages import downloads  # noqa: E402
 from stages.backbones import APPLICATIONS, EFFICIENTNET_PACKAGE, REGISTRY  # noqa: E402
 from stages.errors import UserError  # noqa: E402
 from stages.weights import MOBILENETV2_ALPHAS, main, published_weights, weights_path  # noqa: E402
+from tests.local_http import FolderServer  # noqa: E402
 from tests.toy import toy_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,25 +133,6 @@ def test_published_weights_refuses_what_has_no_file() -> None:
 # The stage, against a local weights host.
 
 
-class FolderServer:
-    """http.server serving one folder on 127.0.0.1, in a thread; stop() closes the port."""
-
-    def __init__(self, folder: Path) -> None:
-        class Quiet(SimpleHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def closed_port() -> int:
