@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ import yaml
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from stages.loader import array_batches, class_weights, epoch_order  # noqa: E402
+from local_http import FolderServer  # noqa: E402
 from toy import toy_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,15 +107,12 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with h5py.File(file, "w") as handle:
         save_weights_to_hdf5_group(handle, base)
     sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = FolderServer(served)
     backbone = {
         "model": "mobilenetv2",
         "input_size": 32,
         "weights": "imagenet",
-        "weights_url": f"http://127.0.0.1:{server.server_port}/{file.name}",
+        "weights_url": server.url(file.name),
         "weights_sha256": sha256,
         "freeze": True,
         "options": {"alpha": 0.35},
@@ -129,7 +124,7 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
         weights.main(["--experiment", "toy-net", "--out", str(root / "weights" / "toy-net"), "--params", str(params)])
     finally:
-        server.shutdown()
+        server.stop()
         if old is None:
             os.environ.pop("CLASSMATRIX_DOWNLOADS")
         else:
