@@ -102,6 +102,8 @@ class DatasetConfig:
     validation: ValidationRules
     augmentation: Augmentation
     reference: Reference
+    # The metric that picks the champion: auto is balanced accuracy for imbalanced classes.
+    metric: Literal["auto", "accuracy", "balanced_accuracy", "macro_f1"] = "auto"
     description: str = ""
 
 

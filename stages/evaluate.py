@@ -1,101 +1,63 @@
-"""evaluate@<dataset>-<backbone>: score a trained model on the test split.
+"""evaluate@<dataset>-<backbone>: score a trained model on the test split, and register it.
 
     python -m stages.evaluate --experiment digits-cnn --data data/processed/digits \
         --model models/digits/cnn --metrics reports/metrics/demo/digits/cnn.json \
-        --predictions reports/predictions/digits/cnn.csv --figures reports/figures/digits/cnn
+        --predictions reports/predictions/digits/cnn.csv --figures reports/figures/digits/cnn \
+        --evaluation reports/evaluation/digits/cnn
 
-Writes the test metrics (DVC metrics), one prediction per test image (a DVC confusion plot),
-figures (confusion matrix in counts and normalised, training curves) and a classification report,
-and logs the metrics and files into the MLflow run that training opened, so one experiment is one
-run however often evaluate is repeated.
+Writes, all before MLflow is contacted:
+- the test metrics (a DVC metrics file): accuracy with its 95% Wilson interval, balanced
+  accuracy, macro and weighted F1, top-3 accuracy (5+ classes), one-vs-rest ROC AUC, expected
+  calibration error, latency at batch 1 and 64, model size, the training cost, the course's
+  figures, and the metric that picks this dataset's champion;
+- one prediction per test image (a DVC confusion plot);
+- figures (DVC plots): confusion matrix in counts and normalised, training curves, per-class F1,
+  the most confident mistakes;
+- in `--evaluation`: the classification report (JSON) and per-class scores (CSV, a DVC plot).
+
+Once the model is registered, the metrics file gains `model_version`.
+
+Then it logs all of that into the MLflow run that training opened (one run per experiment,
+however often evaluate is repeated) and logs the model with its signature and an input example,
+registered as a version of the model named after the dataset. A model already registered from
+this run with the same bytes is not registered again. If the tracking server does not answer,
+the local outputs stay and the stage fails in one line; a re-run logs everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from stages import figures as draw
+from stages import metrics as scoring
 from stages import tracking
-from stages.config import load_params
+from stages.config import Experiment, load_params
 from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_json_atomic
 from stages.train import load_prepared
 
-
-def score(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> tuple[dict[str, float], dict]:
-    """Headline metrics and the per-class report for predicted class probabilities."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, f1_score
-
-    y_pred = probabilities.argmax(axis=1)
-    labels = list(range(len(classes)))
-    metrics = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
-        "test_images": int(len(y_true)),
-        "chance_accuracy": float(np.bincount(y_true, minlength=len(classes)).max() / max(len(y_true), 1)),
-    }
-    report = classification_report(
-        y_true, y_pred, labels=labels, target_names=classes, output_dict=True, zero_division=0
-    )
-    return metrics, report
+MISTAKES_SHOWN = 16
+# Latency is timed at these batch sizes: one image (interactive use) and a serving batch.
+LATENCY_BATCHES = (1, 64)
+# Tags on each registered version: what the report stage compares when it picks a champion.
+VERSION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
-def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], path: Path, normalise: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    size = max(4.0, 0.45 * len(classes) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(
-        y_true,
-        y_pred,
-        labels=list(range(len(classes))),
-        display_labels=classes,
-        normalize="true" if normalise else None,
-        values_format=".2f" if normalise else "d",
-        cmap="Blues",
-        colorbar=False,
-        ax=axes,
-        xticks_rotation=45 if len(classes) > 6 else "horizontal",
-    )
-    axes.set_title("Confusion matrix" + (" (normalised by true class)" if normalise else " (counts)"))
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
-    plt.close(figure)
-
-
-def curves_figure(history: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, axes in (("loss", loss), ("accuracy", accuracy)):
-        for prefix in ("", "val_"):
-            if prefix + name in history:
-                axes.plot(history["epoch"], history[prefix + name], label=(prefix or "train_").rstrip("_"))
-        axes.set_xlabel("epoch")
-        axes.set_title(name)
-        axes.legend()
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
-    plt.close(figure)
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def evaluate(
@@ -106,10 +68,11 @@ def evaluate(
     metrics_path: Path,
     predictions_path: Path,
     figures: Path,
+    evaluation: Path,
 ) -> dict[str, Any]:
     experiment = load_params(params_path).experiment(experiment_name)
     training_record = json.loads((model_dir / "training.json").read_text(encoding="utf-8"))
-    data = load_prepared(data_dir, splits=("test",))
+    data = load_prepared(data_dir, splits=("train", "test"))
     if len(data.y["test"]) == 0:
         raise UserError(f"{data_dir}: the test split is empty; check split@{experiment.dataset_name}")
 
@@ -119,14 +82,22 @@ def evaluate(
     from stages.backbones import custom_layers
 
     runtime.keep_tensorflow_out()
-    model = keras.saving.load_model(model_dir / "model.keras", custom_objects=custom_layers(), safe_mode=True)
+    model_file = model_dir / "model.keras"
+    model = keras.saving.load_model(model_file, custom_objects=custom_layers(), safe_mode=True)
     x_test, y_test = np.asarray(data.x["test"]), data.y["test"]
-    started = time.perf_counter()
-    probabilities = np.asarray(model.predict(x_test, batch_size=256, verbose=0))
-    predict_seconds = time.perf_counter() - started
+    probabilities = np.asarray(model.predict(x_test, batch_size=256, verbose=0), dtype="float64")
     y_pred = probabilities.argmax(axis=1)
-    metrics, report = score(y_test, probabilities, data.classes)
+    headline, per_class = scoring.score(y_test, probabilities, data.classes)
+    report = scoring.classification_report_dict(y_test, y_pred, data.classes)
+    latency = {
+        f"latency_ms_batch{size}": round(scoring.measure_latency(model.predict_on_batch, x_test, size), 4)
+        for size in LATENCY_BATCHES
+    }
+    size = scoring.model_size(model_file, training_record["parameters"])
+    train_counts = np.bincount(data.y["train"], minlength=len(data.classes))
+    chosen = scoring.selection_metric(train_counts, experiment.dataset.metric)
 
+    # Local outputs first: they are written whether or not the tracking server answers.
     splits = pd.read_parquet(data_dir / "splits.parquet")
     test_paths = splits.loc[splits["split"] == "test", "path"].to_list()
     predictions = pd.DataFrame(
@@ -139,38 +110,170 @@ def evaluate(
     )
     with atomic_path(predictions_path) as temporary:
         predictions.to_csv(temporary, index=False)
-
-    figures.mkdir(parents=True, exist_ok=True)
-    confusion_figure(y_test, y_pred, data.classes, figures / "confusion.png", normalise=False)
-    confusion_figure(y_test, y_pred, data.classes, figures / "confusion_normalized.png", normalise=True)
-    curves_figure(pd.read_csv(model_dir / "history.csv"), figures / "curves.png")
-    write_json_atomic(figures / "classification_report.json", report)
+    write_figures(figures, model_dir, data.classes, x_test, y_test, probabilities, per_class)
+    evaluation.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(evaluation / "classification_report.json", report)
+    per_class_table = pd.DataFrame(
+        [{"class": name, **{k: round(v, 6) if isinstance(v, float) else v for k, v in scores.items()}}
+         for name, scores in per_class.items()]
+    )
+    with atomic_path(evaluation / "per_class.csv") as temporary:
+        per_class_table.to_csv(temporary, index=False)
 
     reference = dataclasses.asdict(experiment.dataset.reference)
-    # Numbers only: this is a DVC metrics file, shown column by column by `dvc metrics show`.
     record = {
-        **{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()},
+        **{k: round(v, 6) if isinstance(v, float) else v for k, v in headline.items()},
+        "selection_metric": chosen,
+        "selection_score": round(float(headline[chosen]), 6),
+        "train_imbalance_ratio": round(float(train_counts.max() / max(train_counts.min(), 1)), 3),
+        **latency,
+        **size,
         "epochs_run": training_record["epochs_run"],
         "train_seconds": training_record["train_seconds"],
         "train_images_per_second": training_record["train_images_per_second"],
-        "predict_ms_per_image": round(1000 * predict_seconds / len(y_test), 4),
-        "parameters": training_record["parameters"],
         "reference_course": reference["course"],
         "reference_published": reference["published"],
     }
     write_json_atomic(metrics_path, record)
 
-    client = tracking.mlflow_client().tracking.MlflowClient()
-    run_id = training_record["run_id"]
+    consequence = (
+        f"the evaluation is written ({metrics_path}, {figures}, {evaluation}); run the stage again when the "
+        "server answers to log it"
+    )
+    with tracking.unavailable("log the evaluation", consequence):
+        record["model_version"] = log_evaluation(
+            experiment, training_record, record, model, model_file, x_test[:1], probabilities.shape[1],
+            data.classes, [metrics_path, predictions_path, *sorted(figures.glob("*.png")),
+                           evaluation / "classification_report.json", evaluation / "per_class.csv"],
+        )
+    # The registry version this evaluation describes, for the report stage's champion.
+    write_json_atomic(metrics_path, record)
+    return record
+
+
+def write_figures(
+    figures: Path, model_dir: Path, classes: list[str], x_test: np.ndarray, y_test: np.ndarray,
+    probabilities: np.ndarray, per_class: dict[str, dict[str, Any]],
+) -> None:
+    y_pred = probabilities.argmax(axis=1)
+    figures.mkdir(parents=True, exist_ok=True)
+    draw.confusion_figure(y_test, y_pred, classes, figures / "confusion.png", normalise=False)
+    draw.confusion_figure(y_test, y_pred, classes, figures / "confusion_normalized.png", normalise=True)
+    draw.curves_figure(pd.read_csv(model_dir / "history.csv"), figures / "curves.png")
+    draw.f1_bars_figure(per_class, figures / "f1.png")
+    shown = scoring.most_confident_mistakes(y_test, probabilities, n=MISTAKES_SHOWN)
+    draw.mistakes_figure(
+        x_test[shown],
+        [classes[i] for i in y_test[shown]],
+        [classes[i] for i in y_pred[shown]],
+        [float(probabilities[i].max() / probabilities[i].sum()) for i in shown],
+        figures / "mistakes.png",
+    )
+
+
+def log_evaluation(
+    experiment: Experiment, training_record: dict, record: dict, model: Any, model_file: Path,
+    example: np.ndarray, num_classes: int, classes: list[str], files: list[Path],
+) -> int:
+    """Log the test metrics, files and model into training's run; returns the registered version."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"test_{k}", float(v), now, 0) for k, v in metrics.items()])
-    for path in sorted(figures.iterdir()):
+    mlflow = tracking.mlflow_client()
+    client = mlflow.tracking.MlflowClient()
+    run_id = training_record.get("run_id") or ""
+    if not run_id or not tracking.run_exists(run_id):
+        raise UserError(
+            f"evaluate@{experiment.name}: the MLflow run {run_id or '(none)'} that training recorded is not in "
+            f"{tracking.tracking_uri()} (training logged to {training_record.get('tracking_uri')}); point "
+            f"MLFLOW_TRACKING_URI there, or retrain: dvc repro --force --single-item train@{experiment.name}"
+        )
+    timestamp = int(pd.Timestamp.now("UTC").timestamp() * 1000)
+    numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    client.log_batch(run_id, metrics=[Metric(f"test_{k}", float(v), timestamp, 0) for k, v in numbers.items()])
+    for path in files:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
-    client.log_artifact(run_id, str(metrics_path), artifact_path="evaluation")
+    client.log_dict(run_id, training_record["config"], "config.json")
+    client.set_tag(run_id, "selection_metric", record["selection_metric"])
     client.set_tag(run_id, "evaluated", "true")
-    return record
+    return register_model(
+        experiment, run_id, record, model, model_file, example, num_classes, classes,
+        str(training_record.get("data_version", "")),
+    )
+
+
+def register_model(
+    experiment: Experiment, run_id: str, record: dict, model: Any, model_file: Path,
+    example: np.ndarray, num_classes: int, classes: list[str], data_version: str,
+) -> int:
+    """The registered version of this run's model: the existing one if its bytes are the same,
+    else a new one logged with signature, input example and the metadata predict needs."""
+    mlflow = tracking.mlflow_client()
+    client = mlflow.tracking.MlflowClient()
+    name = experiment.dataset_name
+    digest = file_sha256(model_file)
+    of_run = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    same = [version for version in of_run if version.tags.get("model_sha256") == digest]
+    if same:
+        version = max(same, key=lambda v: int(v.version))
+    else:
+        version = _log_model(
+            mlflow, experiment, run_id, model, example, num_classes, classes, name, digest, taken=bool(of_run)
+        )
+    tags = {
+        "experiment": experiment.name,
+        "backbone": experiment.backbone_name,
+        "suite": experiment.suite,
+        "model_sha256": digest,
+        "selection_metric": record["selection_metric"],
+        "data_version": data_version,
+        **{f"test_{key}": f"{record[key]:.6f}" for key in VERSION_METRICS},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    return int(version.version)
+
+
+def _log_model(
+    mlflow: Any, experiment: Experiment, run_id: str, model: Any, example: np.ndarray, num_classes: int,
+    classes: list[str], name: str, digest: str, taken: bool,
+) -> Any:
+    import importlib.metadata
+    import tempfile
+
+    import keras
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("uint8"), (-1, *example.shape[1:]), "image")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, num_classes), "probabilities")]),
+    )
+    backend = keras.backend.backend()
+    packages = ["keras", "numpy", {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend, backend)]
+    requirements = [f"{package}=={importlib.metadata.version(package)}" for package in packages]
+    metadata = {
+        "classes": classes,
+        "image_size": int(experiment.dataset.image_size),
+        "channels": int(experiment.dataset.channels),
+        "keras_backend": backend,
+        "experiment": experiment.name,
+        "custom_objects": "stages.backbones.custom_layers",
+    }
+    client = mlflow.tracking.MlflowClient()
+    # mlflow.keras.log_model fails with an input example (mlflow/mlflow#16183: it writes the
+    # example before creating the folder), so the model is saved here and logged as artifacts.
+    # A later model of the same run (a forced retrain) goes beside it, so versions never change.
+    artifact_path = "model" if not taken else f"model-{digest[:12]}"
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / "model"
+        local.mkdir()
+        mlflow.keras.save_model(
+            model, str(local), signature=signature, input_example=np.ascontiguousarray(example),
+            pip_requirements=requirements, metadata=metadata,
+        )
+        client.log_artifacts(run_id, str(local), artifact_path=artifact_path)
+    version = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name, await_registration_for=0)
+    return client.get_model_version(name, str(version.version))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,16 +283,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="the train stage's output folder")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
-    parser.add_argument("--figures", type=Path, required=True)
+    parser.add_argument("--figures", type=Path, required=True, help="folder for the PNG figures")
+    parser.add_argument("--evaluation", type=Path, required=True, help="folder for the report and per-class CSV")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     record = evaluate(
-        args.experiment, args.params, args.data, args.model, args.metrics, args.predictions, args.figures
+        args.experiment, args.params, args.data, args.model, args.metrics, args.predictions, args.figures,
+        args.evaluation,
     )
+    low, high = record["accuracy_ci_low"], record["accuracy_ci_high"]
     print(
-        f"evaluate@{args.experiment}: test accuracy {record['accuracy']:.4f}, balanced {record['balanced_accuracy']:.4f}, "
-        f"macro F1 {record['macro_f1']:.4f} on {record['test_images']} images; metrics in {args.metrics}"
+        f"evaluate@{args.experiment}: test accuracy {record['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+        f"balanced {record['balanced_accuracy']:.4f}, macro F1 {record['macro_f1']:.4f} on "
+        f"{record['test_images']} images; {record['latency_ms_batch1']:.2f} ms/image at batch 1; "
+        f"registered as {load_params(args.params).experiment(args.experiment).dataset_name} "
+        f"version {record['model_version']}; metrics in {args.metrics}"
     )
 
 

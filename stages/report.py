@@ -1,44 +1,67 @@
-"""report@<suite>: the suite's leaderboard, beside the course's own figures.
+"""report@<suite>: the suite's leaderboard beside the course's own figures, and each dataset's champion.
 
     python -m stages.report --suite demo --metrics reports/metrics/demo --out reports/leaderboard/demo
 
-Reads every evaluation of the suite and writes `<out>.md` and `<out>.csv`: one row per experiment,
-grouped by dataset and ranked by the suite's metric, with the course's and the published test
-accuracy beside ours and the difference.
+Reads every evaluation of the suite and writes `<out>.md`, `<out>.csv` and `<out>.png` (a
+datasets x backbones heatmap of the suite's metric): one row per experiment, grouped by dataset
+and ranked by the suite's metric, with our test accuracy and its 95% interval, balanced accuracy,
+macro F1, the course's and the published test accuracy and our difference from each, and the
+cost (training time and throughput, latency, size).
+
+Then, in the MLflow model registry, it points each dataset's `champion` alias at the best
+registered version by the dataset's selection metric (balanced accuracy where the classes are
+imbalanced; see `metric:` in params.yaml), among the versions evaluated on the same prepared
+data. The alias moves only when a version is strictly better than the current champion.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from stages import tracking
 from stages.config import load_params
 from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_text_atomic
 
+CHAMPION = "champion"
 COLUMNS = [
     "dataset",
     "backbone",
     "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
     "balanced_accuracy",
     "macro_f1",
     "reference_course",
     "reference_published",
     "vs_course",
+    "vs_published",
+    "selection_metric",
+    "champion",
+    "model_version",
     "test_images",
     "epochs_run",
     "train_seconds",
+    "train_images_per_second",
+    "latency_ms_batch1",
     "parameters",
+    "size_mb",
 ]
 
 
 def leaderboard(records: list[dict], rank_by: str) -> pd.DataFrame:
     table = pd.DataFrame(records)
+    for column in COLUMNS:
+        if column not in table:
+            table[column] = None
     table["vs_course"] = table["accuracy"] - pd.to_numeric(table["reference_course"], errors="coerce")
-    table = table.sort_values(["dataset", rank_by], ascending=[True, False]).reset_index(drop=True)
+    table["vs_published"] = table["accuracy"] - pd.to_numeric(table["reference_published"], errors="coerce")
+    table = table.sort_values(["dataset", rank_by, "backbone"], ascending=[True, False, True]).reset_index(drop=True)
     return table[COLUMNS]
 
 
@@ -49,24 +72,113 @@ def to_markdown(table: pd.DataFrame, suite: str, description: str, rank_by: str)
     def signed(value: object) -> str:
         return "" if value is None or pd.isna(value) else f"{100 * float(value):+.2f} pts"
 
+    def interval(low: object, high: object) -> str:
+        return "" if low is None or pd.isna(low) else f"{100 * float(low):.1f}-{100 * float(high):.1f}"
+
+    def number(value: object, spec: str) -> str:
+        return "" if value is None or pd.isna(value) else format(value, spec)
+
     lines = [
         f"# Leaderboard: {suite}",
         "",
         *([description, ""] if description else []),
-        f"Test-set results, best {rank_by.replace('_', ' ')} first within each dataset. "
-        "Course and published figures are test accuracy as reported (empty where unknown).",
+        f"Test-set results, best {rank_by.replace('_', ' ')} first within each dataset. The interval is "
+        "the 95% Wilson interval of our accuracy: a small test split gives a wide one. Course and "
+        "published figures are test accuracy as reported (empty where unknown); the differences are "
+        f"ours minus theirs. The champion is the registry's `{CHAMPION}` version for the dataset, chosen "
+        "by the dataset's selection metric.",
         "",
-        "| dataset | backbone | accuracy | balanced acc. | macro F1 | course | published | vs course | test images | epochs | train s | parameters |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| dataset | backbone | accuracy | 95% interval | balanced acc. | macro F1 | course | published "
+        "| vs course | vs published | champion | test images | epochs | train s | train img/s | ms/image | parameters | MB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in table.itertuples(index=False):
+        champion = f"yes (v{row.model_version}, by {row.selection_metric.replace('_', ' ')})" if row.champion else ""
         lines.append(
-            f"| {row.dataset} | {row.backbone} | {percent(row.accuracy)} | {percent(row.balanced_accuracy)} | "
+            f"| {row.dataset} | {row.backbone} | {percent(row.accuracy)} | "
+            f"{interval(row.accuracy_ci_low, row.accuracy_ci_high)} | {percent(row.balanced_accuracy)} | "
             f"{percent(row.macro_f1)} | {percent(row.reference_course)} | {percent(row.reference_published)} | "
-            f"{signed(row.vs_course)} | {row.test_images} | {row.epochs_run} | {row.train_seconds:.1f} | "
-            f"{row.parameters:,} |"
+            f"{signed(row.vs_course)} | {signed(row.vs_published)} | {champion} | {row.test_images} | "
+            f"{row.epochs_run} | {number(row.train_seconds, '.1f')} | {number(row.train_images_per_second, ',.0f')} | "
+            f"{number(row.latency_ms_batch1, '.2f')} | {number(row.parameters, ',')} | {number(row.size_mb, '.1f')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    version: int
+    score: float
+    data_version: str
+    experiment: str = ""
+
+
+def _candidate(version: object, metric: str) -> Candidate | None:
+    tags = version.tags  # type: ignore[attr-defined]
+    try:
+        score = float(tags[f"test_{metric}"])
+    except (KeyError, ValueError):
+        return None
+    return Candidate(
+        int(version.version), score, tags.get("data_version", ""), tags.get("experiment", "")  # type: ignore[attr-defined]
+    )
+
+
+def choose_champion(current: Candidate | None, candidates: list[Candidate], data_version: str) -> Candidate | None:
+    """The version that should hold the alias: the best candidate evaluated on `data_version`
+    (of equals, the newest), if it beats the current champion or that one was scored on other
+    data; else the current champion."""
+    comparable = [c for c in candidates if c.data_version == data_version]
+    if not comparable:
+        return current
+    best = max(comparable, key=lambda c: (c.score, c.version))
+    if current is None or current.data_version != data_version or best.score > current.score:
+        return best
+    return current
+
+
+def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
+    """Move each dataset's `champion` alias where a better version exists; returns dataset ->
+    (selection metric, the champion)."""
+    from mlflow.exceptions import MlflowException
+
+    client = tracking.mlflow_client().tracking.MlflowClient()
+    champions: dict[str, tuple[str, Candidate]] = {}
+    for dataset, rows in table.groupby("dataset", sort=True):
+        metrics = set(rows["selection_metric"])
+        if len(metrics) != 1:
+            raise UserError(
+                f"report: the experiments on {dataset} were evaluated with different selection metrics "
+                f"{sorted(metrics)}; re-run their evaluate stages (dvc repro)"
+            )
+        metric = metrics.pop()
+        versions = client.search_model_versions(f"name = '{dataset}'")
+        by_number = {int(v.version): v for v in versions}
+        # The data the suite's evaluations saw: the data_version tag of their registered versions.
+        data_versions = {by_number[int(n)].tags.get("data_version", "") for n in rows["model_version"] if int(n) in by_number}
+        if len(data_versions) != 1:
+            raise UserError(
+                f"report: the registered versions {sorted(rows['model_version'])} of {dataset} are missing from "
+                f"{tracking.tracking_uri()} or were evaluated on different data; re-run evaluate (dvc repro --force)"
+            )
+        data_version = data_versions.pop()
+        candidates = [c for c in (_candidate(v, metric) for v in versions) if c is not None]
+        try:
+            holder = client.get_model_version_by_alias(dataset, CHAMPION)
+            current = _candidate(holder, metric)
+        except MlflowException as error:
+            if tracking.is_unreachable(error):
+                raise
+            current = None
+        chosen = choose_champion(current, candidates, data_version)
+        if chosen is None:
+            continue
+        if current is None or chosen.version != current.version:
+            client.set_registered_model_alias(dataset, CHAMPION, str(chosen.version))
+            before = f"from version {current.version} ({current.score:.4f})" if current else "first"
+            print(f"report: {dataset}@{CHAMPION} -> version {chosen.version} ({metric} {chosen.score:.4f}; {before})")
+        champions[str(dataset)] = (metric, chosen)
+    return champions
 
 
 def report(suite: str, params_path: str, metrics_dir: Path, out: Path) -> pd.DataFrame:
@@ -79,13 +191,42 @@ def report(suite: str, params_path: str, metrics_dir: Path, out: Path) -> pd.Dat
         path = metrics_dir / spec.dataset / f"{spec.backbone}.json"
         if not path.exists():
             raise UserError(f"report@{suite}: {path} is missing; run evaluate@{name} (dvc repro report@{suite})")
-        records.append({"dataset": spec.dataset, "backbone": spec.backbone, **json.loads(path.read_text(encoding="utf-8"))})
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if "model_version" not in record or "selection_metric" not in record:
+            raise UserError(f"report@{suite}: {path} has no registered model version; re-run evaluate@{name}")
+        records.append({"dataset": spec.dataset, "backbone": spec.backbone, **record})
     if not records:
         raise UserError(f"report@{suite}: the suite has no experiments; add some under experiments: in {params_path}")
     table = leaderboard(records, config.rank_by)
-    with atomic_path(out.with_suffix(".csv")) as temporary:
-        table.to_csv(temporary, index=False)
-    write_text_atomic(out.with_suffix(".md"), to_markdown(table, suite, config.description, config.rank_by))
+    table["champion"] = False
+
+    from stages import figures
+
+    def write(table: pd.DataFrame, notes: list[str] | None = None) -> None:
+        with atomic_path(out.with_suffix(".csv")) as temporary:
+            table.to_csv(temporary, index=False)
+        markdown = to_markdown(table, suite, config.description, config.rank_by)
+        write_text_atomic(out.with_suffix(".md"), markdown + ("\n" + "\n".join(notes) + "\n" if notes else ""))
+
+    # The leaderboard is written before the registry is asked, so it exists even if the server is away.
+    write(table)
+    figures.heatmap_figure(
+        table, config.rank_by, out.with_suffix(".png"), f"{suite}: test {config.rank_by.replace('_', ' ')}"
+    )
+    consequence = f"the leaderboard is written ({out}.md); run the stage again when the server answers"
+    with tracking.unavailable(f"set the {CHAMPION} aliases", consequence):
+        champions = update_champions(table)
+    held = {dataset: champion.version for dataset, (_, champion) in champions.items()}
+    table["champion"] = [held.get(d) == int(v) for d, v in zip(table["dataset"], table["model_version"])]
+    # A champion from an earlier evaluation (other params, say) that none of today's rows beat.
+    elsewhere = [
+        f"- {dataset}: the champion is version {champion.version} ({champion.experiment or 'unknown experiment'}, "
+        f"{metric.replace('_', ' ')} {100 * champion.score:.2f}%), registered by an earlier evaluation; "
+        "none of the rows above beats it."
+        for dataset, (metric, champion) in sorted(champions.items())
+        if not table.loc[table["dataset"] == dataset, "champion"].any()
+    ]
+    write(table, elsewhere)
     return table
 
 
@@ -99,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     table = report(args.suite, args.params, args.metrics, args.out)
     best = table.iloc[0]
     print(
-        f"report@{args.suite}: {len(table)} experiments in {args.out}.md and .csv; "
+        f"report@{args.suite}: {len(table)} experiments in {args.out}.md, .csv and .png; "
         f"first: {best['dataset']} x {best['backbone']} at {100 * best['accuracy']:.2f}% test accuracy"
     )
 

@@ -5,6 +5,10 @@ file at the repository root, named by absolute path so stages run from any worki
 to the same place. One MLflow experiment per dataset; one run per (dataset, backbone, resolved
 params, data version), found again by the `classmatrix.run_key` tag so that re-running a stage
 never leaves two runs for the same thing.
+
+A tracking server that does not answer is retried (MLflow's own HTTP retries, bounded here to
+about 15 seconds) and then reported in one line by `unavailable`; the stages keep their local
+outputs, so a re-run once the server is back logs what was missed without training again.
 """
 
 from __future__ import annotations
@@ -13,8 +17,13 @@ import hashlib
 import json
 import logging
 import os
+import re
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from stages.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_KEY_TAG = "classmatrix.run_key"
@@ -24,8 +33,50 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
 
 
+# MLflow's defaults retry a dead server 7 times with a doubling backoff (minutes); ours give
+# up after 5 tries in about 15 s. Each can be overridden by setting it in the environment.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+_UNREACHABLE = re.compile(r"API request to \S+ failed with (exception|error code 5\d\d)")
+
+
+class TrackingUnavailable(UserError):
+    """The tracking server did not answer, after MLflow's retries."""
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether an MlflowException says the tracking server did not answer (after retries)."""
+    return bool(_UNREACHABLE.search(str(error)))
+
+
+@contextmanager
+def unavailable(what: str, consequence: str) -> Iterator[None]:
+    """Turn "the tracking server does not answer" inside the block into one clear line."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as error:
+        message = str(error)
+        if not is_unreachable(error):
+            raise
+        tries = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) + 1
+        reason = re.search(r"\[Errno \d+\] [^\"')]+|error code \d+|Read timed out", message)
+        raise TrackingUnavailable(
+            f"MLflow tracking server {tracking_uri()} did not answer {tries} tries to {what}"
+            f" ({reason.group(0) if reason else message[:160]}); {consequence}"
+        ) from None
+
+
 def mlflow_client() -> Any:
     """The mlflow module, pointed at our tracking URI, with its chatty loggers quietened."""
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    # Stage logs are read by people and CI: no progress bars for artifact transfers.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
@@ -83,12 +134,15 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def run_exists(run_id: str) -> bool:
-    """Whether `run_id` is a live run (not deleted) in the tracking store."""
+    """Whether `run_id` is a live run (not deleted) in the tracking store (a store that does not
+    answer raises, for `unavailable` to report)."""
     from mlflow.exceptions import MlflowException
 
     try:
         run = mlflow_client().tracking.MlflowClient().get_run(run_id)
-    except MlflowException:
+    except MlflowException as error:
+        if is_unreachable(error):
+            raise
         return False
     return run.info.lifecycle_stage == "active"
 
@@ -96,3 +150,49 @@ def run_exists(run_id: str) -> bool:
 def reopen_run(run_id: str) -> None:
     """Mark a run that a killed stage left behind as running again, to be continued."""
     mlflow_client().tracking.MlflowClient().update_run(run_id, status="RUNNING")
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance tags: which code and which data a run saw.
+
+
+def git_commit(folder: Path = ROOT) -> tuple[str, bool] | None:
+    """The commit checked out in `folder` and whether the work tree differs from it; None
+    outside a git repository."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, capture_output=True, text=True,
+            check=True, timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit, bool(status.strip())
+
+
+def dvc_hash(path: Path) -> str:
+    """The hash DVC gives `path` in dvc.lock (`<md5>.dir` for a folder), computed from the files
+    themselves, so it is right whether or not dvc.lock has been written yet."""
+    import tempfile
+
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db.local import LocalHashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory() as scratch:
+        _, _, obj = build(LocalHashFileDB(fs, scratch), str(Path(path).resolve()), fs, "md5", dry_run=True)
+    return str(obj.hash_info.value)
+
+
+def provenance_tags(data_dir: Path) -> dict[str, str]:
+    """Tags naming the code (git commit, and whether it had uncommitted changes) and the DVC
+    hash of the prepared data a run used."""
+    tags = {"dvc.data_hash": dvc_hash(data_dir)}
+    commit = git_commit()
+    if commit is not None:
+        # mlflow.source.git.commit is the tag MLflow's UI shows as the run's source version.
+        tags.update({"mlflow.source.git.commit": commit[0], "git_commit": commit[0], "git_dirty": str(commit[1]).lower()})
+    return tags

@@ -120,7 +120,7 @@ def is_frozen(experiment: Experiment) -> bool:
 @dataclasses.dataclass
 class TrainingState:
     run_key: str
-    run_id: str
+    run_id: str  # "" until the tracking server has created the run
     phase_index: int = 0  # index into plan_phases
     phase_epoch: int = 0  # epochs completed in this phase
     epoch: int = 0  # epochs completed in all
@@ -131,6 +131,7 @@ class TrainingState:
     phases: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     phase_seconds: float = 0.0
     done: bool = False  # this phase stopped (early or at its last epoch)
+    logged_epochs: int = 0  # rows of `history` the MLflow run has
 
 
 def _numpy(variable: Any) -> np.ndarray:
@@ -178,17 +179,93 @@ def _assign(variables: list[Any], arrays: dict[str, np.ndarray], prefix: str, wh
 # Training.
 
 
-def epoch_logger(run_id: str) -> Any:
-    """Sends one epoch's metrics to the MLflow run."""
-    from mlflow.entities import Metric
+NOT_METRICS = ("epoch", "phase", "seconds")
 
-    client = tracking.mlflow_client().tracking.MlflowClient()
 
-    def log(epoch: int, logs: dict[str, float]) -> None:
+class RunLog:
+    """The experiment's MLflow run, fed as training goes. If the tracking server does not answer,
+    training goes on without it and `finish` logs what was missed; if it still does not answer
+    then, the stage fails, keeping the finished training in its checkpoint for the next try."""
+
+    def __init__(self, experiment: Experiment, config: dict, params_hash: str, tags: dict[str, str]) -> None:
+        self.experiment, self.config, self.params_hash, self.tags = experiment, config, params_hash, tags
+        self.online = True
+
+    def _offline(self, error: tracking.TrackingUnavailable) -> None:
+        self.online = False
+        print(f"warning: {error}")
+
+    def open(self, state: TrainingState) -> None:
+        """Find the run to continue, or create it."""
+        consequence = "training goes on; the run is logged when training ends"
+        try:
+            with tracking.unavailable("open the run", consequence):
+                if state.run_id and tracking.run_exists(state.run_id):
+                    tracking.reopen_run(state.run_id)
+                else:
+                    state.run_id, state.logged_epochs = self._create(state.run_key), 0
+        except tracking.TrackingUnavailable as error:
+            self._offline(error)
+
+    def epoch(self, state: TrainingState) -> None:
+        if self.online:
+            try:
+                with tracking.unavailable("log epoch metrics", "training goes on; they are logged when it ends"):
+                    self._log_epochs(state)
+            except tracking.TrackingUnavailable as error:
+                self._offline(error)
+
+    def finish(self, state: TrainingState, checkpoint: Path) -> None:
+        """Log whatever the run lacks and close it; fail in one line if the server is away."""
+        consequence = (
+            f"the trained model is kept in {checkpoint}: run the stage again when the server answers, "
+            "and it logs the run without training again"
+        )
+        with tracking.unavailable("log the run", consequence):
+            if not state.run_id or not tracking.run_exists(state.run_id):
+                state.run_id, state.logged_epochs = self._create(state.run_key), 0
+            self._log_epochs(state)
+            tracking.mlflow_client().tracking.MlflowClient().set_terminated(state.run_id)
+
+    def _log_epochs(self, state: TrainingState) -> None:
+        from mlflow.entities import Metric
+
+        if not state.run_id:
+            return
+        client = tracking.mlflow_client().tracking.MlflowClient()
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(key, float(value), now, epoch) for key, value in logs.items()])
+        metrics = [
+            Metric(key, float(value), now, row["epoch"])
+            for row in state.history[state.logged_epochs :]
+            for key, value in row.items()
+            if key not in NOT_METRICS
+        ]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
+            client.log_batch(state.run_id, metrics=metrics[start : start + 1000])
+        state.logged_epochs = len(state.history)
 
-    return log
+    def _create(self, run_key: str) -> str:
+        from mlflow.entities import Param
+
+        experiment = self.experiment
+        run_id = tracking.start_fresh_run(
+            experiment.dataset_name,
+            run_name=experiment.backbone_name,
+            run_key=run_key,
+            tags={
+                "dataset": experiment.dataset_name,
+                "backbone": experiment.backbone_name,
+                "suite": experiment.suite,
+                "experiment": experiment.name,
+                "params_hash": self.params_hash,
+                **self.tags,
+            },
+        )
+        flat = tracking.flatten({k: v for k, v in self.config.items() if k != "experiment"})
+        tracking.mlflow_client().tracking.MlflowClient().log_batch(
+            run_id, params=[Param(k, v) for k, v in sorted(flat.items())]
+        )
+        return run_id
 
 
 def train(
@@ -242,16 +319,19 @@ def train(
     if resumed is not None and resumed[0].run_key != run_key:
         print(f"train@{experiment.name}: the checkpoint is for other params or data; starting over")
         resumed = None
-    if resumed is not None and not tracking.run_exists(resumed[0].run_id):
-        resumed = None
     if resumed is not None:
         state, arrays = resumed
-        tracking.reopen_run(state.run_id)
         print(f"train@{experiment.name}: resuming after epoch {state.epoch} (phase {state.phase_index + 1})")
     else:
         arrays = {}
-        state = TrainingState(run_key=run_key, run_id=_start_run(experiment, config, params_hash, run_key, data.version))
-    log_epoch = epoch_logger(state.run_id)
+        state = TrainingState(run_key=run_key, run_id="")
+    tags = {
+        "data_version": data.version,
+        "keras_backend": keras.backend.backend(),
+        **tracking.provenance_tags(data_dir),
+    }
+    run_log = RunLog(experiment, config, params_hash, tags)
+    run_log.open(state)
 
     sample_weight = None
     if training.class_weight == "balanced":
@@ -263,6 +343,9 @@ def train(
     if arrays and state.phase_index > 0:
         # Phase 1 ended before the checkpoint: its best weights are where phase 2 starts.
         model.set_weights(best)
+    for phase in phases[: state.phase_index]:
+        if phase.number == 2:  # finished before the checkpoint: the model is saved as it trained
+            unfreeze_top(model, phase.unfreeze or 0)
 
     for phase in phases[state.phase_index :]:
         if phase.number == 2:
@@ -312,7 +395,6 @@ def train(
             state.phase_seconds += seconds
             logs = {key: float(values[-1]) for key, values in history.history.items()}
             state.history.append({"epoch": state.epoch, "phase": phase.number, **logs, "seconds": round(seconds, 3)})
-            log_epoch(state.epoch, logs)
             improved = logs["val_loss"] < state.best_loss
             if improved:
                 state.best_loss, state.best_epoch, state.wait = logs["val_loss"], state.epoch, 0
@@ -327,6 +409,7 @@ def train(
             state.epoch += 1
             state.phase_epoch += 1
             state.done = state.wait >= training.early_stopping_patience
+            run_log.epoch(state)
             save_checkpoint(checkpoint_path, state, model, fit_model.optimizer, best)
         # The phase's best weights (phase 2 keeps phase 1's unless it did better).
         model.set_weights(best)
@@ -345,35 +428,16 @@ def train(
         state.phase_epoch, state.phase_seconds, state.wait, state.done = 0, 0.0, 0, False
         save_checkpoint(checkpoint_path, state, model, None, best)
 
-    tracking.mlflow_client().tracking.MlflowClient().set_terminated(state.run_id)
+    # Local outputs first: they are written whether or not the tracking server answers.
     record = _write_outputs(experiment, model, state, out, data, config, params_hash, run_key, policy, device, weights_file)
+    try:
+        run_log.finish(state, checkpoint_path)
+    finally:
+        save_checkpoint(checkpoint_path, state, model, None, best)
+    record["run_id"] = state.run_id
+    write_json_atomic(out / "training.json", record)
     checkpoint_path.unlink(missing_ok=True)
     return record
-
-
-def _start_run(experiment: Experiment, config: dict, params_hash: str, run_key: str, data_version: str) -> str:
-    import keras
-    from mlflow.entities import Param
-
-    run_id = tracking.start_fresh_run(
-        experiment.dataset_name,
-        run_name=experiment.backbone_name,
-        run_key=run_key,
-        tags={
-            "dataset": experiment.dataset_name,
-            "backbone": experiment.backbone_name,
-            "suite": experiment.suite,
-            "experiment": experiment.name,
-            "params_hash": params_hash,
-            "data_version": data_version,
-            "keras_backend": keras.backend.backend(),
-        },
-    )
-    flat = tracking.flatten({k: v for k, v in config.items() if k != "experiment"})
-    tracking.mlflow_client().tracking.MlflowClient().log_batch(
-        run_id, params=[Param(k, v) for k, v in sorted(flat.items())]
-    )
-    return run_id
 
 
 def _use_feature_cache(experiment: Experiment, model: Any, images: int) -> bool:

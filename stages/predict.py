@@ -1,0 +1,162 @@
+"""Classify image files with a registered model.
+
+    python -m stages.predict --dataset digits photo.png more/            # the champion
+    python -m stages.predict --dataset digits --version 3 photo.png      # a registered version
+    python -m stages.predict --dataset digits --run <run id> photo.png   # the model of an MLflow run
+
+Loads the model from the MLflow registry (`models:/<dataset>@<alias>`, champion by default; the
+tracking URI is MLFLOW_TRACKING_URI, else the repository's mlflow.db), decodes each image the way
+the split stage does (upright, converted to the dataset's channels, resized to its working
+resolution) and prints one tab-separated line per file: path, predicted label, confidence. Folders
+are searched recursively for images. A file that cannot be read is reported on stderr with the
+reason and the rest are still classified; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages import tracking
+from stages.errors import UserError, run_stage
+from stages.layouts import IMAGE_SUFFIXES
+
+BATCH = 64
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    classes: list[str]
+    image_size: int
+    channels: int
+    uri: str
+
+
+def model_uri(dataset: str, alias: str | None, version: int | None, run_id: str | None) -> str:
+    """The registry (or run) URI that names the model to load."""
+    if run_id:
+        client = tracking.mlflow_client().tracking.MlflowClient()
+        versions = client.search_model_versions(f"name = '{dataset}' and run_id = '{run_id}'")
+        if versions:
+            return f"models:/{dataset}/{max(int(v.version) for v in versions)}"
+        return f"runs:/{run_id}/model"
+    if version is not None:
+        return f"models:/{dataset}/{version}"
+    return f"models:/{dataset}@{alias or 'champion'}"
+
+
+def load(uri: str, scratch: Path) -> LoadedModel:
+    """Download the MLflow model at `uri` and load its Keras model in safe mode."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow = tracking.mlflow_client()
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch)))
+    except MlflowException as error:
+        if tracking.is_unreachable(error):
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"cannot load {uri} from {tracking.tracking_uri()}: {first_line}; list the registered models and "
+            "aliases in the MLflow UI (make ui), or evaluate and report first (dvc repro)"
+        ) from None
+    from mlflow.models import Model
+
+    metadata = Model.load(str(local / "MLmodel")).metadata or {}
+    missing = [key for key in ("classes", "image_size", "channels") if key not in metadata]
+    if missing:
+        raise UserError(f"{uri}: the model's MLmodel metadata lacks {missing}; it was not logged by evaluate")
+
+    import keras
+
+    from stages import runtime
+    from stages.backbones import custom_layers
+
+    runtime.keep_tensorflow_out()
+    model = keras.saving.load_model(local / "data" / "model.keras", custom_objects=custom_layers(), safe_mode=True)
+    return LoadedModel(model, list(metadata["classes"]), int(metadata["image_size"]), int(metadata["channels"]), uri)
+
+
+def image_files(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """The files to classify (named files as given; folders searched for image suffixes) and
+    one message per path that does not exist."""
+    files, problems = [], []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append(f"{path}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return files, problems
+
+
+def decode(path: Path, size: int, channels: int) -> np.ndarray:
+    """The image as the split stage would store it, or ValueError saying why it cannot be read."""
+    from stages.images import check_image, load_image
+
+    check = check_image(path)
+    if check.error:
+        raise ValueError(check.error)
+    return load_image(path, size, channels)
+
+
+def predict(loaded: LoadedModel, files: list[Path]) -> tuple[list[tuple[Path, str, float]], list[str]]:
+    """(path, label, confidence) for each readable file, and one message per unreadable one."""
+    results, problems = [], []
+    for start in range(0, len(files), BATCH):
+        images, kept = [], []
+        for path in files[start : start + BATCH]:
+            try:
+                images.append(decode(path, loaded.image_size, loaded.channels))
+                kept.append(path)
+            except (OSError, ValueError) as error:
+                problems.append(f"{path}: cannot read this image ({error}); skipped")
+        if not images:
+            continue
+        probabilities = np.asarray(loaded.model.predict_on_batch(np.stack(images)), dtype="float64")
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        for path, row in zip(kept, probabilities):
+            results.append((path, loaded.classes[int(row.argmax())], float(row.max())))
+    return results, problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="the registered model's name: the dataset's key")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--alias", help="a registry alias (default: champion)")
+    which.add_argument("--version", type=int, help="a registered version number")
+    which.add_argument("--run", help="an MLflow run id: that run's registered (or logged) model")
+    parser.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    files, problems = image_files(args.paths)
+    with tempfile.TemporaryDirectory(prefix="classmatrix-predict-") as scratch:
+        with tracking.unavailable(f"load the {args.dataset} model", "nothing was classified"):
+            loaded = load(model_uri(args.dataset, args.alias, args.version, args.run), Path(scratch))
+    results, unreadable = predict(loaded, files)
+    for path, label, confidence in results:
+        print(f"{path}\t{label}\t{confidence:.4f}")
+    problems += unreadable
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print(f"predict: {len(results)} of {len(results) + len(unreadable)} files classified with {loaded.uri}", file=sys.stderr)
+    if problems:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,125 @@
+"""`python -m stages.plots show|diff` writes a DVC plots page that needs no network.
+
+A scratch git + DVC project has one stage whose `plots:` are a training-curve CSV and a folder of
+PNGs, declared as the pipeline declares them; it is committed once, then rerun with another
+colour so that the workspace differs from HEAD.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.errors import UserError
+from stages.plots import BUNDLE, main, split_out
+
+MAKE = '''\
+"""make.py COLOUR: a training curve and two figures."""
+import sys
+from pathlib import Path
+from PIL import Image
+
+colour = int(sys.argv[1])
+Path("history.csv").write_text("epoch,loss\\n0,1.0\\n1,0.5\\n2,0.%d\\n" % colour)
+Path("figures").mkdir(exist_ok=True)
+for name in ("confusion", "curves"):
+    Image.new("RGB", (8, 6), (colour * 20, 80, 160)).save(f"figures/{name}.png")
+'''
+
+DVC_YAML = """\
+stages:
+  make:
+    cmd: python make.py ${colour}
+    deps: [make.py]
+    params: [colour]
+    plots:
+      - figures
+      - history.csv:
+          cache: false
+          x: epoch
+"""
+
+# A script or stylesheet fetched from anywhere but beside the page.
+REMOTE_REFERENCE = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A committed git + DVC project whose workspace plots differ from HEAD's."""
+    root = tmp_path_factory.mktemp("plots")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    dvc = [sys.executable, "-m", "dvc"]
+    run(["git", "init", "-q"], root, env)
+    run([*dvc, "init", "-q"], root, env)
+    (root / "make.py").write_text(MAKE)
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "params.yaml").write_text("colour: 1\n")
+    (root / ".gitignore").write_text("/dvc_plots\n")
+    run([*dvc, "repro", "-q"], root, env)
+    run([*git, "add", "-A"], root, env)
+    run([*git, "commit", "-qm", "first"], root, env)
+    (root / "params.yaml").write_text("colour: 5\n")
+    run([*dvc, "repro", "-q"], root, env)
+    return root, env
+
+
+def plots(project: tuple[Path, dict[str, str]], *args: str) -> str:
+    """Run `python -m stages.plots ARGS` in the project; the page's text."""
+    root, env = project
+    result = run([sys.executable, "-m", "stages.plots", *args], root, env)
+    page = root / "dvc_plots" / "index.html"
+    assert f"Open {page}" in result.stdout
+    return page.read_text()
+
+
+def assert_offline(page: str, folder: Path) -> None:
+    assert not REMOTE_REFERENCE.search(page), REMOTE_REFERENCE.search(page)
+    assert "cdn.jsdelivr.net" not in page
+    assert f'<script src="{BUNDLE}"></script>' in page
+    bundle = (folder / BUNDLE).read_text()
+    assert "window.vegaEmbed=" in bundle.replace(" ", "") and len(bundle) > 100_000
+    for source in re.findall(r'<img src="([^"]+)"', page):
+        assert (folder / source).stat().st_size > 0, source
+
+
+def test_show_renders_the_csv_plot_and_the_pngs_from_local_files(project: tuple[Path, dict[str, str]]) -> None:
+    page = plots(project, "show")
+    assert "{plot_divs}" not in page and "vegaEmbed('#history_csv'" in page
+    assert re.findall(r'<img src="([^"]+)"', page) == [
+        "static/workspace_figures_confusion.png",
+        "static/workspace_figures_curves.png",
+    ]
+    assert_offline(page, project[0] / "dvc_plots")
+
+
+def test_diff_shows_head_beside_the_workspace(project: tuple[Path, dict[str, str]]) -> None:
+    page = plots(project, "diff")
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert "static/HEAD_figures_confusion.png" in images and "static/workspace_figures_confusion.png" in images
+    assert '"rev": "HEAD"' in page and '"rev": "workspace"' in page
+    assert_offline(page, project[0] / "dvc_plots")
+
+
+def test_out_is_taken_from_the_arguments() -> None:
+    assert split_out(["HEAD~1", "-o", "here", "--open"]) == (["HEAD~1", "--open"], "here")
+    assert split_out(["--out=there"]) == ([], "there")
+    assert split_out([]) == ([], "dvc_plots")
+
+
+def test_an_unknown_command_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="show|diff"):
+        main(["render"])
