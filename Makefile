@@ -10,7 +10,7 @@ VENV := .venv
 UV := $(TOOLS)/bin/uv
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: env env-torch demo test test-fast ui clean-outputs
+.PHONY: env env-torch demo test test-fast ui server plots clean-outputs
 
 env: $(VENV)/.synced
 
@@ -37,7 +37,7 @@ demo: env
 	@echo
 	@cat reports/leaderboard/demo.md
 	@echo
-	@echo "Figures: reports/figures/digits/  Validation: reports/validation/digits/docs/index.html"
+	@echo "Figures: reports/figures/digits/ (make plots)  Validation: reports/validation/digits/docs/index.html"
 	@echo "Runs:    make ui, then open http://127.0.0.1:5000"
 
 test: env
@@ -48,6 +48,15 @@ test-fast: env
 
 ui: env
 	$(RUN) mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --host 127.0.0.1 --port 5000
+
+# A tracking server for a team: PostgreSQL (Debian's) + `mlflow server`, kept in .mlflow-server/.
+# Then: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+server: env
+	$(RUN) python -m stages.server
+
+# `dvc plots show` as a page that opens offline: dvc_plots/index.html
+plots: env
+	$(RUN) python -m stages.plots show
 
 clean-outputs:
 	rm -rf data/raw data/interim data/processed models reports/figures reports/predictions \

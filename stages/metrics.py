@@ -88,7 +88,6 @@ def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bi
     confidence = probabilities.max(axis=1)
     correct = (probabilities.argmax(axis=1) == y_true).astype(np.float64)
     index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
-    counts = np.bincount(index, minlength=bins)
     accuracy_sum = np.bincount(index, weights=correct, minlength=bins)
     confidence_sum = np.bincount(index, weights=confidence, minlength=bins)
     # |sum(correct) - sum(confidence)| per bin is count * |accuracy - mean confidence|.

@@ -154,12 +154,18 @@ def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
         metric = metrics.pop()
         versions = client.search_model_versions(f"name = '{dataset}'")
         by_number = {int(v.version): v for v in versions}
+        missing = sorted(int(n) for n in rows["model_version"] if int(n) not in by_number)
+        if missing:
+            raise UserError(
+                f"report: the registered versions {missing} of {dataset} are missing from "
+                f"{tracking.tracking_uri()}; re-run their evaluate stages there (dvc repro --force)"
+            )
         # The data the suite's evaluations saw: the data_version tag of their registered versions.
-        data_versions = {by_number[int(n)].tags.get("data_version", "") for n in rows["model_version"] if int(n) in by_number}
+        data_versions = {by_number[int(n)].tags.get("data_version", "") for n in rows["model_version"]}
         if len(data_versions) != 1:
             raise UserError(
-                f"report: the registered versions {sorted(rows['model_version'])} of {dataset} are missing from "
-                f"{tracking.tracking_uri()} or were evaluated on different data; re-run evaluate (dvc repro --force)"
+                f"report: the registered versions {sorted(rows['model_version'])} of {dataset} were evaluated on "
+                f"different data {sorted(data_versions)}; re-run their evaluate stages (dvc repro --force)"
             )
         data_version = data_versions.pop()
         candidates = [c for c in (_candidate(v, metric) for v in versions) if c is not None]

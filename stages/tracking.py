@@ -94,9 +94,12 @@ def experiment_id(dataset: str) -> str:
             mlflow.tracking.MlflowClient().restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
     artifact_location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        # Beside the database, not relative to whichever folder the stage ran in.
-        artifact_location = (ROOT / "mlartifacts" / dataset).as_uri()
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        # Beside the database, not relative to whichever folder the stage ran in. (A server
+        # chooses its own artifact root.) Decided by the URI, not by whether the variable is
+        # set: mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI itself.
+        artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / dataset).as_uri()
     return mlflow.create_experiment(dataset, artifact_location=artifact_location)
 
 

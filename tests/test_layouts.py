@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from stages import layouts
-from stages.config import DatasetConfig, parse_params
+from stages.config import DatasetConfig
 from stages.errors import UserError
 from stages.split import assign_splits, write_arrays
 from stages.validate import COLUMNS, build_manifest

@@ -101,10 +101,21 @@ def test_demo_outputs_are_where_the_readme_says(project: tuple[Path, dict[str, s
     assert "| digits | small_cnn |" in board and "| digits | mobilenetv2 |" in board
     for backbone in ("small_cnn", "mobilenetv2"):
         figures = copy / "reports/figures/digits" / backbone
-        for name in ("confusion.png", "confusion_normalized.png", "curves.png"):
+        for name in ("confusion.png", "confusion_normalized.png", "curves.png", "f1.png", "mistakes.png"):
             assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         predictions = (copy / f"reports/predictions/digits/{backbone}.csv").read_text().splitlines()
         assert predictions[0] == "path,actual,predicted,confidence"
+        evaluation = copy / "reports/evaluation/digits" / backbone
+        per_class = (evaluation / "per_class.csv").read_text().splitlines()
+        assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 11
+        report = json.loads((evaluation / "classification_report.json").read_text())
+        assert set(report) >= {"0", "9", "accuracy", "macro avg", "weighted avg"}
+        metrics = json.loads((copy / f"reports/metrics/demo/digits/{backbone}.json").read_text())
+        assert metrics["accuracy_ci_low"] < metrics["accuracy"] < metrics["accuracy_ci_high"]
+        assert metrics["selection_metric"] == "accuracy"  # digits' classes are balanced
+        assert metrics["latency_ms_batch1"] > 0 and metrics["latency_ms_batch64"] > 0 and metrics["size_mb"] > 0
+        assert 0 <= metrics["expected_calibration_error"] <= 1 and metrics["top_3_accuracy"] >= metrics["accuracy"]
+    assert (copy / "reports/leaderboard/demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((copy / "reports/validation/digits/summary.json").read_text())
     assert summary["files"] == summary["accepted"] + summary["set_aside"] == 1797
     assert (copy / "reports/validation/digits/docs/index.html").exists()
@@ -124,6 +135,48 @@ def test_demo_runs_are_in_mlflow_with_params_and_metrics(project: tuple[Path, di
         assert run.data.tags["suite"] == "demo"
         assert run.data.metrics["test_accuracy"] == pytest.approx(record["accuracy"], abs=1e-6)
         assert "val_accuracy" in run.data.metrics
+        assert {"mlflow.source.git.commit", "dvc.data_hash", "params_hash"} <= set(run.data.tags)
+        # Artifacts beside the database, as the README says, not in a folder named by MLflow's default.
+        assert run.info.artifact_uri == (copy / "mlartifacts/digits" / run.info.run_id / "artifacts").as_uri()
+        assert (copy / "mlartifacts/digits" / run.info.run_id / "artifacts/evaluation/mistakes.png").exists()
+    assert not (copy / "mlruns").exists()
+
+
+def test_models_are_registered_and_the_report_names_the_champion(project: tuple[Path, dict[str, str]]) -> None:
+    """Each evaluation registers a version of the model `digits`; the champion alias is on the
+    best by accuracy, marked in the leaderboard; predict classifies images with it."""
+    from mlflow.tracking import MlflowClient
+
+    copy, env = project
+    client = MlflowClient(tracking_uri=f"sqlite:///{copy / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'digits'")
+    assert sorted(v.tags["backbone"] for v in versions) == ["mobilenetv2", "small_cnn"]
+    records = {b: json.loads((copy / f"reports/metrics/demo/digits/{b}.json").read_text()) for b in ("small_cnn", "mobilenetv2")}
+    best = max(records, key=lambda b: records[b]["accuracy"])
+    champion = client.get_model_version_by_alias("digits", "champion")
+    assert champion.tags["backbone"] == best and int(champion.version) == records[best]["model_version"]
+    assert f"| digits | {best} |" in next(line for line in (copy / "reports/leaderboard/demo.md").read_text().splitlines() if "yes (v" in line)
+
+    image = sorted((copy / "data/raw/digits/4").iterdir())[0]
+    predicted = run([sys.executable, "-m", "stages.predict", "--dataset", "digits", str(image)], copy, env)
+    path, label, confidence = predicted.stdout.strip().split("\t")
+    assert (path, label) == (str(image), "4") and 0 < float(confidence) <= 1
+
+
+def test_dvc_plots_render_the_evaluation_offline(project: tuple[Path, dict[str, str]]) -> None:
+    """`python -m stages.plots show` (dvc plots show with an offline page) includes every figure
+    of both experiments, the per-class F1 bars and the confusion plot."""
+    copy, env = project
+    run([sys.executable, "-m", "stages.plots", "show"], copy, env)
+    page = (copy / "dvc_plots/index.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    for backbone in ("small_cnn", "mobilenetv2"):
+        for name in ("confusion", "confusion_normalized", "curves", "f1", "mistakes"):
+            assert f"static/workspace_reports_figures_digits_{backbone}_{name}.png" in images
+        assert f"vegaEmbed('#reports_evaluation_digits_{backbone}_per_class_csv'" in page
+        assert f"vegaEmbed('#reports_predictions_digits_{backbone}_csv'" in page
+    assert "static/workspace_reports_leaderboard_demo.png" in images
+    assert '<script src="vega-bundle.js"></script>' in page and "https://" not in page.split("<body")[0]
 
 
 def test_second_repro_runs_nothing_and_evaluate_reuses_its_run(project: tuple[Path, dict[str, str]]) -> None:
@@ -133,8 +186,13 @@ def test_second_repro_runs_nothing_and_evaluate_reuses_its_run(project: tuple[Pa
     assert stages_run(again.stdout) == []
     assert "Data and pipelines are up to date." in again.stdout
     before = {run.info.run_id for run in mlflow_runs(copy)}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{copy / 'mlflow.db'}")
+    versions = len(client.search_model_versions("name = 'digits'"))
     run(["dvc", "repro", "--force", "--single-item", "evaluate@digits-small_cnn"], copy, env)
     assert {run.info.run_id for run in mlflow_runs(copy)} == before
+    assert len(client.search_model_versions("name = 'digits'")) == versions  # the same model is not registered twice
 
 
 def test_changing_one_experiments_training_param_reruns_only_it(project: tuple[Path, dict[str, str]]) -> None:

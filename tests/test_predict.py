@@ -1,0 +1,246 @@
+"""The predict stage without a trained pipeline: finding files, decoding them, classifying them
+with a tiny real Keras model, naming the model to load, and failing clearly on a bad alias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from stages import predict as predict_stage
+from stages.errors import run_stage
+from stages.predict import BATCH, LoadedModel, decode, image_files, model_uri, predict
+
+pytest_plugins = ["mlflow_registry"]
+
+CLASSES = ["a", "b", "c"]
+
+
+def write_png(path: Path, value: int = 128, size: tuple[int, int] = (8, 8), mode: str = "L") -> Path:
+    """A flat image of `value` (every channel) saved as PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((size[1], size[0], 3) if mode == "RGB" else (size[1], size[0]), value, dtype=np.uint8)
+    Image.fromarray(pixels, mode=mode).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# image_files
+
+
+def test_folders_are_searched_recursively_for_image_suffixes_in_any_case(tmp_path: Path) -> None:
+    """Images at any depth, .PNG and .Jpeg alike, sorted; other files in a folder are left out."""
+    folder = tmp_path / "photos"
+    for name in ("b.png", "nested/deeper/c.JPEG", "a.Jpg", "nested/d.PNG"):
+        write_png(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "nested" / "model.keras").write_bytes(b"\0")
+
+    files, problems = image_files([folder])
+
+    assert files == sorted(files)
+    assert [f.relative_to(folder).as_posix() for f in files] == sorted(
+        ["a.Jpg", "b.png", "nested/d.PNG", "nested/deeper/c.JPEG"]
+    )
+    assert problems == []
+
+
+def test_named_files_are_kept_as_given_even_without_an_image_suffix(tmp_path: Path) -> None:
+    """A file named on the command line is tried (and reported later if unreadable), in the given order."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    image = write_png(tmp_path / "z.png")
+    files, problems = image_files([image, notes])
+    assert files == [image, notes]
+    assert problems == []
+
+
+def test_missing_path_and_empty_folder_are_reported_with_their_paths(tmp_path: Path) -> None:
+    """A path that does not exist and a folder with no images each give one message naming it;
+    the rest are still listed."""
+    missing = tmp_path / "nowhere.png"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    only_text = tmp_path / "text"
+    only_text.mkdir()
+    (only_text / "readme.md").write_text("# no images")
+    image = write_png(tmp_path / "ok.png")
+
+    files, problems = image_files([missing, empty, image, only_text])
+
+    assert files == [image]
+    assert problems[0] == f"{missing}: no such file or folder"
+    assert problems[1].startswith(f"{empty}: no image files in this folder (looked for .png, .jpg")
+    assert problems[2].startswith(f"{only_text}: no image files in this folder")
+    assert len(problems) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# decode
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("L", 1), ("RGB", 3), ("L", 3), ("RGB", 1)])
+def test_good_png_decodes_to_uint8_at_the_working_size_and_channels(
+    tmp_path: Path, mode: str, channels: int
+) -> None:
+    """Any PNG comes back as uint8 (size, size, channels), whatever its own size and mode."""
+    path = write_png(tmp_path / "image.png", value=200, size=(20, 12), mode=mode)
+    pixels = decode(path, 16, channels)
+    assert pixels.dtype == np.uint8
+    assert pixels.shape == (16, 16, channels)
+    assert int(pixels.min()) == int(pixels.max()) == 200
+
+
+def test_unreadable_files_raise_value_error_with_the_reason(tmp_path: Path) -> None:
+    """A zero-byte file, text named .png and a truncated PNG are refused with a reason, not decoded."""
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.png"
+    text.write_text("this is not a PNG\n")
+    # Noise, so the compressed pixel data is large and cutting the file in half cuts into it.
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good)
+    assert decode(good, 8, 1).shape == (8, 8, 1)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+
+    for path in (empty, text, truncated):
+        with pytest.raises(ValueError, match="undecodable: .+"):
+            decode(path, 8, 1)
+    with pytest.raises(ValueError, match="truncated"):
+        decode(truncated, 8, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    """A real Keras model on 8x8 gray images that answers by brightness: black "a", mid-grey "b",
+    white "c" (logits linear in the pixel sum s in [0, 64]: a = 2 - 0.1 s, b = 0, c = 0.1 s - 4.4)."""
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    kernel = np.zeros((64, 3), dtype="float32")
+    kernel[:, 0], kernel[:, 2] = -0.1, 0.1
+    model.layers[-1].set_weights([kernel, np.array([2.0, 0.0, -4.4], dtype="float32")])
+    return LoadedModel(model, CLASSES, image_size=8, channels=1, uri="models:/toy/1")
+
+
+def test_predict_labels_each_good_file_with_a_confidence(tmp_path: Path, loaded: LoadedModel) -> None:
+    """Each readable file gets its path, the model's label and a confidence in (0, 1]."""
+    black = write_png(tmp_path / "black.png", 0)
+    grey = write_png(tmp_path / "grey.png", 128, size=(32, 32))  # resized to 8x8 first
+    white = write_png(tmp_path / "white.png", 255, mode="RGB")  # converted to one channel first
+
+    results, problems = predict(loaded, [black, grey, white])
+
+    assert problems == []
+    assert [(path, label) for path, label, _ in results] == [(black, "a"), (grey, "b"), (white, "c")]
+    for _, label, confidence in results:
+        assert label in CLASSES
+        assert 0 < confidence <= 1
+    # Black (s = 0): the softmax of logits (2, 0, -4.4).
+    assert results[0][2] == pytest.approx(np.exp(2) / (np.exp(2) + 1 + np.exp(-4.4)), rel=1e-5)
+
+
+def test_unreadable_files_are_reported_and_the_rest_classified(tmp_path: Path, loaded: LoadedModel) -> None:
+    """A bad file is named with its reason and skipped; the files around it are still classified."""
+    first = write_png(tmp_path / "1.png", 0)
+    broken = tmp_path / "2.png"
+    broken.write_text("not an image")
+    notes = tmp_path / "3.txt"
+    notes.write_text("named by mistake")
+    last = write_png(tmp_path / "4.png", 255)
+
+    results, problems = predict(loaded, [first, broken, notes, last])
+
+    assert [(path, label) for path, label, _ in results] == [(first, "a"), (last, "c")]
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{broken}: cannot read this image (undecodable: ")
+    assert problems[0].endswith("); skipped")
+    assert problems[1].startswith(f"{notes}: cannot read this image (")
+
+
+def test_more_files_than_a_batch_are_all_classified_in_order(tmp_path: Path, loaded: LoadedModel) -> None:
+    """Over BATCH files go through in several batches, including a last batch with nothing readable."""
+    values = [0, 128, 255]
+    files = [write_png(tmp_path / f"{i:03d}.png", values[i % 3]) for i in range(2 * BATCH)]
+    broken = tmp_path / "999.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n")  # the signature and nothing else: alone in the third batch
+    files.append(broken)
+
+    results, problems = predict(loaded, files)
+
+    assert [path for path, _, _ in results] == files[: 2 * BATCH]
+    assert [label for _, label, _ in results] == [CLASSES[i % 3] for i in range(2 * BATCH)]
+    assert len(problems) == 1 and problems[0].startswith(f"{broken}: cannot read this image")
+
+
+# --------------------------------------------------------------------------------------------
+# model_uri and main, against a real (SQLite) MLflow registry.
+
+
+def test_model_uri_names_alias_or_version() -> None:
+    """Champion by default, a named alias, or a version number: no registry needed."""
+    assert model_uri("digits", None, None, None) == "models:/digits@champion"
+    assert model_uri("digits", "staging", None, None) == "models:/digits@staging"
+    assert model_uri("digits", None, 3, None) == "models:/digits/3"
+
+
+def test_model_uri_for_a_run_prefers_its_registered_version(registry: MlflowClient, tmp_path: Path) -> None:
+    """A run with no registered version is loaded from its artifacts; once registered (twice,
+    say), from its newest version, never from another run's."""
+    experiment = registry.create_experiment("digits", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = registry.create_run(experiment).info.run_id
+    other = registry.create_run(experiment).info.run_id
+    registry.create_registered_model("digits")
+    source = str(tmp_path / "m")
+
+    assert model_uri("digits", None, None, run) == f"runs:/{run}/model"
+
+    registry.create_model_version("digits", source=source, run_id=other)  # version 1, another run
+    assert model_uri("digits", None, None, run) == f"runs:/{run}/model"
+    registry.create_model_version("digits", source=source, run_id=run)  # version 2
+    registry.create_model_version("digits", source=source, run_id=other)  # version 3
+    registry.create_model_version("digits", source=source, run_id=run)  # version 4
+    assert model_uri("digits", None, None, run) == "models:/digits/4"
+    assert model_uri("digits", None, None, other) == "models:/digits/3"
+
+
+def test_main_with_unknown_alias_exits_1_with_one_error_line(
+    registry: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model the registry cannot give is one "error: cannot load ..." line and exit status 1,
+    before any image is read."""
+    image = write_png(tmp_path / "digit.png")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(predict_stage.main, ["--dataset", "digits", "--alias", "nope", str(image)])
+
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"error: cannot load models:/digits@nope from {registry.tracking_uri}: ")
+    assert "make ui" in lines[0]
+
+
+def test_main_rejects_alias_and_version_together(capsys: pytest.CaptureFixture[str]) -> None:
+    """--alias, --version and --run name one model: two of them is a usage error (status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        predict_stage.main(["--dataset", "digits", "--alias", "x", "--version", "2", "a.png"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -1,0 +1,372 @@
+"""The report stage: the leaderboard's table and markdown, and the registry's `champion` alias.
+
+The champion tests run against a real MLflow registry in a temporary SQLite file; the registered
+versions carry the tags evaluate gives them (test scores as "0.950000" strings, data_version,
+experiment), with no model behind them, since the report only reads the tags.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from stages import report as report_stage
+from stages.errors import UserError
+from stages.report import CHAMPION, Candidate, choose_champion, leaderboard, to_markdown, update_champions
+
+pytest_plugins = ["mlflow_registry"]
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = "data-1"
+
+
+# --------------------------------------------------------------------------------------------
+# choose_champion: which version should hold the alias.
+
+
+def test_first_champion_is_the_best_candidate() -> None:
+    """With no champion yet, the best candidate on the current data takes the alias."""
+    candidates = [Candidate(1, 0.90, DATA), Candidate(2, 0.97, DATA), Candidate(3, 0.95, DATA)]
+    assert choose_champion(None, candidates, DATA) == Candidate(2, 0.97, DATA)
+
+
+def test_ties_between_candidates_go_to_the_newest_version() -> None:
+    """Of candidates with the same score, the highest version number wins, whatever their order."""
+    candidates = [
+        Candidate(4, 0.95, DATA), Candidate(7, 0.95, DATA), Candidate(5, 0.95, DATA), Candidate(6, 0.90, DATA)
+    ]
+    assert choose_champion(None, candidates, DATA).version == 7  # type: ignore[union-attr]
+
+
+def test_alias_moves_only_for_a_strictly_better_candidate() -> None:
+    """A better candidate replaces the champion; an equal (even newer) or worse one does not."""
+    current = Candidate(2, 0.95, DATA)
+    assert choose_champion(current, [current, Candidate(3, 0.96, DATA)], DATA) == Candidate(3, 0.96, DATA)
+    assert choose_champion(current, [current, Candidate(3, 0.95, DATA)], DATA) is current
+    assert choose_champion(current, [current, Candidate(3, 0.94, DATA)], DATA) is current
+
+
+def test_champion_scored_on_other_data_is_replaced_by_best_on_current_data() -> None:
+    """Scores on different data are not comparable: the best on today's data wins even if lower."""
+    current = Candidate(1, 0.99, "data-0")
+    candidates = [current, Candidate(2, 0.80, DATA), Candidate(3, 0.85, DATA)]
+    assert choose_champion(current, candidates, DATA) == Candidate(3, 0.85, DATA)
+
+
+def test_candidates_on_other_data_are_ignored() -> None:
+    """A high score on other data neither becomes champion nor blocks the best on current data."""
+    candidates = [Candidate(5, 0.99, "data-0"), Candidate(2, 0.90, DATA)]
+    assert choose_champion(None, candidates, DATA) == Candidate(2, 0.90, DATA)
+    current = Candidate(2, 0.90, DATA)
+    assert choose_champion(current, [current, Candidate(6, 0.999, "data-2")], DATA) is current
+
+
+def test_no_comparable_candidates_keeps_the_current_champion_or_none() -> None:
+    """Without a candidate on the current data nothing changes: the champion stays, or there is none."""
+    current = Candidate(1, 0.90, "data-0")
+    assert choose_champion(current, [Candidate(2, 0.95, "data-0")], DATA) is current
+    assert choose_champion(None, [Candidate(2, 0.95, "data-0")], DATA) is None
+    assert choose_champion(None, [], DATA) is None
+
+
+# --------------------------------------------------------------------------------------------
+# update_champions: the alias in a real (SQLite) MLflow registry.
+
+
+@pytest.fixture()
+def registry(registry: MlflowClient) -> MlflowClient:
+    """mlflow_registry's fresh registry, holding the registered model `digits`."""
+    registry.create_registered_model("digits")
+    return registry
+
+
+def register(
+    client: MlflowClient,
+    accuracy: float,
+    balanced_accuracy: float | None = None,
+    data_version: str = DATA,
+    experiment: str = "digits-small_cnn",
+) -> int:
+    """A new version of `digits` tagged the way evaluate tags one; returns its number."""
+    balanced = accuracy if balanced_accuracy is None else balanced_accuracy
+    tags = {
+        "test_accuracy": f"{accuracy:.6f}",
+        "test_balanced_accuracy": f"{balanced:.6f}",
+        "test_macro_f1": f"{balanced:.6f}",
+        "data_version": data_version,
+        "experiment": experiment,
+    }
+    source = Path(client.tracking_uri.removeprefix("sqlite:///")).parent / "m"
+    version = client.create_model_version("digits", source=str(source), run_id=None, tags=tags)
+    return int(version.version)
+
+
+def table(versions: list[int], metric: str = "accuracy", dataset: str = "digits") -> pd.DataFrame:
+    """The columns of the leaderboard that update_champions reads."""
+    return pd.DataFrame({"dataset": dataset, "selection_metric": metric, "model_version": versions})
+
+
+def champion(client: MlflowClient) -> int:
+    return int(client.get_model_version_by_alias("digits", CHAMPION).version)
+
+
+def test_first_report_points_champion_at_the_best_version(
+    registry: MlflowClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first call sets `digits@champion` to the best version and says so."""
+    versions = [register(registry, 0.95), register(registry, 0.97), register(registry, 0.96)]
+    champions = update_champions(table(versions))
+    assert champion(registry) == 2
+    metric, chosen = champions["digits"]
+    assert metric == "accuracy" and chosen == Candidate(2, 0.97, DATA, "digits-small_cnn")
+    assert "report: digits@champion -> version 2 (accuracy 0.9700; first)" in capsys.readouterr().out
+
+
+def test_alias_moves_to_a_better_version_and_not_to_a_worse_one(
+    registry: MlflowClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A later, better version takes the alias; a later, worse one leaves it where it is."""
+    update_champions(table([register(registry, 0.95)]))
+    assert champion(registry) == 1
+
+    better = register(registry, 0.98)
+    capsys.readouterr()
+    update_champions(table([better]))
+    assert champion(registry) == better == 2
+    assert "-> version 2 (accuracy 0.9800; from version 1 (0.9500))" in capsys.readouterr().out
+
+    worse = register(registry, 0.90)
+    champions = update_champions(table([worse]))
+    assert champion(registry) == 2
+    assert champions["digits"][1].version == 2
+    assert "->" not in capsys.readouterr().out
+
+
+def test_equal_score_keeps_the_current_champion(registry: MlflowClient) -> None:
+    """A newer version that only matches the champion's score does not take the alias."""
+    update_champions(table([register(registry, 0.95)]))
+    update_champions(table([register(registry, 0.95)]))
+    assert champion(registry) == 1
+
+
+def test_selection_metric_column_decides_the_champion(registry: MlflowClient) -> None:
+    """The same versions give different champions by accuracy and by balanced accuracy."""
+    high_accuracy = register(registry, accuracy=0.95, balanced_accuracy=0.80)
+    high_balanced = register(registry, accuracy=0.93, balanced_accuracy=0.90)
+    versions = [high_accuracy, high_balanced]
+
+    update_champions(table(versions, "accuracy"))
+    assert champion(registry) == high_accuracy
+    metric, chosen = update_champions(table(versions, "balanced_accuracy"))["digits"]
+    assert metric == "balanced_accuracy"
+    assert champion(registry) == chosen.version == high_balanced
+    assert chosen.score == pytest.approx(0.90)
+
+
+def test_champion_on_other_data_is_replaced(registry: MlflowClient) -> None:
+    """A champion scored on earlier data gives way to the best version on the table's data."""
+    old = register(registry, 0.99, data_version="data-0")
+    update_champions(table([old]))
+    assert champion(registry) == old
+    new = [register(registry, 0.85), register(registry, 0.88)]
+    update_champions(table(new))
+    assert champion(registry) == new[1]
+
+
+def test_mixed_selection_metrics_within_a_dataset_are_a_user_error(registry: MlflowClient) -> None:
+    """Rows of one dataset evaluated with different selection metrics cannot be compared."""
+    versions = [register(registry, 0.95), register(registry, 0.96)]
+    rows = pd.DataFrame(
+        {"dataset": "digits", "selection_metric": ["accuracy", "balanced_accuracy"], "model_version": versions}
+    )
+    with pytest.raises(UserError, match=r"different selection metrics \['accuracy', 'balanced_accuracy'\]"):
+        update_champions(rows)
+    with pytest.raises(Exception, match="alias"):
+        registry.get_model_version_by_alias("digits", CHAMPION)
+
+
+def test_version_missing_from_the_registry_is_a_user_error(registry: MlflowClient) -> None:
+    """A row naming a version the registry does not hold (another tracking URI, say) fails clearly."""
+    register(registry, 0.95)
+    with pytest.raises(UserError, match=r"registered versions \[7\] of digits are missing from sqlite:///"):
+        update_champions(table([7]))
+
+
+def test_versions_evaluated_on_different_data_are_a_user_error(registry: MlflowClient) -> None:
+    """Rows whose versions saw different prepared data have no one data version to compare on."""
+    versions = [register(registry, 0.95, data_version="data-0"), register(registry, 0.96)]
+    with pytest.raises(UserError, match="evaluated on different data"):
+        update_champions(table(versions))
+
+
+# --------------------------------------------------------------------------------------------
+# leaderboard and to_markdown.
+
+
+def record(dataset: str, backbone: str, accuracy: float, **extra: object) -> dict[str, object]:
+    """A metrics record as evaluate writes it (the fields the leaderboard shows)."""
+    return {
+        "dataset": dataset,
+        "backbone": backbone,
+        "accuracy": accuracy,
+        "accuracy_ci_low": accuracy - 0.025,
+        "accuracy_ci_high": accuracy + 0.0125,
+        "balanced_accuracy": accuracy - 0.01,
+        "macro_f1": accuracy - 0.005,
+        "reference_course": None,
+        "reference_published": 0.98,
+        "selection_metric": "accuracy",
+        "model_version": 1,
+        "test_images": 291,
+        "epochs_run": 20,
+        "train_seconds": 19.98,
+        "train_images_per_second": 1420.5,
+        "latency_ms_batch1": 2.4203,
+        "parameters": 197482,
+        "size_mb": 2.455,
+        **extra,
+    }
+
+
+def markdown_rows(markdown: str) -> list[dict[str, str]]:
+    """The leaderboard's table as one {header: cell} dict per row."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_leaderboard_sorts_by_dataset_then_rank_metric_descending() -> None:
+    """Datasets alphabetically, best first within each by the suite's rank metric."""
+    records = [
+        record("digits", "mobilenetv2", 0.914, balanced_accuracy=0.95),
+        record("digits", "small_cnn", 0.976, balanced_accuracy=0.90),
+        record("cifar10", "vgg16", 0.80),
+        record("cifar10", "cifar10_cnn", 0.85),
+    ]
+    by_accuracy = leaderboard(records, "accuracy")
+    assert list(zip(by_accuracy["dataset"], by_accuracy["backbone"])) == [
+        ("cifar10", "cifar10_cnn"), ("cifar10", "vgg16"), ("digits", "small_cnn"), ("digits", "mobilenetv2"),
+    ]
+    by_balanced = leaderboard(records, "balanced_accuracy")
+    assert list(by_balanced.loc[by_balanced["dataset"] == "digits", "backbone"]) == ["mobilenetv2", "small_cnn"]
+    assert list(by_accuracy.columns) == report_stage.COLUMNS
+    assert by_accuracy["vs_published"].iloc[0] == pytest.approx(0.85 - 0.98)
+    assert by_accuracy["vs_course"].isna().all()
+
+
+def test_markdown_formats_interval_differences_and_champion() -> None:
+    """Interval as "95.1-98.8", differences in signed points, the champion's version and metric,
+    and an empty course figure where there is none."""
+    records = [
+        record("digits", "small_cnn", 0.975945, accuracy_ci_low=0.951188, accuracy_ci_high=0.9883, model_version=2),
+        record("digits", "mobilenetv2", 0.914089, model_version=3),
+        record("cifar10", "cifar10_cnn", 0.85, reference_course=0.80, reference_published=None, model_version=4,
+               selection_metric="balanced_accuracy"),
+    ]
+    board = leaderboard(records, "accuracy")
+    board["champion"] = [backbone in ("small_cnn", "cifar10_cnn") for backbone in board["backbone"]]
+    markdown = to_markdown(board, "demo", "The embedded demo.", "accuracy")
+
+    assert markdown.startswith("# Leaderboard: demo\n\nThe embedded demo.\n")
+    assert "best accuracy first within each dataset" in markdown
+    rows = markdown_rows(markdown)
+    assert [(row["dataset"], row["backbone"]) for row in rows] == [
+        ("cifar10", "cifar10_cnn"), ("digits", "small_cnn"), ("digits", "mobilenetv2"),
+    ]
+    cifar, small, mobile = rows
+    assert small["accuracy"] == "97.59%"
+    assert small["95% interval"] == "95.1-98.8"
+    assert small["published"] == "98.00%"
+    assert small["vs published"] == "-0.41 pts"
+    assert small["course"] == "" and small["vs course"] == ""
+    assert small["champion"] == "yes (v2, by accuracy)"
+    assert mobile["champion"] == ""
+    assert cifar["course"] == "80.00%" and cifar["vs course"] == "+5.00 pts"
+    assert cifar["published"] == "" and cifar["vs published"] == ""
+    assert cifar["champion"] == "yes (v4, by balanced accuracy)"
+    assert small["train img/s"] == "1,420" and small["parameters"] == "197,482" and small["MB"] == "2.5"
+    assert small["ms/image"] == "2.42" and small["train s"] == "20.0" and small["test images"] == "291"
+
+
+# --------------------------------------------------------------------------------------------
+# report(): the stage end to end on the demo suite.
+
+
+def write_metrics(folder: Path, backbone: str, accuracy: float, version: int) -> None:
+    """The metrics JSON evaluate@digits-<backbone> leaves, naming its registered version."""
+    metrics = {
+        key: value for key, value in record("digits", backbone, accuracy, model_version=version).items()
+        if key not in ("dataset", "backbone")
+    }
+    metrics.update({"selection_score": accuracy, "weighted_f1": accuracy, "latency_ms_batch64": 0.14})
+    path = folder / "digits" / f"{backbone}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics), encoding="utf-8")
+
+
+@pytest.fixture()
+def suite(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A copy of params.yaml, the demo suite's metrics folder and the leaderboard path."""
+    params = tmp_path / "params.yaml"
+    shutil.copyfile(ROOT / "params.yaml", params)
+    return params, tmp_path / "metrics", tmp_path / "leaderboard" / "demo"
+
+
+def test_report_writes_leaderboard_and_marks_the_champion(
+    registry: MlflowClient, suite: tuple[Path, Path, Path]
+) -> None:
+    """The demo suite gives .md, .csv and .png, with the best row marked as the new champion."""
+    params, metrics, out = suite
+    small = register(registry, 0.975945, experiment="digits-small_cnn")
+    mobile = register(registry, 0.914089, experiment="digits-mobilenetv2")
+    write_metrics(metrics, "small_cnn", 0.975945, small)
+    write_metrics(metrics, "mobilenetv2", 0.914089, mobile)
+
+    board = report_stage.report("demo", str(params), metrics, out)
+
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = pd.read_csv(out.with_suffix(".csv"))
+    assert list(csv["backbone"]) == ["small_cnn", "mobilenetv2"]
+    assert list(csv["champion"]) == [True, False]
+    assert list(board["champion"]) == [True, False]
+    markdown = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert f"yes (v{small}, by accuracy)" in markdown
+    assert "registered by an earlier evaluation" not in markdown
+    assert champion(registry) == small
+
+
+def test_report_notes_an_earlier_better_champion(registry: MlflowClient, suite: tuple[Path, Path, Path]) -> None:
+    """When an earlier, better version on the same data holds the alias, no row is champion and
+    the markdown says which version is."""
+    params, metrics, out = suite
+    earlier = register(registry, 0.99, experiment="digits-small_cnn")
+    registry.set_registered_model_alias("digits", CHAMPION, str(earlier))
+    small = register(registry, 0.975945, experiment="digits-small_cnn")
+    mobile = register(registry, 0.914089, experiment="digits-mobilenetv2")
+    write_metrics(metrics, "small_cnn", 0.975945, small)
+    write_metrics(metrics, "mobilenetv2", 0.914089, mobile)
+
+    report_stage.report("demo", str(params), metrics, out)
+
+    assert champion(registry) == earlier
+    assert not pd.read_csv(out.with_suffix(".csv"))["champion"].any()
+    markdown = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert (
+        f"- digits: the champion is version {earlier} (digits-small_cnn, accuracy 99.00%), registered by an "
+        "earlier evaluation; none of the rows above beats it."
+    ) in markdown
+    assert "yes (v" not in markdown
+
+
+def test_report_without_a_metrics_file_names_the_missing_file(suite: tuple[Path, Path, Path]) -> None:
+    """A suite member with no evaluation fails with the file to make and the stage that makes it."""
+    params, metrics, out = suite
+    write_metrics(metrics, "small_cnn", 0.97, 1)
+    with pytest.raises(UserError, match=r"mobilenetv2\.json is missing; run evaluate@digits-mobilenetv2"):
+        report_stage.report("demo", str(params), metrics, out)
+    assert not out.with_suffix(".md").exists()
