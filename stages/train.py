@@ -321,7 +321,11 @@ def train(
         resumed = None
     if resumed is not None:
         state, arrays = resumed
-        print(f"train@{experiment.name}: resuming after epoch {state.epoch} (phase {state.phase_index + 1})")
+        if state.phase_index >= len(plan_phases(experiment)):
+            print(f"train@{experiment.name}: training finished before ({state.epoch} epochs, in the checkpoint); "
+                  "logging it without training again")
+        else:
+            print(f"train@{experiment.name}: resuming after epoch {state.epoch} (phase {state.phase_index + 1})")
     else:
         arrays = {}
         state = TrainingState(run_key=run_key, run_id="")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,12 +173,16 @@ def test_a_stopped_server_fails_the_stage_clearly_and_a_rerun_logs_without_train
 
     again = run(["dvc", "repro", "report@demo"], copy, env)
     assert stages_run(again.stdout) == ["train@digits-small_cnn", "evaluate@digits-small_cnn", "report@demo"]
-    assert "epoch " not in again.stdout  # nothing was trained again
+    # Nothing was trained again: the finished state came from the checkpoint.
+    assert "train@digits-small_cnn: training finished before (3 epochs, in the checkpoint)" in again.stdout
+    assert not re.search(r"^epoch \d+ \(phase", again.stdout, re.MULTILINE)
     training = json.loads((model_dir / "training.json").read_text())
     assert training["epochs_run"] == 3 and not (model_dir / "checkpoint.npz").exists()
     history = api(server, "metrics/get-history", run_id=training["run_id"], metric_key="val_accuracy")["metrics"]
     assert sorted(m["step"] for m in history) == [0, 1, 2]
-    assert runs_by_name(server)["small_cnn"]["info"]["run_id"] == training["run_id"]
+    logged = api(server, "runs/get", run_id=training["run_id"])["run"]
+    assert logged["info"]["status"] == "FINISHED" and logged["info"]["run_name"] == "small_cnn"
+    assert tags(logged)["params_hash"] == training["params_hash"]
 
     server.stop_mlflow()
     metrics_path = copy / "reports/metrics/demo/digits/small_cnn.json"
