@@ -144,17 +144,18 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     files, problems = image_files(args.paths)
+    for problem in problems:  # said first: they stand whether or not the model loads
+        print(f"error: {problem}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="classmatrix-predict-") as scratch:
         with tracking.unavailable(f"load the {args.dataset} model", "nothing was classified"):
             loaded = load(model_uri(args.dataset, args.alias, args.version, args.run), Path(scratch))
     results, unreadable = predict(loaded, files)
     for path, label, confidence in results:
         print(f"{path}\t{label}\t{confidence:.4f}")
-    problems += unreadable
-    for problem in problems:
+    for problem in unreadable:
         print(f"error: {problem}", file=sys.stderr)
     print(f"predict: {len(results)} of {len(results) + len(unreadable)} files classified with {loaded.uri}", file=sys.stderr)
-    if problems:
+    if problems or unreadable:
         raise SystemExit(1)
 
 
