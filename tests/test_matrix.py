@@ -1,0 +1,129 @@
+"""stages.matrix: the CI job matrix from params.yaml, bundles of dvc.lock entries, and the diff summary.
+
+These run without training: plans from the real params.yaml, lock merging on hand-made bundles,
+and `summary` in a small git + DVC repository. The end-to-end fan-out against an S3 remote is in
+the pipeline tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.errors import UserError
+from stages.matrix import gather, merge_locks, plan, summary
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = str(REPO / "params.yaml")
+
+
+def test_plan_prepares_each_dataset_once_and_trains_each_experiment() -> None:
+    """The demo: one prepare job for digits, one training job per experiment, then the report."""
+    jobs = plan(PARAMS, "demo", [], per_job=1)
+    assert jobs["prepare"] == {"include": [{"name": "digits", "targets": "split@digits"}]}
+    assert [job["targets"] for job in jobs["train"]["include"]] == [
+        "evaluate@digits-small_cnn", "evaluate@digits-mobilenetv2"
+    ]
+    assert jobs["report"] == "report@demo"
+    json.dumps(jobs)  # what GitHub's fromJSON reads
+
+
+def test_plan_groups_by_dataset_and_filters_by_pattern() -> None:
+    """--per-job groups experiments of one dataset (never two datasets in a job); patterns select."""
+    jobs = plan(PARAMS, "course", ["ham10000-efn_b*"], per_job=3)
+    assert [job["name"] for job in jobs["prepare"]["include"]] == ["ham10000"]
+    groups = [job["experiments"].split() for job in jobs["train"]["include"]]
+    assert [len(group) for group in groups] == [3, 3, 2]
+    assert sorted(sum(groups, [])) == [f"ham10000-efn_b{i}" for i in range(8)]
+    mixed = plan(PARAMS, "course", ["ham10000-vgg16", "food11-*"], per_job=10)
+    datasets = {job["experiments"].split()[0].split("-")[0] for job in mixed["train"]["include"]}
+    assert datasets == {"ham10000", "food11"} and len(mixed["train"]["include"]) == 2
+
+
+def test_plan_errors_name_what_to_fix() -> None:
+    with pytest.raises(UserError, match=r"no experiment of suite 'demo' matches 'nope\*'; the suite has: digits-small_cnn"):
+        plan(PARAMS, "demo", ["nope*"], per_job=1)
+    with pytest.raises(UserError, match="per-job"):
+        plan(PARAMS, "demo", [], per_job=0)
+
+
+def test_plan_command_writes_github_outputs(tmp_path: Path) -> None:
+    """`plan` prints the JSON and appends prepare/train/report to $GITHUB_OUTPUT."""
+    output = tmp_path / "github_output"
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.matrix", "plan", "--suite", "demo"],
+        cwd=REPO, env={**_env(), "GITHUB_OUTPUT": str(output)}, capture_output=True, text=True, check=True,
+    )
+    assert json.loads(result.stdout)["suite"] == "demo"
+    lines = dict(line.split("=", 1) for line in output.read_text().splitlines())
+    assert json.loads(lines["train"])["include"][0]["targets"] == "evaluate@digits-small_cnn"
+    assert lines["report"] == "report@demo"
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _lock(**stages: dict) -> dict:
+    return {"schema": "2.0", "stages": stages}
+
+
+def test_merge_lays_bundles_over_the_base_and_stops_on_a_conflict() -> None:
+    base = _lock(**{"split@digits": {"cmd": "split", "outs": [{"md5": "a"}]}, "train@digits-x": {"cmd": "old"}})
+    one = _lock(**{"split@digits": {"cmd": "split", "outs": [{"md5": "a"}]}, "train@digits-x": {"cmd": "new"}})
+    two = _lock(**{"split@digits": {"cmd": "split", "outs": [{"md5": "a"}]}, "train@digits-y": {"cmd": "y"}})
+    merged = merge_locks(base, [("one", one), ("two", two)])
+    assert merged["stages"]["train@digits-x"] == {"cmd": "new"}  # the job's record replaces the base's
+    assert set(merged["stages"]) == {"split@digits", "train@digits-x", "train@digits-y"}
+    assert base["stages"]["train@digits-x"] == {"cmd": "old"}  # the base is not modified
+    clash = _lock(**{"split@digits": {"cmd": "split", "outs": [{"md5": "b"}]}})
+    with pytest.raises(UserError, match="split@digits is recorded differently by one and clash"):
+        merge_locks(base, [("one", one), ("clash", clash)])
+
+
+def test_gather_merges_locks_and_restores_uncached_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("dvc.lock").write_text(yaml.safe_dump(_lock(**{"split@digits": {"cmd": "split"}})))
+    for name, stage in (("a", "evaluate@digits-a"), ("b", "evaluate@digits-b")):
+        bundle = tmp_path / "bundles" / name
+        (bundle / "files/reports/metrics/demo/digits").mkdir(parents=True)
+        (bundle / "files/reports/metrics/demo/digits" / f"{name}.json").write_text(json.dumps({"accuracy": 0.9}))
+        (bundle / "dvc.lock").write_text(yaml.safe_dump(_lock(**{stage: {"cmd": name}})))
+    merged = gather([tmp_path / "bundles/a", tmp_path / "bundles/b"])
+    assert merged == ["evaluate@digits-a", "evaluate@digits-b"]
+    lock = yaml.safe_load(Path("dvc.lock").read_text())
+    assert set(lock["stages"]) == {"split@digits", "evaluate@digits-a", "evaluate@digits-b"}
+    assert json.loads(Path("reports/metrics/demo/digits/b.json").read_text()) == {"accuracy": 0.9}
+    with pytest.raises(UserError, match="not a bundle"):
+        gather([tmp_path / "bundles"])
+
+
+def test_summary_reports_params_and_metrics_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`summary --base HEAD` in a git + DVC repository: the changed param and metric, as Markdown."""
+    env = _env()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, env=env, check=True)
+    (tmp_path / "params.yaml").write_text("training:\n  epochs: 5\n")
+    (tmp_path / "metrics.json").write_text('{"accuracy": 0.9}')
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  train:\n    cmd: 'true'\n    params: [training.epochs]\n    metrics:\n      - metrics.json:\n          cache: false\n"
+    )
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("training:\n  epochs: 8\n")
+    (tmp_path / "metrics.json").write_text('{"accuracy": 0.95}')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", env["PATH"])
+    text = summary("HEAD")
+    assert "### Params against `HEAD`" in text and "### Metrics against `HEAD`" in text
+    params_part, metrics_part = text.split("### Metrics")
+    assert "training.epochs" in params_part and "| 5 " in params_part and "| 8 " in params_part
+    assert "accuracy" in metrics_part and "0.95" in metrics_part

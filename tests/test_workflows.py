@@ -1,0 +1,103 @@
+"""The GitHub workflows, checked offline: GitHub's schema (check-jsonschema's vendored copy), zizmor's
+security audits, and what the workflows must do (triggers, thin steps, secrets, no push to main)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / ".github" / "workflows"
+BIN = Path(sys.executable).parent
+
+
+def load(name: str) -> dict:
+    data = yaml.safe_load((WORKFLOWS / name).read_text())
+    # YAML 1.1 reads the key `on` as True.
+    data["on"] = data.pop(True, data.get("on"))
+    return data
+
+
+def run_scripts(workflow: dict) -> list[str]:
+    return [step["run"] for job in workflow["jobs"].values() for step in job.get("steps", []) if "run" in step]
+
+
+def test_workflows_match_githubs_schema() -> None:
+    result = subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.github-workflows", *map(str, sorted(WORKFLOWS.glob("*.yml")))],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok -- validation done" in result.stdout
+
+
+def test_zizmor_finds_nothing_offline() -> None:
+    """No template injection, no unpinned actions, no persisted credentials, no excessive permissions."""
+    result = subprocess.run([str(BIN / "zizmor"), "--offline", str(WORKFLOWS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No findings to report" in result.stdout + result.stderr
+
+
+def test_zizmor_would_catch_an_injection(tmp_path: Path) -> None:
+    """The audit is real: a workflow interpolating an input into a script fails it."""
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        "name: bad\non:\n  workflow_dispatch:\n    inputs:\n      suite: {type: string}\npermissions: {}\n"
+        "jobs:\n  x:\n    runs-on: ubuntu-24.04\n    steps:\n      - run: echo ${{ inputs.suite }}\n"
+    )
+    result = subprocess.run([str(BIN / "zizmor"), "--offline", str(bad)], capture_output=True, text=True)
+    assert result.returncode != 0 and "template-injection" in result.stdout + result.stderr
+
+
+def test_tests_run_the_readme_command_on_every_pull_request() -> None:
+    workflow = load("tests.yml")
+    assert "pull_request" in workflow["on"]
+    assert any(script.strip() == "make test" for script in run_scripts(workflow))
+    assert "make test" in (REPO / "README.md").read_text()
+
+
+def test_retraining_triggers_on_pipeline_changes_schedule_and_dispatch() -> None:
+    triggers = load("retrain.yml")["on"]
+    assert triggers["push"]["branches"] == ["main"]
+    assert set(triggers["push"]["paths"]) == {"params.yaml", "dvc.yaml", "dvc.lock", "**.dvc", "stages/**"}
+    assert triggers["schedule"][0]["cron"]
+    assert {"suite", "pattern"} <= set(triggers["workflow_dispatch"]["inputs"])
+
+
+def test_retraining_steps_are_thin_calls_to_the_matrix_command() -> None:
+    workflow = load("retrain.yml")
+    scripts = run_scripts(workflow)
+    calls = [line.strip() for script in scripts for line in script.splitlines() if "stages.matrix" in line]
+    assert {re.search(r"stages\.matrix (\w+)", call).group(1) for call in calls} == {"plan", "run", "gather", "summary"}
+    assert not any("pip install" in script or "uv " in script for script in scripts)
+    assert sum(script.strip() == "make env" for script in scripts) == 4  # every job installs the README's way
+    # The fan-out: matrices from the plan job; GPU runners configurable; two retrainings never race.
+    assert workflow["jobs"]["train"]["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.train) }}"
+    assert "vars.GPU_RUNNER_LABELS" in workflow["jobs"]["train"]["runs-on"]
+    assert workflow["concurrency"]["cancel-in-progress"] is False and "retrain-" in workflow["concurrency"]["group"]
+
+
+def test_secrets_reach_scripts_only_through_env_and_main_is_never_pushed() -> None:
+    text = (WORKFLOWS / "retrain.yml").read_text()
+    workflow = load("retrain.yml")
+    for script in run_scripts(workflow):
+        assert "${{" not in script, script  # values reach scripts as environment variables only
+        assert not re.search(r"git push\S* .*\bmain\b", script)
+    assert "gh pr create --base main" in text
+    assert workflow["permissions"] == {"contents": "read"}
+    for name, job in workflow["jobs"].items():
+        if any("secrets." in str(step.get("env", {})) for step in job.get("steps", [])):
+            assert job.get("environment") == "retrain", name
+
+
+@pytest.mark.parametrize("name", ["tests.yml", "retrain.yml"])
+def test_checkouts_do_not_persist_credentials(name: str) -> None:
+    for job in load(name)["jobs"].values():
+        for step in job["steps"]:
+            if step.get("uses", "").startswith("actions/checkout@"):
+                assert step["with"]["persist-credentials"] is False
