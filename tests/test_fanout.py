@@ -1,0 +1,99 @@
+"""The CI fan-out end to end, on the demo, against an S3-compatible DVC remote on 127.0.0.1.
+
+moto's S3 server stands in for the team's bucket; the real DVC client (with dvc-s3) pushes and
+pulls. Every job is a fresh git clone, as on a CI runner: a prepare job, one training job per
+experiment, and a report job that gathers their bundles. Then a fresh clone pulls and `dvc repro`
+runs nothing, and a params change retrains only what it affects.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from moto.server import ThreadedMotoServer
+from test_pipeline import copy_repository, run, stages_run
+
+pytestmark = pytest.mark.slow
+BUCKET = "classmatrix-remote"
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield url
+    server.stop()
+
+
+def matrix(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "stages.matrix", *args], cwd, env)
+
+
+def clone(origin: Path, folder: Path, env: dict[str, str]) -> Path:
+    run(["git", "clone", "-q", str(origin), str(folder)], origin.parent, env)
+    return folder
+
+
+def test_jobs_share_one_remote_and_a_fresh_clone_reproduces_nothing(endpoint: str, tmp_path: Path) -> None:
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    env = copy_repository(origin)
+    env.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+        # The team's shared tracking store (a server in real life): every job logs to it.
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'shared-mlflow.db'}",
+    )
+    run(["dvc", "remote", "add", "-d", "shared", f"s3://{BUCKET}/dvc"], origin, env)
+    run(["dvc", "remote", "modify", "shared", "endpointurl", endpoint], origin, env)
+    run([*GIT, "commit", "-qam", "the shared remote"], origin, env)
+
+    jobs = json.loads(matrix("plan", "--suite", "demo", cwd=origin, env=env).stdout)
+    bundles = tmp_path / "bundles"
+    for job in jobs["prepare"]["include"]:
+        workspace = clone(origin, tmp_path / f"prepare-{job['name']}", env)
+        matrix("run", *job["targets"].split(), "--bundle", str(bundles / f"prepare-{job['name']}"), cwd=workspace, env=env)
+    prepared = sorted(str(p) for p in bundles.glob("prepare-*"))
+    for index, job in enumerate(jobs["train"]["include"]):
+        workspace = clone(origin, tmp_path / f"train-{index}", env)
+        matrix("gather", *prepared, cwd=workspace, env=env)
+        ran = matrix("run", *job["targets"].split(), "--bundle", str(bundles / f"train-{index}"), cwd=workspace, env=env)
+        # The data came from the remote: this job fetched and split nothing.
+        assert not {"fetch@digits", "validate@digits", "split@digits"} & set(stages_run(ran.stdout)), ran.stdout[-3000:]
+        assert f"train@{job['experiments']}" in stages_run(ran.stdout)
+
+    final = clone(origin, tmp_path / "report", env)
+    gathered = matrix("gather", *sorted(str(p) for p in bundles.iterdir()), "--suite", "demo", cwd=final, env=env)
+    assert stages_run(gathered.stdout) == ["report@demo"]
+    board = (final / "reports/leaderboard/demo.md").read_text()
+    assert "| digits | small_cnn |" in board and "| digits | mobilenetv2 |" in board
+    summary = matrix("summary", "--base", "HEAD", cwd=final, env=env).stdout
+    assert "### Metrics against `HEAD`" in summary and "accuracy" in summary
+    # What the report job proposes as a pull request: dvc.lock and the reports git tracks.
+    run([*GIT, "add", "-A", "dvc.lock", "reports"], final, env)
+    run([*GIT, "commit", "-qm", "retrain demo"], final, env)
+    run(["git", "pull", "-q", str(final), "HEAD"], origin, env)
+
+    fresh = clone(origin, tmp_path / "fresh", env)
+    run(["dvc", "pull", "--with-deps", "report@demo"], fresh, env)
+    again = run(["dvc", "repro", "report@demo"], fresh, env)
+    assert stages_run(again.stdout) == [], again.stdout[-3000:]
+
+    params = yaml.safe_load((fresh / "params.yaml").read_text())
+    params["experiments"]["digits-small_cnn"]["train"]["epochs"] = 3
+    (fresh / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run(["dvc", "repro", "report@demo"], fresh, env)
+    assert sorted(stages_run(changed.stdout)) == [
+        "evaluate@digits-small_cnn", "report@demo", "train@digits-small_cnn", "weights@digits-small_cnn"
+    ]
