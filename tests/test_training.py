@@ -331,7 +331,7 @@ def test_a_pretrained_backbone_without_its_weights_folder_fails_in_one_line(tmp_
 
 NO_TENSORFLOW = """
 import runpy, sys
-sys.argv = ["stages.train", *sys.argv[1:]]
+sys.argv = ["stages.{stage}", *sys.argv[1:]]
 try:
     runpy.run_module("stages.{stage}", run_name="__main__")
 except SystemExit as exit:
@@ -364,7 +364,8 @@ def test_train_and_evaluate_on_other_backends_never_import_tensorflow(backend: s
     steps = {
         "train": [*common, "--out", str(tmp_path / "model")],
         "evaluate": [*common, "--model", str(tmp_path / "model"), "--metrics", str(tmp_path / "metrics.json"),
-                     "--predictions", str(tmp_path / "predictions.csv"), "--figures", str(tmp_path / "figures")],
+                     "--predictions", str(tmp_path / "predictions.csv"), "--figures", str(tmp_path / "figures"),
+                     "--evaluation", str(tmp_path / "evaluation")],
     }
     for stage, args in steps.items():
         result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW.format(stage=stage), *args], cwd=REPO, env=env,
