@@ -160,6 +160,9 @@ class TrainingConfig:
     # auto: with a frozen base and no augmentation, compute the base's features once and train
     # the head on them (the same model, many times faster).
     feature_cache: Literal["auto", "off"] = "auto"
+    # data_parallel: replicate the model on every GPU the backend sees and split each batch
+    # between them (MirroredStrategy on TensorFlow, keras.distribution.DataParallel on JAX).
+    distribution: Literal["off", "data_parallel"] = "off"
 
 
 @dataclass(frozen=True)

@@ -53,16 +53,26 @@ def array_batches(
     sample_weight: np.ndarray | None = None,
     on_device: bool = False,
     workers: int = 1,
+    multiple: int = 1,
+    remainder: str = "keep",
 ) -> Any:
     """A keras.utils.PyDataset of (x, y[, w]) batches from arrays (memory-mapped is fine).
 
     Call `.set_epoch(e)` before each epoch; the batches of an epoch depend only on (seed, e).
+
+    Data-parallel training needs every batch to split evenly over `multiple` devices. The last,
+    short batch is then kept (`remainder="keep"`, the default: it must already split evenly),
+    trimmed to a multiple (`"drop"`: for training, at most multiple - 1 images of an epoch sit it
+    out, different ones each epoch since the order is shuffled), or filled up with repeats of its
+    first image (`"pad"`: for prediction, whose extra outputs the caller cuts off).
     """
+    if remainder not in ("keep", "drop", "pad"):
+        raise ValueError(f"remainder must be keep, drop or pad, not {remainder!r}")
     if "ArrayBatches" not in _CLASS:
         _CLASS["ArrayBatches"] = _define()
     return _CLASS["ArrayBatches"](
         x, y, batch_size=batch_size, seed=seed, shuffle=shuffle, sample_weight=sample_weight,
-        on_device=on_device, workers=workers,
+        on_device=on_device, workers=workers, multiple=multiple, remainder=remainder,
     )
 
 
@@ -70,7 +80,7 @@ def _define() -> type:
     import keras
 
     class ArrayBatches(keras.utils.PyDataset):
-        def __init__(self, x, y, *, batch_size, seed, shuffle, sample_weight, on_device, workers):
+        def __init__(self, x, y, *, batch_size, seed, shuffle, sample_weight, on_device, workers, multiple, remainder):
             super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=8)
             if len(x) != len(y):
                 raise ValueError(f"{len(x)} images but {len(y)} labels")
@@ -83,23 +93,34 @@ def _define() -> type:
             self.x = device_array(x) if on_device else x
             self.on_device = self.x is not x
             self.order = epoch_order(self.count, seed, 0, shuffle)
+            last = self.count % batch_size
+            self.last_size = last if remainder == "keep" or multiple == 1 else last - last % multiple
+            if remainder == "pad" and self.last_size != last:
+                self.last_size += multiple
+            self.length = self.count // batch_size + (1 if self.last_size else 0)
 
         def set_epoch(self, epoch: int) -> None:
             self.order = epoch_order(self.count, self.seed, epoch, self.shuffle)
 
         def __len__(self) -> int:
-            return math.ceil(self.count / self.batch_size)
+            return self.length
 
         def __getitem__(self, index: int):
             picked = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+            short = len(picked) < self.batch_size and len(picked) != self.last_size
+            if short and self.last_size < len(picked):  # "drop"
+                picked = picked[: self.last_size]
+            if not self.on_device:
+                # Sorted reads are sequential in the memory map; the order within a batch does
+                # not change the batch's gradient (and a prediction's order is sorted already).
+                picked = np.sort(picked)
+            if short and self.last_size > len(picked):  # "pad", after the real images
+                picked = np.concatenate([picked, np.repeat(picked[:1], self.last_size - len(picked))])
             if self.on_device:
                 import jax.numpy as jnp
 
                 images = jnp.take(self.x, picked, axis=0)
             else:
-                # Sorted reads are sequential in the memory map; the order within a batch does
-                # not change the batch's gradient.
-                picked = np.sort(picked)
                 images = np.asarray(self.x[picked])
             batch = (images, self.y[picked])
             if self.sample_weight is not None:

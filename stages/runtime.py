@@ -7,6 +7,7 @@ directly, so the training path stays free of TensorFlow on the other backends.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,54 @@ def make_deterministic(seed: int, device: Accelerator) -> None:
         import torch
 
         torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """Where training runs: `count` devices in data parallel (1: no distribution)."""
+
+    count: int
+    devices: tuple[str, ...]
+    scope: Any  # a context manager: build, compile and fit inside it
+
+
+def data_parallel(setting: str, stage: str) -> Replicas:
+    """The devices for training.distribution.
+
+    `data_parallel` replicates the model on every accelerator the backend sees (restrict them
+    with CUDA_VISIBLE_DEVICES) and splits each batch between them: tf.distribute.MirroredStrategy
+    on TensorFlow, keras.distribution.DataParallel on JAX. Without a GPU it uses the backend's
+    CPU devices, one unless the backend was asked for more (how the tests run it on a CPU).
+    Keras has no distribution on PyTorch: that is an error, not a silent single-device run.
+    """
+    import contextlib
+
+    import keras
+
+    if setting == "off":
+        return Replicas(1, (), contextlib.nullcontext())
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        names = tuple(device.name for device in devices)
+        if len(names) > 1:
+            return Replicas(len(names), names, tf.distribute.MirroredStrategy(devices=list(names)).scope())
+    elif backend == "jax":
+        import jax
+
+        devices = jax.devices()
+        names = tuple(f"{device.platform}:{device.id}" for device in devices)
+        if len(names) > 1:
+            distribution = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
+            return Replicas(len(names), names, distribution.scope())
+    else:
+        from stages.errors import UserError
+
+        raise UserError(
+            f"{stage}: training.distribution: data_parallel needs KERAS_BACKEND tensorflow or jax "
+            f"(Keras has no distribution API on {backend}); set distribution: off or change the backend"
+        )
+    print(f"{stage}: training.distribution is data_parallel but {backend} sees one device ({names[0]}); training on it alone")
+    return Replicas(1, names, contextlib.nullcontext())

@@ -299,145 +299,160 @@ def train(
     policy = runtime.precision_policy(training.mixed_precision, device)
     keras.config.set_dtype_policy(policy)
     runtime.make_deterministic(training.seed, device)
-    model = build_model(
-        experiment.backbone,
-        image_size=experiment.dataset.image_size,
-        channels=experiment.dataset.channels,
-        num_classes=len(data.classes),
-        augmentation=experiment.dataset.augmentation,
-        seed=training.seed,
-        weights_file=weights_file,
-    )
-    runtime.let_augmentation_compile(model)
-
-    config = resolved_config(experiment)
-    params_hash = tracking.stable_hash(config)
-    weights_digest = json.loads((weights_dir / "weights.json").read_text())["sha256"] if weights_file else None
-    run_key = tracking.stable_hash({"params": params_hash, "data": data.version, "weights": weights_digest})
-    checkpoint_path = out / CHECKPOINT
-    resumed = read_checkpoint(checkpoint_path)
-    if resumed is not None and resumed[0].run_key != run_key:
-        print(f"train@{experiment.name}: the checkpoint is for other params or data; starting over")
-        resumed = None
-    if resumed is not None:
-        state, arrays = resumed
-        if state.phase_index >= len(plan_phases(experiment)):
-            print(f"train@{experiment.name}: training finished before ({state.epoch} epochs, in the checkpoint); "
-                  "logging it without training again")
-        else:
-            print(f"train@{experiment.name}: resuming after epoch {state.epoch} (phase {state.phase_index + 1})")
-    else:
-        arrays = {}
-        state = TrainingState(run_key=run_key, run_id="")
-    tags = {
-        "data_version": data.version,
-        "keras_backend": keras.backend.backend(),
-        **tracking.provenance_tags(data_dir),
-    }
-    run_log = RunLog(experiment, config, params_hash, tags)
-    run_log.open(state)
-
-    sample_weight = None
-    if training.class_weight == "balanced":
-        sample_weight = class_weights(data.y["train"], len(data.classes))[data.y["train"]]
-    workers = 4 if device.kind == "gpu" else 1
-    phases = plan_phases(experiment)
-    jit = runtime.jit_compile(training.jit_compile)
-    best: list[np.ndarray] = [arrays[f"best_{i}"] for i in range(sum(1 for k in arrays if k.startswith("best_")))]
-    if arrays and state.phase_index > 0:
-        # Phase 1 ended before the checkpoint: its best weights are where phase 2 starts.
-        model.set_weights(best)
-    for phase in phases[: state.phase_index]:
-        if phase.number == 2:  # finished before the checkpoint: the model is saved as it trained
-            unfreeze_top(model, phase.unfreeze or 0)
-
-    for phase in phases[state.phase_index :]:
-        if phase.number == 2:
-            trainable_layers = unfreeze_top(model, phase.unfreeze or 0)
-            print(f"train@{experiment.name}: phase 2 fine-tunes {trainable_layers} base layers at lr {phase.learning_rate}")
-        cache = phase.number == 1 and _use_feature_cache(experiment, model, len(data.x["train"]) + len(data.x["val"]))
-        if cache:
-            features, head = split_at_features(model)
-            fit_model = head
-            started = time.perf_counter()
-            train_x = _features(features, data.x["train"], training.batch_size)
-            val_x = _features(features, data.x["val"], training.batch_size)
-            cache_seconds = time.perf_counter() - started
-        else:
-            fit_model, train_x, val_x, cache_seconds = model, data.x["train"], data.x["val"], 0.0
-        fit_model.compile(
-            optimizer=make_optimizer(training.optimizer, phase.learning_rate),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            jit_compile=jit,
+    replicas = runtime.data_parallel(training.distribution, f"train@{experiment.name}")
+    if training.batch_size % replicas.count:
+        raise UserError(
+            f"train@{experiment.name}: training.batch_size {training.batch_size} does not split evenly over "
+            f"{replicas.count} devices; use a multiple of {replicas.count}"
         )
-        batches = array_batches(
-            train_x, data.y["train"], batch_size=training.batch_size, seed=training.seed, shuffle=True,
-            sample_weight=sample_weight, on_device=not cache, workers=workers,
+    with replicas.scope:
+        model = build_model(
+            experiment.backbone,
+            image_size=experiment.dataset.image_size,
+            channels=experiment.dataset.channels,
+            num_classes=len(data.classes),
+            augmentation=experiment.dataset.augmentation,
+            seed=training.seed,
+            weights_file=weights_file,
         )
-        val_batches = array_batches(
-            val_x, data.y["val"], batch_size=training.batch_size, seed=training.seed, shuffle=False, workers=workers
-        )
-        if arrays and state.phase_epoch > 0:
-            fit_model.optimizer.build(fit_model.trainable_variables)
-            _assign(model.variables, arrays, "model", "model")
-            _assign(fit_model.optimizer.variables, arrays, "optimizer", "optimizer state")
-        arrays = {}
-        if not best:
-            best = model.get_weights()
-        while not state.done and state.phase_epoch < phase.epochs:
-            batches.set_epoch(state.epoch)
-            started = time.perf_counter()
-            # shuffle=False: the loader orders each epoch itself, from (seed, epoch); Keras would
-            # shuffle a PyDataset's batches with Python's global `random`, which a resumed
-            # process cannot reproduce.
-            history = fit_model.fit(
-                batches, validation_data=val_batches, initial_epoch=state.epoch, epochs=state.epoch + 1,
-                shuffle=False, verbose=0,
-            )
-            seconds = time.perf_counter() - started
-            state.phase_seconds += seconds
-            logs = {key: float(values[-1]) for key, values in history.history.items()}
-            state.history.append({"epoch": state.epoch, "phase": phase.number, **logs, "seconds": round(seconds, 3)})
-            improved = logs["val_loss"] < state.best_loss
-            if improved:
-                state.best_loss, state.best_epoch, state.wait = logs["val_loss"], state.epoch, 0
-                best = model.get_weights()
+        runtime.let_augmentation_compile(model)
+
+        config = resolved_config(experiment)
+        params_hash = tracking.stable_hash(config)
+        weights_digest = json.loads((weights_dir / "weights.json").read_text())["sha256"] if weights_file else None
+        run_key = tracking.stable_hash({"params": params_hash, "data": data.version, "weights": weights_digest})
+        checkpoint_path = out / CHECKPOINT
+        resumed = read_checkpoint(checkpoint_path)
+        if resumed is not None and resumed[0].run_key != run_key:
+            print(f"train@{experiment.name}: the checkpoint is for other params or data; starting over")
+            resumed = None
+        if resumed is not None:
+            state, arrays = resumed
+            if state.phase_index >= len(plan_phases(experiment)):
+                print(f"train@{experiment.name}: training finished before ({state.epoch} epochs, in the checkpoint); "
+                      "logging it without training again")
             else:
-                state.wait += 1
-            print(
-                f"epoch {state.epoch + 1} (phase {phase.number}{', cached features' if cache else ''}): "
-                + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-                + f" ({seconds:.1f} s){' *' if improved else ''}"
-            )
-            state.epoch += 1
-            state.phase_epoch += 1
-            state.done = state.wait >= training.early_stopping_patience
-            run_log.epoch(state)
-            save_checkpoint(checkpoint_path, state, model, fit_model.optimizer, best)
-        # The phase's best weights (phase 2 keeps phase 1's unless it did better).
-        model.set_weights(best)
-        images = state.phase_epoch * len(data.x["train"])
-        state.phases.append({
-            "phase": phase.number,
-            "epochs_run": state.phase_epoch,
-            "learning_rate": phase.learning_rate,
-            "feature_cache": bool(cache),
-            "xla": bool(fit_model.jit_compile),
-            "feature_cache_seconds": round(cache_seconds, 2),
-            "seconds": round(state.phase_seconds + cache_seconds, 2),
-            "images_per_second": round(images / max(state.phase_seconds + cache_seconds, 1e-9), 1),
-        })
-        state.phase_index += 1
-        state.phase_epoch, state.phase_seconds, state.wait, state.done = 0, 0.0, 0, False
-        save_checkpoint(checkpoint_path, state, model, None, best)
+                print(f"train@{experiment.name}: resuming after epoch {state.epoch} (phase {state.phase_index + 1})")
+        else:
+            arrays = {}
+            state = TrainingState(run_key=run_key, run_id="")
+        tags = {
+            "data_version": data.version,
+            "keras_backend": keras.backend.backend(),
+            **tracking.provenance_tags(data_dir),
+        }
+        run_log = RunLog(experiment, config, params_hash, tags)
+        run_log.open(state)
 
-    # Local outputs first: they are written whether or not the tracking server answers.
-    record = _write_outputs(experiment, model, state, out, data, config, params_hash, run_key, policy, device, weights_file)
-    try:
-        run_log.finish(state, checkpoint_path)
-    finally:
-        save_checkpoint(checkpoint_path, state, model, None, best)
+        sample_weight = None
+        if training.class_weight == "balanced":
+            sample_weight = class_weights(data.y["train"], len(data.classes))[data.y["train"]]
+        workers = 4 if device.kind == "gpu" else 1
+        phases = plan_phases(experiment)
+        jit = runtime.jit_compile(training.jit_compile)
+        best: list[np.ndarray] = [arrays[f"best_{i}"] for i in range(sum(1 for k in arrays if k.startswith("best_")))]
+        if arrays and state.phase_index > 0:
+            # Phase 1 ended before the checkpoint: its best weights are where phase 2 starts.
+            model.set_weights(best)
+        for phase in phases[: state.phase_index]:
+            if phase.number == 2:  # finished before the checkpoint: the model is saved as it trained
+                unfreeze_top(model, phase.unfreeze or 0)
+
+        for phase in phases[state.phase_index :]:
+            if phase.number == 2:
+                trainable_layers = unfreeze_top(model, phase.unfreeze or 0)
+                print(f"train@{experiment.name}: phase 2 fine-tunes {trainable_layers} base layers at lr {phase.learning_rate}")
+            cache = phase.number == 1 and _use_feature_cache(experiment, model, len(data.x["train"]) + len(data.x["val"]))
+            if cache:
+                features, head = split_at_features(model)
+                fit_model = head
+                started = time.perf_counter()
+                train_x = _features(features, data.x["train"], training.batch_size, replicas.count)
+                val_x = _features(features, data.x["val"], training.batch_size, replicas.count)
+                cache_seconds = time.perf_counter() - started
+            else:
+                fit_model, train_x, val_x, cache_seconds = model, data.x["train"], data.x["val"], 0.0
+            fit_model.compile(
+                optimizer=make_optimizer(training.optimizer, phase.learning_rate),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+                jit_compile=jit,
+            )
+            batches = array_batches(
+                train_x, data.y["train"], batch_size=training.batch_size, seed=training.seed, shuffle=True,
+                sample_weight=sample_weight, on_device=not cache and replicas.count == 1, workers=workers,
+                multiple=replicas.count, remainder="drop",
+            )
+            # Over several devices every batch must split evenly: validation pads its last batch
+            # and scores the predictions itself (a padded batch would bias Keras's val_loss).
+            val_batches = array_batches(
+                val_x, data.y["val"], batch_size=training.batch_size, seed=training.seed, shuffle=False, workers=workers,
+                multiple=replicas.count, remainder="pad",
+            )
+            if arrays and state.phase_epoch > 0:
+                fit_model.optimizer.build(fit_model.trainable_variables)
+                _assign(model.variables, arrays, "model", "model")
+                _assign(fit_model.optimizer.variables, arrays, "optimizer", "optimizer state")
+            arrays = {}
+            if not best:
+                best = model.get_weights()
+            while not state.done and state.phase_epoch < phase.epochs:
+                batches.set_epoch(state.epoch)
+                started = time.perf_counter()
+                # shuffle=False: the loader orders each epoch itself, from (seed, epoch); Keras would
+                # shuffle a PyDataset's batches with Python's global `random`, which a resumed
+                # process cannot reproduce.
+                history = fit_model.fit(
+                    batches, validation_data=val_batches if replicas.count == 1 else None,
+                    initial_epoch=state.epoch, epochs=state.epoch + 1, shuffle=False, verbose=0,
+                )
+                logs = {key: float(values[-1]) for key, values in history.history.items()}
+                if replicas.count > 1:
+                    logs.update(_validate(fit_model, val_batches, data.y["val"]))
+                seconds = time.perf_counter() - started
+                state.phase_seconds += seconds
+                state.history.append({"epoch": state.epoch, "phase": phase.number, **logs, "seconds": round(seconds, 3)})
+                improved = logs["val_loss"] < state.best_loss
+                if improved:
+                    state.best_loss, state.best_epoch, state.wait = logs["val_loss"], state.epoch, 0
+                    best = model.get_weights()
+                else:
+                    state.wait += 1
+                print(
+                    f"epoch {state.epoch + 1} (phase {phase.number}{', cached features' if cache else ''}): "
+                    + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+                    + f" ({seconds:.1f} s){' *' if improved else ''}"
+                )
+                state.epoch += 1
+                state.phase_epoch += 1
+                state.done = state.wait >= training.early_stopping_patience
+                run_log.epoch(state)
+                save_checkpoint(checkpoint_path, state, model, fit_model.optimizer, best)
+            # The phase's best weights (phase 2 keeps phase 1's unless it did better).
+            model.set_weights(best)
+            images = state.phase_epoch * len(data.x["train"])
+            state.phases.append({
+                "phase": phase.number,
+                "epochs_run": state.phase_epoch,
+                "learning_rate": phase.learning_rate,
+                "feature_cache": bool(cache),
+                "xla": bool(fit_model.jit_compile),
+                "feature_cache_seconds": round(cache_seconds, 2),
+                "seconds": round(state.phase_seconds + cache_seconds, 2),
+                "images_per_second": round(images / max(state.phase_seconds + cache_seconds, 1e-9), 1),
+            })
+            state.phase_index += 1
+            state.phase_epoch, state.phase_seconds, state.wait, state.done = 0, 0.0, 0, False
+            save_checkpoint(checkpoint_path, state, model, None, best)
+
+        # Local outputs first: they are written whether or not the tracking server answers.
+        record = _write_outputs(
+            experiment, model, state, out, data, config, params_hash, run_key, policy, device, weights_file, replicas
+        )
+        try:
+            run_log.finish(state, checkpoint_path)
+        finally:
+            save_checkpoint(checkpoint_path, state, model, None, best)
     record["run_id"] = state.run_id
     write_json_atomic(out / "training.json", record)
     checkpoint_path.unlink(missing_ok=True)
@@ -457,16 +472,27 @@ def _use_feature_cache(experiment: Experiment, model: Any, images: int) -> bool:
     return images * size * 4 <= FEATURE_CACHE_BYTES
 
 
-def _features(features: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+def _features(features: Any, x: np.ndarray, batch_size: int, replicas: int = 1) -> np.ndarray:
     from stages.loader import array_batches
 
-    batches = array_batches(x, np.zeros(len(x), dtype="int64"), batch_size=batch_size, seed=0, shuffle=False)
-    return np.asarray(features.predict(batches, verbose=0), dtype="float32")
+    batches = array_batches(x, np.zeros(len(x), dtype="int64"), batch_size=batch_size, seed=0, shuffle=False,
+                            multiple=replicas, remainder="pad")
+    return np.asarray(features.predict(batches, verbose=0), dtype="float32")[: len(x)]
+
+
+def _validate(model: Any, batches: Any, y: np.ndarray) -> dict[str, float]:
+    """val_loss and val_accuracy of `model`, as Keras computes them, from padded batches: the
+    predictions for the padding are cut off before scoring."""
+    probabilities = np.asarray(model.predict(batches, verbose=0), dtype="float64")[: len(y)]
+    epsilon = 1e-7  # keras.config.epsilon(): Keras clips probabilities the same way
+    picked = np.clip(probabilities[np.arange(len(y)), y], epsilon, 1 - epsilon)
+    return {"val_accuracy": float(np.mean(probabilities.argmax(axis=1) == y)), "val_loss": float(-np.log(picked).mean())}
 
 
 def _write_outputs(
     experiment: Experiment, model: Any, state: TrainingState, out: Path, data: PreparedData,
     config: dict, params_hash: str, run_key: str, policy: str, device: Any, weights_file: str | None,
+    replicas: Any,
 ) -> dict[str, Any]:
     import keras
 
@@ -497,6 +523,8 @@ def _write_outputs(
         "keras_backend": keras.backend.backend(),
         "device": dataclasses.asdict(device),
         "dtype_policy": policy,
+        "replicas": replicas.count,
+        "replica_devices": list(replicas.devices) if replicas.count > 1 else [],
         "weights_file": Path(weights_file).name if weights_file else None,
         "config": config,
     }

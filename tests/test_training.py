@@ -389,3 +389,108 @@ def test_the_efficientnet_package_refuses_other_backends_in_one_line(tmp_path: P
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert "runs on the TensorFlow backend only (KERAS_BACKEND is jax)" in result.stdout, result.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# Data parallel (training.distribution), on two CPU devices standing in for two GPUs.
+
+
+def test_loader_splits_every_batch_evenly_for_data_parallel() -> None:
+    x = np.arange(37, dtype=np.uint8).reshape(37, 1, 1, 1)
+    y = np.arange(37)
+    # Training: the short last batch (5) is trimmed to 4; which image sits out changes per epoch.
+    train = array_batches(x, y, batch_size=16, seed=1, shuffle=True, multiple=2, remainder="drop")
+    left_out = []
+    for epoch in range(3):
+        train.set_epoch(epoch)
+        sizes = [len(train[i][1]) for i in range(len(train))]
+        assert sizes == [16, 16, 4]
+        seen = np.concatenate([train[i][1] for i in range(len(train))])
+        assert len(set(seen)) == 36
+        left_out.append(set(range(37)) - set(seen))
+    assert len(set.union(*left_out)) > 1
+    # Prediction: the last batch is filled up after the real images, which keep their order.
+    predict = array_batches(x, y, batch_size=16, seed=0, shuffle=False, multiple=2, remainder="pad")
+    assert [len(predict[i][1]) for i in range(len(predict))] == [16, 16, 6]
+    assert list(predict[2][1][:5]) == [32, 33, 34, 35, 36]
+    # One device: nothing changes.
+    plain = array_batches(x, y, batch_size=16, seed=0, shuffle=False, multiple=1, remainder="drop")
+    assert [len(plain[i][1]) for i in range(len(plain))] == [16, 16, 5]
+
+
+def test_validation_scored_from_padded_batches_matches_keras(tmp_path: Path) -> None:
+    import keras
+
+    from stages.train import _validate
+
+    data = write_prepared(tmp_path / "data")
+    x, y = np.load(data / "val_x.npy")[:269], np.load(data / "val_y.npy")[:269]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=3, verbose=0)
+    padded = array_batches(x, y, batch_size=64, seed=0, shuffle=False, multiple=4, remainder="pad")
+    assert len(padded[len(padded) - 1][1]) == 16  # the last 13 images, padded to 16
+    ours = _validate(model, padded, y)
+    loss, accuracy = model.evaluate(x, y, batch_size=64, verbose=0)
+    assert ours["val_loss"] == pytest.approx(loss, rel=1e-4)
+    assert ours["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
+TWO_TENSORFLOW_CPUS = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from stages.errors import run_stage
+from stages.train import main
+sys.argv = ["stages.train", *sys.argv[1:]]
+run_stage(main)
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_data_parallel_trains_the_same_model_as_one_device(backend: str, tmp_path: Path, tracking: str) -> None:
+    """Two replicas, each on half of every batch, follow the one-device run's curve: the same
+    seed, initial weights and batches, gradients averaged across the replicas."""
+    data = write_prepared(tmp_path / "data")
+    env = {**os.environ, "KERAS_BACKEND": backend, "MLFLOW_TRACKING_URI": tracking}
+    if backend == "jax":
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    histories = {}
+    for distribution in ("off", "data_parallel"):
+        params = write_params(tmp_path / f"{distribution}.yaml", SMALL_CNN, {"epochs": 4, "batch_size": 32, "distribution": distribution})
+        args = ["--experiment", "toy-net", "--data", str(data), "--params", str(params), "--out", str(tmp_path / distribution)]
+        prelude = ["-c", TWO_TENSORFLOW_CPUS] if backend == "tensorflow" else ["-m", "stages.train"]
+        result = subprocess.run([sys.executable, *prelude, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        record = json.loads((tmp_path / distribution / "training.json").read_text())
+        assert record["config"]["training"]["distribution"] == distribution
+        histories[distribution] = pd.read_csv(tmp_path / distribution / "history.csv")
+    assert record["replicas"] == 2 and len(record["replica_devices"]) == 2
+    one, two = histories["off"], histories["data_parallel"]
+    assert len(one) == len(two) == 4
+    assert two["val_loss"].iloc[-1] < two["val_loss"].iloc[0] - 0.2  # it learns
+    # (The two-replica run skips one training image per epoch: 1,257 do not split into pairs.)
+    assert np.allclose(two["val_loss"], one["val_loss"], atol=0.05), (one, two)
+    # Accuracy moves in steps while the loss falls steeply; MirroredStrategy also draws each
+    # replica's dropout masks from its own generator.
+    assert np.allclose(two["val_accuracy"], one["val_accuracy"], atol=0.1), (one, two)
+
+
+def test_data_parallel_refuses_a_batch_that_does_not_split_and_a_backend_without_it(tmp_path: Path, tracking: str) -> None:
+    data = write_prepared(tmp_path / "data")
+    params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 1, "batch_size": 33, "distribution": "data_parallel"})
+    args = ["--experiment", "toy-net", "--data", str(data), "--params", str(params), "--out", str(tmp_path / "model")]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-m", "stages.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert "training.batch_size 33 does not split evenly over 2 devices; use a multiple of 2" in result.stderr
+    assert "Traceback" not in result.stderr
+    if torch_installed():
+        env = {**os.environ, "KERAS_BACKEND": "torch"}
+        result = subprocess.run([sys.executable, "-m", "stages.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 1
+        assert "data_parallel needs KERAS_BACKEND tensorflow or jax" in result.stderr
+    assert not (tmp_path / "model" / "model.keras").exists()
