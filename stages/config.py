@@ -352,6 +352,9 @@ def _parse(tp: Any, value: Any, where: str, source: str) -> Any:
                 errors.append(error)
         raise errors[0]
     if origin is Literal:
+        # YAML 1.1 reads an unquoted on/off as true/false: a setting that offers on or off means it.
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            return "on" if value else "off"
         for allowed in args:
             # `1.0 == 1` and `True == 1` in Python; a Literal wants the value as written.
             if value == allowed and type(value) is type(allowed):

@@ -5,6 +5,7 @@
     python -m stages.matrix run evaluate@digits-small_cnn evaluate@digits-mobilenetv2 --bundle out/train-1
     python -m stages.matrix gather out/* --suite demo
     python -m stages.matrix summary --base origin/main
+    python -m stages.matrix local --suite course --gpus 0,1,2,3
 
 `plan` turns params.yaml into the jobs of a GitHub Actions matrix (JSON on stdout, and into
 $GITHUB_OUTPUT when set): `prepare`, one job per dataset of the chosen experiments, running its
@@ -19,6 +20,13 @@ their dvc.lock entries (two jobs that recorded the same stage differently stop i
 and with `--suite`, runs and pushes the suite's report. `summary` writes `dvc params diff` and
 `dvc metrics diff` against a revision as Markdown, for a job summary or a pull-request comment.
 
+`local` runs the matrix on one machine with several GPUs: the shared stages once (split, weights),
+then one `dvc --wait-for-lock repro --single-item train@<experiment> evaluate@<experiment>` per
+experiment, each pinned to its own GPU with CUDA_VISIBLE_DEVICES, as many at once as there are
+GPUs (or `--jobs` on CPUs), then the report. DVC releases its repository lock while a stage's command runs, so the runs overlap and
+each records its stages in dvc.lock when it finishes; the MLflow experiments are made before the
+runs start, so they never race to create them.
+
 Each step is a thin call to the real DVC command line; the same commands run a matrix by hand.
 """
 
@@ -31,6 +39,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +56,8 @@ BUNDLE_FILES = "files"
 PREPARE = ("split",)
 
 
-def plan(params_path: str, suite: str, patterns: list[str], per_job: int) -> dict[str, Any]:
-    """The jobs for `suite`'s experiments that match any of `patterns` (all if none)."""
-    if per_job < 1:
-        raise UserError(f"--per-job must be at least 1, got {per_job}")
+def select(params_path: str, suite: str, patterns: list[str]) -> dict[str, list[str]]:
+    """`suite`'s experiments that match any of `patterns` (all if none), by dataset."""
     params = load_params(params_path)
     names = [n for n in params.suite_experiments(suite) if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
@@ -60,6 +68,14 @@ def plan(params_path: str, suite: str, patterns: list[str], per_job: int) -> dic
     by_dataset: dict[str, list[str]] = {}
     for name in names:
         by_dataset.setdefault(params.experiments[name].dataset, []).append(name)
+    return by_dataset
+
+
+def plan(params_path: str, suite: str, patterns: list[str], per_job: int) -> dict[str, Any]:
+    """The jobs for `suite`'s experiments that match any of `patterns` (all if none)."""
+    if per_job < 1:
+        raise UserError(f"--per-job must be at least 1, got {per_job}")
+    by_dataset = select(params_path, suite, patterns)
     prepare = [{"name": dataset, "targets": " ".join(f"{stage}@{dataset}" for stage in PREPARE)} for dataset in by_dataset]
     train = []
     for dataset, members in by_dataset.items():
@@ -189,6 +205,81 @@ def summary(base: str) -> str:
     return "\n".join(sections)
 
 
+def run_pool(jobs: list[tuple[str, list[str]]], slots: list[str | None]) -> dict[str, int]:
+    """Run the commands of `jobs` (name, argv), one per slot at a time: a slot is a GPU index
+    (the job sees only that GPU, through CUDA_VISIBLE_DEVICES) or None (no pinning). Each output
+    line is printed prefixed with its job's name. Returns each job's exit status."""
+    if not slots:
+        raise UserError("no GPU or job slot to run on: give --gpus 0,1,... or --jobs N (N >= 1)")
+    waiting = deque(jobs)
+    free = list(slots)
+    running: dict[str, tuple[subprocess.Popen, str | None, threading.Thread]] = {}
+    results: dict[str, int] = {}
+    done = threading.Condition()
+    finished: list[str] = []
+    print_lock = threading.Lock()
+
+    def relay(name: str, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            with print_lock:
+                print(f"[{name}] {line}", end="", flush=True)
+        process.wait()
+        with done:
+            finished.append(name)
+            done.notify()
+
+    while waiting or running:
+        while waiting and free:
+            name, argv = waiting.popleft()
+            slot = free.pop(0)
+            env = dict(os.environ)
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot
+            print(f"matrix: {name} starts{f' on GPU {slot}' if slot is not None else ''}: {' '.join(argv)}", flush=True)
+            process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            thread = threading.Thread(target=relay, args=(name, process), daemon=True)
+            thread.start()
+            running[name] = (process, slot, thread)
+        with done:
+            while not finished:
+                done.wait()
+            name = finished.pop(0)
+        process, slot, thread = running.pop(name)
+        thread.join()
+        results[name] = process.returncode
+        print(f"matrix: {name} {'finished' if process.returncode == 0 else f'failed (exit status {process.returncode})'}", flush=True)
+        free.append(slot)
+    return results
+
+
+def local(params_path: str, suite: str, patterns: list[str], slots: list[str | None], report: bool) -> dict[str, int]:
+    """The chosen experiments on this machine, as many at once as there are slots."""
+    from stages import tracking
+
+    by_dataset = select(params_path, suite, patterns)
+    names = [name for members in by_dataset.values() for name in members]
+    # What the experiments share runs once, before they start: two runs must not both decide
+    # to make the same split.
+    dvc("--wait-for-lock", "repro", *(f"split@{d}" for d in by_dataset), *(f"weights@{n}" for n in names))
+    with tracking.unavailable("create the MLflow experiments", "start the server (or unset MLFLOW_TRACKING_URI) and run again"):
+        for dataset in by_dataset:
+            tracking.experiment_id(dataset)
+    # --single-item: a job takes only its own stages. A repro that walks up to split@ takes a
+    # write lock on the split's outputs even to skip it, and the other runs are reading them.
+    jobs = [(n, ["dvc", "--wait-for-lock", "repro", "--single-item", f"train@{n}", f"evaluate@{n}"]) for n in names]
+    results = run_pool(jobs, slots)
+    failed = {name: code for name, code in results.items() if code}
+    if failed:
+        raise UserError(
+            f"{len(failed)} of {len(names)} experiments failed: "
+            + ", ".join(f"{name} (exit status {code})" for name, code in failed.items())
+            + "; their output is above, prefixed with their names; the others are recorded in dvc.lock"
+        )
+    if report:
+        dvc("--wait-for-lock", "repro", f"report@{suite}")
+    return results
+
+
 def to_github_output(values: dict[str, str]) -> None:
     """Append `name=value` lines to the file GitHub Actions names in GITHUB_OUTPUT, if any."""
     path = os.environ.get("GITHUB_OUTPUT")
@@ -215,6 +306,14 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("bundles", nargs="+", type=Path)
     g.add_argument("--suite", help="then reproduce and push this suite's report")
     g.add_argument("--no-push", action="store_true")
+    local_ = commands.add_parser("local", help="run experiments at once on this machine, one per GPU")
+    local_.add_argument("--suite", required=True)
+    local_.add_argument("--pattern", action="append", default=[], help="experiment name glob (repeatable); default all")
+    where = local_.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gpus", help="GPU indices, comma-separated: one experiment at a time on each")
+    where.add_argument("--jobs", type=int, help="experiments at once, not pinned to GPUs (CPU-only machines)")
+    local_.add_argument("--no-report", action="store_true", help="skip the suite's report")
+    local_.add_argument("--params", default="params.yaml")
     s = commands.add_parser("summary", help="params and metrics diff against a revision, as Markdown")
     s.add_argument("--base", default="HEAD")
     args = parser.parse_args(argv)
@@ -243,6 +342,15 @@ def main(argv: list[str] | None = None) -> None:
             dvc("repro", "--single-item", f"report@{args.suite}")
             if has_remote() and not args.no_push:
                 dvc("push", f"report@{args.suite}")
+    elif args.command == "local":
+        if args.gpus is not None:
+            slots = [gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()]
+            if not all(gpu.isdigit() for gpu in slots):
+                raise UserError(f"--gpus {args.gpus!r}: give GPU indices separated by commas, like 0,1,2")
+        else:
+            slots = [None] * max(args.jobs, 0)
+        results = local(args.params, args.suite, args.pattern, slots, report=not args.no_report)
+        print(f"matrix: {len(results)} experiments reproduced")
     elif args.command == "summary":
         text = summary(args.base)
         print(text)

@@ -100,7 +100,13 @@ def experiment_id(dataset: str) -> str:
         # chooses its own artifact root.) Decided by the URI, not by whether the variable is
         # set: mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI itself.
         artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / dataset).as_uri()
-    return mlflow.create_experiment(dataset, artifact_location=artifact_location)
+    try:
+        return mlflow.create_experiment(dataset, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException as error:
+        # Another stage, running at the same time, made it first.
+        if error.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(error):
+            raise
+        return mlflow.get_experiment_by_name(dataset).experiment_id
 
 
 def stable_hash(data: Any) -> str:

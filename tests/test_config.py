@@ -337,3 +337,14 @@ def test_stage_reports_a_broken_params_file_in_one_line_without_traceback(tmp_pa
     assert lines[0].startswith("error: ")
     assert "datasets.digits.sorce" in lines[0] and "Traceback" not in completed.stderr
     assert not out.exists()
+
+
+def test_unquoted_on_and_off_mean_the_settings_not_booleans(raw):
+    """YAML 1.1 reads `off` as false; settings that offer on/off take it as written."""
+    training = yaml.safe_load("jit_compile: on\nmixed_precision: off\ndistribution: off\nfeature_cache: off\n")
+    assert training["distribution"] is False  # what the YAML parser hands over
+    raw["training"].update(training)
+    parsed = parse_params(raw, "params.yaml").training
+    assert (parsed.jit_compile, parsed.mixed_precision, parsed.distribution, parsed.feature_cache) == ("on", "off", "off", "off")
+    raw["training"]["distribution"] = True  # `on` is not one of distribution's settings
+    assert "training.distribution: True is not allowed; valid: off, data_parallel" in config_error(raw)

@@ -97,3 +97,31 @@ def test_jobs_share_one_remote_and_a_fresh_clone_reproduces_nothing(endpoint: st
     assert sorted(stages_run(changed.stdout)) == [
         "evaluate@digits-small_cnn", "report@demo", "train@digits-small_cnn", "weights@digits-small_cnn"
     ]
+
+
+def test_two_experiments_at_once_on_one_machine_are_both_recorded(tmp_path: Path) -> None:
+    """`matrix local --jobs 2`: both demo experiments train at the same time (as they would on
+    two GPUs), sharing the workspace, dvc.lock and the default SQLite tracking store."""
+    import mlflow
+
+    env = copy_repository(tmp_path)
+    ran = matrix("local", "--suite", "demo", "--jobs", "2", cwd=tmp_path, env=env)
+    for name in ("digits-small_cnn", "digits-mobilenetv2"):
+        assert f"[{name}] Running stage 'train@{name}'" in ran.stdout, ran.stdout[-3000:]
+        assert f"matrix: {name} finished" in ran.stdout
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert {"train@digits-small_cnn", "evaluate@digits-small_cnn", "train@digits-mobilenetv2",
+            "evaluate@digits-mobilenetv2", "report@demo"} <= set(lock)
+    status = run(["dvc", "status", "--json", "report@demo"], tmp_path, env)
+    assert json.loads(status.stdout) == {}, status.stdout
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["mobilenetv2", "small_cnn"]
+    assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in runs)
+    first, second = sorted(runs, key=lambda r: r.info.start_time)
+    # The second started while the first was still running: they overlapped.
+    assert second.info.start_time < first.info.end_time
+    assert len(client.search_model_versions("name = 'digits'")) == 2
+    board = (tmp_path / "reports/leaderboard/demo.md").read_text()
+    assert "| digits | small_cnn |" in board and "| digits | mobilenetv2 |" in board

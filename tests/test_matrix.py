@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from stages.errors import UserError
-from stages.matrix import gather, merge_locks, plan, summary
+from stages.matrix import gather, merge_locks, plan, run_pool, summary
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = str(REPO / "params.yaml")
@@ -127,3 +127,34 @@ def test_summary_reports_params_and_metrics_changes(tmp_path: Path, monkeypatch:
     params_part, metrics_part = text.split("### Metrics")
     assert "training.epochs" in params_part and "| 5 " in params_part and "| 8 " in params_part
     assert "accuracy" in metrics_part and "0.95" in metrics_part
+
+
+ON_ONE_GPU = """
+import os, sys, time
+gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "none")
+busy = os.path.join(sys.argv[1], f"busy-{gpu}")
+try:
+    os.close(os.open(busy, os.O_CREAT | os.O_EXCL))   # fails if another job holds this GPU
+except FileExistsError:
+    print(f"GPU {gpu} was already in use"); sys.exit(3)
+time.sleep(0.3)
+os.remove(busy)
+with open(os.path.join(sys.argv[1], "ran.txt"), "a") as log:
+    log.write(f"{sys.argv[2]} {gpu}\\n")
+print(f"trained on GPU {gpu}")
+sys.exit(5 if sys.argv[2] == "broken" else 0)
+"""
+
+
+def test_pool_pins_each_job_to_a_free_gpu_and_reports_each_exit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    names = ["a", "b", "c", "broken", "e"]
+    jobs = [(name, [sys.executable, "-c", ON_ONE_GPU, str(tmp_path), name]) for name in names]
+    results = run_pool(jobs, ["0", "1"])
+    assert results == {"a": 0, "b": 0, "c": 0, "broken": 5, "e": 0}  # no job found its GPU busy (3)
+    ran = dict(line.split() for line in (tmp_path / "ran.txt").read_text().splitlines())
+    assert sorted(ran) == sorted(names) and set(ran.values()) == {"0", "1"}
+    out = capsys.readouterr().out
+    assert f"[c] trained on GPU {ran['c']}" in out
+    assert "matrix: broken failed (exit status 5)" in out
+    with pytest.raises(UserError, match="--gpus 0,1"):
+        run_pool(jobs, [])
