@@ -29,8 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_KEY_TAG = "classmatrix.run_key"
 
 
+def repository_root(code_root: Path | None = None) -> Path:
+    """The repository the runs belong to. A queued or `--temp` DVC experiment runs in a copy under
+    <repository>/.dvc/tmp/exps/<tmp>/; its runs go to the repository's database, not the copy's,
+    which DVC deletes afterwards."""
+    code_root = code_root or ROOT
+    parts = code_root.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return code_root
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / 'mlflow.db'}"
 
 
 # MLflow's defaults retry a dead server 7 times with a doubling backoff (minutes); ours give

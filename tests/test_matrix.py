@@ -158,3 +158,18 @@ def test_pool_pins_each_job_to_a_free_gpu_and_reports_each_exit(tmp_path: Path, 
     assert "matrix: broken failed (exit status 5)" in out
     with pytest.raises(UserError, match="--gpus 0,1"):
         run_pool(jobs, [])
+
+
+def test_a_queued_experiment_copy_logs_to_the_repository_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc exp run --queue` runs in <repo>/.dvc/tmp/exps/<tmp>/, deleted afterwards: the default
+    tracking URI still names <repo>/mlflow.db."""
+    from stages import tracking
+
+    repo = Path("/srv/classmatrix")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "ROOT", repo / ".dvc" / "tmp" / "exps" / "tmpk2x9_1ab")
+    assert tracking.tracking_uri() == "sqlite:////srv/classmatrix/mlflow.db"
+    monkeypatch.setattr(tracking, "ROOT", repo)
+    assert tracking.tracking_uri() == "sqlite:////srv/classmatrix/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert tracking.tracking_uri() == "http://mlflow.internal:5000"
