@@ -378,3 +378,19 @@ def custom_layers() -> dict[str, type]:
         _CUSTOM_LAYERS["GrayscaleToRGB"] = GrayscaleToRGB
         _CUSTOM_LAYERS["CaffePreprocess"] = CaffePreprocess
     return dict(_CUSTOM_LAYERS)
+
+
+def load_saved_model(path: Any, what: str) -> Any:
+    """A `.keras` model this pipeline saved, loaded in Keras's safe mode: a file holding code
+    (a Lambda layer's pickled function) is refused with one line, never run."""
+    import keras
+
+    try:
+        return keras.saving.load_model(path, custom_objects=custom_layers(), safe_mode=True)
+    except ValueError as error:
+        if "safe_mode" not in str(error):
+            raise
+        raise UserError(
+            f"{what}: {path} holds code (a Lambda layer or another pickled function) that loading would run; "
+            "refused. Only models this pipeline trained and saved load here"
+        ) from None

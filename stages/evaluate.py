@@ -76,14 +76,12 @@ def evaluate(
     if len(data.y["test"]) == 0:
         raise UserError(f"{data_dir}: the test split is empty; check split@{experiment.dataset_name}")
 
-    import keras
-
     from stages import runtime
-    from stages.backbones import custom_layers
+    from stages.backbones import load_saved_model
 
     runtime.keep_tensorflow_out()
     model_file = model_dir / "model.keras"
-    model = keras.saving.load_model(model_file, custom_objects=custom_layers(), safe_mode=True)
+    model = load_saved_model(model_file, f"evaluate@{experiment.name}")
     x_test, y_test = np.asarray(data.x["test"]), data.y["test"]
     probabilities = np.asarray(model.predict(x_test, batch_size=256, verbose=0), dtype="float64")
     y_pred = probabilities.argmax(axis=1)
@@ -184,7 +182,7 @@ def log_evaluation(
     if not run_id or not tracking.run_exists(run_id):
         raise UserError(
             f"evaluate@{experiment.name}: the MLflow run {run_id or '(none)'} that training recorded is not in "
-            f"{tracking.tracking_uri()} (training logged to {training_record.get('tracking_uri')}); point "
+            f"{tracking.shown_uri()} (training logged to {training_record.get('tracking_uri')}); point "
             f"MLFLOW_TRACKING_URI there, or retrain: dvc repro --force --single-item train@{experiment.name}"
         )
     timestamp = int(pd.Timestamp.now("UTC").timestamp() * 1000)

@@ -65,7 +65,7 @@ def load(uri: str, scratch: Path) -> LoadedModel:
             raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
-            f"cannot load {uri} from {tracking.tracking_uri()}: {first_line}; list the registered models and "
+            f"cannot load {uri} from {tracking.shown_uri()}: {first_line}; list the registered models and "
             "aliases in the MLflow UI (make ui), or evaluate and report first (dvc repro)"
         ) from None
     from mlflow.models import Model
@@ -75,13 +75,11 @@ def load(uri: str, scratch: Path) -> LoadedModel:
     if missing:
         raise UserError(f"{uri}: the model's MLmodel metadata lacks {missing}; it was not logged by evaluate")
 
-    import keras
-
     from stages import runtime
-    from stages.backbones import custom_layers
+    from stages.backbones import load_saved_model
 
     runtime.keep_tensorflow_out()
-    model = keras.saving.load_model(local / "data" / "model.keras", custom_objects=custom_layers(), safe_mode=True)
+    model = load_saved_model(local / "data" / "model.keras", f"predict ({uri})")
     return LoadedModel(model, list(metadata["classes"]), int(metadata["image_size"]), int(metadata["channels"]), uri)
 
 

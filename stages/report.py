@@ -158,7 +158,7 @@ def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
         if missing:
             raise UserError(
                 f"report: the registered versions {missing} of {dataset} are missing from "
-                f"{tracking.tracking_uri()}; re-run their evaluate stages there (dvc repro --force)"
+                f"{tracking.shown_uri()}; re-run their evaluate stages there (dvc repro --force)"
             )
         # The data the suite's evaluations saw: the data_version tag of their registered versions.
         data_versions = {by_number[int(n)].tags.get("data_version", "") for n in rows["model_version"]}

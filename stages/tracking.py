@@ -45,6 +45,22 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / 'mlflow.db'}"
 
 
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it (https://user:secret@host,
+    postgresql://user:secret@host/db), or a token standing alone (https://token@host), as ***."""
+
+    def mask(match: re.Match) -> str:
+        user, colon, _ = match.group(2).partition(":")
+        return f"{match.group(1)}{user + ':***' if colon else '***'}@"
+
+    return re.sub(r"([a-z][a-z0-9+.-]*://)([^/@\s'\"]*)@", mask, text, flags=re.IGNORECASE)
+
+
+def shown_uri(uri: str | None = None) -> str:
+    """The tracking URI as messages and records may show it: without its credentials."""
+    return redact(tracking_uri() if uri is None else uri)
+
+
 # MLflow's defaults retry a dead server 7 times with a doubling backoff (minutes); ours give
 # up after 5 tries in about 15 s. Each can be overridden by setting it in the environment.
 HTTP_RETRY_DEFAULTS = {
@@ -78,8 +94,8 @@ def unavailable(what: str, consequence: str) -> Iterator[None]:
         tries = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) + 1
         reason = re.search(r"\[Errno \d+\] [^\"')]+|error code \d+|Read timed out", message)
         raise TrackingUnavailable(
-            f"MLflow tracking server {tracking_uri()} did not answer {tries} tries to {what}"
-            f" ({reason.group(0) if reason else message[:160]}); {consequence}"
+            f"MLflow tracking server {shown_uri()} did not answer {tries} tries to {what}"
+            f" ({reason.group(0) if reason else redact(message[:160])}); {consequence}"
         ) from None
 
 

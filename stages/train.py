@@ -513,7 +513,7 @@ def _write_outputs(
         "run_key": run_key,
         "params_hash": params_hash,
         "data_version": data.version,
-        "tracking_uri": tracking.tracking_uri(),
+        "tracking_uri": tracking.shown_uri(),
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "phases": state.phases,
