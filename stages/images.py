@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-# Refuse decompression bombs (a 30,000 x 30,000 image is 900 MP) before they are decoded. 
+# Refuse decompression bombs (a 30,000 x 30,000 image is 900 MP) before they are decoded.
 MAX_PIXELS = 12_000 * 12_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,10 @@ class ImageCheck:
 
 
 def check_image(path: Path) -> ImageCheck:
-    """Open and fully decode `path`; report its size and mode, or why it cannot be used."""
+    """Open and fully decode `path`; report its size (upright, after EXIF rotation) and mode, or
+    why it cannot be used. The reason never holds the file's full path: the manifest it goes
+    into is the same on every machine."""
+    path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -38,12 +42,23 @@ def check_image(path: Path) -> ImageCheck:
                 mode = image.mode
                 if width * height > MAX_PIXELS:
                     return ImageCheck(width, height, mode, f"too large: {width}x{height} pixels")
+                if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # turned a quarter
+                    width, height = height, width
                 image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        return ImageCheck(None, None, None, f"too large: {error}")
+        return ImageCheck(None, None, None, f"too large: {_without_path(error, path)}")
     except (OSError, SyntaxError, ValueError) as error:
-        return ImageCheck(None, None, None, f"undecodable: {error}")
+        return ImageCheck(None, None, None, f"undecodable: {_without_path(error, path)}")
+    except Exception as error:  # a decoder's own failure on a hostile file is still the file's fault
+        return ImageCheck(None, None, None, f"undecodable: {type(error).__name__}: {_without_path(error, path)}")
     return ImageCheck(width, height, mode, "")
+
+
+def _without_path(error: BaseException, path: Path) -> str:
+    text = str(error)
+    for form in {str(path.resolve()), str(path)}:
+        text = text.replace(form, path.name)
+    return text
 
 
 def check_pixels(pixels: np.ndarray) -> ImageCheck:
@@ -77,11 +92,7 @@ def _normalise(image: Image.Image, size: int, channels: int) -> np.ndarray:
 
 def _to_mode(image: Image.Image, target: str) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float images: scale the full range down to 8 bits rather than clip it.
-        array = np.asarray(image, dtype=np.float64)
-        bottom = min(float(array.min()), 0.0)
-        span = (float(array.max()) - bottom) or 1.0
-        image = Image.fromarray(np.rint((array - bottom) * (255.0 / span)).astype(np.uint8), mode="L")
+        image = Image.fromarray(_to_8_bits(np.asarray(image, dtype=np.float64), image.mode), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):
@@ -89,3 +100,19 @@ def _to_mode(image: Image.Image, target: str) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert(target)
+
+
+def _to_8_bits(array: np.ndarray, mode: str) -> np.ndarray:
+    """A 16-bit, 32-bit or float single-channel image as 8 bits, keeping its brightness: 16-bit
+    values are divided by 257 (65535 becomes 255), values already in 0..255 stay, floats in 0..1
+    are scaled by 255. Only values outside every such range are stretched to 0..255."""
+    low, high = float(array.min()), float(array.max())
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and 255 < high <= 65535):
+        scaled = array / 257.0
+    elif low >= 0 and high <= 255 and (mode == "I" or high > 1):
+        scaled = array
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled = array * 255.0
+    else:
+        scaled = (array - low) * (255.0 / ((high - low) or 1.0))
+    return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)

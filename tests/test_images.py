@@ -1,0 +1,117 @@
+"""stages.images on hostile and unusual files: each is loaded upright and normalised to the
+dataset's channels, or refused with a reason that names no machine path."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.images import MAX_PIXELS, check_image, load_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width x height (8-bit RGB) and holds no pixel data: a decompression
+    bomb's first bytes, without the bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def test_cmyk_jpeg_loads_as_rgb(tmp_path: Path) -> None:
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=95)  # pure red in CMYK
+    assert check_image(tmp_path / "cmyk.jpg").mode == "CMYK"
+    pixels = load_image(tmp_path / "cmyk.jpg", 16, 3)
+    assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
+    red, green, blue = pixels.reshape(-1, 3).mean(axis=0)
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_sixteen_bit_png_keeps_its_brightness(tmp_path: Path) -> None:
+    dark = np.full((8, 8), 1000, dtype=np.uint16)  # 1.5% of full scale: a dark image, not a white one
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    ramp = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert check_image(tmp_path / "dark.png").mode.startswith("I")
+    assert np.all(load_image(tmp_path / "dark.png", 8, 1) == 4)  # 1000 / 257
+    loaded = load_image(tmp_path / "ramp.png", 8, 1)[..., 0]
+    assert np.array_equal(loaded, np.rint(ramp / 257).astype(np.uint8))
+    assert load_image(tmp_path / "ramp.png", 8, 3).shape == (8, 8, 3)
+
+
+def test_exif_rotated_jpeg_is_loaded_and_measured_upright(tmp_path: Path) -> None:
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # left half red as stored
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    check = check_image(tmp_path / "rotated.jpg")
+    assert (check.width, check.height) == (20, 40)  # as displayed
+    with Image.open(tmp_path / "rotated.jpg") as image:
+        expected = np.asarray(image.transpose(Image.Transpose.ROTATE_270).convert("RGB"))
+    upright = load_image(tmp_path / "rotated.jpg", 40, 3)
+    # Upright, the red half is on top. (Square output: compare against the rotated original.)
+    resized = np.asarray(Image.fromarray(expected).resize((40, 40), Image.Resampling.BILINEAR))
+    assert np.abs(upright.astype(int) - resized.astype(int)).max() <= 2
+    assert upright[:10].reshape(-1, 3).mean(axis=0)[0] > 200 and upright[-10:].reshape(-1, 3).mean(axis=0)[2] > 200
+
+
+def test_gray_in_an_rgb_dataset_and_colour_in_a_gray_one(tmp_path: Path) -> None:
+    Image.new("L", (8, 8), 100).save(tmp_path / "gray.png")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")
+    assert np.all(load_image(tmp_path / "gray.png", 8, 3) == 100)
+    as_gray = load_image(tmp_path / "red.png", 8, 1)
+    assert as_gray.shape == (8, 8, 1) and np.all(as_gray == 76)  # ITU-R 601 luma of pure red
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("empty.png", b"", "undecodable: "),
+        ("notes.jpg", b"this is not an image at all", "undecodable: cannot identify image file 'notes.jpg'"),
+    ],
+)
+def test_a_file_that_is_not_an_image_is_refused_without_its_path(tmp_path: Path, name: str, content: bytes, reason: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    check = check_image(tmp_path / name)
+    assert check.error.startswith(reason) and str(tmp_path) not in check.error
+
+
+def test_a_truncated_jpeg_is_refused(tmp_path: Path) -> None:
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "whole.jpg", quality=90)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert check_image(tmp_path / "whole.jpg").error == ""
+    assert check_image(tmp_path / "cut.jpg").error.startswith("undecodable: image file is truncated")
+
+
+@pytest.mark.parametrize("side", [30_000, 13_000])
+def test_a_huge_image_is_refused_before_it_is_decoded(tmp_path: Path, side: int) -> None:
+    """30,000 x 30,000 (past twice the limit: Pillow refuses it on open) and 13,000 x 13,000
+    (past the limit: its warning is an error here), in a child process whose peak memory is
+    measured: decoding either would take gigabytes."""
+    assert side * side > MAX_PIXELS
+    bomb = png_header_only(tmp_path / "bomb.png", side, side)
+    probe = (
+        "import resource, sys; from pathlib import Path; from stages.images import check_image; "
+        "print(check_image(Path(sys.argv[1])).error); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(bomb)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reason, peak_kib = result.stdout.splitlines()
+    assert reason.startswith("too large: ") and str(side * side) in reason.replace(",", "")
+    assert int(peak_kib) < 400 * 1024  # a decoded 13,000 x 13,000 RGB image alone is 507 MB
