@@ -7,8 +7,13 @@ status 1. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Callable
+
+# A write refused for lack of room: a full disk, a quota, a file-size limit.
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class UserError(Exception):
@@ -16,9 +21,24 @@ class UserError(Exception):
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Call a stage's `main`, turning a UserError into one line and exit status 1."""
+    """Call a stage's `main`, turning a UserError, or a write refused for lack of room, into one
+    line and exit status 1."""
     try:
         main(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as error:
+        # Libraries that wrap the OS error (pyarrow, h5py) keep only its text.
+        texts = [os.strerror(code) for code in NO_ROOM]
+        if error.errno not in NO_ROOM and not any(text in str(error) for text in texts):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        reason = error.strerror or next(text for text in texts if text in str(error))
+        print(
+            f"error: no room left{where} ({reason}); free some space (or raise the quota) and run again. "
+            "Outputs are written under a temporary name and renamed only when complete: nothing half-written "
+            "was left under an output's name",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None

@@ -53,6 +53,7 @@ from urllib.parse import urljoin
 
 from stages import downloads
 from stages.errors import UserError
+from stages.files import write_text_atomic
 
 VERSION = "v7"
 ENDPOINT_ENV = "CLASSMATRIX_OPENIMAGES_S3_ENDPOINT"
@@ -127,7 +128,7 @@ def fetch_metadata(url: str, what: str) -> dict[str, Any]:
             fetched = downloads.download(url, target, sha256=None, what=what)
             digest = fetched["sha256"]
             stat = target.stat()
-            memo.write_text(json.dumps({"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}))
+            write_text_atomic(memo, json.dumps({"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}))
     return {"name": name, "url": url, "path": target, "sha256": digest, "bytes": target.stat().st_size}
 
 

@@ -18,6 +18,7 @@ import webbrowser
 from pathlib import Path
 
 from stages.errors import UserError, run_stage
+from stages.files import write_text_atomic
 
 TEMPLATE = Path(__file__).with_name("plots_template.html")
 BUNDLE = "vega-bundle.js"
@@ -57,7 +58,8 @@ def write_bundle(folder: Path) -> Path:
             if existing.readline() == stamp:
                 return path
     # The default bundle sets window.vegaEmbed, vega and vegaLite, which DVC's plot divs call.
-    path.write_text(stamp + vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION), encoding="utf-8")
+    # Atomically: a bundle cut short by a full disk must not pass for complete next time.
+    write_text_atomic(path, stamp + vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION))
     return path
 
 
