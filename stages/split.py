@@ -8,6 +8,8 @@ hash) and the seed: adding files never moves existing ones, identical images alw
 together, and every class is split in the same proportions in expectation (per-class counts
 differ from the exact fractions by sampling noise, the price of stability). Splits the source
 defines are honoured; only the files the source leaves unsplit are divided by the fractions.
+One exception: a class none of whose images drew train (a class of one image, say) gets the
+image closest to train put there, so that every class can be learnt.
 
 Writes, in `--out`: `splits.parquet` (path, label, split, plus the manifest's columns),
 `classes.json`, and for each split `<split>_x.npy` (N, size, size, channels) uint8 and
@@ -62,6 +64,14 @@ def assign_splits(manifest: pd.DataFrame, policy: SplitPolicy) -> pd.DataFrame:
         return "train"
 
     rows["split"] = [choose(s if isinstance(s, str) else None, d) for s, d in zip(rows["source_split"], draws)]
+    # A class so small that none of its images drew train (a class of one image, say) would
+    # leave the model unable to learn it: its unsplit key closest to train goes there instead.
+    # Classes with a training image are untouched, so this never moves a file of theirs.
+    unsplit = ~rows["source_split"].isin(["test", "val"])
+    for label, members in rows[unsplit].groupby("label"):
+        if not (rows.loc[rows["label"] == label, "split"] == "train").any():
+            closest = keys[members.index][draws[members.index].idxmax()]
+            rows.loc[unsplit & (keys == closest), "split"] = "train"
     return rows.reset_index(drop=True)
 
 

@@ -104,6 +104,22 @@ def test_adding_rows_never_moves_existing_ones():
     assert {path: after[path] for path in before} == before
 
 
+def test_a_class_too_small_to_draw_train_still_gets_a_training_image():
+    """Forty tiny classes of one or two images: wherever their hash would send them, each class
+    ends up with a training image, and classes with enough images are split as before."""
+    big = synthetic_manifest(60, classes=["big"])
+    tiny = pd.concat([synthetic_manifest(1 + i % 2, classes=[f"tiny{i}"]) for i in range(40)], ignore_index=True)
+    plain = split_of(assign_splits(big, POLICY))
+    rows = assign_splits(pd.concat([big, tiny], ignore_index=True), POLICY)
+    assert {label for label in rows["label"]} == {label for label in rows.loc[rows["split"] == "train", "label"]}
+    assert {path: split for path, split in split_of(rows).items() if path.startswith("big/")} == plain
+    # The rule was needed: by hash alone some tiny classes had no training image.
+    by_hash = tiny.assign(draw=[unit_hash(key, POLICY.seed) for key in tiny["sha256"]])
+    alone = by_hash.groupby("label")["draw"].max() < POLICY.test + POLICY.val
+    assert alone.any()
+    check_splits(rows, sorted(set(rows["label"])), "toy")  # the stage's own check passes
+
+
 def test_row_order_does_not_matter():
     """Shuffling the manifest changes no row's split."""
     manifest = synthetic_manifest(30)
