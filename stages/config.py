@@ -10,6 +10,7 @@ one to a registry adds its keys here too.
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 import difflib
 import types
 import typing
@@ -268,6 +269,9 @@ def _check_references(params: Params, source: str) -> None:
     from stages import backbones, layouts, sources  # registries; cheap to import
 
     for name, dataset in params.datasets.items():
+        # One spelling per name: "é" typed as one code point or as "e" + accent (as macOS
+        # writes file names) is the same class. The layouts normalise labels the same way.
+        dataset.classes[:] = [unicodedata.normalize("NFC", name) for name in dataset.classes]
         if len(set(dataset.classes)) != len(dataset.classes):
             raise ConfigError(f"{source}: datasets.{name}.classes: class names repeat; list each once")
         if not dataset.classes:

@@ -30,6 +30,7 @@ import math
 import posixpath
 import re
 import string
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Literal, Mapping
@@ -53,6 +54,12 @@ class Candidate:
     # For images stored as pixel values inside another file (FER-2013's CSV), the decoded uint8
     # array (H, W) or (H, W, C); `path` then names the member, as `<file>::<row>`.
     pixels: Any = None
+
+    def __post_init__(self) -> None:
+        # A folder named "é" may be spelt with a combining accent (NFD, as macOS and some zips
+        # write names); the declared classes are compared in NFC.
+        if isinstance(self.label, str):
+            object.__setattr__(self, "label", unicodedata.normalize("NFC", self.label))
 
 
 @dataclass(frozen=True)

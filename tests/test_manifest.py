@@ -265,3 +265,23 @@ def test_validate_hard_rule_failure_names_rule_and_class_and_still_writes(tmp_pa
     assert summary["per_class"] == {"a": 3, "b": 3, "c": 1}
     assert summary["expectations_failed"] == 1
     assert len(pd.read_parquet(manifest_path)) == 8
+
+
+def test_unicode_and_spaces_in_names_and_a_class_folder_spelt_decomposed(tmp_path: Path) -> None:
+    """Class "crème brûlée" is declared composed (NFC); its folder comes decomposed (NFD, as macOS
+    and some zips write names), with spaces and accents in the file names too: all accepted under
+    the declared class, and the paths kept exactly as they are on disk."""
+    import unicodedata
+
+    declared = ["crème brûlée", "日本 茶"]
+    folder = unicodedata.normalize("NFD", declared[0])
+    assert folder != declared[0]
+    for i in range(3):
+        write_png(tmp_path / folder / f"photo {i} – été.png", seed=i)
+        write_png(tmp_path / declared[1] / f"写真 {i}.png", seed=10 + i)
+    config = parse_params(toy_params(classes=[unicodedata.normalize("NFD", declared[0]), declared[1]]), "params.yaml")
+    assert config.datasets["toy"].classes == declared  # declared either way, compared composed
+    rows = build_manifest(tmp_path, config.datasets["toy"])
+    assert (rows["status"] == "ok").all(), rows[["path", "reason"]]
+    assert sorted(set(rows["label"])) == sorted(declared)
+    assert all((tmp_path / path).is_file() for path in rows["path"])  # on-disk spelling kept
