@@ -8,7 +8,9 @@ dataclass is the schema of the `source:` block in params.yaml for that kind.
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -101,15 +103,7 @@ def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, An
             f"Put the dataset folder or archive there, or change the path in params.yaml"
         )
     if source.is_dir():
-        shutil.copytree(source, dest, dirs_exist_ok=True, symlinks=True)
-        links = [str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_symlink()]
-        for link in links:
-            # A link could point anywhere on this machine; raw data holds only real files.
-            (dest / link).unlink()
-        return {
-            "origin": f"local folder {source.resolve()}",
-            "refused": [{"entry": link, "reason": "symbolic link"} for link in links],
-        }
+        return {"origin": f"local folder {source.resolve()}", "refused": copy_regular_files(source, dest)}
     if not archives.is_archive(source):
         raise UserError(
             f"datasets.{dataset}.source.path: {source} is neither a folder nor a zip/tar archive"
@@ -202,3 +196,28 @@ def fetch_openimages(options: OpenImagesOptions, dest: Path, dataset: str) -> di
     from stages import openimages
 
     return openimages.fetch(options, dest, dataset)
+
+
+def copy_regular_files(source: Path, dest: Path) -> list[dict[str, str]]:
+    """Copy the regular files under `source` into `dest`; return the entries refused. Raw data
+    holds only real files: a link could point anywhere on this machine, and reading a device
+    or a FIFO could block or never end."""
+    refused = []
+    for folder, subfolders, files in os.walk(source, followlinks=False):
+        here = Path(folder)
+        for name in sorted(subfolders):
+            if (here / name).is_symlink():  # os.walk lists a link to a folder here, never enters it
+                refused.append({"entry": (here / name).relative_to(source).as_posix(), "reason": "symbolic link"})
+        for name in sorted(files):
+            path = here / name
+            entry = path.relative_to(source).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                refused.append({"entry": entry, "reason": "symbolic link"})
+            elif not stat.S_ISREG(mode):
+                refused.append({"entry": entry, "reason": "device, fifo or other special file"})
+            else:
+                (dest / entry).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest / entry)
+    dest.mkdir(parents=True, exist_ok=True)
+    return refused

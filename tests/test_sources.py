@@ -149,6 +149,21 @@ def test_local_folder_is_copied_without_its_symlinks(tmp_path):
     assert (source / "a" / "link.png").is_symlink()
 
 
+def test_local_folder_refuses_a_fifo_without_blocking_on_it(tmp_path):
+    """A FIFO in a class folder would block a reader forever; it is refused and reported, and the
+    copy goes on. (Device files take the same branch; making one needs root.)"""
+    import os
+
+    source = class_folder_dataset(tmp_path / "source")
+    os.mkfifo(source / "a" / "pipe.png")
+    dest = tmp_path / "raw"
+
+    details = get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    assert files_under(dest) == {"a/0.png", "a/1.png", "b/0.png", "b/1.png"}
+    assert reasons_by_entry(details["refused"]) == {"a/pipe.png": "device, fifo or other special file"}
+
+
 def test_local_non_archive_file_is_refused(tmp_path):
     """A local path that is a plain file, not a folder or archive, is a UserError."""
     plain = tmp_path / "data.csv"
