@@ -2,8 +2,11 @@
 
 Downloaded archives are hostile until proven otherwise: an entry may try to write outside the
 dataset folder (`../x`, `/etc/x`), be a link or a device, or expand to far more than it weighs.
-Such entries are refused and reported, never silently skipped, and extraction stops once the
-total size would pass a bound.
+Such entries are refused and reported, never silently skipped. A zip entry that would expand
+past BOMB_MIN_BYTES at more than BOMB_RATIO times its compressed size (a zip bomb's signature;
+images barely compress) is refused before a byte of it is written. Extraction stops once the
+bytes really written would pass a bound: DEFAULT_MAX_BYTES, or the free space on the disk less
+a margin, whichever is smaller, so that no archive can fill the disk.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from stages.errors import UserError
 # Generous for the course's largest dataset (HAM10000 is about 3 GB extracted), small enough that
 # a zip bomb cannot fill the disk.
 DEFAULT_MAX_BYTES = 64 * 1024**3
+# Left free on the disk whatever an archive holds.
+FREE_MARGIN_BYTES = 1024**3
+# A zip entry larger than this that compresses better than this ratio is refused.
+BOMB_MIN_BYTES = 100 * 1024**2
+BOMB_RATIO = 200
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
@@ -61,10 +69,17 @@ def safe_member_path(name: str) -> PurePosixPath | None:
 def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Extraction:
     """Extract `archive` into `dest`, refusing unsafe entries; raise UserError on a bad archive."""
     name = archive.name.lower()
+    dest.mkdir(parents=True, exist_ok=True)
+    room = shutil.disk_usage(dest).free - FREE_MARGIN_BYTES
+    if room < max_bytes:
+        max_bytes = max(room, 0)
+        bound = f"free space on {dest} ({max_bytes:,} bytes, keeping {FREE_MARGIN_BYTES // 1024**3} GiB free)"
+    else:
+        bound = f"{max_bytes:,}-byte limit"
     try:
         if name.endswith(".zip"):
-            return _extract_zip(archive, dest, max_bytes)
-        return _extract_tar(archive, dest, max_bytes)
+            return _extract_zip(archive, dest, max_bytes, bound)
+        return _extract_tar(archive, dest, max_bytes, bound)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
         detail = " ".join(str(error).split())
         raise UserError(f"{archive}: not a readable archive ({detail}); download it again") from None
@@ -77,14 +92,15 @@ def _refuse(result: Extraction, entry: str, reason: str) -> None:
     result.refused.append({"entry": entry, "reason": reason})
 
 
-def _check_budget(result: Extraction, size: int, max_bytes: int, archive: Path) -> None:
+def _check_budget(result: Extraction, size: int, max_bytes: int, archive: Path, bound: str) -> None:
     if result.bytes + size > max_bytes:
         raise UserError(
-            f"{archive}: expands past the {max_bytes:,}-byte limit; refusing it (a zip bomb, or raise the limit)"
+            f"{archive}: expands past the {bound}; refusing it "
+            "(a zip bomb, or free some space and run again)"
         )
 
 
-def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> Extraction:
+def _extract_zip(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extraction:
     result = Extraction()
     with zipfile.ZipFile(archive) as handle:
         for info in handle.infolist():
@@ -99,7 +115,12 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> Extraction:
             if info.is_dir():
                 (dest / target).mkdir(parents=True, exist_ok=True)
                 continue
-            _check_budget(result, info.file_size, max_bytes, archive)
+            ratio = info.file_size / max(info.compress_size, 1)
+            if info.file_size > BOMB_MIN_BYTES and ratio > BOMB_RATIO:
+                _refuse(result, info.filename, f"expands to {info.file_size:,} bytes from {info.compress_size:,}"
+                                               f" ({ratio:,.0f}:1, a zip bomb's ratio)")
+                continue
+            _check_budget(result, info.file_size, max_bytes, archive, bound)
             out = dest / target
             out.parent.mkdir(parents=True, exist_ok=True)
             written = 0
@@ -107,14 +128,14 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> Extraction:
                 # The declared size can lie; count what really comes out.
                 while block := source.read(1 << 20):
                     written += len(block)
-                    _check_budget(result, written, max_bytes, archive)
+                    _check_budget(result, written, max_bytes, archive, bound)
                     sink.write(block)
             result.files += 1
             result.bytes += written
     return result
 
 
-def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> Extraction:
+def _extract_tar(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extraction:
     result = Extraction()
     with tarfile.open(archive) as handle:
         for member in handle:
@@ -131,7 +152,7 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> Extraction:
             if not member.isfile():
                 _refuse(result, member.name, "device, fifo or other special file")
                 continue
-            _check_budget(result, member.size, max_bytes, archive)
+            _check_budget(result, member.size, max_bytes, archive, bound)
             out = dest / target
             out.parent.mkdir(parents=True, exist_ok=True)
             source = handle.extractfile(member)

@@ -10,6 +10,7 @@ import os
 import stat
 import tarfile
 import uuid
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -457,3 +458,42 @@ def test_fetch_replaces_an_earlier_output(tmp_path):
     assert files_under(out) == {"a/0.png", "a/1.png", "b/0.png", "b/1.png"}
     assert not out.with_name("digits.partial").exists()
     assert sorted(os.listdir(out.parent)) == ["digits", "provenance.json"]
+
+
+def test_a_zip_entry_that_expands_to_a_gigabyte_is_refused_before_it_is_written(tmp_path):
+    """One GiB of zeros deflates to about a megabyte: refused on its declared ratio, nothing of it
+    written, and the archive's real images still extracted."""
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as handle:
+        handle.writestr("a/0.png", b"\x89PNG not really")
+        with handle.open("b/huge.png", "w", force_zip64=True) as sink:
+            block = b"\0" * (1 << 24)
+            for _ in range(64):
+                sink.write(block)
+    assert archive.stat().st_size < 4 * 1024**2
+    dest = tmp_path / "dest"
+
+    result = archives.extract(archive, dest)
+
+    assert files_under(dest) == {"a/0.png"}
+    [refused] = result.refused
+    assert refused["entry"] == "b/huge.png"
+    assert refused["reason"].startswith("expands to 1,073,741,824 bytes from ") and "a zip bomb's ratio" in refused["reason"]
+
+
+def test_extraction_stops_before_the_disk_is_full(tmp_path, monkeypatch):
+    """Whatever the limit, an archive may fill the disk only up to a margin: with 1 GiB + 1,000
+    bytes free, 1,200 bytes of entries are refused with a line naming the free space."""
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("a.bin", b"\1" * 600)
+        handle.writestr("b.bin", b"\2" * 600)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(archives.shutil, "disk_usage", lambda path: usage._replace(free=archives.FREE_MARGIN_BYTES + 1000))
+    dest = tmp_path / "dest"
+
+    with pytest.raises(UserError) as caught:
+        archives.extract(archive, dest)
+
+    assert f"expands past the free space on {dest} (1,000 bytes, keeping 1 GiB free)" in str(caught.value)
+    assert not (dest / "b.bin").exists()
