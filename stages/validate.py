@@ -5,7 +5,9 @@
         --docs reports/validation/digits/docs --summary reports/validation/digits/summary.json
 
 The manifest has one row per file under the raw folder: usable images with status `ok`, and
-everything else `set_aside` with the reason. A Great Expectations suite then checks the manifest;
+everything else `set_aside` with the reason. Entries fetch refused to extract (paths escaping the
+folder, links, devices, zip bombs), read from its provenance record, get a row too, named
+`fetch::<entry>`: the counts cover everything the source held. A Great Expectations suite then checks the manifest;
 a failed hard expectation ends the stage with one line (after the manifest, the Data Docs and the
 summary are written, so the failure can be inspected).
 """
@@ -142,13 +144,47 @@ def set_aside_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     return manifest
 
 
+REFUSED_PREFIX = "fetch::"
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a set-aside reason, for counting: the text before its colon, with the
+    reasons that name a suffix or a label folded into one kind each."""
+    if reason.startswith("not an image file"):
+        return "not an image file"
+    if reason.startswith("label '") and reason.endswith("is not among the declared classes"):
+        return "undeclared label"
+    return reason.split(":")[0]
+
+
+def refused_rows(provenance: Path | None) -> pd.DataFrame:
+    """Manifest rows for the entries fetch refused, from its provenance record."""
+    import json
+
+    refused = []
+    if provenance is not None:
+        if not provenance.is_file():
+            raise UserError(f"{provenance}: the fetch stage's provenance record is missing; run the fetch stage first")
+        refused = json.loads(provenance.read_text(encoding="utf-8")).get("refused", [])
+    rows = [
+        {"path": f"{REFUSED_PREFIX}{item['entry']}", "label": None, "source_split": None, "group": None,
+         "width": None, "height": None, "mode": None, "bytes": 0, "sha256": "", "status": "set_aside",
+         "reason": f"refused at fetch: {item['reason']}"}
+        for item in refused
+    ]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
 def summarise(manifest: pd.DataFrame, config: DatasetConfig, report: expectations.ExpectationReport) -> dict:
     ok = manifest[manifest["status"] == "ok"]
-    reasons = Counter(reason.split(":")[0] for reason in manifest.loc[manifest["status"] != "ok", "reason"])
+    reasons = Counter(reason_kind(reason) for reason in manifest.loc[manifest["status"] != "ok", "reason"])
+    from_fetch = manifest["path"].str.startswith(REFUSED_PREFIX)
     return {
-        # Every file under the raw folder, plus rows of label files that name no file there.
+        # Every file under the raw folder, plus rows of label files that name no file there,
+        # plus the archive entries fetch refused: files = accepted + set_aside.
         "files": int(len(manifest)),
-        "rows_without_file": int((manifest["sha256"] == "").sum()),
+        "rows_without_file": int(((manifest["sha256"] == "") & ~from_fetch).sum()),
+        "refused_at_fetch": int(from_fetch.sum()),
         "accepted": int(len(ok)),
         "set_aside": int((manifest["status"] != "ok").sum()),
         "set_aside_by_reason": dict(sorted(reasons.items())),
@@ -158,9 +194,15 @@ def summarise(manifest: pd.DataFrame, config: DatasetConfig, report: expectation
     }
 
 
-def validate(dataset: str, params_path: str, raw: Path, manifest_path: Path, docs: Path, summary_path: Path) -> dict:
+def validate(
+    dataset: str, params_path: str, raw: Path, manifest_path: Path, docs: Path, summary_path: Path,
+    provenance: Path | None = None,
+) -> dict:
     config = load_params(params_path).dataset(dataset)
     manifest = build_manifest(raw, config)
+    refused = refused_rows(provenance)
+    if len(refused):
+        manifest = pd.concat([manifest, refused.astype(manifest.dtypes.to_dict())], ignore_index=True)
     rules = config.validation
     report = expectations.check_manifest(
         manifest,
@@ -180,6 +222,10 @@ def validate(dataset: str, params_path: str, raw: Path, manifest_path: Path, doc
     summary = summarise(manifest, config, report)
     # The summary holds numbers (DVC metrics); each expectation's verdict in words sits with the docs.
     write_json_atomic(summary_path, summary)
+    # Every file set aside, by name, beside the Data Docs (which count them but list only rules).
+    aside = manifest.loc[manifest["status"] != "ok", ["path", "label", "source_split", "reason"]]
+    with atomic_path(summary_path.with_name("set_aside.csv")) as temporary:
+        aside.to_csv(temporary, index=False)
     write_json_atomic(docs / "expectations.json", report.to_dict())
     for outcome in report.outcomes:
         if not outcome.success and not outcome.hard:
@@ -201,9 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--docs", type=Path, required=True, help="folder for the Great Expectations Data Docs")
     parser.add_argument("--summary", type=Path, required=True, help="summary JSON (DVC metrics)")
+    parser.add_argument("--provenance", type=Path, help="fetch's provenance record: its refused entries get rows")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    summary = validate(args.dataset, args.params, args.raw, args.manifest, args.docs, args.summary)
+    summary = validate(args.dataset, args.params, args.raw, args.manifest, args.docs, args.summary, args.provenance)
     aside = ", ".join(f"{n} {r}" for r, n in summary["set_aside_by_reason"].items()) or "none"
     print(
         f"validate@{args.dataset}: {summary['files']} files = {summary['accepted']} accepted + "
