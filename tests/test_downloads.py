@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import socket
 import threading
 import zipfile
@@ -25,7 +26,9 @@ class FileServer:
     files: path -> bytes. cut_once: path -> N, send only N bytes of the next response for that path
     (with the full Content-Length) and drop the connection. ignore_range: paths answered 200 with the
     whole file whatever the Range header says. status: path -> an error status to answer.
-    requests: (path, Range header or None) for every request received.
+    requests: (path, Range header or None) for every request received. stall_once: path -> N, send
+    N bytes of the next response for that path, then hold the connection open until `release` is
+    set (a download caught mid-way, for a test to kill).
     """
 
     def __init__(self) -> None:
@@ -34,6 +37,8 @@ class FileServer:
         self.ignore_range: set[str] = set()
         self.status: dict[str, int] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.stall_once: dict[str, int] = {}
+        self.release = threading.Event()
         self.lock = threading.Lock()
         server = self
 
@@ -47,6 +52,7 @@ class FileServer:
                     server.requests.append((path, self.headers.get("Range")))
                     status = server.status.get(path)
                     cut = server.cut_once.pop(path, None)
+                    stall = server.stall_once.pop(path, None)
                 if status is not None:
                     self.send_error(status)
                     return
@@ -72,6 +78,12 @@ class FileServer:
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if stall is not None:
+                    self.wfile.write(body[:stall])
+                    self.wfile.flush()
+                    server.release.wait(60)
+                    self.close_connection = True
+                    return
                 if cut is not None:
                     self.wfile.write(body[:cut])
                     self.wfile.flush()
@@ -97,6 +109,7 @@ def server():
     served = FileServer()
     served.thread.start()
     yield served
+    served.release.set()
     served.httpd.shutdown()
     served.httpd.server_close()
 
@@ -326,3 +339,47 @@ def test_download_cache_follows_the_environment_at_call_time(monkeypatch, tmp_pa
     assert download_cache("d") == Path("data/downloads/d")
     monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path))
     assert download_cache("d") == tmp_path / "d"
+
+
+def test_a_fetch_killed_mid_download_resumes_on_the_rerun_with_the_same_checksum(server, tmp_path):
+    """The real fetch stage, SIGKILLed while its archive is half downloaded; run again, it asks
+    only for the rest, and the dataset and its recorded checksum are those of a clean download."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.toy import toy_params
+
+    data = zip_bytes({f"cats/{i}.png": payload(10_000, seed=i) for i in range(40)})
+    sent = 3 * downloads.CHUNK  # whole chunks: the client writes each as it completes
+    server.files["/pets.zip"] = data
+    server.stall_once["/pets.zip"] = sent
+    params = toy_params(["cats"], source={"kind": "url", "url": server.url("/pets.zip"), "sha256": sha(data)})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "CLASSMATRIX_DOWNLOADS": str(tmp_path / "downloads")}
+    command = [sys.executable, "-m", "stages.fetch", "--dataset", "toy", "--out", str(tmp_path / "raw"),
+               "--provenance", str(tmp_path / "raw.provenance.json"), "--params", str(tmp_path / "params.yaml")]
+    part = tmp_path / "downloads" / "toy" / "pets.zip.part"
+    killed = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):  # until the bytes sent are on disk (the server then holds the rest back)
+        if part.is_file() and part.stat().st_size >= sent:
+            break
+        time.sleep(0.1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    server.release.set()
+    assert killed.returncode == -signal.SIGKILL
+    assert part.stat().st_size == sent and not (tmp_path / "raw").exists()  # nothing looks complete
+
+    rerun = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert server.ranges("/pets.zip") == [None, f"bytes={sent}-"]
+    record = json.loads((tmp_path / "raw.provenance.json").read_text())
+    assert record["archives"] == [{"name": "pets.zip", "sha256": sha(data), "bytes": len(data)}]
+    assert sorted(p.name for p in (tmp_path / "raw" / "cats").iterdir()) == sorted(f"{i}.png" for i in range(40))
