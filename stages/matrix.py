@@ -44,7 +44,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from stages.config import load_params
 from stages.errors import UserError, run_stage
@@ -116,10 +115,17 @@ def upstream_stages(targets: list[str]) -> list[Any]:
     return list(seen.values())
 
 
+# dvc.lock is read and written with DVC's own YAML (ruamel, YAML 1.2), never PyYAML's 1.1: a
+# param recorded as `off` is the string "off" to DVC, and PyYAML would turn it into `false`, which
+# DVC would then see as a changed param and retrain for.
+
+
 def read_lock(path: Path) -> dict[str, Any]:
+    from dvc.utils.serialize import parse_yaml
+
     if not path.exists():
         return {"schema": "2.0", "stages": {}}
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     if not isinstance(data.get("stages", {}), dict):
         raise UserError(f"{path}: not a dvc.lock file (no `stages:` mapping)")
     data.setdefault("stages", {})
@@ -127,9 +133,15 @@ def read_lock(path: Path) -> dict[str, Any]:
 
 
 def write_lock(path: Path, data: dict[str, Any]) -> None:
+    import io
+
+    from dvc.utils.serialize._yaml import _dump
+
     from stages.files import write_text_atomic
 
-    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
+    text = io.StringIO()
+    _dump(data, text)  # what DVC itself writes dvc.lock with
+    write_text_atomic(path, text.getvalue())
 
 
 def bundle(targets: list[str], folder: Path) -> list[str]:

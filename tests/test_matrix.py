@@ -105,6 +105,22 @@ def test_gather_merges_locks_and_restores_uncached_files(tmp_path: Path, monkeyp
         gather([tmp_path / "bundles"])
 
 
+def test_gather_keeps_lock_values_as_dvc_reads_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A param DVC recorded as `off` (a string to DVC's YAML 1.2) stays `off` through a merge:
+    rewritten as `false` (YAML 1.1), DVC would see a changed param and retrain."""
+    monkeypatch.chdir(tmp_path)
+    recorded = "schema: '2.0'\nstages:\n  train@digits-a:\n    cmd: train\n    params:\n      params.yaml:\n" \
+               "        training:\n          distribution: off\n          mixed_precision: auto\n"
+    (tmp_path / "bundles/a").mkdir(parents=True)
+    (tmp_path / "bundles/a/dvc.lock").write_text(recorded)
+    gather([tmp_path / "bundles/a"])
+    text = Path("dvc.lock").read_text()
+    assert "distribution: off" in text and "false" not in text
+    from dvc.utils.serialize import parse_yaml
+
+    assert parse_yaml(text, "dvc.lock")["stages"]["train@digits-a"]["params"]["params.yaml"]["training"]["distribution"] == "off"
+
+
 def test_summary_reports_params_and_metrics_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`summary --base HEAD` in a git + DVC repository: the changed param and metric, as Markdown."""
     env = _env()
