@@ -71,9 +71,11 @@ def urlretrieve(url, filename, *args, **kwargs):
 file_utils.urlretrieve = urlretrieve
 real_validate = file_utils.validate_file
 
+stand_ins = dict(spec["stand_in_sha256"])
+
 def validate_file(fpath, file_hash, algorithm="auto", chunk_size=65535):
     # Compare with the stand-in's sha256 where keras would use the real file's pin.
-    return real_validate(fpath, spec["stand_in_sha256"].get(file_hash, file_hash), algorithm, chunk_size)
+    return real_validate(fpath, stand_ins.get(file_hash, file_hash), algorithm, chunk_size)
 
 from stages import keras_datasets
 from stages.errors import UserError
@@ -83,8 +85,12 @@ results = {}
 for case in spec["cases"]:
     file_utils.validate_file = validate_file if case["stand_in_hashes"] else real_validate
     serving = case.get("serve", {})
+    stand_ins.update(case.get("stand_in_sha256", {}))
     for path in case.get("remove", []):
-        Path(path).unlink()
+        shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink()
+    for target, source in case.get("replace", {}).items():
+        shutil.copyfile(target, target + ".kept")
+        shutil.copyfile(source, target)
     dest = Path(case["dest"])
     dest.mkdir(parents=True)
     first = len(attempts)
@@ -98,6 +104,8 @@ for case in spec["cases"]:
         p.relative_to(spec["cache"]).as_posix() for p in Path(spec["cache"]).rglob("*") if p.is_file()
     )
     results[case["id"]] = result
+    for target in case.get("replace", {}):  # the cache as the other cases left it
+        shutil.move(target + ".kept", target)
 Path(spec["out"]).write_text(json.dumps(results))
 """
 
@@ -144,9 +152,20 @@ def cifar100_arrays(seed: int) -> dict[str, dict]:
     return result
 
 
-def cifar100_archive(path: Path, arrays: dict[str, dict]) -> None:
+class RunsCode:
+    """Unpickled without restriction, this calls open(path, "w"): code run by loading data."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def cifar100_archive(path: Path, arrays: dict[str, dict], payload: dict[str, object] | None = None) -> None:
     """A tar.gz laid out like cifar-100-python.tar.gz: pickled dicts with bytes keys, pixels stored
-    as rows of 3,072 bytes (all red, then green, then blue)."""
+    as rows of 3,072 bytes (all red, then green, then blue). `payload`: split -> an object pickled
+    in place of that split's batch."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         for split, data in arrays.items():
@@ -158,7 +177,7 @@ def cifar100_archive(path: Path, arrays: dict[str, dict]) -> None:
                 b"data": data["images"].transpose(0, 3, 1, 2).reshape(len(data["fine"]), 3072).copy(),
             }
             # Protocol 4: bytes and arrays without the globals keras' restricted unpickler refuses.
-            raw = pickle.dumps(batch, protocol=4)
+            raw = pickle.dumps((payload or {}).get(split, batch), protocol=4)
             info = tarfile.TarInfo(f"cifar-100-python/{split}")
             info.size = len(raw)
             archive.addfile(info, io.BytesIO(raw))
@@ -185,6 +204,12 @@ def keras_run(tmp_path_factory):
 
     cifar100 = cifar100_arrays(seed=3)
     cifar100_archive(cache / "cifar-100-python-target_archive", cifar100)
+
+    # The same archive with its train batch a pickle that, unpickled freely, writes a marker file.
+    marker = root / "code-ran"
+    hostile = root / "hostile-cifar-100.tar.gz"
+    cifar100_archive(hostile, cifar100, payload={"train": RunsCode(str(marker))})
+    [cifar100_pin] = [f.sha256 for f in KERAS_FILES["cifar100"] if f.sha256]
 
     pins = {f.sha256: f.path for files in KERAS_FILES.values() for f in files if f.sha256}
     stand_ins = {pin: sha256(cache / path) for pin, path in pins.items() if (cache / path).exists()}
@@ -214,6 +239,13 @@ def keras_run(tmp_path_factory):
             case("fashion_offline", {"name": "fashion_mnist"}, stand_in_hashes=False, remove=[str(fashion_labels)]),
             # keras' real hash check: the stand-in mnist.npz is not the real file, so keras downloads.
             case("mnist_hash_checked", {"name": "mnist"}, stand_in_hashes=False),
+            # Last, as it replaces the cached archive: a CIFAR pickle that would run code.
+            case(
+                "cifar100_hostile", {"name": "cifar100", "label_mode": "fine"},
+                remove=[str(cache / "cifar-100-python-target")],
+                replace={str(cache / "cifar-100-python-target_archive"): str(hostile)},
+                stand_in_sha256={cifar100_pin: sha256(hostile)},
+            ),
         ],
     }
     spec_path = root / "spec.json"
@@ -224,7 +256,8 @@ def keras_run(tmp_path_factory):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((root / "results.json").read_text())
-    return {"results": results, "cache": cache, "mnist": mnist, "fashion": fashion, "cifar100": cifar100, "root": root}
+    return {"results": results, "cache": cache, "mnist": mnist, "fashion": fashion, "cifar100": cifar100, "root": root,
+            "marker": marker}
 
 
 def read_png(path: Path) -> tuple[str, np.ndarray]:
@@ -395,3 +428,21 @@ def test_other_loader_errors_are_left_alone_as_bugs(tmp_path):
     mapped = keras_datasets.keras_error("cifar10", EOFError("Compressed file ended"), tmp_path)
     assert isinstance(mapped, UserError)
     assert str(tmp_path / "cifar-10-batches-py-target_archive") in str(mapped)
+
+
+def test_a_cifar_pickle_that_would_run_code_is_refused_in_one_line(keras_run):
+    """keras reads CIFAR's pickles with a restricted unpickler: the payload's call is refused, its
+    code never runs, and the stage says which cached files to delete."""
+    result = keras_run["results"]["cifar100_hostile"]
+    assert "error" in result, result
+    message = result["error"]
+    assert message.startswith("keras.datasets.cifar100: keras could not read its cached files (UnpicklingError: ")
+    assert "Refusing to deserialize `" in message and "open`" in message and "\n" not in message
+    assert not keras_run["marker"].exists()
+    # Unrestricted, the same bytes would have run the code: the test's payload is real.
+    import io as _io
+
+    with tarfile.open(keras_run["root"] / "hostile-cifar-100.tar.gz") as archive:
+        raw = archive.extractfile("cifar-100-python/train").read()
+    pickle.load(_io.BytesIO(raw)).close()
+    assert keras_run["marker"].exists()
