@@ -260,6 +260,10 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
     if "path" in raw:
         raise ConfigError(f"{source}: path: unknown key; valid keys: training, datasets, backbones, experiments, suites")
     params = _parse(Params, {**raw, "path": source}, "", source)
+    for dataset in params.datasets.values():
+        # One spelling per name: "é" typed as one code point or as "e" + accent (as macOS
+        # writes file names) is the same class. The layouts normalise labels the same way.
+        dataset.classes[:] = [unicodedata.normalize("NFC", name) for name in dataset.classes]
     _check_references(params, source)
     return params
 
@@ -269,9 +273,6 @@ def _check_references(params: Params, source: str) -> None:
     from stages import backbones, layouts, sources  # registries; cheap to import
 
     for name, dataset in params.datasets.items():
-        # One spelling per name: "é" typed as one code point or as "e" + accent (as macOS
-        # writes file names) is the same class. The layouts normalise labels the same way.
-        dataset.classes[:] = [unicodedata.normalize("NFC", name) for name in dataset.classes]
         if len(set(dataset.classes)) != len(dataset.classes):
             raise ConfigError(f"{source}: datasets.{name}.classes: class names repeat; list each once")
         if not dataset.classes:

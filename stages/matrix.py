@@ -23,9 +23,9 @@ and with `--suite`, runs and pushes the suite's report. `summary` writes `dvc pa
 `local` runs the matrix on one machine with several GPUs: the shared stages once (split, weights),
 then one `dvc --wait-for-lock repro --single-item train@<experiment> evaluate@<experiment>` per
 experiment, each pinned to its own GPU with CUDA_VISIBLE_DEVICES, as many at once as there are
-GPUs (or `--jobs` on CPUs), then the report. DVC releases its repository lock while a stage's command runs, so the runs overlap and
-each records its stages in dvc.lock when it finishes; the MLflow experiments are made before the
-runs start, so they never race to create them.
+GPUs (or `--jobs` on CPUs), then the report. DVC releases its repository lock while a stage's
+command runs, so the runs overlap and each records its stages in dvc.lock when it finishes; the
+MLflow experiments are made before the runs start, so they never race to create them.
 
 Each step is a thin call to the real DVC command line; the same commands run a matrix by hand.
 """
@@ -133,15 +133,11 @@ def read_lock(path: Path) -> dict[str, Any]:
 
 
 def write_lock(path: Path, data: dict[str, Any]) -> None:
-    import io
-
-    from dvc.utils.serialize._yaml import _dump
+    from dvc.utils.serialize import dumps_yaml
 
     from stages.files import write_text_atomic
 
-    text = io.StringIO()
-    _dump(data, text)  # what DVC itself writes dvc.lock with
-    write_text_atomic(path, text.getvalue())
+    write_text_atomic(path, dumps_yaml(data))  # what DVC itself writes dvc.lock with
 
 
 def bundle(targets: list[str], folder: Path) -> list[str]:

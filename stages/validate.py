@@ -7,9 +7,9 @@
 The manifest has one row per file under the raw folder: usable images with status `ok`, and
 everything else `set_aside` with the reason. Entries fetch refused to extract (paths escaping the
 folder, links, devices, zip bombs), read from its provenance record, get a row too, named
-`fetch::<entry>`: the counts cover everything the source held. A Great Expectations suite then checks the manifest;
-a failed hard expectation ends the stage with one line (after the manifest, the Data Docs and the
-summary are written, so the failure can be inspected).
+`fetch::<entry>`: the counts cover everything the source held. A Great Expectations suite then
+checks the manifest; a failed hard expectation ends the stage with one line (after the manifest,
+the Data Docs and the summary are written, so the failure can be inspected).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -159,8 +160,6 @@ def reason_kind(reason: str) -> str:
 
 def refused_rows(provenance: Path | None) -> pd.DataFrame:
     """Manifest rows for the entries fetch refused, from its provenance record."""
-    import json
-
     refused = []
     if provenance is not None:
         if not provenance.is_file():
