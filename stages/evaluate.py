@@ -270,7 +270,11 @@ def _log_model(
             pip_requirements=requirements, metadata=metadata,
         )
         client.log_artifacts(run_id, str(local), artifact_path=artifact_path)
-    version = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", name, await_registration_for=0)
+    # The sha256 tag is created with the version, in the same request: a server that stops
+    # between two requests cannot leave a version that a re-run would not recognise as this model.
+    version = mlflow.register_model(
+        f"runs:/{run_id}/{artifact_path}", name, await_registration_for=0, tags={"model_sha256": digest}
+    )
     return client.get_model_version(name, str(version.version))
 
 

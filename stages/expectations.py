@@ -9,8 +9,9 @@ Some rules are about the files, some about the classes and some about distinct i
 so the manifest is turned into one *checks* table holding three kinds of record, told apart by
 the `record` column:
 
-- "file": every manifest row, plus derived columns (`undecodable`, and `label` with a
-  placeholder for a missing label, because GX column-map expectations skip nulls);
+- "file": every manifest row, plus derived columns (`undecodable`; `set_aside`, "<path>:
+  <reason>" for a file set aside; and `label` with a placeholder for a missing label, because
+  GX column-map expectations skip nulls);
 - "class": one row per declared class with its number of ok images (`class_images`), so that a
   declared class with no images at all is a row GX can see and fail;
 - "content": one row per distinct sha256 among ok rows with its number of distinct labels
@@ -20,6 +21,8 @@ Each expectation picks its records with a GX row condition, so the whole check i
 one validation result and one page of Data Docs. GX decides whether each rule holds; the short
 `observed` texts that name the offenders are read from the same checks table, because GX's own
 result only lists offending values (a count of 3), not which class or file they belong to.
+Beside the rules, the suite holds one record that never fails: it lists every file set aside,
+with its reason, so that the Data Docs name them as the manifest and set_aside.csv do.
 """
 
 from __future__ import annotations
@@ -207,6 +210,10 @@ def _file_records(manifest: pd.DataFrame) -> pd.DataFrame:
     # 0/1 rather than bool so that the column's mean is the undecodable fraction.
     reasons = files["reason"].fillna("").astype(str)
     files["undecodable"] = reasons.str.startswith("undecodable").astype("int64")
+    # "<path>: <reason>" for each set-aside file, null for the rest: the Data Docs record that
+    # names every file set aside (see _set_aside_record).
+    aside = files["status"] != "ok"
+    files["set_aside"] = (files["path"].astype(str) + ": " + reasons).where(aside, None).astype("object")
     # An ok row of unknown size cannot be within bounds; 0 px says so without a null, which
     # column-map expectations would skip.
     for side in ("width", "height"):
@@ -351,6 +358,22 @@ def _rules(
             )
         )
     return rules
+
+
+def _set_aside_record() -> Expectation:
+    """Not a rule: an expectation that always holds and lists, in the Data Docs, every file set
+    aside with its reason (as the manifest and set_aside.csv do), one row per file."""
+    gxe, Column = _gx_expectations()
+    return gxe.ExpectColumnValuesToBeNull(
+        column="set_aside",
+        mostly=0.0,
+        row_condition=Column("record") == "file",
+        meta={"record": "set_aside"},
+        notes=(
+            "classmatrix record `set_aside`: the files set aside and why, one per row. It never "
+            "fails; the rules above decide whether the dataset is usable."
+        ),
+    )
 
 
 def _count_bounds(expected: int, tolerance: float) -> tuple[int, int]:
@@ -519,6 +542,7 @@ def _validate(
         .add_batch_definition_whole_dataframe("whole manifest")
     )
     expectations = [expectation for rule in rules for expectation in rule.expectations]
+    expectations.append(_set_aside_record())
     suite = context.suites.add(gx.ExpectationSuite(name=suite_name, expectations=expectations))
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)
@@ -528,7 +552,9 @@ def _validate(
             name=suite_name,
             validation_definitions=[definition],
             actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
-            result_format="SUMMARY",
+            # Every unexpected value listed, not GX's default 20: the set-aside record names
+            # each file set aside.
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": max(20, len(checks))},
         )
     )
     result = checkpoint.run(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +173,25 @@ def test_set_aside_rows_are_not_held_to_the_class_set(tmp_path):
     report = check(rows, tmp_path)
 
     assert report.success
+
+
+def test_data_docs_name_every_file_set_aside_with_its_reason(tmp_path):
+    """More than GX's default 20: the validation page lists each set-aside file, and the record
+    is not a rule, so it changes no outcome."""
+    rows = clean_rows() + [undecodable(f"broken {i}.png") for i in range(24)]
+    rows.append(row("cat/twin.png", "cat", status="set_aside", reason="leak: the same image is in the test split"))
+
+    report = check(rows, tmp_path, max_undecodable_fraction=1.0)
+
+    assert report.success and [o.name for o in report.outcomes] == [r for r in RULES if r != "expected_count"]
+    (page,) = (tmp_path / "docs" / "validations" / "toy_manifest").rglob("*.html")
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page.read_text())).split())  # the page's words
+    assert "values must be null, at least 0 % of the time" in text  # the record: it never fails
+    for i in range(24):
+        assert f"broken {i}.png: undecodable: cannot identify image file" in text
+    assert "broken.png: undecodable: cannot identify image file" in text
+    assert "cat/twin.png: leak: the same image is in the test split" in text
+    assert "cat/0.png" not in text  # accepted files are not listed
 
 
 def test_too_many_undecodable_files_fail(tmp_path):

@@ -125,3 +125,76 @@ def test_two_experiments_at_once_on_one_machine_are_both_recorded(tmp_path: Path
     assert len(client.search_model_versions("name = 'digits'")) == 2
     board = (tmp_path / "reports/leaderboard/demo.md").read_text()
     assert "| digits | small_cnn |" in board and "| digits | mobilenetv2 |" in board
+
+
+def test_two_bare_dvc_repro_at_once_the_second_is_refused_cleanly_or_runs_with_single_item(tmp_path: Path) -> None:
+    """Two shells, two experiments, plain `dvc repro`: while the first trains, the second is
+    refused at once by DVC, naming the shared split that the first is reading and the first's
+    PID. It has changed nothing. The same experiment asked with `--single-item` (what
+    `matrix local` runs) trains beside the first; both end recorded in dvc.lock and MLflow."""
+    import time
+
+    import mlflow
+
+    env = copy_repository(tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["experiments"]["digits-small_cnn"]["train"]["epochs"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro", "split@digits", "weights@digits-small_cnn"], tmp_path, env)
+
+    first = subprocess.Popen(
+        ["dvc", "repro", "evaluate@digits-mobilenetv2"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        # Wait until the first is inside train@: DVC's rwlock then holds its model for writing
+        # (and the shared split for reading) until training ends. Before that, a second repro
+        # can slip past the split between two of the first's stages, and both simply run.
+        model = str((tmp_path / "models/digits/mobilenetv2/model.keras").resolve())
+        rwlock = tmp_path / ".dvc/tmp/rwlock"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and first.poll() is None:
+            try:
+                held = json.loads(rwlock.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or being rewritten
+                held = {}
+            if held.get("write", {}).get(model, {}).get("pid") == first.pid:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the first repro never started training: {first.communicate()[0][-3000:]}")
+
+        bare = subprocess.run(
+            ["dvc", "repro", "evaluate@digits-small_cnn"], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=600,
+        )
+        assert first.poll() is None, "the first repro ended before the second was refused"
+        assert bare.returncode != 0
+        refusal = bare.stdout + bare.stderr
+        assert "failed to reproduce 'split@digits'" in refusal, refusal[-3000:]
+        assert "data/processed/digits' is busy" in refusal
+        assert f"(PID {first.pid})" in refusal
+        assert "Running stage" not in refusal and not (tmp_path / "models/digits/small_cnn").exists()
+
+        beside = run(
+            ["dvc", "--wait-for-lock", "repro", "--single-item", "train@digits-small_cnn", "evaluate@digits-small_cnn"],
+            tmp_path, env,
+        )
+        assert stages_run(beside.stdout) == ["train@digits-small_cnn", "evaluate@digits-small_cnn"]
+        output, _ = first.communicate(timeout=1500)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, output[-3000:]
+    assert "train@digits-mobilenetv2" in " ".join(stages_run(output))
+
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert {"train@digits-small_cnn", "evaluate@digits-small_cnn", "train@digits-mobilenetv2",
+            "evaluate@digits-mobilenetv2"} <= set(lock)
+    status = json.loads(run(["dvc", "status", "--json", "--with-deps", "evaluate@digits-small_cnn", "evaluate@digits-mobilenetv2"],
+                            tmp_path, env).stdout)
+    assert status == {}, status
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["mobilenetv2", "small_cnn"]
+    assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in runs)

@@ -9,11 +9,18 @@ tells a user to.
 from __future__ import annotations
 
 import csv
+import hashlib
+import http.client
+import http.server
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -202,3 +209,141 @@ def test_a_stopped_server_fails_the_stage_clearly_and_a_rerun_logs_without_train
     assert json.loads(metrics_path.read_text())["model_version"] > 0
     # The same model again: the registry gains no version.
     assert len(api(server, "model-versions/search", filter="name='digits'")["model_versions"]) == versions
+
+
+class Doorway:
+    """An HTTP proxy on 127.0.0.1 in front of the real server, through which the pipeline talks.
+
+    With `cut_at`, the first request whose path matches is never answered: `on_cut` stops the
+    real server (as an operator would, in the middle of a stage), and the doorway closes its
+    own port, so that this request and every later one find nobody listening. That puts the
+    failure at one chosen point of a stage, every time, instead of wherever a timer lands.
+    """
+
+    def __init__(self, upstream: str, *, port: int = 0, cut_at: re.Pattern | None = None,
+                 on_cut: Callable[[], None] = lambda: None) -> None:
+        self.upstream = urlsplit(upstream)
+        self.cut_at, self.on_cut = cut_at, on_cut
+        self.cut_path: str | None = None
+        self.paths: list[str] = []
+        doorway = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def forward(self) -> None:
+                doorway.paths.append(f"{self.command} {self.path}")
+                if doorway.cut_path is not None or (doorway.cut_at and doorway.cut_at.search(self.path)):
+                    doorway.cut(self)
+                    return
+                if "chunked" in self.headers.get("Transfer-Encoding", ""):
+                    raise AssertionError(f"chunked request body for {self.path}: not handled by this proxy")
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                upstream = http.client.HTTPConnection(doorway.upstream.hostname, doorway.upstream.port, timeout=300)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                data = response.read()
+                upstream.close()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        class Listener(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            block_on_close = False
+
+        self.listener = Listener(("127.0.0.1", port), Handler)
+        self.port = self.listener.server_address[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.listener.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def cut(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        if self.cut_path is None:
+            self.cut_path = handler.path
+            self.on_cut()
+            self.listener.shutdown()
+            self.listener.server_close()
+        handler.close_connection = True
+        handler.connection.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if self.cut_path is None:
+            self.listener.shutdown()
+            self.listener.server_close()
+
+
+def test_a_server_stopped_in_the_middle_of_evaluate_keeps_the_local_outputs_and_a_rerun_logs_them(
+    served: tuple[Path, dict[str, str], Server],
+) -> None:
+    """The server stops while evaluate is uploading the model: metrics, evaluation files and
+    tags are already on the run; the model is half sent and not registered. The stage fails in
+    one line, its local outputs stay, and DVC does not record it as done. With the server back
+    at the same address, `dvc repro` runs evaluate alone again; it logs everything and registers
+    the model once."""
+    copy, env, server = served
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["experiments"]["digits-small_cnn"]["train"]["epochs"] = 2  # a new model, not yet registered
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    metrics_path = copy / "reports/metrics/demo/digits/small_cnn.json"
+    figures = copy / "reports/figures/digits/small_cnn"
+    predictions = copy / "reports/predictions/digits/small_cnn.csv"
+    evaluation = copy / "reports/evaluation/digits/small_cnn"
+
+    doorway = Doorway(server.uri, cut_at=re.compile(r"/artifacts/model(-[0-9a-f]+)?/"), on_cut=server.stop_mlflow)
+    try:
+        failed = subprocess.run(
+            ["dvc", "repro", "report@demo"], cwd=copy, env={**env, "MLFLOW_TRACKING_URI": doorway.uri},
+            capture_output=True, text=True, timeout=1500,
+        )
+    finally:
+        doorway.close()
+        server.start_mlflow()
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0, output[-3000:]
+    assert doorway.cut_path is not None, "evaluate never uploaded its model"
+    # Before the cut, evaluate had logged its metrics and files through the doorway.
+    assert any("runs/log-batch" in path for path in doorway.paths)
+    assert any("/artifacts/evaluation/" in path for path in doorway.paths)
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors == [line for line in errors if "did not answer 2 tries to log the evaluation" in line]
+    assert len(errors) == 1, errors
+    assert "Connection refused" in errors[0] and "run the stage again when the server answers" in errors[0]
+    assert "Traceback" not in output
+
+    training = json.loads((copy / "models/digits/small_cnn/training.json").read_text())
+    assert training["epochs_run"] <= 2
+    record = json.loads(metrics_path.read_text())  # written before MLflow was asked
+    assert record["epochs_run"] == training["epochs_run"] and "model_version" not in record
+    assert {"confusion.png", "curves.png", "mistakes.png"} <= {p.name for p in figures.iterdir()}
+    assert predictions.exists() and (evaluation / "classification_report.json").exists()
+    status = json.loads(run(["dvc", "status", "--json", "--with-deps", "report@demo"], copy, env).stdout)
+    assert "evaluate@digits-small_cnn" in status and "train@digits-small_cnn" not in status
+    assert api(server, "model-versions/search", filter=f"run_id='{training['run_id']}'").get("model_versions", []) == []
+
+    back = Doorway(server.uri, port=doorway.port)  # the server is back, at the same address
+    try:
+        again = run(["dvc", "repro", "report@demo"], copy, {**env, "MLFLOW_TRACKING_URI": back.uri})
+    finally:
+        back.close()
+    assert stages_run(again.stdout) == ["evaluate@digits-small_cnn", "report@demo"]
+    record = json.loads(metrics_path.read_text())
+    versions = api(server, "model-versions/search", filter=f"run_id='{training['run_id']}'")["model_versions"]
+    assert [int(v["version"]) for v in versions] == [record["model_version"]]
+    model_sha = hashlib.sha256((copy / "models/digits/small_cnn/model.keras").read_bytes()).hexdigest()
+    assert {t["key"]: t["value"] for t in versions[0]["tags"]}["model_sha256"] == model_sha
+    logged = api(server, "runs/get", run_id=training["run_id"])["run"]
+    metrics = {m["key"]: m["value"] for m in logged["data"]["metrics"]}
+    assert metrics["test_accuracy"] == pytest.approx(record["accuracy"], abs=1e-6)
+    assert tags(logged)["evaluated"] == "true"
+    listed = api(server, "artifacts/list", run_id=training["run_id"], path="model")["files"]
+    assert {"MLmodel", "data"} <= {Path(entry["path"]).name for entry in listed}
+    assert json.loads(run(["dvc", "status", "--json", "--with-deps", "report@demo"], copy, env).stdout) == {}
