@@ -216,14 +216,16 @@ class Doorway:
 
     With `cut_at`, the first request whose path matches is never answered: `on_cut` stops the
     real server (as an operator would, in the middle of a stage), and the doorway closes its
-    own port, so that this request and every later one find nobody listening. That puts the
-    failure at one chosen point of a stage, every time, instead of wherever a timer lands.
+    own port, so that this request and every later one find nobody listening. With
+    `cut_after`, that request first reaches the server and is carried out there; only its
+    answer is lost. That puts the failure at one chosen point of a stage, every time, instead
+    of wherever a timer lands.
     """
 
     def __init__(self, upstream: str, *, port: int = 0, cut_at: re.Pattern | None = None,
-                 on_cut: Callable[[], None] = lambda: None) -> None:
+                 cut_after: bool = False, on_cut: Callable[[], None] = lambda: None) -> None:
         self.upstream = urlsplit(upstream)
-        self.cut_at, self.on_cut = cut_at, on_cut
+        self.cut_at, self.cut_after, self.on_cut = cut_at, cut_after, on_cut
         self.cut_path: str | None = None
         self.paths: list[str] = []
         doorway = self
@@ -234,7 +236,8 @@ class Doorway:
 
             def forward(self) -> None:
                 doorway.paths.append(f"{self.command} {self.path}")
-                if doorway.cut_path is not None or (doorway.cut_at and doorway.cut_at.search(self.path)):
+                chosen = doorway.cut_path is None and doorway.cut_at and doorway.cut_at.search(self.path)
+                if doorway.cut_path is not None or (chosen and not doorway.cut_after):
                     doorway.cut(self)
                     return
                 if "chunked" in self.headers.get("Transfer-Encoding", ""):
@@ -246,6 +249,9 @@ class Doorway:
                 response = upstream.getresponse()
                 data = response.read()
                 upstream.close()
+                if chosen:  # cut_after: carried out upstream; the answer never comes back
+                    doorway.cut(self)
+                    return
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
@@ -281,24 +287,34 @@ class Doorway:
             self.listener.server_close()
 
 
+@pytest.mark.parametrize(
+    ("epochs", "cut_at", "cut_after"),
+    [
+        # While the model's files are being uploaded: nothing is registered yet.
+        (2, r"/artifacts/model(-[0-9a-f]+)?/", False),
+        # Right after the server has created the model version, before the client hears of it.
+        (1, r"/model-versions/create$", True),
+    ],
+    ids=["during-the-model-upload", "after-the-version-is-created"],
+)
 def test_a_server_stopped_in_the_middle_of_evaluate_keeps_the_local_outputs_and_a_rerun_logs_them(
-    served: tuple[Path, dict[str, str], Server],
+    served: tuple[Path, dict[str, str], Server], epochs: int, cut_at: str, cut_after: bool,
 ) -> None:
-    """The server stops while evaluate is uploading the model: metrics, evaluation files and
-    tags are already on the run; the model is half sent and not registered. The stage fails in
-    one line, its local outputs stay, and DVC does not record it as done. With the server back
-    at the same address, `dvc repro` runs evaluate alone again; it logs everything and registers
-    the model once."""
+    """The server stops in the middle of evaluate's logging: metrics, evaluation files and tags
+    are already on the run. The stage fails in one line, its local outputs stay, and DVC does
+    not record it as done. With the server back at the same address, `dvc repro` runs evaluate
+    alone again; it logs everything, and the run has exactly one registered version, even when
+    the server had created one before it went down."""
     copy, env, server = served
     params = yaml.safe_load((copy / "params.yaml").read_text())
-    params["experiments"]["digits-small_cnn"]["train"]["epochs"] = 2  # a new model, not yet registered
+    params["experiments"]["digits-small_cnn"]["train"]["epochs"] = epochs  # a new model, not yet registered
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     metrics_path = copy / "reports/metrics/demo/digits/small_cnn.json"
     figures = copy / "reports/figures/digits/small_cnn"
     predictions = copy / "reports/predictions/digits/small_cnn.csv"
     evaluation = copy / "reports/evaluation/digits/small_cnn"
 
-    doorway = Doorway(server.uri, cut_at=re.compile(r"/artifacts/model(-[0-9a-f]+)?/"), on_cut=server.stop_mlflow)
+    doorway = Doorway(server.uri, cut_at=re.compile(cut_at), cut_after=cut_after, on_cut=server.stop_mlflow)
     try:
         failed = subprocess.run(
             ["dvc", "repro", "report@demo"], cwd=copy, env={**env, "MLFLOW_TRACKING_URI": doorway.uri},
@@ -309,7 +325,7 @@ def test_a_server_stopped_in_the_middle_of_evaluate_keeps_the_local_outputs_and_
         server.start_mlflow()
     output = failed.stdout + failed.stderr
     assert failed.returncode != 0, output[-3000:]
-    assert doorway.cut_path is not None, "evaluate never uploaded its model"
+    assert doorway.cut_path is not None, f"evaluate never sent {cut_at}"
     # Before the cut, evaluate had logged its metrics and files through the doorway.
     assert any("runs/log-batch" in path for path in doorway.paths)
     assert any("/artifacts/evaluation/" in path for path in doorway.paths)
@@ -320,14 +336,15 @@ def test_a_server_stopped_in_the_middle_of_evaluate_keeps_the_local_outputs_and_
     assert "Traceback" not in output
 
     training = json.loads((copy / "models/digits/small_cnn/training.json").read_text())
-    assert training["epochs_run"] <= 2
+    assert training["epochs_run"] <= epochs
     record = json.loads(metrics_path.read_text())  # written before MLflow was asked
     assert record["epochs_run"] == training["epochs_run"] and "model_version" not in record
     assert {"confusion.png", "curves.png", "mistakes.png"} <= {p.name for p in figures.iterdir()}
     assert predictions.exists() and (evaluation / "classification_report.json").exists()
     status = json.loads(run(["dvc", "status", "--json", "--with-deps", "report@demo"], copy, env).stdout)
     assert "evaluate@digits-small_cnn" in status and "train@digits-small_cnn" not in status
-    assert api(server, "model-versions/search", filter=f"run_id='{training['run_id']}'").get("model_versions", []) == []
+    created = api(server, "model-versions/search", filter=f"run_id='{training['run_id']}'").get("model_versions", [])
+    assert len(created) == (1 if cut_after else 0)
 
     back = Doorway(server.uri, port=doorway.port)  # the server is back, at the same address
     try:
@@ -338,6 +355,7 @@ def test_a_server_stopped_in_the_middle_of_evaluate_keeps_the_local_outputs_and_
     record = json.loads(metrics_path.read_text())
     versions = api(server, "model-versions/search", filter=f"run_id='{training['run_id']}'")["model_versions"]
     assert [int(v["version"]) for v in versions] == [record["model_version"]]
+    assert [v["version"] for v in created] in ([], [versions[0]["version"]])  # the one created before the cut
     model_sha = hashlib.sha256((copy / "models/digits/small_cnn/model.keras").read_bytes()).hexdigest()
     assert {t["key"]: t["value"] for t in versions[0]["tags"]}["model_sha256"] == model_sha
     logged = api(server, "runs/get", run_id=training["run_id"])["run"]
