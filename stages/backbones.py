@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+from stages import augmentation as augmentations
 from stages.errors import UserError
 from stages.registry import Registry
 
@@ -229,7 +230,7 @@ def build_model(
 
     inputs = keras.Input((image_size, image_size, channels), dtype="uint8", name="image")
     x = layers.Rescaling(1.0, name="to_float")(inputs)
-    augment = augmentation_layers(augmentation, seed)
+    augment = augmentations.augmentation_layers(augmentation, seed)
     if augment is not None:
         x = augment(x)
     if size != image_size:
@@ -314,25 +315,6 @@ def unfreeze_top(model: Any, count: int) -> int:
     return sum(1 for layer in base.layers if layer.trainable and layer.weights)
 
 
-def augmentation_layers(augmentation: Any, seed: int) -> Any | None:
-    """Keras preprocessing layers for the dataset's augmentation, or None when there is none."""
-    import keras
-    from keras import layers
-
-    steps = []
-    if augmentation.flip != "none":
-        steps.append(layers.RandomFlip(augmentation.flip, seed=seed))
-    if augmentation.rotation:
-        steps.append(layers.RandomRotation(augmentation.rotation / 360.0, seed=seed))
-    if augmentation.zoom:
-        steps.append(layers.RandomZoom(augmentation.zoom, seed=seed))
-    if augmentation.translation:
-        steps.append(layers.RandomTranslation(augmentation.translation, augmentation.translation, seed=seed))
-    if augmentation.contrast:
-        steps.append(layers.RandomContrast(augmentation.contrast, value_range=(0, 255), seed=seed))
-    return keras.Sequential(steps, name="augmentation") if steps else None
-
-
 def preprocessing_layer(mode: Preprocessing) -> Any:
     from keras import layers
 
@@ -377,6 +359,7 @@ def custom_layers() -> dict[str, type]:
 
         _CUSTOM_LAYERS["GrayscaleToRGB"] = GrayscaleToRGB
         _CUSTOM_LAYERS["CaffePreprocess"] = CaffePreprocess
+        _CUSTOM_LAYERS.update(augmentations.layer_classes())
     return dict(_CUSTOM_LAYERS)
 
 

@@ -282,6 +282,15 @@ def _check_references(params: Params, source: str) -> None:
             raise ConfigError(
                 f"{source}: datasets.{name}.split: val and test must be fractions in [0, 1) that sum below 1"
             )
+        augment = dataset.augmentation
+        for key, value, allowed, within in (
+            ("rotation", augment.rotation, "0 to 180 (degrees)", 0 <= augment.rotation <= 180),
+            ("zoom", augment.zoom, "0 or more, below 1", 0 <= augment.zoom < 1),
+            ("translation", augment.translation, "0 or more, below 1 (a fraction of the side)", 0 <= augment.translation < 1),
+            ("contrast", augment.contrast, "0 or more", augment.contrast >= 0),
+        ):
+            if not within:
+                raise ConfigError(f"{source}: datasets.{name}.augmentation.{key}: {value} is out of range; use {allowed}")
         for rule in dataset.validation.hard:
             if rule not in RULES:
                 raise ConfigError(

@@ -315,7 +315,6 @@ def train(
             seed=training.seed,
             weights_file=weights_file,
         )
-        runtime.let_augmentation_compile(model)
 
         config = resolved_config(experiment)
         params_hash = tracking.stable_hash(config)

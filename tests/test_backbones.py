@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from stages import backbones  # noqa: E402  (after the log level, before Keras is imported)
+from stages.augmentation import augmentation_layers  # noqa: E402
 from stages.backbones import build_model, custom_layers, get_backbone, list_backbones  # noqa: E402
 from stages.config import Augmentation, BackboneConfig, HeadConfig  # noqa: E402
 from stages.errors import UserError  # noqa: E402
@@ -260,24 +261,21 @@ def test_grayscale_to_rgb_repeats_the_channel(keras):
 
 
 def test_augmentation_layers_are_present_only_when_configured(keras):
-    """Configured augmentation adds one layer per transform; none configured adds no layer."""
-    augmentation = Augmentation(flip="horizontal", rotation=8, zoom=0.1, translation=0.1, contrast=0.2)
+    """Flip, one affine resampling for rotation, zoom and translation, and contrast, each only when
+    configured; none configured adds no layer."""
+    augmentation = Augmentation(flip="horizontal", rotation=8, zoom=0.1, translation=0.05, contrast=0.2)
     augmented = build(small_backbone("cnn"), augmentation=augmentation)
     plain = build(small_backbone("cnn"))
 
     steps = augmented.get_layer("augmentation").layers
-    assert [type(step).__name__ for step in steps] == [
-        "RandomFlip",
-        "RandomRotation",
-        "RandomZoom",
-        "RandomTranslation",
-        "RandomContrast",
-    ]
-    assert tuple(steps[1].factor) == pytest.approx((-8 / 360, 8 / 360))  # degrees as a fraction of a turn
+    assert [type(step).__name__ for step in steps] == ["RandomFlip", "RandomAffine", "RandomContrast"]
+    assert (steps[1].rotation, steps[1].zoom, steps[1].translation) == (8, 0.1, 0.05)  # degrees, fractions
     assert "augmentation" not in {layer.name for layer in plain.layers}
-    assert backbones.augmentation_layers(Augmentation(), seed=0) is None
-    only_flip = backbones.augmentation_layers(Augmentation(flip="vertical"), seed=0)
+    assert augmentation_layers(Augmentation(), seed=0) is None
+    only_flip = augmentation_layers(Augmentation(flip="vertical"), seed=0)
     assert [type(step).__name__ for step in only_flip.layers] == ["RandomFlip"]
+    only_zoom = augmentation_layers(Augmentation(zoom=0.2), seed=0)
+    assert [type(step).__name__ for step in only_zoom.layers] == ["RandomAffine"]
     # Augmentation is active in training only: inference is deterministic.
     batch = images(1)
     np.testing.assert_array_equal(augmented.predict(batch, verbose=0), augmented.predict(batch, verbose=0))

@@ -199,6 +199,14 @@ MISTAKES = {
         set_key(["datasets", "digits", "split"], {"val": 0.5, "test": 0.5}),
         ["datasets.digits.split:", "sum below 1"],
     ),
+    "zoom of a whole side": (
+        set_key(["datasets", "digits", "augmentation", "zoom"], 1.0),
+        ["datasets.digits.augmentation.zoom: 1.0 is out of range", "below 1"],
+    ),
+    "negative rotation": (
+        set_key(["datasets", "digits", "augmentation", "rotation"], -5),
+        ["datasets.digits.augmentation.rotation: -5", "0 to 180 (degrees)"],
+    ),
     "null where a number is required": (
         set_key(["datasets", "digits", "image_size"], None),
         ["datasets.digits.image_size:", "expected int", "None"],

@@ -174,6 +174,55 @@ def test_loader_feeds_uint8_batches_in_an_order_fixed_by_seed_and_epoch(tmp_path
     assert np.array_equal(epoch_order(10, 3, 1, shuffle=False), np.arange(10))
 
 
+ON_DEVICE = """
+import jax, keras, numpy as np
+from stages import loader
+
+assert loader.device_array(np.zeros((4, 2), np.uint8)) is not None
+host_only = np.zeros((4, 2), np.uint8)
+assert loader.device_array(host_only) is host_only, "JAX's CPU is not an accelerator: the array stays"
+# Stand the CPU in for a GPU: what a GPU run does, copy once and gather on the device.
+loader.device_array = lambda x: jax.device_put(np.asarray(x), jax.devices()[0])
+x = (np.arange(37 * 4 * 4 * 3) % 251).astype(np.uint8).reshape(37, 4, 4, 3)
+y = np.arange(37)
+# Training shuffles (keep, drop); prediction pads its last batch and keeps the order.
+for remainder, multiple, shuffle in (("keep", 1, True), ("drop", 2, True), ("pad", 2, False)):
+    host = loader.array_batches(x, y, batch_size=16, seed=5, shuffle=shuffle, multiple=multiple, remainder=remainder)
+    device = loader.array_batches(x, y, batch_size=16, seed=5, shuffle=shuffle, multiple=multiple, remainder=remainder,
+                                  on_device=True)
+    assert device.on_device and not host.on_device and len(device) == len(host)
+    for epoch in (0, 3):
+        host.set_epoch(epoch)
+        device.set_epoch(epoch)
+        for i in range(len(host)):
+            (hx, hy), (dx, dy) = host[i], device[i]
+            assert isinstance(dx, jax.Array) and dx.dtype == np.uint8, "uint8, already on the device"
+            assert sorted(hy) == sorted(dy), (remainder, epoch, i)
+            assert np.array_equal(np.asarray(dx), x[dy]), "each image with its own label"
+# Keras trains from device batches as from host ones: the same loss (the order within a batch differs).
+losses = []
+for on_device in (False, True):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 3), dtype="uint8"), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Flatten(), keras.layers.Dense(37, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy", jit_compile=True)
+    batches = loader.array_batches(x, y, batch_size=16, seed=5, shuffle=True, on_device=on_device)
+    losses.append(model.fit(batches, epochs=2, shuffle=False, verbose=0).history["loss"])
+assert np.allclose(losses[0], losses[1], rtol=1e-5), losses
+print("device path ok")
+"""
+
+
+def test_on_jax_the_device_path_gathers_uint8_batches_there_and_trains_the_same() -> None:
+    """The GPU path of the loader (images copied to the device once, each batch gathered there),
+    run with JAX's CPU device standing in for the GPU: the same images and labels per batch as the
+    host path for every remainder policy, uint8, and the same training loss."""
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run([sys.executable, "-c", ON_DEVICE], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "device path ok" in result.stdout, result.stderr[-3000:]
+
+
 def test_balanced_class_weights_match_scikit_learn_and_ride_in_the_batches() -> None:
     from sklearn.utils.class_weight import compute_class_weight
 
@@ -194,8 +243,6 @@ def test_balanced_class_weights_match_scikit_learn_and_ride_in_the_batches() -> 
 def test_a_killed_train_stage_resumes_and_ends_with_the_uninterrupted_weights(tmp_path: Path, tracking: str) -> None:
     """Kill the stage (SIGKILL) after some epochs, run it again: it resumes from its checkpoint
     and the model, history and best epoch are exactly those of a run that was never killed."""
-    import keras
-
     data = write_prepared(tmp_path / "data", repeat=3)
     params = write_params(
         tmp_path / "params.yaml", SMALL_CNN, {"epochs": 8, "early_stopping_patience": 20, "batch_size": 32},
@@ -225,8 +272,10 @@ def test_a_killed_train_stage_resumes_and_ends_with_the_uninterrupted_weights(tm
     assert "resuming after epoch" in resumed.stdout
     assert not checkpoint.exists(), "the checkpoint goes once the model is written"
 
-    whole = keras.saving.load_model(tmp_path / "whole" / "model.keras", safe_mode=True)
-    killed = keras.saving.load_model(tmp_path / "killed" / "model.keras", safe_mode=True)
+    from stages.backbones import load_saved_model
+
+    whole = load_saved_model(tmp_path / "whole" / "model.keras", "whole")
+    killed = load_saved_model(tmp_path / "killed" / "model.keras", "killed")
     for a, b in zip(whole.get_weights(), killed.get_weights(), strict=True):
         assert np.array_equal(a, b)
     columns = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy"]
