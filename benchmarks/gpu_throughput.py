@@ -1,7 +1,8 @@
 """GPU training throughput: the train stage's code path against bare Keras and plain PyTorch.
 
-    KERAS_BACKEND=jax python benchmarks/gpu_throughput.py --out /tmp/gpu_throughput.json
+    KERAS_BACKEND=jax python benchmarks/gpu_throughput.py --out /tmp/gpu_throughput.json --deadline 420
     KERAS_BACKEND=jax python benchmarks/gpu_throughput.py --smoke      # tiny, 1 step, CPU allowed
+    bash benchmarks/device_check.sh                                     # on the borrowed GPU machine
 
 End-to-end training throughput (images per second, training steps only, no validation) of
 EfficientNetB0 and ResNet50V2 at 224x224 from scratch, batch 128 and 256, on `--images` synthetic
@@ -9,10 +10,10 @@ uint8 images (8,192 by default) with 10 classes, measured three ways:
 
 - ours: what stages/train.py does on a GPU. stages.loader.array_batches over the uint8 array
   (on_device=True: on JAX with a GPU the array is copied to the device once and batches are
-  gathered there; workers=4), stages.backbones.build_model (uint8 input, augmentation layers
-  RandomFlip/RandomRotation/RandomZoom/RandomTranslation, the backbone's preprocessing, the
-  `features` head), the mixed_bfloat16 dtype policy, jit_compile from runtime.jit_compile("auto"),
-  and one `model.fit` call per epoch with `set_epoch`, as train runs its epochs;
+  gathered there; workers=4), stages.backbones.build_model (uint8 input, the augmentation it
+  builds for flip, rotation, zoom and translation, the backbone's preprocessing, the `features`
+  head), the mixed_bfloat16 dtype policy, jit_compile from runtime.jit_compile("auto"), and one
+  `model.fit` call per epoch with `set_epoch`, as train runs its epochs;
 - (b) bare Keras on JAX: keras.applications.<Model>(weights=None, classes=10), mixed_bfloat16,
   jit_compile=True, `model.fit(x, y, batch_size=..., shuffle=True)` on the same uint8 host NumPy
   array, no augmentation;
@@ -21,16 +22,25 @@ uint8 images (8,192 by default) with 10 classes, measured three ways:
   each batch gathered, converted to float and normalised on the GPU. Skipped, with a message,
   when torch or torchvision is not installed. `--torch-compile` adds torch.compile.
 
-"ours XLA" in the table is what Keras resolved jit_compile="auto" to for our model. Keras 3 turns
+"ours XLA" in the table is what Keras resolved jit_compile="auto" to for our model: Keras 3 turns
 XLA off (on JAX: the train step is not jax.jit-compiled at all) for a model holding a layer that
-declares supports_jit = False, as RandomRotation, RandomZoom and RandomTranslation do; ours has
-them, so expect "off" and read the ours/b ratio with that in mind. `--no-augmentation` measures
-ours without the augmentation layers.
+declares supports_jit = False, as its RandomRotation, RandomZoom and RandomTranslation do.
+`--no-augmentation` measures ours without augmentation.
 
-Each (method, model, batch size) runs `--warmup` epochs (compilation, cuDNN autotuning) and then
-`--epochs` timed epochs; the median timed epoch is reported. Each method runs in its own process
-(JAX preallocates most of the GPU's memory; PyTorch must not share it). Ratios: ours/b and ours/a
-(above 1: ours is faster).
+Each (model, batch size, method) runs in a child process of its own, one at a time (JAX
+preallocates most of the GPU's memory; PyTorch must not share it), a table row's three methods
+before the next row's: efficientnetb0 128, efficientnetb0 256, resnet50v2 128, resnet50v2 256.
+A child runs `--warmup` epochs (compilation, cuDNN autotuning), then `--epochs` timed epochs, and
+reports the median timed epoch. Ratios: ours/b and ours/a (above 1: ours is faster). Each child
+also records its jax/keras/numpy (or torch) versions, the device, and whether `tensorflow` was
+imported (the JAX path must not import it; the GPU machine has none).
+
+`--deadline SECONDS` bounds the whole script: a child that would start with less time left than
+the longest child of its method so far took (for a method's first child, the longest child of
+any; at least MIN_CHILD_SECONDS) is skipped and recorded as skipped with "deadline: ...", and each
+child is killed when the time is up. `--out` (one JSON object: the settings and `runs`, one entry
+per child in order) is rewritten after every child, so a run cut short keeps what it measured.
+The exit status is 1 when any child failed (an error, a crash, a timeout), else 0.
 
 Without --smoke a GPU is required (the script exits otherwise). --smoke: 8 images of 32x32,
 batch 8 (one step per epoch), one warm-up and one timed epoch, CPU allowed; it checks the code
@@ -40,19 +50,21 @@ paths, not the speed.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 
+STARTED = time.monotonic()
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -64,9 +76,11 @@ MODELS = {
 METHODS = ("ours", "bare_keras", "torch")
 CLASSES = 10
 SEED = 42
-# The augmentation the course's datasets use (gtsrb, fer2013): every layer build_model can add
+# The augmentation the course's datasets use (gtsrb, fer2013): every kind build_model can add
 # except contrast.
 AUGMENTATION = {"flip": "horizontal", "rotation": 10.0, "zoom": 0.1, "translation": 0.1}
+# Under --deadline, the least time a child is expected to need before any of its method has run.
+MIN_CHILD_SECONDS = 30.0
 
 
 def synthetic(images: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +109,7 @@ def timed_epochs(run_epoch, images: int, warmup: int, epochs: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The three methods; each runs inside its own child process.
+# The three methods; each call runs inside a child process of its own.
 
 
 def keras_device() -> dict:
@@ -107,6 +121,7 @@ def keras_device() -> dict:
         "keras": keras.__version__,
         "keras_backend": keras.backend.backend(),
         "jax": jax.__version__,
+        "numpy": np.__version__,
         "platform": device.platform,
         "device": device.device_kind,
     }
@@ -121,10 +136,9 @@ def run_ours(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, args: arg
     from stages.loader import array_batches
     from stages.train import make_optimizer
 
-    keras.backend.clear_session()
     runtime.keep_tensorflow_out()
     device = runtime.accelerator()
-    policy = runtime.precision_policy("bfloat16", device)  # mixed_bfloat16, as "auto" picks on an H100
+    policy = runtime.precision_policy("bfloat16", device)  # mixed_bfloat16, as "auto" picks on an H100 or H200
     keras.config.set_dtype_policy(policy)
     runtime.make_deterministic(SEED, device)
     augmentation = Augmentation(**({} if args.no_augmentation else AUGMENTATION))
@@ -132,7 +146,6 @@ def run_ours(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, args: arg
         BackboneConfig(model=name, input_size=args.size, weights=None),
         image_size=args.size, channels=3, num_classes=CLASSES, augmentation=augmentation, seed=SEED,
     )
-    runtime.let_augmentation_compile(model)  # as the train stage does
     jit = runtime.jit_compile("auto")
     model.compile(optimizer=make_optimizer("adam", 1e-3), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], jit_compile=jit)
@@ -146,14 +159,10 @@ def run_ours(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, args: arg
 
     result = timed_epochs(run_epoch, len(x), args.warmup, args.epochs)
     # model.jit_compile is what compile resolved "auto" to: Keras turns XLA off (on JAX: no
-    # jax.jit at all) when any layer says it cannot be compiled, as RandomRotation, RandomZoom and
-    # RandomTranslation do in Keras 3.
-    result.update(dtype_policy=policy, jit_compile_setting=str(jit), jit_compile=bool(model.jit_compile),
-                  on_device=bool(batches.on_device),
-                  augmentation=bool(not args.no_augmentation), parameters=int(model.count_params()))
-    del model, batches
-    gc.collect()
-    return result
+    # jax.jit at all) when any layer says it cannot be compiled.
+    return result | dict(dtype_policy=policy, jit_compile_setting=str(jit), jit_compile=bool(model.jit_compile),
+                         on_device=bool(batches.on_device), augmentation=not args.no_augmentation,
+                         parameters=int(model.count_params()))
 
 
 def run_bare_keras(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict:
@@ -161,7 +170,6 @@ def run_bare_keras(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, arg
 
     from stages import runtime
 
-    keras.backend.clear_session()
     runtime.keep_tensorflow_out()
     keras.config.set_dtype_policy("mixed_bfloat16")
     np.random.seed(SEED)
@@ -175,10 +183,8 @@ def run_bare_keras(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, arg
         float(history.history["loss"][-1])
 
     result = timed_epochs(run_epoch, len(x), args.warmup, args.epochs)
-    result.update(dtype_policy="mixed_bfloat16", jit_compile=bool(model.jit_compile), parameters=int(model.count_params()))
-    del model
-    gc.collect()
-    return result
+    return result | dict(dtype_policy="mixed_bfloat16", jit_compile=bool(model.jit_compile),
+                         parameters=int(model.count_params()))
 
 
 def torch_device() -> dict:
@@ -189,6 +195,7 @@ def torch_device() -> dict:
     return {
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
         "platform": "gpu" if cuda else "cpu",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
@@ -228,69 +235,48 @@ def run_torch(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, args: ar
             optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        float(loss)
+        loss.item()
 
     result = timed_epochs(run_epoch, count, args.warmup, args.epochs)
-    result.update(dtype="bf16 autocast", channels_last=True, torch_compile=bool(args.torch_compile),
-                  torchvision_model=MODELS[name][1], parameters=sum(p.numel() for p in model.parameters()))
-    del model, step_model, optimizer, images, labels
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return result | dict(dtype="bf16 autocast", channels_last=True, torch_compile=bool(args.torch_compile),
+                         torchvision_model=MODELS[name][1], parameters=sum(p.numel() for p in model.parameters()))
 
 
-def child(method: str, args: argparse.Namespace) -> None:
-    """Run every (model, batch size) of one method; write the results as JSON to args.result."""
-    results: dict = {"method": method, "runs": []}
-
-    def save() -> None:
-        Path(args.result).write_text(json.dumps(results, indent=2))
-
+def child(args: argparse.Namespace) -> int:
+    """Run one (method, model, batch size); write what it found as JSON to args.result."""
+    run: dict = {"python": platform.python_version()}
     try:
-        results["environment"] = torch_device() if method == "torch" else keras_device()
-    except ImportError as error:
-        results["skipped"] = f"{type(error).__name__}: {error}"
-        save()
-        return
-    if method == "torch" and results["environment"]["platform"] != "gpu" and not args.smoke:
+        run["environment"] = torch_device() if args.child == "torch" else keras_device()
+    except ImportError as error:  # torch and torchvision are optional; Keras and JAX are not
+        run["skipped" if args.child == "torch" else "error"] = f"{type(error).__name__}: {error}"
+    if "environment" in run and args.child == "torch" and run["environment"]["platform"] != "gpu" and not args.smoke:
         # A CPU-only torch wheel on a GPU machine would time the reference on the CPU.
-        results["skipped"] = f"torch {results['environment']['torch']} sees no CUDA GPU"
-        save()
-        return
-    x, y = synthetic(args.images, args.size)
-    run = {"ours": run_ours, "bare_keras": run_bare_keras, "torch": run_torch}[method]
-    for name in args.models:
-        for batch_size in args.batch_sizes:
-            started = time.perf_counter()
-            try:
-                outcome = run(name, batch_size, x, y, args)
-            except Exception as error:  # noqa: BLE001 - report it and go on with the next
-                outcome = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
-            outcome.update(model=name, batch_size=batch_size, seconds=round(time.perf_counter() - started, 1))
-            results["runs"].append(outcome)
-            save()
-            print(f"{method} {name} batch {batch_size}: "
-                  f"{outcome.get('img_per_s', outcome.get('error'))} img/s", flush=True)
+        run["skipped"] = f"torch {run['environment']['torch']} sees no CUDA GPU"
+    if "environment" in run and "skipped" not in run:
+        method = {"ours": run_ours, "bare_keras": run_bare_keras, "torch": run_torch}[args.child]
+        try:
+            run.update(method(args.model, args.batch_size, *synthetic(args.images, args.size), args))
+        except Exception as error:  # noqa: BLE001 - reported in the results, and the parent goes on
+            traceback.print_exc()
+            run.update(error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc()[-3000:])
+    run["tensorflow_imported"] = "tensorflow" in sys.modules
+    Path(args.result).write_text(json.dumps(run, indent=2))
+    return 1 if "error" in run else 0
 
 
 # --------------------------------------------------------------------------------------------
-# The parent: one child per method, then the table.
+# The parent: one child per (model, batch size, method), then the table.
 
 
-def child_command(method: str, args: argparse.Namespace, result: Path) -> list[str]:
+def child_command(method: str, name: str, batch_size: int, args: argparse.Namespace, result: Path) -> list[str]:
     command = [
-        sys.executable, __file__, "--child", method, "--result", str(result),
-        "--images", str(args.images), "--size", str(args.size), "--warmup", str(args.warmup),
-        "--epochs", str(args.epochs), "--models", *args.models,
-        "--batch-sizes", *map(str, args.batch_sizes),
+        sys.executable, __file__, "--child", method, "--result", str(result), "--models", name,
+        "--batch-sizes", str(batch_size), "--images", str(args.images), "--size", str(args.size),
+        "--warmup", str(args.warmup), "--epochs", str(args.epochs),
     ]
-    if args.no_augmentation:
-        command.append("--no-augmentation")
-    if args.torch_compile:
-        command.append("--torch-compile")
-    if args.smoke:
-        command.append("--smoke")
+    for flag in ("no_augmentation", "torch_compile", "smoke"):
+        if getattr(args, flag):
+            command.append("--" + flag.replace("_", "-"))
     return command
 
 
@@ -298,38 +284,41 @@ def check_gpu(env: dict[str, str]) -> str | None:
     """The JAX GPU's name, or None when JAX sees none."""
     probe = subprocess.run(
         [sys.executable, "-c", "import jax; d = jax.devices()[0]; print(d.platform, d.device_kind)"],
-        env=env, capture_output=True, text=True,
+        env={**env, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, capture_output=True, text=True,
     )
     words = probe.stdout.strip().split(" ", 1)
-    return words[1] if probe.returncode == 0 and words[0] == "gpu" else None
+    if probe.returncode == 0 and words[0] == "gpu":
+        return words[1]
+    print(f"JAX sees no GPU: {probe.stdout.strip()} {probe.stderr.strip()[-2000:]}".rstrip(), flush=True)
+    return None
 
 
-def table(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
-    def rate(method: str, name: str, batch_size: int) -> float | None:
-        for run in results.get(method, {}).get("runs", []):
-            if run["model"] == name and run["batch_size"] == batch_size:
-                return run.get("img_per_s")
-        return None
-
-    def jit(name: str, batch_size: int) -> str:
-        for run in results.get("ours", {}).get("runs", []):
-            if run["model"] == name and run["batch_size"] == batch_size and "jit_compile" in run:
-                return "on" if run["jit_compile"] else "off"
+def outcome(run: dict | None) -> str:
+    """A run's result in a few words."""
+    if run is None:
         return "-"
+    if "img_per_s" in run:
+        return f"{run['img_per_s']:,.0f}"
+    if "skipped" in run:
+        return "deadline" if run["skipped"].startswith("deadline") else "skipped"
+    return "timeout" if "timed out" in run.get("failure", "") else "failed"
+
+
+def table(runs: list[dict], args: argparse.Namespace) -> list[str]:
+    found = {(run["method"], run["model"], run["batch_size"]): run for run in runs}
+
+    def ratio(a: dict | None, b: dict | None) -> str:
+        if a and b and a.get("img_per_s") and b.get("img_per_s"):
+            return f"{a['img_per_s'] / b['img_per_s']:>6.2f}x"
+        return f"{'-':>7}"
 
     lines = [f"{'model':<15} {'batch':>5} {'ours img/s':>11} {'ours XLA':>8} {'(b) bare Keras':>15} {'(a) PyTorch':>12} "
              f"{'ours/b':>7} {'ours/a':>7}"]
-
-    def cell(value: float | None, width: int) -> str:
-        return f"{value:>{width},.0f}" if value else f"{'-':>{width}}"
-
-    def ratio(a: float | None, b: float | None) -> str:
-        return f"{a / b:>6.2f}x" if a and b else f"{'-':>7}"
-
     for name in args.models:
         for batch_size in args.batch_sizes:
-            ours, bare, torch = (rate(m, name, batch_size) for m in METHODS)
-            lines.append(f"{name:<15} {batch_size:>5} {cell(ours, 11)} {jit(name, batch_size):>8} {cell(bare, 15)} {cell(torch, 12)} "
+            ours, bare, torch = (found.get((method, name, batch_size)) for method in METHODS)
+            xla = {True: "on", False: "off"}.get((ours or {}).get("jit_compile"), "-")
+            lines.append(f"{name:<15} {batch_size:>5} {outcome(ours):>11} {xla:>8} {outcome(bare):>15} {outcome(torch):>12} "
                          f"{ratio(ours, bare)} {ratio(ours, torch)}")
     return lines
 
@@ -345,8 +334,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs (median reported)")
     parser.add_argument("--no-augmentation", action="store_true", help="ours without augmentation layers")
     parser.add_argument("--torch-compile", action="store_true", help="(a) with torch.compile")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per method before it is abandoned")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here too")
+    parser.add_argument("--deadline", type=float, help="seconds for the whole script; children that would not fit are skipped")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one child may take before it is killed")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here too (rewritten after every child)")
     parser.add_argument("--smoke", action="store_true", help="8 images of 32x32, batch 8, 1 step; CPU allowed")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -354,8 +344,8 @@ def main() -> None:
     if args.smoke:
         args.images, args.size, args.batch_sizes, args.warmup, args.epochs = 8, 32, [8], 1, 1
     if args.child:
-        child(args.child, args)
-        return
+        args.model, args.batch_size = args.models[0], args.batch_sizes[0]
+        raise SystemExit(child(args))
 
     env = dict(os.environ)
     env.setdefault("KERAS_BACKEND", "jax")
@@ -366,49 +356,74 @@ def main() -> None:
     gpu = check_gpu(env)
     if gpu is None and not args.smoke:
         raise SystemExit("JAX sees no GPU; run on a GPU machine (jax[cuda]), or pass --smoke to check the code on a CPU")
-    print(f"device: {gpu or 'cpu (smoke)'}; {args.images} images {args.size}x{args.size}, batch sizes "
-          f"{args.batch_sizes}, {args.warmup} warm-up + {args.epochs} timed epochs", flush=True)
-
-    results: dict[str, dict] = {}
-    scratch = Path(args.out).parent if args.out else Path("/tmp")
-    for method in args.methods:
-        result_file = scratch / f"gpu_throughput.{method}.{os.getpid()}.json"
-        started = time.perf_counter()
-        try:
-            finished = subprocess.run(child_command(method, args, result_file), env=env, cwd=REPO,
-                                      capture_output=True, text=True, timeout=args.timeout)
-            failure = None if finished.returncode == 0 else (finished.stdout + finished.stderr)[-3000:]
-        except subprocess.TimeoutExpired:
-            failure = f"timed out after {args.timeout} s"
-        results[method] = json.loads(result_file.read_text()) if result_file.exists() else {"runs": []}
-        result_file.unlink(missing_ok=True)
-        results[method]["seconds"] = round(time.perf_counter() - started, 1)
-        if failure:
-            results[method]["failure"] = failure
-            print(f"{method}: FAILED\n{failure}", flush=True)
-        if "skipped" in results[method]:
-            print(f"{method}: skipped ({results[method]['skipped']})", flush=True)
-        for run in results[method]["runs"]:
-            if "error" in run:
-                print(f"{method} {run['model']} batch {run['batch_size']}: {run['error']}\n{run['traceback']}", flush=True)
+    plan = [(name, batch_size, method) for name in args.models for batch_size in args.batch_sizes for method in args.methods]
+    print(f"device: {gpu or 'cpu (smoke)'}; {args.images} images {args.size}x{args.size}, {args.warmup} warm-up + "
+          f"{args.epochs} timed epochs; {len(plan)} children, deadline {f'{args.deadline:.0f} s' if args.deadline else 'none'}", flush=True)
 
     summary = {
-        "device": gpu or "cpu (smoke)",
-        "host": platform.node(),
-        "cores": len(os.sched_getaffinity(0)),
-        "images": args.images,
-        "size": args.size,
-        "warmup": args.warmup,
-        "epochs": args.epochs,
-        "smoke": args.smoke,
-        "results": results,
+        "device": gpu or "cpu (smoke)", "host": platform.node(), "cores": len(os.sched_getaffinity(0)),
+        "images": args.images, "size": args.size, "warmup": args.warmup, "epochs": args.epochs,
+        "smoke": args.smoke, "deadline": args.deadline, "seconds": 0.0, "runs": [],
     }
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({m: {k: v for k, v in r.items() if k != "runs"} for m, r in results.items()}, indent=2))
-    print()
-    for line in table(results, args):
+
+    def save() -> None:
+        summary["seconds"] = round(time.monotonic() - STARTED, 1)
+        if args.out:
+            args.out.write_text(json.dumps(summary, indent=2))
+
+    def record(run: dict) -> None:
+        summary["runs"].append(run)
+        save()
+
+    save()
+
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_throughput."))  # not under --out: $OUT returns 8 files at most
+    longest: dict[str, float] = {}  # per method, the longest child so far, in seconds
+    for number, (name, batch_size, method) in enumerate(plan, 1):
+        run = {"method": method, "model": name, "batch_size": batch_size}
+        timeout = args.timeout
+        if args.deadline:
+            left = args.deadline - (time.monotonic() - STARTED)
+            # A method's first child is expected to take as long as the longest child so far.
+            expected = max(MIN_CHILD_SECONDS, longest.get(method, max(longest.values(), default=0.0)))
+            if left < expected:
+                run["skipped"] = f"deadline: {max(left, 0):.0f} s left, {expected:.0f} s expected"
+                record(run)
+                print(f"[{number}/{len(plan)}] {method} {name} batch {batch_size}: skipped ({run['skipped']})", flush=True)
+                continue
+            timeout = min(timeout, left)
+        print(f"[{number}/{len(plan)}] {method} {name} batch {batch_size} ...", flush=True)
+        result = scratch / f"{number}.json"
+        started = time.monotonic()
+        try:
+            finished = subprocess.run(child_command(method, name, batch_size, args, result), env=env, cwd=REPO,
+                                      stdin=subprocess.DEVNULL, timeout=timeout)
+            failure = f"exit code {finished.returncode}" if finished.returncode else None
+        except subprocess.TimeoutExpired:
+            failure = f"timed out after {timeout:.0f} s"
+        seconds = time.monotonic() - started
+        longest[method] = max(longest.get(method, 0.0), seconds)
+        run.update(json.loads(result.read_text()) if result.exists() else {})
+        run["seconds"] = round(seconds, 1)
+        if failure:
+            run["failure"] = failure
+        record(run)
+        said = (f"{run['img_per_s']:,.1f} img/s" if "img_per_s" in run
+                else run.get("error") or run.get("failure") or run.get("skipped") or "no result")
+        print(f"[{number}/{len(plan)}] {method} {name} batch {batch_size}: {said} ({seconds:.0f} s; "
+              f"tensorflow imported: {run.get('tensorflow_imported', '?')})", flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"\n{summary['seconds']:.0f} s in all")
+    for method in METHODS:
+        environment = next((run["environment"] for run in summary["runs"] if run["method"] == method and "environment" in run), None)
+        if environment:
+            print(f"{method}: " + ", ".join(f"{key} {value}" for key, value in environment.items()))
+    imported = [f"{run['method']} {run['model']} {run['batch_size']}" for run in summary["runs"] if run.get("tensorflow_imported")]
+    print(f"tensorflow imported by: {', '.join(imported) or 'no child'}\n")
+    for line in table(summary["runs"], args):
         print(line)
+    raise SystemExit(1 if any("error" in run or "failure" in run for run in summary["runs"]) else 0)
 
 
 if __name__ == "__main__":

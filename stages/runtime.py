@@ -64,22 +64,6 @@ def jit_compile(setting: str) -> bool | str:
     return {"auto": "auto", "on": True, "off": False}[setting]
 
 
-def let_augmentation_compile(model) -> None:
-    """On JAX, let XLA compile a train step that holds augmentation layers.
-
-    Keras 3.15 marks RandomRotation, RandomZoom and RandomTranslation `supports_jit = False`
-    (TensorFlow's image-transform op has no XLA kernel), and one such layer turns XLA off for the
-    whole model: on JAX every step then runs op by op. Their JAX implementation compiles, and their
-    random generators still advance each step.
-    """
-    import keras
-
-    if keras.backend.backend() != "jax" or "augmentation" not in [layer.name for layer in model.layers]:
-        return
-    for layer in model.get_layer("augmentation").layers:
-        layer.supports_jit = True
-
-
 def keep_tensorflow_out() -> None:
     """On a backend other than TensorFlow, stop Keras importing TensorFlow behind our back.
 
