@@ -11,9 +11,8 @@ Prepares, in `--workdir`:
 - the "pretrained" base: keras.applications.MobileNetV2(include_top=False, weights=None) at 224,
   saved in the published files' legacy HDF5 format, served by a local HTTP server and fetched by
   the real weights stage (`python -m stages.weights`, `weights_url` + `weights_sha256`). No
-  network: the weights are Keras's random initialisation, not ImageNet's, with the
-  BatchNormalization statistics calibrated on 64 spare digits (see make_weights); that changes
-  what the features are worth, not what they cost;
+  network, so not ImageNet's: a stand-in pretrained on the digits left over after train, val and
+  test (see make_weights); that changes what the features are worth, not what they cost;
 - two params files that differ only in `training.feature_cache` (auto, off): no augmentation,
   `epochs` epochs, early-stopping patience above it (every epoch runs), no fine-tuning.
 
@@ -55,7 +54,8 @@ SIZE = 224
 # weights stage stores the download under this name (stages.weights.mobilenetv2_weights).
 WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 MODES = ("auto", "off")
-# Digits outside train, val and test whose statistics calibrate the random base's BatchNormalization.
+# Of the digits outside train, val and test (the stand-in base is trained on them), how many at
+# 224 set its BatchNormalization statistics.
 CALIBRATION = 64
 
 
@@ -63,9 +63,9 @@ CALIBRATION = 64
 # Preparing the workdir.
 
 
-def prepare_data(out: Path, train: int, val: int, test: int, seed: int, spare: int) -> tuple[dict[str, int], np.ndarray]:
-    """Digits at 224x224x3 uint8 in the split stage's format, a random split; and up to `spare`
-    of the digits left over, at 224x224x3, for calibrating the base."""
+def prepare_data(out: Path, train: int, val: int, test: int, seed: int) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+    """Digits at 224x224x3 uint8 in the split stage's format, a random split; and the digits
+    left over (8x8 uint8, with their labels), for the stand-in pretrained base."""
     import pandas as pd
     from sklearn.datasets import load_digits
 
@@ -73,8 +73,8 @@ def prepare_data(out: Path, train: int, val: int, test: int, seed: int, spare: i
 
     digits = load_digits()
     pixels = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    if train + val + test + spare > len(pixels):
-        raise SystemExit(f"--train + --val + --test must be at most {len(pixels) - spare}")
+    if train + val + test + CALIBRATION > len(pixels):
+        raise SystemExit(f"--train + --val + --test must be at most {len(pixels) - CALIBRATION}")
     order = np.random.default_rng(seed).permutation(len(pixels))
     parts = {"train": order[:train], "val": order[train : train + val], "test": order[train + val : train + val + test]}
     out.mkdir(parents=True, exist_ok=True)
@@ -99,38 +99,57 @@ def prepare_data(out: Path, train: int, val: int, test: int, seed: int, spare: i
     (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n", encoding="utf-8")
     meta = {"dataset": DATASET, "image_size": SIZE, "channels": 3, "counts": counts}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    left = order[train + val + test : train + val + test + spare]
-    return counts, np.stack([load_pixels(pixels[i], SIZE, 3) for i in left])
+    left = order[train + val + test :]
+    return counts, pixels[left], digits.target[left]
 
 
-def make_weights(path: Path, calibration: np.ndarray) -> None:
+def make_weights(path: Path, spare: np.ndarray, labels: np.ndarray, epochs: int, size: int) -> None:
     """MobileNetV2's no-top weights in the published files' legacy HDF5 format (what
-    keras.applications loads from a `.h5` path): Keras's random initialisation, with every
-    BatchNormalization's moving statistics set to those of `calibration` (uint8 images the
-    benchmark neither trains nor validates on), so that the features carry the signal.
+    keras.applications loads from a `.h5` path), standing in for ImageNet's: the base is trained
+    for `epochs` epochs (Adam 0.001, batch 32, under a linear softmax head that is then thrown
+    away) on `spare` (8x8 uint8 scans, with their `labels`), digits the benchmark neither trains,
+    validates nor tests on, upsampled as split does to `size` x `size` (the weights do not depend
+    on the input size; a small one keeps this to a couple of minutes on a CPU). Then every
+    BatchNormalization's moving statistics are set to those of 64 of them at 224, the size the
+    benchmark feeds. `epochs` 0 keeps Keras's random initialisation
+    (statistics still calibrated).
 
-    Untouched, the random network's pooled features are about 1e-11 (the signal vanishes through
-    the 52 convolutions in inference mode) and the head cannot learn; with calibrated statistics
-    each layer's output is normalised, as in a trained network, and the features are random but
-    informative."""
-    np.save(path.with_name("calibration.npy"), calibration)
+    Why: untouched, the random network's pooled features are about 1e-11 (the signal vanishes
+    through the 52 convolutions in inference mode) and the head cannot learn; calibrated but
+    untrained, they vary little between images and the head stays at chance in 10 epochs. Trained
+    on other digits, the base gives features a head learns from, epoch by epoch, as from a real
+    pretrained base: a comparison of two training runs' accuracies then means something."""
+    np.save(path.with_name("spare_x.npy"), spare)
+    np.save(path.with_name("spare_y.npy"), labels)
     code = (
         "import h5py, keras, numpy as np, sys\n"
         "from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group\n"
+        "from stages.images import load_pixels\n"
         "keras.utils.set_random_seed(0)\n"
+        "x, y = np.load(sys.argv[2]), np.load(sys.argv[3])\n"
+        "epochs, size = int(sys.argv[4]), int(sys.argv[5])\n"
+        "preprocess = lambda images: images.astype('float32') / 127.5 - 1.0  # MobileNetV2's\n"
         f"model = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=({SIZE}, {SIZE}, 3))\n"
+        "if epochs:\n"
+        "    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(size, size, 3))\n"
+        "    net = keras.Sequential([base, keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation='softmax')])\n"
+        "    net.compile(keras.optimizers.Adam(0.001), 'sparse_categorical_crossentropy', metrics=['accuracy'])\n"
+        "    small = np.stack([load_pixels(image, size, 3) for image in x])  # as split upsamples\n"
+        "    history = net.fit(preprocess(small), y, epochs=epochs, batch_size=32, verbose=0)\n"
+        "    print(f'pretrained on {len(x)} spare digits at {size}: accuracy {history.history[\"accuracy\"][-1]:.3f}')\n"
+        "    model.set_weights(base.get_weights())\n"
         "for layer in model.layers:\n"
         "    if isinstance(layer, keras.layers.BatchNormalization):\n"
         "        layer.momentum = 0.0  # moving statistics := this batch's\n"
-        "x = np.load(sys.argv[2]).astype('float32') / 127.5 - 1.0  # MobileNetV2's preprocessing\n"
-        "model(x, training=True)\n"
+        f"model(preprocess(np.stack([load_pixels(image, {SIZE}, 3) for image in x[:{CALIBRATION}]])), training=True)\n"
         "with h5py.File(sys.argv[1], 'w') as handle:\n"
         "    save_weights_to_hdf5_group(handle, model)\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(path), str(path.with_name("calibration.npy"))], check=True, env=child_env())
-    path.with_name("calibration.npy").unlink()
-
-
+    names = [path.with_name("spare_x.npy"), path.with_name("spare_y.npy")]
+    subprocess.run([sys.executable, "-c", code, str(path), *map(str, names), str(epochs), str(size)],
+                   check=True, env=child_env(), cwd=REPO)
+    for name in names:
+        name.unlink()
 
 
 def write_params(path: Path, mode: str, epochs: int, batch_size: int, url: str, sha256: str) -> None:
@@ -261,6 +280,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/classmatrix-feature-cache"))
     parser.add_argument("--weights-file", type=Path, help="a real mobilenet_v2 1.0_224 no-top .h5 (ImageNet) to serve instead "
                         "of the generated one")
+    parser.add_argument("--pretrain-epochs", type=int, default=10, help="epochs the stand-in base trains on the spare digits "
+                        "(0: random weights, BatchNormalization calibrated)")
+    parser.add_argument("--pretrain-size", type=int, default=96, help="input size the stand-in base trains at")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -271,11 +293,11 @@ def main() -> None:
     workdir = args.workdir
     shutil.rmtree(workdir, ignore_errors=True)
     (workdir / "host").mkdir(parents=True)
-    counts, calibration = prepare_data(workdir / "data", args.train, args.val, args.test, seed=0, spare=CALIBRATION)
+    counts, spare, spare_labels = prepare_data(workdir / "data", args.train, args.val, args.test, seed=0)
     if args.weights_file:
         shutil.copyfile(args.weights_file, workdir / "host" / WEIGHTS_FILE)
     else:
-        make_weights(workdir / "host" / WEIGHTS_FILE, calibration)
+        make_weights(workdir / "host" / WEIGHTS_FILE, spare, spare_labels, args.pretrain_epochs, args.pretrain_size)
     served = workdir / "host" / WEIGHTS_FILE
     digest = hashlib.sha256(served.read_bytes()).hexdigest()
     server = FolderServer(workdir / "host")
@@ -292,7 +314,9 @@ def main() -> None:
 
     results = {mode: run_mode(mode, workdir) for mode in args.modes}
     summary = {"counts": counts, "epochs": args.epochs, "batch_size": args.batch_size,
-               "weights": str(args.weights_file) if args.weights_file else "generated (random, BatchNormalization calibrated)",
+               "weights": str(args.weights_file) if args.weights_file else (
+                   f"generated: trained {args.pretrain_epochs} epochs on {len(spare)} spare digits at {args.pretrain_size}, "
+                   f"BatchNormalization calibrated at {SIZE}"),
                "cores": len(os.sched_getaffinity(0)), "results": results}
     if set(results) == set(MODES):
         auto, off = results["auto"], results["off"]

@@ -33,7 +33,8 @@ before the next row's: efficientnetb0 128, efficientnetb0 256, resnet50v2 128, r
 A child runs `--warmup` epochs (compilation, cuDNN autotuning), then `--epochs` timed epochs, and
 reports the median timed epoch. Ratios: ours/b and ours/a (above 1: ours is faster). Each child
 also records its jax/keras/numpy (or torch) versions, the device, and whether `tensorflow` was
-imported (the JAX path must not import it; the GPU machine has none).
+imported (the JAX path must not import it; the GPU machine has none). Ours and (b) record
+`trainable_parameters`: the same count, or the comparison does not hold.
 
 `--deadline SECONDS` bounds the whole script: a child that would start with less time left than
 the longest child of its method so far took (for a method's first child, the longest child of
@@ -112,6 +113,12 @@ def timed_epochs(run_epoch, images: int, warmup: int, epochs: int) -> dict:
 # The three methods; each call runs inside a child process of its own.
 
 
+def trainable(model) -> int:
+    """Weights the optimizer updates: ours (a base trained from scratch is not frozen) and (b)
+    must both train the whole network for the comparison to hold."""
+    return int(sum(np.prod(weight.shape) for weight in model.trainable_weights))
+
+
 def keras_device() -> dict:
     import jax
     import keras
@@ -162,7 +169,7 @@ def run_ours(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, args: arg
     # jax.jit at all) when any layer says it cannot be compiled.
     return result | dict(dtype_policy=policy, jit_compile_setting=str(jit), jit_compile=bool(model.jit_compile),
                          on_device=bool(batches.on_device), augmentation=not args.no_augmentation,
-                         parameters=int(model.count_params()))
+                         parameters=int(model.count_params()), trainable_parameters=trainable(model))
 
 
 def run_bare_keras(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> dict:
@@ -184,7 +191,7 @@ def run_bare_keras(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, arg
 
     result = timed_epochs(run_epoch, len(x), args.warmup, args.epochs)
     return result | dict(dtype_policy="mixed_bfloat16", jit_compile=bool(model.jit_compile),
-                         parameters=int(model.count_params()))
+                         parameters=int(model.count_params()), trainable_parameters=trainable(model))
 
 
 def torch_device() -> dict:
