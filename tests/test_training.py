@@ -293,6 +293,65 @@ def test_a_killed_train_stage_resumes_and_ends_with_the_uninterrupted_weights(tm
     assert sorted(set(steps)) == list(range(8)), "every epoch logged once into the one run"
 
 
+class Interrupted(Exception):
+    """Stands in for the process dying right after a checkpoint was written."""
+
+
+@pytest.mark.parametrize("writes", [1, 3, 4], ids=["phase-1-epoch-1", "end-of-phase-1", "phase-2-epoch-1"])
+def test_a_frozen_base_is_checkpointed_once_per_phase_and_resumes_to_the_uninterrupted_weights(
+    tmp_path: Path, tracking: str, pretrained, monkeypatch, capsys, writes: int
+) -> None:
+    """With a frozen pretrained base, the base's values go to a static file once per phase and each
+    epoch's checkpoint.npz holds only what can change. Cut after the first epoch (phase 1, cached
+    features), at the end of phase 1, or after phase 2's first epoch, the re-run resumes and ends
+    with the weights, history and best epoch of a run that was never cut."""
+    from stages import train as train_module
+    from stages.backbones import base_of
+
+    train = {"epochs": 2, "early_stopping_patience": 10, "fine_tune": {"epochs": 2, "learning_rate": 1e-3, "unfreeze": 12}}
+    whole, whole_record = train_toy(tmp_path, "whole", pretrained["backbone"], train, pretrained["folder"])
+    assert not list((tmp_path / "whole").glob("checkpoint*")), "no checkpoint file outlives the model"
+
+    save = train_module.Checkpoint.save
+    files: list[tuple[dict, dict, int, int]] = []
+
+    def save_then_die(self, state, model, optimizer, best, static=()):
+        save(self, state, model, optimizer, best, static)
+        with np.load(self.path) as archive:
+            main = {name: archive[name].shape for name in archive.files}
+            reference = json.loads(str(archive["static"]))
+        with np.load(self.path.with_name(reference["file"])) as archive:
+            fixed = {name: archive[name].shape for name in archive.files}
+        files.append((main, reference, len(base_of(model).variables), self.path.stat().st_size))
+        if len(files) == writes:
+            raise Interrupted
+
+    monkeypatch.setattr(train_module.Checkpoint, "save", save_then_die)
+    with pytest.raises(Interrupted):
+        train_toy(tmp_path, "cut", pretrained["backbone"], train, pretrained["folder"])
+    monkeypatch.setattr(train_module.Checkpoint, "save", save)
+    main, reference, base_variables, size = files[-1]
+    static_files = list((tmp_path / "cut").glob("checkpoint.static-*.npz"))
+    assert [path.name for path in static_files] == [reference["file"]], "one static file, the one named"
+    assert reference["model"] and not {f"model_{i}" for i in reference["model"]} & main.keys()
+    if writes < 4:  # phase 1: the whole base is static; the epoch's file is the head and optimizer
+        assert len(reference["model"]) == base_variables
+        assert 3 * size < static_files[0].stat().st_size  # the toy head is small beside even a 0.35 MobileNetV2
+    else:  # phase 2: the unfrozen top is saved every epoch, BatchNormalization and the rest are not
+        assert 0 < len(reference["model"]) < base_variables
+    assert all(f"best_{j}" not in main for j, _ in reference["best"])
+
+    capsys.readouterr()
+    cut, cut_record = train_toy(tmp_path, "cut", pretrained["backbone"], train, pretrained["folder"])
+    assert "resuming after epoch" in capsys.readouterr().out
+    assert not list((tmp_path / "cut").glob("checkpoint*")), "no checkpoint file outlives the model"
+    for a, b in zip(whole.get_weights(), cut.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+    columns = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert pd.read_csv(tmp_path / "whole" / "history.csv")[columns].equals(pd.read_csv(tmp_path / "cut" / "history.csv")[columns])
+    assert [p["phase"] for p in cut_record["phases"]] == [1, 2] and cut_record["best_epoch"] == whole_record["best_epoch"]
+
+
 def test_an_unreadable_checkpoint_is_ignored(tmp_path: Path, tracking: str, capsys) -> None:
     from stages.train import CHECKPOINT
 
