@@ -18,7 +18,8 @@ Each phase stops early on validation loss and keeps its best weights; phase 2 ke
 weights unless it beats them. After every epoch the whole training state (weights, optimizer,
 random generators, early-stopping state, history) is written to `<out>/checkpoint.npz` (a frozen
 base's variables once per phase, beside it: see Checkpoint), so a killed run resumes from its
-last completed epoch and ends with the weights an uninterrupted run would have had. On a GPU it trains in mixed precision with XLA.
+last completed epoch and ends with the weights an uninterrupted run would have had. On a GPU it
+trains in mixed precision with XLA.
 
 Writes into `--out`: `model.keras`, `history.csv` (one row per epoch, a DVC plot) and
 `training.json` (the resolved configuration, the MLflow run id, phases, timings). Params and
@@ -177,10 +178,9 @@ class Checkpoint:
             arrays[f"optimizer_{i}"] = _numpy(variable)
         # `best` is model.get_weights(): in the order of model.weights, whose static entries are
         # the static variables' values (they cannot have changed since the best epoch either).
-        weights = model.weights
         from_static = []
-        for j, value in enumerate(best):
-            i = index.get(id(weights[j])) if j < len(weights) else None
+        for j, (weight, value) in enumerate(zip(model.weights, best, strict=True)):
+            i = index.get(id(weight))
             if i in fixed:
                 from_static.append([j, i])
             else:
