@@ -24,8 +24,9 @@ uint8 images (8,192 by default) with 10 classes, measured three ways:
 
 "ours XLA" in the table is what Keras resolved jit_compile="auto" to for our model: Keras 3 turns
 XLA off (on JAX: the train step is not jax.jit-compiled at all) for a model holding a layer that
-declares supports_jit = False, as its RandomRotation, RandomZoom and RandomTranslation do.
-`--no-augmentation` measures ours without augmentation.
+declares supports_jit = False, as its own RandomRotation, RandomZoom and RandomTranslation do;
+build_model's augmentation is one RandomAffine (stages/augmentation.py), which compiles, so the
+column should say "on". `--no-augmentation` measures ours without augmentation.
 
 Each (model, batch size, method) runs in a child process of its own, one at a time (JAX
 preallocates most of the GPU's memory; PyTorch must not share it), a table row's three methods
