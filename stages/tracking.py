@@ -4,7 +4,8 @@ The tracking URI comes from `MLFLOW_TRACKING_URI`; without it, runs go to `mlflo
 file at the repository root, named by absolute path so stages run from any working folder write
 to the same place. One MLflow experiment per dataset; one run per (dataset, backbone, resolved
 params, data version), found again by the `classmatrix.run_key` tag so that re-running a stage
-never leaves two runs for the same thing.
+never leaves two runs for the same thing; a run another live process is training (the
+`classmatrix.owner` tag says which) is never deleted under it.
 
 A tracking server that does not answer is retried (MLflow's own HTTP retries, bounded here to
 about 15 seconds) and then reported in one line by `unavailable`; the stages keep their local
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,8 @@ from stages.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_KEY_TAG = "classmatrix.run_key"
+# The process training the run (stages.tracking.process_owner).
+OWNER_TAG = "classmatrix.owner"
 
 
 def repository_root(code_root: Path | None = None) -> Path:
@@ -147,15 +151,72 @@ def start_fresh_run(dataset: str, run_name: str, run_key: str, tags: dict[str, s
     """Create the run for `run_key`, retiring any earlier run with the same key; return its id.
 
     A retrain with identical params and data (after a code change, say) replaces the old run
-    rather than adding a second one beside it.
+    rather than adding a second one beside it. A run that another live process is still training
+    (two queued DVC experiments retraining the same stale experiment at once) is left alone:
+    deleting it would stop that process logging into it. The two then keep a run each, one per
+    workspace that trained.
     """
     mlflow = mlflow_client()
     client = mlflow.tracking.MlflowClient()
     exp = experiment_id(dataset)
     for old in client.search_runs([exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'"):
+        if old.info.status == "RUNNING" and owner_may_be_running(old.data.tags.get(OWNER_TAG)):
+            continue
         client.delete_run(old.info.run_id)
-    run = client.create_run(exp, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
+    run = client.create_run(exp, run_name=run_name, tags={RUN_KEY_TAG: run_key, OWNER_TAG: process_owner(), **tags})
     return run.info.run_id
+
+
+# --------------------------------------------------------------------------------------------
+# Which process trains a run: enough to tell later, on the same machine, whether it still runs.
+
+
+def process_owner(pid: int | None = None) -> str:
+    """This process (or `pid`) as the owner tag records it: host, boot, process id and start."""
+    pid = os.getpid() if pid is None else pid
+    return json.dumps({"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "started": _process_start(pid)})
+
+
+def owner_may_be_running(owner: str | None) -> bool:
+    """Whether the process an owner tag names may still be running: False only when this machine
+    can tell it is gone (same host: exited, or a reboot since); True for another host's process.
+
+    A run with no owner tag (made before the tag existed) counts as gone, as such runs always did.
+    """
+    try:
+        who = json.loads(owner) if owner else None
+        host, boot, pid, started = who["host"], who["boot"], int(who["pid"]), who["started"]
+    except (ValueError, TypeError, KeyError):
+        return False
+    if host != socket.gethostname():
+        return True
+    if boot != _boot_id():
+        return False
+    if started:  # Linux: the same pid with another start time is another process
+        return _process_start(pid) == started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat, field 22), or ""."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -185,8 +246,11 @@ def run_exists(run_id: str) -> bool:
 
 
 def reopen_run(run_id: str) -> None:
-    """Mark a run that a killed stage left behind as running again, to be continued."""
-    mlflow_client().tracking.MlflowClient().update_run(run_id, status="RUNNING")
+    """Mark a run that a killed stage left behind as running again, to be continued by this
+    process (which the owner tag now names)."""
+    client = mlflow_client().tracking.MlflowClient()
+    client.set_tag(run_id, OWNER_TAG, process_owner())
+    client.update_run(run_id, status="RUNNING")
 
 
 # --------------------------------------------------------------------------------------------
