@@ -50,6 +50,24 @@ def trainer() -> subprocess.Popen:
     )
 
 
+def run_left_running() -> tuple[str, int]:
+    """A run whose process made it and exited without ending it (as a killed train leaves it)."""
+    dead = trainer()
+    run_id = dead.stdout.readline().strip()
+    dead.communicate("die\n", timeout=120)
+    assert run_id, "the trainer made no run"
+    return run_id, dead.pid
+
+
+def exited_pid() -> int:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def stage(registry: MlflowClient, run_id: str) -> str:
+    return registry.get_run(run_id).info.lifecycle_stage
+
+
 def test_a_run_another_live_process_trains_is_kept_and_it_goes_on_logging(registry: MlflowClient) -> None:
     first = trainer()
     first_run = first.stdout.readline().strip()
@@ -59,47 +77,39 @@ def test_a_run_another_live_process_trains_is_kept_and_it_goes_on_logging(regist
     out, err = first.communicate("go\n", timeout=120)
 
     assert first.returncode == 0 and out.strip() == "logged", err[-2000:]
-    assert registry.get_run(first_run).info.lifecycle_stage == "active"
+    assert stage(registry, first_run) == "active"
     assert registry.get_run(first_run).data.metrics == {"loss": 0.5}
     assert registry.get_run(first_run).info.status == "FINISHED"
-    assert registry.get_run(second_run).info.lifecycle_stage == "active"
+    assert stage(registry, second_run) == "active"
     owner = json.loads(registry.get_run(second_run).data.tags[tracking.OWNER_TAG])
     assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
 
     # Sequential retraining still replaces: both earlier runs are retired once neither is live
     # (the finished one, and this process's own once its owner tag names a process that is gone).
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    registry.set_tag(second_run, tracking.OWNER_TAG, json.dumps({**owner, "pid": int(gone.stdout), "started": "1"}))
+    registry.set_tag(second_run, tracking.OWNER_TAG, json.dumps({**owner, "pid": exited_pid(), "started": "1"}))
     third_run = tracking.start_fresh_run("digits", run_name="bb", run_key="k", tags={})
-    assert registry.get_run(first_run).info.lifecycle_stage == "deleted"
-    assert registry.get_run(second_run).info.lifecycle_stage == "deleted"
-    assert registry.get_run(third_run).info.lifecycle_stage == "active"
+    assert [stage(registry, run) for run in (first_run, second_run, third_run)] == ["deleted", "deleted", "active"]
 
 
 def test_a_run_left_running_by_a_process_that_is_gone_is_retired(registry: MlflowClient) -> None:
-    dead = trainer()
-    left_run = dead.stdout.readline().strip()
-    dead.communicate("die\n", timeout=120)
+    left_run, _ = run_left_running()
     assert registry.get_run(left_run).info.status == "RUNNING"
 
     fresh_run = tracking.start_fresh_run("digits", run_name="bb", run_key="k", tags={})
 
-    assert registry.get_run(left_run).info.lifecycle_stage == "deleted"
-    assert registry.get_run(fresh_run).info.lifecycle_stage == "active"
+    assert [stage(registry, left_run), stage(registry, fresh_run)] == ["deleted", "active"]
 
 
 def test_reopening_a_run_makes_this_process_its_owner(registry: MlflowClient) -> None:
-    dead = trainer()
-    run_id = dead.stdout.readline().strip()
-    dead.communicate("die\n", timeout=120)
-    assert json.loads(registry.get_run(run_id).data.tags[tracking.OWNER_TAG])["pid"] == dead.pid
+    run_id, pid = run_left_running()
+    assert json.loads(registry.get_run(run_id).data.tags[tracking.OWNER_TAG])["pid"] == pid
 
     tracking.reopen_run(run_id)
 
     assert registry.get_run(run_id).data.tags[tracking.OWNER_TAG] == tracking.process_owner()
     assert registry.get_run(run_id).info.status == "RUNNING"
     tracking.start_fresh_run("digits", run_name="bb", run_key="k", tags={})
-    assert registry.get_run(run_id).info.lifecycle_stage == "active", "a live owner's run is kept"
+    assert stage(registry, run_id) == "active", "a live owner's run is kept"
 
 
 def owner(**changes: object) -> str:
@@ -123,8 +133,7 @@ def test_whether_an_owner_may_be_running(tag, may_run: bool) -> None:
 
 
 def test_an_exited_process_is_not_running() -> None:
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(child.stdout)
+    pid = exited_pid()
     assert tracking._process_start(pid) == ""
     assert tracking.owner_may_be_running(owner(pid=pid, started="12345")) is False  # /proc/<pid> is gone
     assert tracking.owner_may_be_running(owner(pid=pid, started="")) is False  # no /proc: kill(pid, 0)
