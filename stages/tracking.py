@@ -171,9 +171,9 @@ def start_fresh_run(dataset: str, run_name: str, run_key: str, tags: dict[str, s
 # Which process trains a run: enough to tell later, on the same machine, whether it still runs.
 
 
-def process_owner(pid: int | None = None) -> str:
-    """This process (or `pid`) as the owner tag records it: host, boot, process id and start."""
-    pid = os.getpid() if pid is None else pid
+def process_owner() -> str:
+    """This process as the owner tag records it: host, boot, process id and start time."""
+    pid = os.getpid()
     return json.dumps({"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "started": _process_start(pid)})
 
 
