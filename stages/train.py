@@ -141,6 +141,12 @@ def _numpy(variable: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(variable))
 
 
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
 class Checkpoint:
     """`<out>/checkpoint.npz`: everything needed to go on after the last completed epoch.
 
@@ -166,9 +172,7 @@ class Checkpoint:
         fixed = frozenset(index[id(variable)] for variable in static)
         if fixed and not (self._static and fixed <= self._static[1]):
             name = f"{self.STATIC}{os.urandom(6).hex()}.npz"
-            with atomic_path(self.path.with_name(name)) as temporary:
-                with open(temporary, "wb") as handle:
-                    np.savez(handle, **{f"model_{i}": _numpy(variables[i]) for i in sorted(fixed)})
+            _write_npz(self.path.with_name(name), {f"model_{i}": _numpy(variables[i]) for i in sorted(fixed)})
             self._static = (name, fixed)
         arrays = {"state": np.array(json.dumps(dataclasses.asdict(state)))}
         for i, variable in enumerate(variables):
@@ -187,9 +191,7 @@ class Checkpoint:
                 arrays[f"best_{j}"] = value
         if fixed:
             arrays["static"] = np.array(json.dumps({"file": self._static[0], "model": sorted(fixed), "best": from_static}))
-        with atomic_path(self.path) as temporary:
-            with open(temporary, "wb") as handle:
-                np.savez(handle, **arrays)
+        _write_npz(self.path, arrays)
         self._remove_static(keep=self._static[0] if fixed else None)
 
     def read(self) -> tuple[TrainingState, dict[str, np.ndarray]] | None:
