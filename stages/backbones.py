@@ -12,8 +12,11 @@ import Keras: config validation reads the registry without paying for it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator, Literal
+from urllib.parse import urlparse
 
 from stages import augmentation as augmentations
 from stages.errors import UserError
@@ -102,14 +105,25 @@ def build_cnn(input_shape: tuple[int, int, int], weights: str | None, options: d
 
 
 def _application(factory_name: str) -> Callable:
-    """A keras.applications family without its top, with ImageNet weights or none."""
+    """A keras.applications family without its top, with ImageNet weights or none.
+
+    With a weights file the base is built as Keras builds it for `weights="imagenet"`, reading the
+    pinned file where Keras would download its own: a family may be built differently for its
+    ImageNet weights (EfficientNet B0-B7 then rescale by 1/sqrt(std) after their normalisation,
+    tensorflow/tensorflow#49930), and a path given as `weights` would leave that out.
+    """
 
     def build(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any]) -> Any:
         import keras
 
         factory = getattr(keras.applications, factory_name)
         try:
-            return factory(include_top=False, weights=weights, input_shape=input_shape, **options)
+            if weights is None:
+                return factory(include_top=False, weights=None, input_shape=input_shape, **options)
+            with _pinned_download(weights, f"backbone {factory_name}"):
+                return factory(include_top=False, weights="imagenet", input_shape=input_shape, **options)
+        except UserError:
+            raise
         except TypeError as error:
             raise UserError(f"backbone {factory_name}: bad options {options}: {error}") from None
         except Exception as error:  # noqa: BLE001 - a wrong or damaged file fails in many ways
@@ -121,6 +135,29 @@ def _application(factory_name: str) -> Callable:
             ) from None
 
     return build
+
+
+@contextmanager
+def _pinned_download(path: str, what: str) -> Iterator[None]:
+    """While keras.applications builds a model for its ImageNet weights, its download hands back
+    the pinned file `path`, which must be the very file it asks for (by name)."""
+    from keras.src.utils import file_utils  # what every keras.applications module downloads with
+
+    def get_file(fname: str | None = None, origin: str | None = None, *args: Any, **kwargs: Any) -> str:
+        asked = fname or PurePosixPath(urlparse(origin or "").path).name
+        if asked != Path(path).name:
+            raise UserError(
+                f"{what}: Keras loads its ImageNet weights from {asked}, but the pinned file is {path}; "
+                "run the weights stage again for this experiment"
+            )
+        return str(path)
+
+    original = file_utils.get_file
+    file_utils.get_file = get_file
+    try:
+        yield
+    finally:
+        file_utils.get_file = original
 
 
 # keras.applications families: registry name -> (factory, preprocessing, native size, minimum size).
@@ -249,8 +286,9 @@ def build_model(
                 layer.momentum = min(layer.momentum, 0.9)
     frozen = bool(backbone.weights) and backbone.freeze
     base.trainable = not frozen
-    # A frozen base runs in inference mode so its BatchNormalization statistics stay as trained.
-    x = base(x, training=False) if frozen else base(x)
+    # A frozen base runs in inference mode, in phase 2 too: its BatchNormalization statistics stay
+    # as trained and its own dropout stays off, so its features are what it computes in predict.
+    x = custom_layers()["InferenceMode"](base, name="base_inference")(x) if frozen else base(x)
 
     head = backbone.head
     if head.pool == "avg":
@@ -277,8 +315,12 @@ def base_of(model: Any) -> Any:
     """The backbone sub-model inside a classifier built by build_model."""
     import keras
 
-    (base,) = [layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "augmentation"]
-    return base
+    wrapper = custom_layers()["InferenceMode"]
+    (base,) = [
+        layer for layer in model.layers
+        if isinstance(layer, wrapper) or isinstance(layer, keras.Model) and layer.name != "augmentation"
+    ]
+    return base.backbone if isinstance(base, wrapper) else base
 
 
 def split_at_features(model: Any) -> tuple[Any, Any]:
@@ -301,8 +343,8 @@ def split_at_features(model: Any) -> tuple[Any, Any]:
 def unfreeze_top(model: Any, count: int) -> int:
     """Phase 2 of transfer learning: make the base's top `count` layers trainable (all when 0).
 
-    BatchNormalization layers stay frozen, and the base keeps running in inference mode (it is
-    called with training=False), so their statistics stay those of the pretrained weights.
+    BatchNormalization layers stay frozen, and the base keeps running in inference mode (inside
+    InferenceMode), so their statistics stay those of the pretrained weights.
     Returns the number of base layers left trainable that hold weights.
     """
     from keras import layers
@@ -357,7 +399,34 @@ def custom_layers() -> dict[str, type]:
                 bgr = keras.ops.flip(inputs, axis=-1)
                 return bgr - keras.ops.convert_to_tensor([103.939, 116.779, 123.68], dtype=bgr.dtype)
 
+        @keras.saving.register_keras_serializable(package="classmatrix")
+        class InferenceMode(keras.layers.Layer):
+            """Runs a backbone in inference mode whatever mode the classifier runs in: its
+            BatchNormalization on the moving statistics, its own dropout off.
+
+            `base(x, training=False)` inside a functional model does not do this in Keras 3: the
+            functional model passes its own `training` to every layer it calls, overriding it.
+            """
+
+            def __init__(self, backbone: Any, **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                self.backbone = backbone
+
+            def call(self, inputs: Any) -> Any:
+                return self.backbone(inputs, training=False)
+
+            def compute_output_shape(self, input_shape: tuple) -> tuple:
+                return self.backbone.compute_output_shape(input_shape)
+
+            def get_config(self) -> dict:
+                return {**super().get_config(), "backbone": keras.saving.serialize_keras_object(self.backbone)}
+
+            @classmethod
+            def from_config(cls, config: dict) -> Any:
+                return cls(**{**config, "backbone": keras.saving.deserialize_keras_object(config["backbone"])})
+
         _CUSTOM_LAYERS["GrayscaleToRGB"] = GrayscaleToRGB
+        _CUSTOM_LAYERS["InferenceMode"] = InferenceMode
         _CUSTOM_LAYERS["CaffePreprocess"] = CaffePreprocess
         _CUSTOM_LAYERS.update(augmentations.layer_classes())
     return dict(_CUSTOM_LAYERS)

@@ -291,11 +291,26 @@ def _check_references(params: Params, source: str) -> None:
         ):
             if not within:
                 raise ConfigError(f"{source}: datasets.{name}.augmentation.{key}: {value} is out of range; use {allowed}")
+        rules = dataset.validation
+        for key, value, allowed, within in (
+            ("min_per_class", rules.min_per_class, "0 or more", rules.min_per_class >= 0),
+            ("max_undecodable_fraction", rules.max_undecodable_fraction, "a fraction in [0, 1]",
+             0 <= rules.max_undecodable_fraction <= 1),
+            ("min_side", rules.min_side, "1 or more", rules.min_side >= 1),
+            ("max_side", rules.max_side, "at least min_side", rules.max_side >= rules.min_side),
+            ("expected_count", rules.expected_count, "1 or more, or null",
+             rules.expected_count is None or rules.expected_count >= 1),
+            ("expected_count_tolerance", rules.expected_count_tolerance, "a fraction in [0, 1]",
+             0 <= rules.expected_count_tolerance <= 1),
+        ):
+            if not within:
+                raise ConfigError(f"{source}: datasets.{name}.validation.{key}: {value} is out of range; use {allowed}")
         for rule in dataset.validation.hard:
             if rule not in RULES:
                 raise ConfigError(
                     f"{source}: datasets.{name}.validation.hard: unknown rule {rule!r}; valid: {', '.join(RULES)}"
                 )
+    _check_training(params.training, "training", set(), source)
     for name, backbone in params.backbones.items():
         _choose(backbone.model, backbones.REGISTRY, "backbone model", source, f"backbones.{name}.model")
     for name, spec in params.experiments.items():
@@ -308,6 +323,7 @@ def _check_references(params: Params, source: str) -> None:
         if name != expected:
             raise ConfigError(f"{source}: {where}: an experiment is named <dataset>-<backbone>; rename it {expected!r}")
         experiment = params.experiment(name)  # validates the overrides
+        _check_training(experiment.training, f"{where}.train", _override_keys(spec.train), source)
         if "model" in spec.backbone_overrides:
             _choose(
                 experiment.backbone.model, backbones.REGISTRY, "backbone model", source,
@@ -315,6 +331,32 @@ def _check_references(params: Params, source: str) -> None:
             )
     # Component options were parsed against their registries in _parse_component.
     del sources, layouts
+
+
+def _check_training(training: TrainingConfig, where: str, overridden: set[str], source: str) -> None:
+    """Numbers training needs in range. `overridden`: the dotted keys `where` (an experiment's
+    train: block) sets itself; a value it inherits is named under `training.`."""
+    tune = training.fine_tune
+    for key, value, allowed, within in (
+        ("epochs", training.epochs, "1 or more", training.epochs >= 1),
+        ("batch_size", training.batch_size, "1 or more", training.batch_size >= 1),
+        ("learning_rate", training.learning_rate, "a number above 0", training.learning_rate > 0),
+        ("early_stopping_patience", training.early_stopping_patience, "0 or more", training.early_stopping_patience >= 0),
+        ("fine_tune.epochs", tune.epochs, "0 (no phase 2) or more", tune.epochs >= 0),
+        ("fine_tune.learning_rate", tune.learning_rate, "a number above 0", tune.learning_rate > 0),
+        ("fine_tune.unfreeze", tune.unfreeze, "0 (every layer) or more", tune.unfreeze >= 0),
+    ):
+        if not within:
+            raise ConfigError(f"{source}: {where if key in overridden else 'training'}.{key}: {value} is out of range; use {allowed}")
+
+
+def _override_keys(overrides: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, value in overrides.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= _override_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def _choose(name: str, valid: typing.Mapping[str, Any] | typing.Iterable[str], what: str, source: str, key: str) -> str:

@@ -179,6 +179,11 @@ def log_evaluation(
     mlflow = tracking.mlflow_client()
     client = mlflow.tracking.MlflowClient()
     run_id = training_record.get("run_id") or ""
+    if run_id and tracking.revive_run(run_id):
+        print(
+            f"evaluate@{experiment.name}: restored MLflow run {run_id}, which a retrain with the same params and "
+            "data had replaced: DVC brought back its training's outputs"
+        )
     if not run_id or not tracking.run_exists(run_id):
         raise UserError(
             f"evaluate@{experiment.name}: the MLflow run {run_id or '(none)'} that training recorded is not in "

@@ -65,8 +65,12 @@ def write_bundle(folder: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m stages.plots {show|diff} [dvc plots arguments...]"
+    if args[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{(__doc__ or '').strip()}")
+        return
     if not args or args[0] not in ("show", "diff"):
-        raise UserError("usage: python -m stages.plots {show|diff} [dvc plots arguments...]")
+        raise UserError(usage)
     command, rest = args[0], args[1:]
     rest, out = split_out(rest)
     # DVC would open the page before the scripts are beside it, so this opens it afterwards.

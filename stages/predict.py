@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{path}\t{label}\t{confidence:.4f}")
     for problem in unreadable:
         print(f"error: {problem}", file=sys.stderr)
-    print(f"predict: {len(results)} of {len(results) + len(unreadable)} files classified with {loaded.uri}", file=sys.stderr)
+    missing = f"; {len(problems)} of the paths given had no image (named above)" if problems else ""
+    print(f"predict: {len(results)} of {len(results) + len(unreadable)} files classified with {loaded.uri}{missing}", file=sys.stderr)
     if problems or unreadable:
         raise SystemExit(1)
 

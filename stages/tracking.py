@@ -159,12 +159,44 @@ def start_fresh_run(dataset: str, run_name: str, run_key: str, tags: dict[str, s
     mlflow = mlflow_client()
     client = mlflow.tracking.MlflowClient()
     exp = experiment_id(dataset)
-    for old in client.search_runs([exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'"):
+    _retire(client, exp, run_key, keep=None)
+    run = client.create_run(exp, run_name=run_name, tags={RUN_KEY_TAG: run_key, OWNER_TAG: process_owner(), **tags})
+    return run.info.run_id
+
+
+def revive_run(run_id: str) -> bool:
+    """Make `run_id` its key's run again if a later retrain retired it; whether it did.
+
+    DVC's run cache brings back the outputs of an earlier training when its inputs come back (a
+    reverted code change, a param changed and changed back), but a retrain with the same params
+    and data has since deleted that training's run. Its outputs are the workspace's again, so is
+    its run: restored, and the retrain's run retired in its place.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client().tracking.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        if is_unreachable(error):
+            raise
+        return False
+    if run.info.lifecycle_stage != "deleted":
+        return False
+    client.restore_run(run_id)
+    if run.data.tags.get(RUN_KEY_TAG):
+        _retire(client, run.info.experiment_id, run.data.tags[RUN_KEY_TAG], keep=run_id)
+    return True
+
+
+def _retire(client: Any, experiment: str, run_key: str, keep: str | None) -> None:
+    """Delete the runs of `run_key` but `keep`, except one that another live process is training."""
+    for old in client.search_runs([experiment], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'"):
+        if old.info.run_id == keep:
+            continue
         if old.info.status == "RUNNING" and owner_may_be_running(old.data.tags.get(OWNER_TAG)):
             continue
         client.delete_run(old.info.run_id)
-    run = client.create_run(exp, run_name=run_name, tags={RUN_KEY_TAG: run_key, OWNER_TAG: process_owner(), **tags})
-    return run.info.run_id
 
 
 # --------------------------------------------------------------------------------------------

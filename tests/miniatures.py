@@ -1,6 +1,6 @@
 """Miniatures of the course's datasets: the real layout of each, with a few small images.
 
-A miniature reproduces what the dataset's source really delivers (shared/COURSE.md): the folder
+A miniature reproduces what the dataset's source really delivers (docs/course.md): the folder
 structure, the file names, the CSV files with their real columns (and the real header quirks),
 and the junk real archives carry (macOS resource forks, a repeated tree, split lists, pixel CSVs
 beside the images). Only the number and the size of the images are cut down. Every image is
@@ -579,13 +579,13 @@ def birds() -> Miniature:
 
 @miniature("worms")
 def worms() -> Miniature:
-    """Kaggle rkuo2000/worms4: a folder per class. shared/COURSE.md names the classes "cabbage worm,
+    """Kaggle rkuo2000/worms4: a folder per class. docs/course.md names the classes "cabbage worm,
     corn earworm, cutworm, fall armyworm" (with spaces, where it writes birds' blue_tit and
     pica_pica with underscores), so the folders here are named with spaces."""
     folders = {"cabbage worm": "cabbage_worm", "corn earworm": "corn_earworm", "cutworm": "cutworm",
                "fall armyworm": "fall_armyworm"}
     mini = _class_folders("worms", "rkuo2000/worms4", folders, 10)
-    mini.notes = "10 JPEGs a class in folders named as COURSE.md writes them (spaces); no override"
+    mini.notes = "10 JPEGs a class in folders named as docs/course.md writes them (spaces); no override"
     return mini
 
 

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from stages import backbones  # noqa: E402  (after the log level, before Keras is imported)
 from stages.augmentation import augmentation_layers  # noqa: E402
-from stages.backbones import build_model, custom_layers, get_backbone, list_backbones  # noqa: E402
+from stages.backbones import base_of, build_model, custom_layers, get_backbone, list_backbones, split_at_features  # noqa: E402
 from stages.config import Augmentation, BackboneConfig, HeadConfig  # noqa: E402
 from stages.errors import UserError  # noqa: E402
 
@@ -73,12 +73,6 @@ def compiled(keras: Any, model: Any) -> Any:
     """The model compiled for one eager training step (tracing a graph costs more than the step)."""
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", run_eagerly=True)
     return model
-
-
-def base_of(model: Any) -> Any:
-    """The backbone sub-model inside a built classifier."""
-    (base,) = [layer for layer in model.layers if hasattr(layer, "layers") and layer.name != "augmentation"]
-    return base
 
 
 CASES = [(name, 1) for name in list_backbones()] + [("cnn", 3)]
@@ -143,6 +137,7 @@ def fake_pretrained(keras, monkeypatch):
         inputs = keras.Input(input_shape)
         features = keras.layers.Conv2D(4, 3, name="fake_conv")(inputs)
         features = keras.layers.BatchNormalization(momentum=0.99, name="fake_bn")(features)
+        features = keras.layers.Dropout(0.5, name="fake_dropout")(features)  # as EfficientNet's blocks have
         return keras.Model(inputs, features, name="fake_pretrained")
 
     monkeypatch.setitem(backbones.REGISTRY, "mobilenetv2", dataclasses.replace(spec, build=fake_build))
@@ -152,7 +147,7 @@ def fake_pretrained(keras, monkeypatch):
 def test_frozen_pretrained_base_is_not_trained(keras, fake_pretrained):
     """weights imagenet + freeze: the base is non-trainable, only the head learns, BN stats stay put."""
     model = compiled(keras, build(small_backbone("mobilenetv2", weights="imagenet", freeze=True)))
-    base = model.get_layer("fake_pretrained")
+    base = base_of(model)
 
     assert fake_pretrained == ["pinned.h5"]
     assert base.trainable is False
@@ -169,12 +164,37 @@ def test_frozen_pretrained_base_is_not_trained(keras, fake_pretrained):
     # Weights and BatchNormalization moving statistics alike: the base ran in inference mode.
     assert all(np.array_equal(b, np.array(a)) for b, a in zip(frozen_before, base.weights))
     assert any(not np.array_equal(b, np.array(a)) for b, a in zip(head_before, model.trainable_weights))
+    # Its dropout too, though the classifier runs in training mode: its features are predict's.
+    features, _ = split_at_features(model)
+    np.testing.assert_array_equal(np.asarray(features(images(1), training=True)), np.asarray(features(images(1))))
+
+
+def test_a_frozen_classifier_reloads_safely_with_its_base_still_frozen_and_in_inference_mode(keras, fake_pretrained, tmp_path):
+    model = build(small_backbone("mobilenetv2", weights="imagenet", freeze=True))
+    batch = images(1, seed=5)
+    path = tmp_path / "model.keras"
+    model.save(path)
+
+    reloaded = backbones.load_saved_model(path, "test")
+
+    assert base_of(reloaded).trainable is False
+    assert [w.name for w in base_of(reloaded).weights] == [w.name for w in base_of(model).weights]
+    np.testing.assert_allclose(reloaded.predict(batch, verbose=0), model.predict(batch, verbose=0), rtol=1e-5, atol=1e-6)
+    features, _ = split_at_features(reloaded)
+    np.testing.assert_array_equal(np.asarray(features(batch, training=True)), np.asarray(features(batch)))
+
+
+def test_a_base_trained_with_the_head_runs_in_training_mode(keras, fake_pretrained):
+    """freeze false: the base is part of training, its dropout included."""
+    model = build(small_backbone("mobilenetv2", weights="imagenet", freeze=False))
+    features, _ = split_at_features(model)
+    assert not np.array_equal(np.asarray(features(images(1), training=True)), np.asarray(features(images(1))))
 
 
 def test_pretrained_base_with_freeze_false_is_fine_tuned(keras, fake_pretrained):
     """weights imagenet + freeze false: the pretrained base is trainable with the head."""
     model = build(small_backbone("mobilenetv2", weights="imagenet", freeze=False))
-    base = model.get_layer("fake_pretrained")
+    base = base_of(model)
 
     assert base.trainable is True
     trainable = {id(w) for w in model.trainable_weights}
@@ -359,3 +379,37 @@ def test_a_pretrained_backbone_without_its_pinned_file_is_a_user_error(keras):
     with pytest.raises(UserError, match="needs the pinned weights file; run the weights stage"):
         build_model(small_backbone("mobilenetv2", weights="imagenet"), image_size=IMAGE_SIZE, channels=1,
                     num_classes=NUM_CLASSES, augmentation=Augmentation(), seed=0)
+
+
+def efficientnet_file(keras: Any, path: Any) -> Any:
+    """An EfficientNetB0 (32x32) weights file in the published format, its normalisation holding
+    the ImageNet mean and, as Keras's own file does, the standard deviations as variances."""
+    import h5py
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    base = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
+    (norm,) = [layer for layer in base.layers if isinstance(layer, keras.layers.Normalization)]
+    norm.set_weights([np.array(IMAGENET_MEAN, "float32"), np.array(IMAGENET_STD, "float32"), *norm.get_weights()[2:]])
+    with h5py.File(path, "w") as handle:
+        save_weights_to_hdf5_group(handle, base)
+    return path
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def test_efficientnet_from_the_pinned_file_is_built_as_for_keras_own_imagenet_weights(keras, tmp_path):
+    """Keras adds a rescaling to EfficientNet only for weights="imagenet" (tensorflow#49930): from
+    the pinned file the stem still sees (x / 255 - mean) / std, as the weights were trained on."""
+    file = efficientnet_file(keras, tmp_path / "efficientnetb0_notop.h5")
+    base = get_backbone("efficientnetb0").build((32, 32, 3), str(file), {})
+    stem_input = keras.Model(base.inputs, base.get_layer("stem_conv_pad").input)
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    expected = (x / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(np.asarray(stem_input(x)), expected, atol=1e-5)
+
+
+def test_a_pinned_file_other_than_the_one_keras_loads_is_a_user_error(keras, tmp_path):
+    file = efficientnet_file(keras, tmp_path / "efficientnetb1_notop.h5")
+    with pytest.raises(UserError, match="Keras loads its ImageNet weights from efficientnetb0_notop.h5, but the pinned file"):
+        get_backbone("efficientnetb0").build((32, 32, 3), str(file), {})

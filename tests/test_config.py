@@ -207,6 +207,38 @@ MISTAKES = {
         set_key(["datasets", "digits", "augmentation", "rotation"], -5),
         ["datasets.digits.augmentation.rotation: -5", "0 to 180 (degrees)"],
     ),
+    "no epochs": (
+        set_key(["training", "epochs"], 0),
+        ["training.epochs: 0 is out of range", "1 or more"],
+    ),
+    "negative epochs in an experiment": (
+        set_key(["experiments", "digits-small_cnn", "train", "epochs"], -5),
+        ["experiments.digits-small_cnn.train.epochs: -5 is out of range", "1 or more"],
+    ),
+    "empty batches": (
+        set_key(["training", "batch_size"], 0),
+        ["training.batch_size: 0 is out of range", "1 or more"],
+    ),
+    "negative learning rate": (
+        set_key(["training", "learning_rate"], -1.0),
+        ["training.learning_rate: -1.0 is out of range", "above 0"],
+    ),
+    "negative patience": (
+        set_key(["training", "early_stopping_patience"], -1),
+        ["training.early_stopping_patience: -1 is out of range", "0 or more"],
+    ),
+    "negative fine-tuning layers in an experiment": (
+        set_key(["experiments", "digits-small_cnn", "train", "fine_tune"], {"unfreeze": -1}),
+        ["experiments.digits-small_cnn.train.fine_tune.unfreeze: -1 is out of range", "0 (every layer) or more"],
+    ),
+    "negative images per class": (
+        set_key(["datasets", "digits", "validation", "min_per_class"], -100),
+        ["datasets.digits.validation.min_per_class: -100 is out of range", "0 or more"],
+    ),
+    "undecodable fraction above one": (
+        set_key(["datasets", "digits", "validation", "max_undecodable_fraction"], 5),
+        ["datasets.digits.validation.max_undecodable_fraction: 5.0 is out of range", "[0, 1]"],
+    ),
     "null where a number is required": (
         set_key(["datasets", "digits", "image_size"], None),
         ["datasets.digits.image_size:", "expected int", "None"],

@@ -138,3 +138,19 @@ def test_an_exited_process_is_not_running() -> None:
     assert tracking.owner_may_be_running(owner(pid=pid, started="12345")) is False  # /proc/<pid> is gone
     assert tracking.owner_may_be_running(owner(pid=pid, started="")) is False  # no /proc: kill(pid, 0)
     assert tracking.owner_may_be_running(owner(started="")) is True  # kill(pid, 0) finds this process
+
+
+def test_a_retired_run_whose_training_comes_back_is_restored_in_place_of_its_successor(registry: MlflowClient) -> None:
+    """DVC's run cache brings back an earlier training's outputs (a reverted change): its run,
+    retired by the retrain with the same key, is restored, and the retrain's run retired."""
+    first = tracking.start_fresh_run("digits", run_name="bb", run_key="k", tags={})
+    registry.set_terminated(first)
+    second = tracking.start_fresh_run("digits", run_name="bb", run_key="k", tags={})
+    registry.set_terminated(second)
+    assert registry.get_run(first).info.lifecycle_stage == "deleted"
+
+    assert tracking.revive_run(first) is True
+    assert registry.get_run(first).info.lifecycle_stage == "active"
+    assert registry.get_run(second).info.lifecycle_stage == "deleted"
+    assert tracking.revive_run(first) is False  # live already: nothing to do
+    assert tracking.revive_run("0" * 32) is False  # not in the store at all
