@@ -381,6 +381,9 @@ def test_a_pretrained_backbone_without_its_pinned_file_is_a_user_error(keras):
                     num_classes=NUM_CLASSES, augmentation=Augmentation(), seed=0)
 
 
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
 def efficientnet_file(keras: Any, path: Any) -> Any:
     """An EfficientNetB0 (32x32) weights file in the published format, its normalisation holding
     the ImageNet mean and, as Keras's own file does, the standard deviations as variances."""
@@ -393,9 +396,6 @@ def efficientnet_file(keras: Any, path: Any) -> Any:
     with h5py.File(path, "w") as handle:
         save_weights_to_hdf5_group(handle, base)
     return path
-
-
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def test_efficientnet_from_the_pinned_file_is_built_as_for_keras_own_imagenet_weights(keras, tmp_path):
