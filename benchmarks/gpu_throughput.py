@@ -141,7 +141,7 @@ def run_ours(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, args: arg
     from stages import runtime
     from stages.backbones import build_model
     from stages.config import Augmentation, BackboneConfig
-    from stages.loader import array_batches
+    from stages.loader import array_batches, keras_input
     from stages.train import make_optimizer
 
     runtime.keep_tensorflow_out()
@@ -159,10 +159,11 @@ def run_ours(name: str, batch_size: int, x: np.ndarray, y: np.ndarray, args: arg
                   metrics=["accuracy"], jit_compile=jit)
     batches = array_batches(x, y, batch_size=batch_size, seed=SEED, shuffle=True, on_device=True,
                             workers=4 if device.kind == "gpu" else 1)
+    fed = keras_input(batches)  # the batches themselves on JAX, as in train
 
     def run_epoch(epoch: int) -> None:
         batches.set_epoch(epoch)
-        history = model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
+        history = model.fit(fed, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
         float(history.history["loss"][-1])  # the epoch's metrics come back from the device
 
     result = timed_epochs(run_epoch, len(x), args.warmup, args.epochs)

@@ -78,12 +78,14 @@ def evaluate(
 
     from stages import runtime
     from stages.backbones import load_saved_model
+    from stages.loader import array_batches, keras_input
 
     runtime.keep_tensorflow_out()
     model_file = model_dir / "model.keras"
     model = load_saved_model(model_file, f"evaluate@{experiment.name}")
     x_test, y_test = np.asarray(data.x["test"]), data.y["test"]
-    probabilities = np.asarray(model.predict(x_test, batch_size=256, verbose=0), dtype="float64")
+    test_batches = array_batches(x_test, y_test, batch_size=256, seed=0, shuffle=False)
+    probabilities = np.asarray(model.predict(keras_input(test_batches), verbose=0), dtype="float64")
     y_pred = probabilities.argmax(axis=1)
     headline, per_class = scoring.score(y_test, probabilities, data.classes)
     report = scoring.classification_report_dict(y_test, y_pred, data.classes)

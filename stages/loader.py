@@ -10,6 +10,9 @@ weights (class weighting), which works the same on every backend.
 
 On JAX with an accelerator, arrays that fit in a fraction of its memory are copied to the device
 once and batches are gathered there: no host-to-device copy per step.
+
+Pass the batches to `model.fit`, `evaluate` and `predict` through `keras_input`: on TensorFlow it
+keeps tf.data's autotuning out of the way (see there).
 """
 
 from __future__ import annotations
@@ -128,6 +131,39 @@ def _define() -> type:
             return batch
 
     return ArrayBatches
+
+
+def keras_input(batches: Any) -> Any:
+    """`batches` (from array_batches) as model.fit, evaluate and predict are to take them.
+
+    On TensorFlow, Keras runs a PyDataset through tf.data, with tf.data's autotuning on unless the
+    PyDataset has worker threads (Keras turns it off for those). With it on, a fit on this
+    project's CPU machine waited about 10 s in the tf.data iterator's destructor after the epoch
+    had ended, in about half the fits whose epochs took 10 s (docs/benchmarks.md, "tf.data at the
+    end of each fit"); train runs one fit per epoch. So on TensorFlow, for a PyDataset without
+    workers, this is a tf.data pipeline over the same batches with autotuning off and a prefetch
+    of two batches. Each of its iterators (one per fit or predict) reads `batches[i]` anew, in the
+    order of the epoch `batches.set_epoch` chose last. Otherwise `batches` itself.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow" or batches.workers > 1:
+        return batches
+    import tensorflow as tf
+
+    count = len(batches)
+    signature = tuple(
+        tf.TensorSpec((None, *np.shape(part)[1:]), tf.as_dtype(np.asarray(part).dtype)) for part in batches[0]
+    )
+
+    def generate():
+        for index in range(count):
+            yield batches[index]
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
+    return dataset.with_options(options).apply(tf.data.experimental.assert_cardinality(count))
 
 
 def device_array(x: np.ndarray) -> Any:

@@ -348,7 +348,7 @@ def train(
 
     from stages import runtime
     from stages.backbones import base_of, build_model, split_at_features, unfreeze_top
-    from stages.loader import array_batches, class_weights
+    from stages.loader import array_batches, class_weights, keras_input
 
     runtime.keep_tensorflow_out()
     device = runtime.accelerator()
@@ -451,6 +451,7 @@ def train(
                 val_x, data.y["val"], batch_size=training.batch_size, seed=training.seed, shuffle=False, workers=workers,
                 multiple=replicas.count, remainder="pad",
             )
+            fit_batches, fit_val_batches = keras_input(batches), keras_input(val_batches)
             if arrays and state.phase_epoch > 0:
                 fit_model.optimizer.build(fit_model.trainable_variables)
                 _assign(model.variables, arrays, "model", "model")
@@ -465,12 +466,12 @@ def train(
                 # shuffle a PyDataset's batches with Python's global `random`, which a resumed
                 # process cannot reproduce.
                 history = fit_model.fit(
-                    batches, validation_data=val_batches if replicas.count == 1 else None,
+                    fit_batches, validation_data=fit_val_batches if replicas.count == 1 else None,
                     initial_epoch=state.epoch, epochs=state.epoch + 1, shuffle=False, verbose=0,
                 )
                 logs = {key: float(values[-1]) for key, values in history.history.items()}
                 if replicas.count > 1:
-                    logs.update(_validate(fit_model, val_batches, data.y["val"]))
+                    logs.update(_validate(fit_model, fit_val_batches, data.y["val"]))
                 seconds = time.perf_counter() - started
                 state.phase_seconds += seconds
                 state.history.append({"epoch": state.epoch, "phase": phase.number, **logs, "seconds": round(seconds, 3)})
@@ -535,11 +536,11 @@ def _use_feature_cache(experiment: Experiment, model: Any, images: int) -> bool:
 
 
 def _features(features: Any, x: np.ndarray, batch_size: int, replicas: int = 1) -> np.ndarray:
-    from stages.loader import array_batches
+    from stages.loader import array_batches, keras_input
 
     batches = array_batches(x, np.zeros(len(x), dtype="int64"), batch_size=batch_size, seed=0, shuffle=False,
                             multiple=replicas, remainder="pad")
-    return np.asarray(features.predict(batches, verbose=0), dtype="float32")[: len(x)]
+    return np.asarray(features.predict(keras_input(batches), verbose=0), dtype="float32")[: len(x)]
 
 
 def _validate(model: Any, batches: Any, y: np.ndarray) -> dict[str, float]:

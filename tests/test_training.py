@@ -194,6 +194,54 @@ def test_loader_feeds_uint8_batches_in_an_order_fixed_by_seed_and_epoch(tmp_path
     assert np.array_equal(epoch_order(10, 3, 1, shuffle=False), np.arange(10))
 
 
+def test_on_tensorflow_keras_input_feeds_the_same_batches_through_tf_data_with_autotuning_off() -> None:
+    """On TensorFlow, train and evaluate hand Keras `keras_input(batches)`: a tf.data pipeline
+    with tf.data's autotuning off (Keras's own wrapping of a PyDataset left it on, and a fit then
+    could wait ~10 s in the iterator's destructor). It must be the loader's batches exactly, in the
+    order of the epoch set last, and train a model exactly as the PyDataset does."""
+    import keras
+
+    from stages.loader import keras_input
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("keras_input wraps the batches on TensorFlow only")
+    x = (np.arange(37 * 4 * 4 * 3) % 251).astype(np.uint8).reshape(37, 4, 4, 3)
+    y = np.arange(37) % 5
+    weights = np.linspace(0.5, 1.5, 37).astype("float32")
+    batches = array_batches(x, y, batch_size=16, seed=5, shuffle=True, sample_weight=weights)
+    dataset = keras_input(batches)
+    assert dataset.options().autotune.enabled is False
+    assert int(dataset.cardinality()) == len(batches) == 3
+    for epoch in (0, 3):
+        batches.set_epoch(epoch)
+        fed = [tuple(np.asarray(part) for part in element) for element in dataset]  # a new iterator, as each fit makes
+        expected = [batches[i] for i in range(len(batches))]
+        assert len(fed) == len(expected)
+        for got, want in zip(fed, expected):
+            assert [part.dtype for part in got] == [part.dtype for part in want] and got[0].dtype == np.uint8
+            assert all(np.array_equal(a, b) for a, b in zip(got, want)), f"epoch {epoch}: not the loader's batch"
+    threaded = array_batches(x, y, batch_size=16, seed=5, shuffle=True, workers=2)
+    assert keras_input(threaded) is threaded, "with worker threads Keras turns autotuning off itself"
+
+    trained = []
+    for wrap in (False, True):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4, 4, 3), dtype="uint8"), keras.layers.Rescaling(1 / 255),
+                                  keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")])
+        model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+        fed = keras_input(batches) if wrap else batches
+        history = []
+        for epoch in range(3):
+            batches.set_epoch(epoch)
+            history.append(model.fit(fed, validation_data=fed, initial_epoch=epoch, epochs=epoch + 1, shuffle=False,
+                                     verbose=0).history)
+        trained.append((history, [w.copy() for w in model.get_weights()], model.predict(fed, verbose=0)))
+    (history, weights_plain, predicted), (history_wrapped, weights_wrapped, predicted_wrapped) = trained
+    assert history == history_wrapped
+    assert all(np.array_equal(a, b) for a, b in zip(weights_plain, weights_wrapped))
+    assert np.array_equal(predicted, predicted_wrapped)
+
+
 ON_DEVICE = """
 import jax, keras, numpy as np
 from stages import loader
