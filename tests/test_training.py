@@ -435,6 +435,38 @@ def test_an_unreadable_checkpoint_is_ignored(tmp_path: Path, tracking: str, caps
 # Transfer learning: feature caching and phase 2.
 
 
+def test_on_tensorflow_the_feature_pass_runs_the_frozen_base_with_its_weights_as_constants() -> None:
+    """The cache's one pass over the images: the base's weights are graph constants (so
+    TensorFlow folds BatchNormalization into the convolutions), its outputs those of predict up
+    to float rounding, for every image (the last batch padded, the padding cut off)."""
+    import keras
+
+    from stages.train import _constant_forward, _features
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the constant graph is TensorFlow's; other backends predict")
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((12, 12, 3), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.Conv2D(8, 3, use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU(6.0)(x)
+    base = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    bn = base.layers[3]
+    rng = np.random.default_rng(0)
+    bn.set_weights([rng.uniform(0.5, 2, 8), rng.normal(0, 0.5, 8), rng.normal(0, 0.3, 8), rng.uniform(0.5, 2, 8)])
+    base.trainable = False
+    images = [rng.integers(0, 256, (n, 12, 12, 3), dtype=np.uint8) for n in (21, 5)]
+
+    graph = _constant_forward(base).get_concrete_function().graph
+    ops = {op.type for op in graph.get_operations()}
+    assert "ReadVariableOp" not in ops and not graph.variables, sorted(ops)
+    got = _features(base, images, batch_size=8)
+    for x, features in zip(images, got):
+        assert features.shape == (len(x), 8) and features.dtype == np.float32
+        np.testing.assert_allclose(features, base.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("weights", ["pretrained", "pretrained_efficientnet"])
 def test_feature_caching_trains_the_same_model_as_running_the_frozen_base(
     tmp_path: Path, tracking: str, weights: str, request: pytest.FixtureRequest
