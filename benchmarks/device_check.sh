@@ -7,7 +7,8 @@
 # It installs the carried wheels (Keras and the two packages it needs that the machine lacks) into
 # $SITE, prints the GPU and the versions, runs benchmarks/gpu_throughput.py under a deadline and
 # leaves $OUT/gpu_throughput.json (rewritten after every child) and $OUT/device_check.log (all of
-# this output); it ends with the table. Extra arguments go to gpu_throughput.py (later ones win),
+# this output); it ends with the table, then (when at least 45 s are left) benchmarks/torch_device.py,
+# the loader's device path on KERAS_BACKEND=torch. Extra arguments go to gpu_throughput.py (later ones win),
 # e.g. `--models resnet50v2` for a second, shorter call. Here, without a GPU:
 #
 #   PATH=/tmp/devsim/bin:$PATH SITE=/tmp/devsite bash benchmarks/device_check.sh --smoke
@@ -68,6 +69,17 @@ EOF
     echo "setup took ${SECONDS} s; benchmark deadline ${deadline} s"
     python3 benchmarks/gpu_throughput.py --out "$OUT/gpu_throughput.json" --deadline "$deadline" \
         --images 8192 --warmup 1 --epochs 3 "$@"
+    bench=$?
+    # With the time the benchmark left (it stops short of its deadline when the next child would
+    # not fit): the loader's device path on the PyTorch backend, ~15-30 s (with --smoke: on the CPU).
+    torch_args=()
+    [[ " $* " == *" --smoke "* ]] && torch_args=(--cpu)
+    if (( BUDGET - SECONDS > 45 )); then
+        KERAS_BACKEND=torch timeout $((BUDGET - SECONDS)) python3 benchmarks/torch_device.py "${torch_args[@]}" || bench=1
+    else
+        echo "torch_device: skipped, $((BUDGET - SECONDS)) s left"
+    fi
+    exit $bench
 } 2>&1 | tee "$OUT/device_check.log"
 status=$?
 echo "exit status $status; results in $OUT/gpu_throughput.json and $OUT/device_check.log"

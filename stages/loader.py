@@ -8,8 +8,9 @@ The order of epoch `e` is a permutation drawn from (seed, e) alone, so an interr
 resumes at epoch `e` sees exactly the batches the uninterrupted run saw. Batches may carry sample
 weights (class weighting), which works the same on every backend.
 
-On JAX with an accelerator, arrays that fit in a fraction of its memory are copied to the device
-once and batches are gathered there: no host-to-device copy per step.
+On JAX or PyTorch with an accelerator, arrays that fit in a fraction of its memory are copied to
+the device once and batches are gathered there: no host-to-device copy per step. On TensorFlow
+the batches stay on the host (see `device_array`).
 
 Pass the batches to `model.fit`, `evaluate` and `predict` through `keras_input`: on TensorFlow it
 keeps tf.data's autotuning out of the way (see there).
@@ -120,9 +121,7 @@ def _define() -> type:
             if short and self.last_size > len(picked):  # "pad", after the real images
                 picked = np.concatenate([picked, np.repeat(picked[:1], self.last_size - len(picked))])
             if self.on_device:
-                import jax.numpy as jnp
-
-                images = jnp.take(self.x, picked, axis=0)
+                images = _gather(self.x, picked)
             else:
                 images = np.asarray(self.x[picked])
             batch = (images, self.y[picked])
@@ -167,19 +166,56 @@ def keras_input(batches: Any) -> Any:
 
 
 def device_array(x: np.ndarray) -> Any:
-    """`x` copied to the accelerator when the backend is JAX, one is present and `x` fits in
-    DEVICE_FRACTION of its memory; otherwise `x` itself."""
+    """`x` copied to the accelerator when the backend is JAX or PyTorch, one is present and `x`
+    fits in DEVICE_FRACTION of its memory; otherwise `x` itself.
+
+    On TensorFlow `x` stays on the host: Keras feeds a TensorFlow fit through tf.data, whose
+    pipelines run on the host, so a batch gathered from a GPU-resident array would be copied back
+    and forth. Its batches (uint8, a quarter of the float32 bytes) are copied once per step.
+    """
     import keras
 
-    if keras.backend.backend() != "jax":
-        return x
-    import jax
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
 
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return x
-    stats = device.memory_stats() or {}
-    limit = stats.get("bytes_limit", 0)
-    if not limit or x.nbytes > DEVICE_FRACTION * limit:
-        return x
-    return jax.device_put(np.asarray(x), device)
+        device = jax.devices()[0]
+        if device.platform == "cpu":
+            return x
+        limit = (device.memory_stats() or {}).get("bytes_limit", 0)
+        if not limit or x.nbytes > DEVICE_FRACTION * limit:
+            return x
+        return jax.device_put(np.asarray(x), device)
+    if backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            return x
+        _, total = torch.cuda.mem_get_info()
+        if x.nbytes > DEVICE_FRACTION * total:
+            return x
+        return _torch_copy(x, "cuda")
+    return x
+
+
+def _torch_copy(x: np.ndarray, device: str, slice_bytes: int = 64 << 20) -> Any:
+    """`x` as a torch tensor on `device`, copied in slices of at most `slice_bytes` (or one
+    image), so a memory-mapped array is never read into host memory whole."""
+    import torch
+
+    copy = torch.empty(x.shape, dtype=getattr(torch, np.dtype(x.dtype).name), device=device)
+    step = max(1, slice_bytes // max(1, x[:1].nbytes))
+    for start in range(0, len(x), step):
+        copy[start : start + step].copy_(torch.from_numpy(np.array(x[start : start + step])))
+    return copy
+
+
+def _gather(x: Any, picked: np.ndarray) -> Any:
+    """The rows `picked` of a device array from `device_array`, gathered on its device."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        return torch.index_select(x, 0, torch.from_numpy(picked).to(x.device))
+    import jax.numpy as jnp
+
+    return jnp.take(x, picked, axis=0)

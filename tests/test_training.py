@@ -242,16 +242,35 @@ def test_on_tensorflow_keras_input_feeds_the_same_batches_through_tf_data_with_a
     assert np.array_equal(predicted, predicted_wrapped)
 
 
+def torch_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
 ON_DEVICE = """
-import jax, keras, numpy as np
+import sys
+import keras, numpy as np
 from stages import loader
 
-assert loader.device_array(np.zeros((4, 2), np.uint8)) is not None
+backend = keras.backend.backend()
 host_only = np.zeros((4, 2), np.uint8)
-assert loader.device_array(host_only) is host_only, "JAX's CPU is not an accelerator: the array stays"
+assert loader.device_array(host_only) is host_only, "a CPU is not an accelerator: the array stays"
 # Stand the CPU in for a GPU: what a GPU run does, copy once and gather on the device.
-loader.device_array = lambda x: jax.device_put(np.asarray(x), jax.devices()[0])
+if backend == "jax":
+    import jax
+
+    loader.device_array = lambda x: jax.device_put(np.asarray(x), jax.devices()[0])
+    resident = lambda images: isinstance(images, jax.Array)
+else:
+    import torch
+
+    # 100-byte slices: two 48-byte images per copy, read from a read-only memory map.
+    loader.device_array = lambda x: loader._torch_copy(x, "cpu", slice_bytes=100)
+    resident = lambda images: isinstance(images, torch.Tensor)
 x = (np.arange(37 * 4 * 4 * 3) % 251).astype(np.uint8).reshape(37, 4, 4, 3)
+np.save(sys.argv[1], x)
+x = np.load(sys.argv[1], mmap_mode="r")
 y = np.arange(37)
 # Training shuffles (keep, drop); prediction pads its last batch and keeps the order.
 for remainder, multiple, shuffle in (("keep", 1, True), ("drop", 2, True), ("pad", 2, False)):
@@ -264,16 +283,18 @@ for remainder, multiple, shuffle in (("keep", 1, True), ("drop", 2, True), ("pad
         device.set_epoch(epoch)
         for i in range(len(host)):
             (hx, hy), (dx, dy) = host[i], device[i]
-            assert isinstance(dx, jax.Array) and dx.dtype == np.uint8, "uint8, already on the device"
+            assert resident(dx) and str(dx.dtype).endswith("uint8"), "uint8, already on the device"
             assert sorted(hy) == sorted(dy), (remainder, epoch, i)
             assert np.array_equal(np.asarray(dx), x[dy]), "each image with its own label"
+# (keras.utils.set_random_seed, below, imports TensorFlow wherever it is installed: the loader must not.)
+assert "tensorflow" not in sys.modules, "the loader imported TensorFlow on another backend"
 # Keras trains from device batches as from host ones: the same loss (the order within a batch differs).
 losses = []
 for on_device in (False, True):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4, 4, 3), dtype="uint8"), keras.layers.Rescaling(1 / 255),
                               keras.layers.Flatten(), keras.layers.Dense(37, activation="softmax")])
-    model.compile("adam", "sparse_categorical_crossentropy", jit_compile=True)
+    model.compile("adam", "sparse_categorical_crossentropy", jit_compile=backend == "jax")
     batches = loader.array_batches(x, y, batch_size=16, seed=5, shuffle=True, on_device=on_device)
     losses.append(model.fit(batches, epochs=2, shuffle=False, verbose=0).history["loss"])
 assert np.allclose(losses[0], losses[1], rtol=1e-5), losses
@@ -281,12 +302,20 @@ print("device path ok")
 """
 
 
-def test_on_jax_the_device_path_gathers_uint8_batches_there_and_trains_the_same() -> None:
-    """The GPU path of the loader (images copied to the device once, each batch gathered there),
-    run with JAX's CPU device standing in for the GPU: the same images and labels per batch as the
-    host path for every remainder policy, uint8, and the same training loss."""
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    result = subprocess.run([sys.executable, "-c", ON_DEVICE], cwd=REPO, env=env, capture_output=True, text=True,
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "jax",
+        pytest.param("torch", marks=pytest.mark.skipif(
+            not torch_installed(), reason="PyTorch is optional: `make env-torch` installs the CPU build")),
+    ],
+)
+def test_the_device_path_gathers_uint8_batches_there_and_trains_the_same(backend: str, tmp_path: Path) -> None:
+    """The GPU path of the loader on JAX and PyTorch (images copied to the device once, each batch
+    gathered there), run with the CPU standing in for the GPU: the same images and labels per
+    batch as the host path for every remainder policy, uint8, and the same training loss."""
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    result = subprocess.run([sys.executable, "-c", ON_DEVICE, str(tmp_path / "x.npy")], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and "device path ok" in result.stdout, result.stderr[-3000:]
 
@@ -558,12 +587,6 @@ except SystemExit as exit:
 assert "tensorflow" not in sys.modules, "TensorFlow was imported on another backend"
 print("no tensorflow")
 """
-
-
-def torch_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
 
 
 @pytest.mark.parametrize(
