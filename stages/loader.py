@@ -18,7 +18,6 @@ keeps tf.data's autotuning out of the way (see there).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np

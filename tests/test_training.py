@@ -410,7 +410,7 @@ def test_a_frozen_base_is_checkpointed_once_per_phase_and_resumes_to_the_uninter
     assert not list((tmp_path / "whole").glob("checkpoint*")), "no checkpoint file outlives the model"
 
     save = train_module.Checkpoint.save
-    files: list[tuple[dict, dict, int, int]] = []
+    files: list[tuple[dict, dict, dict, int, int]] = []
 
     def save_then_die(self, state, model, optimizer, best, static=()):
         save(self, state, model, optimizer, best, static)
@@ -419,7 +419,7 @@ def test_a_frozen_base_is_checkpointed_once_per_phase_and_resumes_to_the_uninter
             reference = json.loads(str(archive["static"]))
         with np.load(self.path.with_name(reference["file"])) as archive:
             fixed = {name: archive[name].shape for name in archive.files}
-        files.append((main, reference, len(base_of(model).variables), self.path.stat().st_size))
+        files.append((main, reference, fixed, len(base_of(model).variables), self.path.stat().st_size))
         if len(files) == writes:
             raise Interrupted
 
@@ -427,10 +427,11 @@ def test_a_frozen_base_is_checkpointed_once_per_phase_and_resumes_to_the_uninter
     with pytest.raises(Interrupted):
         train_toy(tmp_path, "cut", pretrained["backbone"], train, pretrained["folder"])
     monkeypatch.setattr(train_module.Checkpoint, "save", save)
-    main, reference, base_variables, size = files[-1]
+    main, reference, fixed, base_variables, size = files[-1]
     static_files = list((tmp_path / "cut").glob("checkpoint.static-*.npz"))
     assert [path.name for path in static_files] == [reference["file"]], "one static file, the one named"
     assert reference["model"] and not {f"model_{i}" for i in reference["model"]} & main.keys()
+    assert {f"model_{i}" for i in reference["model"]} <= fixed.keys(), "what checkpoint.npz leaves out, the static file holds"
     if writes < 4:  # phase 1: the whole base is static; the epoch's file is the head and optimizer
         assert len(reference["model"]) == base_variables
         assert 3 * size < static_files[0].stat().st_size  # the toy head is small beside even a 0.35 MobileNetV2
