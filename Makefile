@@ -40,8 +40,9 @@ demo: env
 	@echo "Figures: reports/figures/digits/ (make plots)  Validation: reports/validation/digits/docs/index.html"
 	@echo "Runs:    make ui, then open http://127.0.0.1:5000"
 
+# --durations: the 25 slowest tests close the report, to see where a long suite's time goes.
 test: env
-	$(RUN) python -m pytest
+	$(RUN) python -m pytest --durations=25
 
 test-fast: env
 	$(RUN) python -m pytest -m "not slow"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,6 @@ def stages_of(target: str, cwd: Path) -> set[str]:
     """The stages `dvc repro <target>` would consider, from `dvc dag --dot`."""
     result = subprocess.run(
         [dvc(), "dag", "--dot", target], cwd=cwd, capture_output=True, text=True, check=True,
-        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
     )
     names = set()
     for line in result.stdout.splitlines():

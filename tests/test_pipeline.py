@@ -37,6 +37,7 @@ def copy_repository(copy: Path) -> dict[str, str]:
             shutil.copy2(REPO / name, copy / name)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_", "KERAS_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     run(["git", "init", "-q"], copy, env)
     run([*git, "add", "-A"], copy, env)
