@@ -40,12 +40,18 @@ demo: env
 	@echo "Figures: reports/figures/digits/ (make plots)  Validation: reports/validation/digits/docs/index.html"
 	@echo "Runs:    make ui, then open http://127.0.0.1:5000"
 
+# Two processes (pytest-xdist), each given whole test files (--dist loadfile: a file's shared
+# fixtures, such as the demo that test_pipeline's tests read, are built once). Much of an
+# end-to-end test's time is one process waiting on a DVC or stage subprocess that uses one core;
+# TEST_WORKERS=1 runs the suite in one process.
 # --durations: the 25 slowest tests close the report, to see where a long suite's time goes.
+TEST_WORKERS ?= 2
+PYTEST := $(RUN) python -m pytest -n $(TEST_WORKERS) --dist loadfile
 test: env
-	$(RUN) python -m pytest --durations=25
+	$(PYTEST) --durations=25
 
 test-fast: env
-	$(RUN) python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 ui: env
 	$(RUN) mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" --host 127.0.0.1 --port 5000
