@@ -175,6 +175,7 @@ def write_params(path: Path, mode: str, epochs: int, batch_size: int, url: str, 
                 "validation": {},
                 "augmentation": {},  # none: the condition for the cache
                 "reference": {},
+                "metric": "auto",
             }
         },
         "backbones": {

@@ -59,6 +59,7 @@ def make_project(workdir: Path, data: Path, classes: int) -> Path:
         "validation": {"min_per_class": 10, "min_side": 8, "max_side": 300},
         "augmentation": {},
         "reference": {},
+        "metric": "auto",
     }
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid"]

@@ -5,10 +5,15 @@ wrong type, or a name that points nowhere (an experiment's dataset or backbone, 
 kind, a backbone's model) raises a `UserError` whose one line names the file, the dotted key and
 the valid choices. Sources, layouts and backbones each own the schema of their options, so adding
 one to a registry adds its keys here too.
+
+`python -m stages.config` checks a whole params file at once: DVC checks only that each key a
+stage declares exists, so a misspelt name otherwise surfaces as DVC's "Parameters ... are missing
+from 'params.yaml'" rather than as the line naming the valid choices.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import unicodedata
 import difflib
@@ -20,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from stages.errors import UserError
+from stages.errors import UserError, run_stage
 from stages.expectations import RULES
 
 PARAMS_FILE = "params.yaml"
@@ -104,7 +109,7 @@ class DatasetConfig:
     augmentation: Augmentation
     reference: Reference
     # The metric that picks the champion: auto is balanced accuracy for imbalanced classes.
-    metric: Literal["auto", "accuracy", "balanced_accuracy", "macro_f1"] = "auto"
+    metric: Literal["auto", "accuracy", "balanced_accuracy", "macro_f1"]
     description: str = ""
 
 
@@ -489,3 +494,20 @@ def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), type(value).__name__
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.config",
+        description="Check a params file: every key, type and name, the way each stage reads it.",
+    )
+    parser.add_argument("--params", default=PARAMS_FILE, help="the params YAML file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    counts = {"datasets": params.datasets, "backbones": params.backbones, "experiments": params.experiments,
+              "suites": params.suites}
+    print(f"{args.params}: ok (" + ", ".join(f"{len(v)} {k}" for k, v in counts.items()) + ")")
+
+
+if __name__ == "__main__":
+    run_stage(main)

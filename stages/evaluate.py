@@ -1,9 +1,9 @@
-"""evaluate@<dataset>-<backbone>: score a trained model on the test split, and register it.
+r"""evaluate@<dataset>-<backbone>: score a trained model on the test split, and register it.
 
-    python -m stages.evaluate --experiment digits-cnn --data data/processed/digits \
-        --model models/digits/cnn --metrics reports/metrics/demo/digits/cnn.json \
-        --predictions reports/predictions/digits/cnn.csv --figures reports/figures/digits/cnn \
-        --evaluation reports/evaluation/digits/cnn
+    python -m stages.evaluate --experiment digits-small_cnn --data data/processed/digits \
+        --model models/digits/small_cnn --metrics reports/metrics/demo/digits/small_cnn.json \
+        --predictions reports/predictions/digits/small_cnn.csv --figures reports/figures/digits/small_cnn \
+        --evaluation reports/evaluation/digits/small_cnn
 
 Writes, all before MLflow is contacted:
 - the test metrics (a DVC metrics file): accuracy with its 95% Wilson interval, balanced
@@ -194,7 +194,8 @@ def log_evaluation(
         )
     timestamp = int(pd.Timestamp.now("UTC").timestamp() * 1000)
     numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    client.log_batch(run_id, metrics=[Metric(f"test_{k}", float(v), timestamp, 0) for k, v in numbers.items()])
+    names = {k: k if k.startswith("test_") else f"test_{k}" for k in numbers}  # test_images, not test_test_images
+    client.log_batch(run_id, metrics=[Metric(names[k], float(v), timestamp, 0) for k, v in numbers.items()])
     for path in files:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
     client.log_dict(run_id, training_record["config"], "config.json")

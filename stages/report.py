@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     table = report(args.suite, args.params, args.metrics, args.out)
     best = table.iloc[0]
     print(
-        f"report@{args.suite}: {len(table)} experiments in {args.out}.md, .csv and .png; "
+        f"report@{args.suite}: {len(table)} experiment{'' if len(table) == 1 else 's'} in {args.out}.md, .csv and .png; "
         f"first: {best['dataset']} x {best['backbone']} at {100 * best['accuracy']:.2f}% test accuracy"
     )
 

@@ -97,7 +97,8 @@ def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, An
     """Copy a local folder, or safely extract a local archive, into the raw folder."""
     source = Path(options.path).expanduser()
     if not source.exists():
-        how = f" {options.instructions.rstrip('.')}." if options.instructions else ""
+        text = options.instructions.strip()
+        how = f" {text}{'' if text.endswith(('.', '!', '?')) else '.'}" if text else ""
         raise UserError(
             f"datasets.{dataset}.source.path: {source} does not exist;{how} "
             f"Put the dataset folder or archive there, or change the path in params.yaml"

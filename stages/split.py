@@ -1,4 +1,4 @@
-"""split@<dataset>: a stable train/val/test split, and the images decoded once into arrays.
+r"""split@<dataset>: a stable train/val/test split, and the images decoded once into arrays.
 
     python -m stages.split --dataset digits --manifest data/interim/digits/manifest.parquet \
         --raw data/raw/digits --out data/processed/digits

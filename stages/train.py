@@ -1,7 +1,7 @@
-"""train@<dataset>-<backbone>: fit one experiment's model on the prepared arrays.
+r"""train@<dataset>-<backbone>: fit one experiment's model on the prepared arrays.
 
-    python -m stages.train --experiment digits-cnn --data data/processed/digits \
-        --weights data/weights/digits-cnn --out models/digits/cnn
+    python -m stages.train --experiment digits-small_cnn --data data/processed/digits \
+        --weights data/weights/digits-small_cnn --out models/digits/small_cnn
 
 Reads the uint8 arrays written by split (memory-mapped, no decoding), builds the classifier from
 the backbone registry (a pretrained base loads the file the weights stage pinned) and trains it
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     record = train(args.experiment, args.params, args.data, args.out, args.weights)
     print(
         f"train@{args.experiment}: {record['epochs_run']} epochs in {record['train_seconds']} s "
-        f"(best epoch {record['best_epoch'] + 1}, {record['dtype_policy']} on {record['keras_backend']}/"
+        f"(best: epoch {record['best_epoch']}, counting from 0 as history.csv does; {record['dtype_policy']} on {record['keras_backend']}/"
         f"{record['device']['kind']}); model in {args.out}; MLflow run {record['run_id']}"
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +268,28 @@ def test_required_key_missing_is_named(raw):
     assert "datasets.digits.classes: required key is missing" in message
 
 
+def declared_dataset_keys() -> list[str]:
+    """The keys of a dataset entry that some stage of dvc.yaml declares as a param."""
+    text = (REPO / "dvc.yaml").read_text(encoding="utf-8")
+    return sorted(set(re.findall(r"datasets\.\$\{[\w.]+\}\.(\w+)", text)))
+
+
+def test_dvc_yaml_declares_the_dataset_keys_expected():
+    """The parametrization below is read from dvc.yaml; it must find the stages' keys."""
+    assert {"source", "classes", "image_size", "augmentation", "metric"} <= set(declared_dataset_keys())
+
+
+@pytest.mark.parametrize("key", declared_dataset_keys())
+def test_every_key_a_stage_declares_is_required(raw, key):
+    """A key dvc.yaml declares as a stage's param has no default: leaving it out is named up
+    front, not by DVC when it reaches that stage after the ones before it have run."""
+    del raw["datasets"]["digits"][key]
+
+    message = config_error(raw)
+
+    assert f"datasets.digits.{key}: required key is missing" in message
+
+
 def test_top_level_must_be_a_mapping():
     """A params file holding a list, not a mapping, is a ConfigError."""
     with pytest.raises(ConfigError, match="expected a mapping at the top level"):
@@ -388,3 +411,24 @@ def test_unquoted_on_and_off_mean_the_settings_not_booleans(raw):
     assert (parsed.jit_compile, parsed.mixed_precision, parsed.distribution, parsed.feature_cache) == ("on", "off", "off", "off")
     raw["training"]["distribution"] = True  # `on` is not one of distribution's settings
     assert "training.distribution: True is not allowed; valid: off, data_parallel" in config_error(raw)
+
+
+def test_config_command_checks_the_whole_file(tmp_path, repository_raw):
+    """`python -m stages.config` passes the repository's params.yaml and names a misspelt
+    backbone, the error DVC would otherwise report only as a missing param."""
+    ok = subprocess.run([sys.executable, "-m", "stages.config"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("params.yaml: ok (") and f"{len(repository_raw['experiments'])} experiments" in ok.stdout
+
+    broken = copy.deepcopy(repository_raw)
+    broken["experiments"]["digits-small_cnn"]["backbone"] = "small_cn"
+    params = tmp_path / "broken.yaml"
+    params.write_text(yaml.safe_dump(broken), encoding="utf-8")
+    failed = subprocess.run([sys.executable, "-m", "stages.config", "--params", str(params)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.splitlines() == [failed.stderr.strip()]
+    assert failed.stderr.startswith(
+        f"error: {params}: experiments.digits-small_cnn.backbone: unknown backbone 'small_cn' (did you mean 'small_cnn'?)")

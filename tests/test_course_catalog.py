@@ -275,7 +275,7 @@ def check_manifest(manifest: pd.DataFrame, summary: dict, mini: Miniature, class
     per_class = Counter(expected.label for expected in mini.accepted.values())
     assert summary["per_class"] == {name: per_class[name] for name in classes}
     assert all(count > 0 for count in summary["per_class"].values()), "every declared class has images"
-    assert summary["expectations_failed"] == 0, summary
+    assert summary["rules_failed"] == 0, summary
 
 
 def check_split(out: Path, counts: dict[str, int], mini: Miniature, entry: dict) -> None:

@@ -239,7 +239,7 @@ def test_validate_writes_manifest_summary_and_data_docs(tmp_path):
     assert written["set_aside_by_reason"] == {"stray file": 1}
     assert written["per_class"] == {"a": 3, "b": 3, "c": 4}
     assert sum(written["per_class"].values()) == written["accepted"]
-    assert written["expectations_failed"] == 0 and written["expectations_passed"] == 6
+    assert written["rules_failed"] == 0 and written["rules_passed"] == 6
     assert (docs / "index.html").is_file()
     manifest = pd.read_parquet(manifest_path)
     assert list(manifest.columns) == COLUMNS and len(manifest) == 11
@@ -263,7 +263,7 @@ def test_validate_hard_rule_failure_names_rule_and_class_and_still_writes(tmp_pa
     assert (docs / "index.html").is_file()
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     assert summary["per_class"] == {"a": 3, "b": 3, "c": 1}
-    assert summary["expectations_failed"] == 1
+    assert summary["rules_failed"] == 1
     assert len(pd.read_parquet(manifest_path)) == 8
 
 

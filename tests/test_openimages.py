@@ -409,6 +409,7 @@ def test_fetch_stage_end_to_end_lays_out_folders_the_folders_layout_reads(oi):
         "validation": {"min_per_class": 3, "min_side": 8, "max_side": 4000},
         "augmentation": {"flip": "horizontal"},
         "reference": {},
+        "metric": "auto",
     }
     params = oi.tmp / "params.yaml"
     params.write_text(yaml.safe_dump(raw), encoding="utf-8")

@@ -136,6 +136,8 @@ def test_demo_runs_are_in_mlflow_with_params_and_metrics(project: tuple[Path, di
         assert run.data.tags["suite"] == "demo"
         assert run.data.metrics["test_accuracy"] == pytest.approx(record["accuracy"], abs=1e-6)
         assert "val_accuracy" in run.data.metrics
+        assert run.data.metrics["test_images"] == record["test_images"] and not any(
+            key.startswith("test_test_") for key in run.data.metrics)
         assert {"mlflow.source.git.commit", "dvc.data_hash", "params_hash"} <= set(run.data.tags)
         # Artifacts beside the database, as the README says, not in a folder named by MLflow's default.
         assert run.info.artifact_uri == (copy / "mlartifacts/digits" / run.info.run_id / "artifacts").as_uri()
@@ -178,6 +180,11 @@ def test_dvc_plots_render_the_evaluation_offline(project: tuple[Path, dict[str, 
         assert f"vegaEmbed('#reports_predictions_digits_{backbone}_csv'" in page
     assert "static/workspace_reports_leaderboard_demo.png" in images
     assert '<script src="vega-bundle.js"></script>' in page and "https://" not in page.split("<body")[0]
+    for backbone in ("small_cnn", "mobilenetv2"):  # the history plot draws a learning curve, not seconds
+        history = f"models/digits/{backbone}/history.csv"
+        shown = json.loads(run(["dvc", "plots", "show", "--json", history], copy, env).stdout)
+        spec = json.dumps(shown["data"][history][0]["content"]["layer"])
+        assert '"field": "val_accuracy"' in spec and '"field": "seconds"' not in spec
 
 
 def test_second_repro_runs_nothing_and_evaluate_reuses_its_run(project: tuple[Path, dict[str, str]]) -> None:

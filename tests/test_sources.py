@@ -124,9 +124,22 @@ def test_local_missing_path_names_the_path_and_the_instructions(tmp_path):
 
     message = str(caught.value)
     assert str(missing) in message
-    assert "Download it from the course page" in message
+    assert "does not exist; Download it from the course page. Put the dataset" in message
     assert "datasets.toy.source.path" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("instructions", ["Download it from https://example.org/data.zip", "Download it from ...",
+                                          "Ask the course team!"])
+def test_local_instructions_are_quoted_whole(tmp_path, instructions):
+    """The instructions appear as written, ended by one full stop where they end without one."""
+    options = LocalOptions(path=str(tmp_path / "nowhere"), instructions=instructions)
+
+    with pytest.raises(UserError) as caught:
+        get_source("local").fetch(options, tmp_path, "toy")
+
+    ended = instructions if instructions.endswith((".", "!")) else instructions + "."
+    assert f"does not exist; {ended} Put the dataset folder" in str(caught.value)
 
 
 def test_local_folder_is_copied_without_its_symlinks(tmp_path):

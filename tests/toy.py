@@ -20,6 +20,7 @@ def toy_params(classes: list[str], **dataset: Any) -> dict[str, Any]:
         "validation": {},
         "augmentation": {},
         "reference": {},
+        "metric": "auto",
     }
     entry.update(dataset)
     return {"training": {}, "datasets": {"toy": entry}, "backbones": {}, "experiments": {}, "suites": {}}
