@@ -28,7 +28,8 @@ Preprocessing = Literal["unit", "tf", "torch", "caffe", "none"]
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    build: Callable[[tuple[int, int, int], str | None, dict[str, Any]], Any]
+    # build(input_shape, weights file or None, options, seed=...): the base, without a top.
+    build: Callable[..., Any]
     # How the family wants its input: "unit" scales to [0, 1], "tf" to [-1, 1], "torch" is
     # ImageNet mean/std on [0, 1], "caffe" is BGR minus ImageNet means, "none" means the model
     # rescales 0-255 input itself.
@@ -74,21 +75,49 @@ def list_backbones() -> list[str]:
 # Families.
 
 
+CNN_OPTIONS = ("filters", "convs_per_block", "batch_norm", "dropout")
+
+
+def options_problem(model: str, options: dict[str, Any]) -> str | None:
+    """What is wrong with a registry model's `options`, as "<option>: <problem>", or None.
+
+    The custom CNN's options are ours and checked here; the keras.applications families pass
+    theirs to Keras, which names a wrong one itself when the model is built.
+    """
+    if model != "cnn":
+        return None
+    unknown = sorted(set(options) - set(CNN_OPTIONS))
+    if unknown:
+        return f"{unknown[0]}: unknown option; valid: {', '.join(CNN_OPTIONS)}"
+    whole = lambda value: isinstance(value, int) and not isinstance(value, bool)  # noqa: E731
+    filters = options.get("filters", [32, 64])
+    if not isinstance(filters, list) or not filters or not all(whole(f) and f >= 1 for f in filters):
+        return f"filters: {filters!r} is not a list of whole numbers of 1 or more (one per block)"
+    blocks = options.get("convs_per_block", 2)
+    if not whole(blocks) or blocks < 1:
+        return f"convs_per_block: {blocks!r} is not a whole number of 1 or more"
+    if not isinstance(options.get("batch_norm", False), bool):
+        return f"batch_norm: {options['batch_norm']!r} is not true or false"
+    dropout = options.get("dropout", 0.25)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        return f"dropout: {dropout!r} is not a number of 0 or more, below 1"
+    return None
+
+
 @register_backbone("cnn", preprocessing="unit", native_input_size=None, rgb=False, pretrained=False)
-def build_cnn(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any]) -> Any:
+def build_cnn(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any], seed: int = 0) -> Any:
     """The course's custom CNNs: blocks of `convs_per_block` 3x3 convolutions, then pooling.
 
     options: filters (per block, default [32, 64]), convs_per_block (2), batch_norm (false),
-    dropout after each block (0.25). The course's CIFAR-10 model is filters [32, 64].
+    dropout after each block (0.25). The course's CIFAR-10 model is filters [32, 64]. Each dropout
+    layer draws from its own seed (`seed` + block): see build_model's head.
     """
     import keras
     from keras import layers
 
-    unknown = set(options) - {"filters", "convs_per_block", "batch_norm", "dropout"}
-    if unknown:
-        raise UserError(
-            f"backbone cnn: unknown options {', '.join(sorted(unknown))}; valid: filters, convs_per_block, batch_norm, dropout"
-        )
+    problem = options_problem("cnn", options)
+    if problem:  # params.yaml's options are checked when it is read; this is for callers of build
+        raise UserError(f"backbone cnn: options.{problem}")
     inputs = keras.Input(input_shape)
     x = inputs
     for block, filters in enumerate(options.get("filters", [32, 64]), start=1):
@@ -100,7 +129,7 @@ def build_cnn(input_shape: tuple[int, int, int], weights: str | None, options: d
             x = layers.Activation("relu", name=f"block{block}_relu{conv}")(x)
         x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
         if options.get("dropout", 0.25):
-            x = layers.Dropout(float(options.get("dropout", 0.25)), name=f"block{block}_dropout")(x)
+            x = layers.Dropout(float(options.get("dropout", 0.25)), seed=seed + block, name=f"block{block}_dropout")(x)
     return keras.Model(inputs, x, name="cnn")
 
 
@@ -113,7 +142,9 @@ def _application(factory_name: str) -> Callable:
     tensorflow/tensorflow#49930), and a path given as `weights` would leave that out.
     """
 
-    def build(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any]) -> Any:
+    def build(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any], seed: int = 0) -> Any:
+        # `seed` is not needed: without a top, an application's only dropout is EfficientNet's
+        # stochastic depth, whose noise_shape makes Keras draw it from the layer's own generator.
         import keras
 
         factory = getattr(keras.applications, factory_name)
@@ -185,7 +216,12 @@ APPLICATIONS = {
     "efficientnetb7": ("EfficientNetB7", "none", 600, 32),
     # Modern choices beside the course's: EfficientNetV2 and ConvNeXt rescale 0-255 input themselves.
     "efficientnetv2b0": ("EfficientNetV2B0", "none", 224, 32),
+    "efficientnetv2b1": ("EfficientNetV2B1", "none", 240, 32),
+    "efficientnetv2b2": ("EfficientNetV2B2", "none", 260, 32),
+    "efficientnetv2b3": ("EfficientNetV2B3", "none", 300, 32),
     "efficientnetv2s": ("EfficientNetV2S", "none", 384, 32),
+    "efficientnetv2m": ("EfficientNetV2M", "none", 480, 32),
+    "efficientnetv2l": ("EfficientNetV2L", "none", 480, 32),
     "convnexttiny": ("ConvNeXtTiny", "none", 224, 32),
 }
 for _name, (_factory, _preprocessing, _native, _minimum) in APPLICATIONS.items():
@@ -202,8 +238,8 @@ def _efficientnet_package(factory_name: str) -> Callable:
     EfficientNet, which takes 0-255 input.
     """
 
-    def build(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any]) -> Any:
-        import keras
+    def build(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any], seed: int = 0) -> Any:
+        import keras  # `seed`: see _application
 
         if keras.backend.backend() != "tensorflow":
             raise UserError(
@@ -276,7 +312,8 @@ def build_model(
         x = custom_layers()["GrayscaleToRGB"](name="to_rgb")(x)
     x = preprocessing_layer(spec.preprocessing)(x)
 
-    base = spec.build((size, size, base_channels), weights_file if backbone.weights else None, dict(backbone.options))
+    base = spec.build((size, size, base_channels), weights_file if backbone.weights else None, dict(backbone.options),
+                      seed=seed)
     if not backbone.weights:
         # From scratch on a small dataset, the applications' slow BatchNormalization momentum
         # (0.999) leaves the moving statistics far from the data for thousands of steps, and the
@@ -295,12 +332,16 @@ def build_model(
         x = layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
     else:
         x = layers.Flatten(name=FEATURES_LAYER)(x)
+    # Every dropout layer of ours has a seed of its own. Unseeded, Keras's PyTorch backend draws
+    # dropout from torch's global generator, which no checkpoint holds: a resumed run, or a head
+    # trained on cached features, would then drop other units than an uninterrupted run. Seeded,
+    # each layer draws from a generator whose state is one of the model's variables.
     for i, units in enumerate(head.dense, start=1):
         x = layers.Dense(units, activation="relu", name=f"dense_{i}")(x)
         if head.dropout:
-            x = layers.Dropout(head.dropout, name=f"dense_{i}_dropout")(x)
+            x = layers.Dropout(head.dropout, seed=seed + 100 + i, name=f"dense_{i}_dropout")(x)
     if head.dropout and not head.dense:
-        x = layers.Dropout(head.dropout, name="top_dropout")(x)
+        x = layers.Dropout(head.dropout, seed=seed + 100, name="top_dropout")(x)
     # float32 output keeps the softmax stable under mixed precision.
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name=f"{backbone.model}_classifier")

@@ -318,6 +318,7 @@ def _check_references(params: Params, source: str) -> None:
     _check_training(params.training, "training", set(), source)
     for name, backbone in params.backbones.items():
         _choose(backbone.model, backbones.REGISTRY, "backbone model", source, f"backbones.{name}.model")
+        _check_backbone(backbone, f"backbones.{name}", set(), "", source)
     for name, spec in params.experiments.items():
         where = f"experiments.{name}"
         _choose(spec.dataset, params.datasets, "dataset", source, f"{where}.dataset")
@@ -334,6 +335,8 @@ def _check_references(params: Params, source: str) -> None:
                 experiment.backbone.model, backbones.REGISTRY, "backbone model", source,
                 f"{where}.backbone_overrides.model",
             )
+        _check_backbone(experiment.backbone, f"{where}.backbone_overrides", _override_keys(spec.backbone_overrides),
+                        f"backbones.{spec.backbone}", source)
     # Component options were parsed against their registries in _parse_component.
     del sources, layouts
 
@@ -353,6 +356,32 @@ def _check_training(training: TrainingConfig, where: str, overridden: set[str], 
     ):
         if not within:
             raise ConfigError(f"{source}: {where if key in overridden else 'training'}.{key}: {value} is out of range; use {allowed}")
+
+
+def _check_backbone(backbone: BackboneConfig, where: str, overridden: set[str], inherited: str, source: str) -> None:
+    """A backbone's numbers in range and its family's options well-typed, before Keras sees them.
+    `overridden`: the keys `where` (an experiment's backbone_overrides) sets; the others are
+    named under `inherited` (the backbones entry)."""
+    from stages import backbones
+
+    def key(name: str) -> str:
+        return f"{where if name in overridden or not inherited else inherited}.{name}"
+
+    head = backbone.head
+    smallest = backbones.get_backbone(backbone.model).min_input_size
+    if backbone.input_size is not None and backbone.input_size < smallest:
+        raise ConfigError(
+            f"{source}: {key('input_size')}: {backbone.input_size} is out of range; use {smallest} or more "
+            f"(the smallest {backbone.model} takes), or null"
+        )
+    if not 0 <= head.dropout < 1:
+        raise ConfigError(f"{source}: {key('head.dropout')}: {head.dropout} is out of range; use 0 or more, below 1")
+    if any(units < 1 for units in head.dense):
+        raise ConfigError(f"{source}: {key('head.dense')}: {head.dense} has a layer of no units; list 1 or more per layer")
+    problem = backbones.options_problem(backbone.model, backbone.options)
+    if problem:
+        option = problem.split(":", 1)[0]
+        raise ConfigError(f"{source}: {key('options.' + option)}:{problem.split(':', 1)[1]}")
 
 
 def _override_keys(overrides: dict[str, Any], prefix: str = "") -> set[str]:

@@ -487,7 +487,8 @@ def train(
                 )
                 state.epoch += 1
                 state.phase_epoch += 1
-                state.done = state.wait >= training.early_stopping_patience
+                # As Keras's EarlyStopping: patience 0 stops at the first epoch that does not improve.
+                state.done = not improved and state.wait >= training.early_stopping_patience
                 run_log.epoch(state)
                 checkpoint.save(state, model, fit_model.optimizer, best, static(model))
             # The phase's best weights (phase 2 keeps phase 1's unless it did better).
@@ -641,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     record = train(args.experiment, args.params, args.data, args.out, args.weights)
     print(
         f"train@{args.experiment}: {record['epochs_run']} epochs in {record['train_seconds']} s "
-        f"(best: epoch {record['best_epoch']}, counting from 0 as history.csv does; {record['dtype_policy']} on {record['keras_backend']}/"
+        f"(best epoch {record['best_epoch'] + 1}, epoch={record['best_epoch']} in history.csv; {record['dtype_policy']} on {record['keras_backend']}/"
         f"{record['device']['kind']}); model in {args.out}; MLflow run {record['run_id']}"
     )
 

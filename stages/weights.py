@@ -93,7 +93,12 @@ PUBLISHED: dict[str, WeightsFile] = {
     "efficientnetb6": _md5(f"{KERAS_EFFICIENTNET}efficientnetb6_notop.h5", "9ecce42647a20130c1f39a5d4cb75743"),
     "efficientnetb7": _md5(f"{KERAS_EFFICIENTNET}efficientnetb7_notop.h5", "cbcfe4450ddf6f3ad90b1b398090fe4a"),
     "efficientnetv2b0": _md5(f"{KERAS}efficientnet_v2/efficientnetv2-b0_notop.h5", "893217f2bb855e2983157299931e43ff"),
+    "efficientnetv2b1": _md5(f"{KERAS}efficientnet_v2/efficientnetv2-b1_notop.h5", "0e80663031ca32d657f9caa404b6ec37"),
+    "efficientnetv2b2": _md5(f"{KERAS}efficientnet_v2/efficientnetv2-b2_notop.h5", "1dfe2e7a5d45b6632553a8961ea609eb"),
+    "efficientnetv2b3": _md5(f"{KERAS}efficientnet_v2/efficientnetv2-b3_notop.h5", "f6abf7b5849ac99a89b50dd3fd532856"),
     "efficientnetv2s": _md5(f"{KERAS}efficientnet_v2/efficientnetv2-s_notop.h5", "af0682fb74e8c54910f2d4393339c070"),
+    "efficientnetv2m": _md5(f"{KERAS}efficientnet_v2/efficientnetv2-m_notop.h5", "1b8dc055df72dde80d614482840fe342"),
+    "efficientnetv2l": _md5(f"{KERAS}efficientnet_v2/efficientnetv2-l_notop.h5", "b0b66b5c863aef5b46e8608fe1711615"),
     "convnexttiny": _sha256(
         f"{KERAS}convnext/convnext_tiny_notop.h5", "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1"
     ),
@@ -235,12 +240,14 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
     digests: dict[str, str] | None = None
     if target.is_file():
         digests = _digests(target)
-        mismatch = _mismatch(digests, expected)
+        mismatch = _mismatch(digests, expected) or (None if expected else _not_weights(target))
         if mismatch:
             # A stale or wrong file: fetch the one the pins name.
             target.unlink()
             digests = None
             removed = f"; the file that was there had the wrong {mismatch} and was removed"
+            if not expected:
+                removed = f"; the file that was there {mismatch} and was removed"
     if digests is None:
         try:
             download(url, target, sha256=None, what=stage)
@@ -252,6 +259,12 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
         downloaded = True
         digests = _digests(target)
         mismatch = _mismatch(digests, expected)
+        if not expected and (problem := _not_weights(target)):
+            target.unlink()
+            raise UserError(
+                f"{stage}: the file downloaded from {url} {problem}; it was removed; run again, or put the "
+                f"published file at {target}"
+            )
         if mismatch:
             target.unlink()
             advice = (
@@ -294,6 +307,23 @@ def _pinned_sha256(value: str | None, key: str) -> str | None:
             f"(`sha256sum <file>`) in params.yaml"
         )
     return pinned.lower()
+
+
+def _not_weights(path: Path) -> str | None:
+    """Why `path` is not a Keras weights file ("is not ..."), or None. For a file no hash vouches
+    for (MobileNetV2's: Keras publishes none): an HTML error page or a truncated download would
+    otherwise pass as the weights until training tried to load them. Keras's legacy HDF5 loader
+    reads `layer_names` at the top of the file or under `model_weights`."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            group = handle["model_weights"] if "layer_names" not in handle.attrs and "model_weights" in handle else handle
+            if len(group.attrs.get("layer_names", [])) == 0:
+                return "is not a Keras weights file (an HDF5 file, but no layer_names in it)"
+    except OSError as error:
+        return f"is not a Keras weights file (not readable as HDF5: {str(error).split(';')[0]})"
+    return None
 
 
 def _digests(path: Path) -> dict[str, str]:

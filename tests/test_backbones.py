@@ -130,7 +130,7 @@ def fake_pretrained(keras, monkeypatch):
     spec = backbones.REGISTRY["mobilenetv2"]
     calls = []
 
-    def fake_build(input_shape, weights, options):
+    def fake_build(input_shape, weights, options, seed=0):
         calls.append(weights)
         if weights is None:
             return spec.build(input_shape, weights, options)
@@ -238,7 +238,7 @@ def test_pretrained_weights_for_the_custom_cnn_are_refused(keras):
 
 def test_unknown_cnn_option_is_a_user_error(keras):
     """A typo in the CNN's options names the valid ones."""
-    with pytest.raises(UserError, match="unknown options filtres; valid: filters"):
+    with pytest.raises(UserError, match="options.filtres: unknown option; valid: filters"):
         build(small_backbone("cnn", options={"filtres": [8]}))
 
 
@@ -345,7 +345,12 @@ KERAS_PREPROCESS_MODULES = {
     "EfficientNetB6": "efficientnet",
     "EfficientNetB7": "efficientnet",
     "EfficientNetV2B0": "efficientnet_v2",
+    "EfficientNetV2B1": "efficientnet_v2",
+    "EfficientNetV2B2": "efficientnet_v2",
+    "EfficientNetV2B3": "efficientnet_v2",
     "EfficientNetV2S": "efficientnet_v2",
+    "EfficientNetV2M": "efficientnet_v2",
+    "EfficientNetV2L": "efficientnet_v2",
     "ConvNeXtTiny": "convnext",
 }
 

@@ -244,6 +244,38 @@ MISTAKES = {
         set_key(["datasets", "digits", "image_size"], None),
         ["datasets.digits.image_size:", "expected int", "None"],
     ),
+    "head dropout of 1 or more": (
+        set_key(["backbones", "mobilenetv2", "head", "dropout"], 1.5),
+        ["backbones.mobilenetv2.head.dropout: 1.5 is out of range", "below 1"],
+    ),
+    "a dense layer of no units": (
+        set_key(["backbones", "mobilenetv2", "head", "dense"], [0]),
+        ["backbones.mobilenetv2.head.dense: [0] has a layer of no units", "1 or more"],
+    ),
+    "cnn filters that are not numbers": (
+        set_key(["backbones", "small_cnn", "options", "filters"], ["a"]),
+        ["backbones.small_cnn.options.filters: ['a'] is not a list of whole numbers of 1 or more"],
+    ),
+    "cnn dropout that is not a number": (
+        set_key(["backbones", "small_cnn", "options", "dropout"], "x"),
+        ["backbones.small_cnn.options.dropout: 'x' is not a number of 0 or more, below 1"],
+    ),
+    "cnn option misspelt": (
+        set_key(["backbones", "small_cnn", "options", "filtres"], [8]),
+        ["backbones.small_cnn.options.filtres: unknown option; valid: filters, convs_per_block"],
+    ),
+    "an experiment's backbone override out of range": (
+        set_key(["experiments", "digits-mobilenetv2", "backbone_overrides", "head"], {"dropout": 1.0}),
+        ["experiments.digits-mobilenetv2.backbone_overrides.head.dropout: 1.0 is out of range"],
+    ),
+    "an experiment's input size below 1": (
+        set_key(["experiments", "digits-mobilenetv2", "backbone_overrides", "input_size"], -4),
+        ["experiments.digits-mobilenetv2.backbone_overrides.input_size: -4 is out of range", "32 or more"],
+    ),
+    "an experiment's cnn option override": (
+        set_key(["experiments", "digits-small_cnn", "backbone_overrides"], {"options": {"convs_per_block": 0}}),
+        ["experiments.digits-small_cnn.backbone_overrides.options.convs_per_block: 0 is not a whole number"],
+    ),
 }
 
 

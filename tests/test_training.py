@@ -450,6 +450,26 @@ def test_a_frozen_base_is_checkpointed_once_per_phase_and_resumes_to_the_uninter
     assert [p["phase"] for p in cut_record["phases"]] == [1, 2] and cut_record["best_epoch"] == whole_record["best_epoch"]
 
 
+@pytest.mark.parametrize("patience", [0, 1, 2])
+def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path: Path, tracking: str, patience: int) -> None:
+    """As Keras's EarlyStopping: training stops once `patience` epochs in a row have not improved
+    the validation loss (patience 0 and 1 both stop at the first such epoch), and the model keeps
+    its best epoch's weights. A learning rate far too high makes the loss stop improving early."""
+    train = {"epochs": 12, "early_stopping_patience": patience, "learning_rate": 0.5, "fine_tune": {"epochs": 0}}
+    _, record = train_toy(tmp_path, f"patience{patience}", SMALL_CNN, train)
+    losses = pd.read_csv(tmp_path / f"patience{patience}" / "history.csv")["val_loss"].tolist()
+    best, wait, stop = float("inf"), 0, None
+    for epoch, loss in enumerate(losses):
+        best, wait = (loss, 0) if loss < best else (best, wait + 1)
+        if wait >= max(patience, 1):
+            stop = epoch + 1
+            break
+    # The run went on to the first stall of the right length, and stopped right there.
+    assert stop is not None, f"stopped after {len(losses)} epochs without such a stall: {losses}"
+    assert record["epochs_run"] == len(losses) == stop < 12
+    assert record["best_epoch"] == int(np.argmin(losses))
+
+
 def test_an_unreadable_checkpoint_is_ignored(tmp_path: Path, tracking: str, capsys) -> None:
     from stages.train import CHECKPOINT
 

@@ -254,6 +254,44 @@ def test_published_file_put_in_the_cache_by_hand_needs_no_network(workdir, gener
     assert json.loads((out / "weights.json").read_text(encoding="utf-8")) == record
 
 
+def test_a_file_no_hash_vouches_for_must_be_a_keras_weights_file(workdir, generated, monkeypatch, tmp_path) -> None:
+    """MobileNetV2's files have no published hash: a junk file in the cache is replaced by a
+    download, and a download that is not an HDF5 weights file (an error page) is removed, in one line."""
+    from stages import weights
+
+    host, _ = generated
+    cache = workdir / "downloads" / "weights"
+    cache.mkdir(parents=True)
+    (cache / FILENAME).write_bytes(b"<html>not found</html>")
+    published = tmp_path / "published" / "mobilenet_v2"
+    published.mkdir(parents=True)
+    (published / FILENAME).write_bytes((host / FILENAME).read_bytes())
+    server = FolderServer(published.parent)
+    monkeypatch.setattr(weights, "KERAS", server.url(""))  # the published host, served here
+    out = workdir / "out"
+    try:
+        run(write_params(workdir / "params.yaml"), out)
+    finally:
+        server.stop()
+    assert json.loads((out / "weights.json").read_text(encoding="utf-8"))["sha256"] == sha256(host / FILENAME)
+
+    junk = tmp_path / "junk" / "mobilenet_v2"
+    junk.mkdir(parents=True)
+    (junk / FILENAME).write_bytes(b"<html>an error page</html>")
+    (cache / FILENAME).unlink()
+    server = FolderServer(junk.parent)
+    monkeypatch.setattr(weights, "KERAS", server.url(""))
+    try:
+        with pytest.raises(UserError) as error:
+            run(write_params(workdir / "params.yaml"), workdir / "out2")
+    finally:
+        server.stop()
+    message = str(error.value)
+    assert "\n" not in message and "is not a Keras weights file (not readable as HDF5" in message
+    assert message.endswith(f"it was removed; run again, or put the published file at {cache / FILENAME}")
+    assert not (cache / FILENAME).exists() and not (workdir / "out2").exists()
+
+
 def test_wrong_sha256_removes_the_file_and_fails_in_one_line(workdir, generated) -> None:
     host, _ = generated
     server = FolderServer(host)
