@@ -78,8 +78,8 @@ def list_backbones() -> list[str]:
 CNN_OPTIONS = ("filters", "convs_per_block", "batch_norm", "dropout")
 
 
-def options_problem(model: str, options: dict[str, Any]) -> str | None:
-    """What is wrong with a registry model's `options`, as "<option>: <problem>", or None.
+def options_problem(model: str, options: dict[str, Any]) -> tuple[str, str] | None:
+    """What is wrong with a registry model's `options`, as (option, problem), or None.
 
     The custom CNN's options are ours and checked here; the keras.applications families pass
     theirs to Keras, which names a wrong one itself when the model is built.
@@ -88,19 +88,19 @@ def options_problem(model: str, options: dict[str, Any]) -> str | None:
         return None
     unknown = sorted(set(options) - set(CNN_OPTIONS))
     if unknown:
-        return f"{unknown[0]}: unknown option; valid: {', '.join(CNN_OPTIONS)}"
+        return unknown[0], f"unknown option; valid: {', '.join(CNN_OPTIONS)}"
     whole = lambda value: isinstance(value, int) and not isinstance(value, bool)  # noqa: E731
     filters = options.get("filters", [32, 64])
     if not isinstance(filters, list) or not filters or not all(whole(f) and f >= 1 for f in filters):
-        return f"filters: {filters!r} is not a list of whole numbers of 1 or more (one per block)"
+        return "filters", f"{filters!r} is not a list of whole numbers of 1 or more (one per block)"
     blocks = options.get("convs_per_block", 2)
     if not whole(blocks) or blocks < 1:
-        return f"convs_per_block: {blocks!r} is not a whole number of 1 or more"
+        return "convs_per_block", f"{blocks!r} is not a whole number of 1 or more"
     if not isinstance(options.get("batch_norm", False), bool):
-        return f"batch_norm: {options['batch_norm']!r} is not true or false"
+        return "batch_norm", f"{options['batch_norm']!r} is not true or false"
     dropout = options.get("dropout", 0.25)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        return f"dropout: {dropout!r} is not a number of 0 or more, below 1"
+        return "dropout", f"{dropout!r} is not a number of 0 or more, below 1"
     return None
 
 
@@ -117,7 +117,7 @@ def build_cnn(input_shape: tuple[int, int, int], weights: str | None, options: d
 
     problem = options_problem("cnn", options)
     if problem:  # params.yaml's options are checked when it is read; this is for callers of build
-        raise UserError(f"backbone cnn: options.{problem}")
+        raise UserError(f"backbone cnn: options.{problem[0]}: {problem[1]}")
     inputs = keras.Input(input_shape)
     x = inputs
     for block, filters in enumerate(options.get("filters", [32, 64]), start=1):

@@ -335,8 +335,9 @@ def _check_references(params: Params, source: str) -> None:
                 experiment.backbone.model, backbones.REGISTRY, "backbone model", source,
                 f"{where}.backbone_overrides.model",
             )
-        _check_backbone(experiment.backbone, f"{where}.backbone_overrides", _override_keys(spec.backbone_overrides),
-                        f"backbones.{spec.backbone}", source)
+        if spec.backbone_overrides:  # the backbone as the experiment has it (the entry itself is checked above)
+            _check_backbone(experiment.backbone, f"{where}.backbone_overrides", _override_keys(spec.backbone_overrides),
+                            f"backbones.{spec.backbone}", source)
     # Component options were parsed against their registries in _parse_component.
     del sources, layouts
 
@@ -380,8 +381,8 @@ def _check_backbone(backbone: BackboneConfig, where: str, overridden: set[str], 
         raise ConfigError(f"{source}: {key('head.dense')}: {head.dense} has a layer of no units; list 1 or more per layer")
     problem = backbones.options_problem(backbone.model, backbone.options)
     if problem:
-        option = problem.split(":", 1)[0]
-        raise ConfigError(f"{source}: {key('options.' + option)}:{problem.split(':', 1)[1]}")
+        option, what = problem
+        raise ConfigError(f"{source}: {key('options.' + option)}: {what}")
 
 
 def _override_keys(overrides: dict[str, Any], prefix: str = "") -> set[str]:

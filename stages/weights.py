@@ -240,14 +240,13 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
     digests: dict[str, str] | None = None
     if target.is_file():
         digests = _digests(target)
-        mismatch = _mismatch(digests, expected) or (None if expected else _not_weights(target))
-        if mismatch:
+        mismatch = _mismatch(digests, expected)
+        problem = f"had the wrong {mismatch}" if mismatch else None if expected else _not_weights(target)
+        if problem:
             # A stale or wrong file: fetch the one the pins name.
             target.unlink()
             digests = None
-            removed = f"; the file that was there had the wrong {mismatch} and was removed"
-            if not expected:
-                removed = f"; the file that was there {mismatch} and was removed"
+            removed = f"; the file that was there {problem} and was removed"
     if digests is None:
         try:
             download(url, target, sha256=None, what=stage)
