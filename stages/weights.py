@@ -399,6 +399,12 @@ def weights_path(folder: Path) -> str | None:
         raise UserError(
             f"{path}: {path.stat().st_size:,} bytes where {RECORD} says {record['bytes']:,}; run {stage} again"
         )
+    # The digest train records in MLflow is the one weights.json holds: it must be this file's.
+    if record.get("sha256") and _digests(path)["sha256"] != record["sha256"]:
+        raise UserError(
+            f"{path}: its sha256 is not the {record['sha256'][:12]}... {RECORD} records (the file changed "
+            f"after {stage} wrote it); run {stage} again (dvc repro {stage})"
+        )
     return str(path)
 
 

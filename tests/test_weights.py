@@ -360,3 +360,26 @@ def test_no_weights_writes_only_the_record(workdir) -> None:
 def test_weights_path_without_the_stage_says_what_to_run(tmp_path) -> None:
     with pytest.raises(UserError, match=r"weights\.json: not found; run weights@toy-cnn first"):
         weights_path(tmp_path / "toy-cnn")
+
+
+def test_a_weights_file_changed_after_the_stage_fails_in_one_line(workdir, generated) -> None:
+    """Train loads the file weights.json describes, and records its sha256: a file cut short, or
+    altered at the same size, is refused, naming the file and the stage to run again."""
+    host, _ = generated
+    cache = workdir / "downloads" / "weights"
+    cache.mkdir(parents=True)
+    (cache / FILENAME).write_bytes((host / FILENAME).read_bytes())
+    out = workdir / "out"
+    run(write_params(workdir / "params.yaml"), out)
+    file = out / FILENAME
+    original = file.read_bytes()
+    file.write_bytes(original[:-1])
+    with pytest.raises(UserError, match=rf"{FILENAME}: {len(original) - 1:,} bytes where weights\.json says "
+                                        rf"{len(original):,}; run weights@\S+ again"):
+        weights_path(out)
+    file.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(UserError, match=rf"{FILENAME}: its sha256 is not the [0-9a-f]{{12}}\.\.\. weights\.json "
+                                        r"records \(the file changed after weights@\S+ wrote it\); run weights@\S+ again"):
+        weights_path(out)
+    file.write_bytes(original)
+    assert weights_path(out) == str(file.resolve())
