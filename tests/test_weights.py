@@ -237,14 +237,20 @@ def test_mirror_download_pins_the_file_and_training_loads_it(workdir, generated,
     assert (out / FILENAME).read_bytes() == served.read_bytes()
 
 
-def test_published_file_put_in_the_cache_by_hand_needs_no_network(workdir, generated) -> None:
-    host, _ = generated
+def run_from_cache(workdir: Path, host: Path) -> Path:
+    """The published file put in the download cache by hand, then the stage run with no
+    weights_url (the published file, which Keras publishes no hash for); returns its output folder."""
     cache = workdir / "downloads" / "weights"
     cache.mkdir(parents=True)
     (cache / FILENAME).write_bytes((host / FILENAME).read_bytes())
     out = workdir / "out"
-    # No weights_url: the published file, which Keras publishes no hash for.
     run(write_params(workdir / "params.yaml"), out)
+    return out
+
+
+def test_published_file_put_in_the_cache_by_hand_needs_no_network(workdir, generated) -> None:
+    host, _ = generated
+    out = run_from_cache(workdir, host)
     record = json.loads((out / "weights.json").read_text(encoding="utf-8"))
     assert record["url"] == record["published_url"] == published_weights("mobilenetv2", SIZE, {"alpha": ALPHA}).url
     assert record["sha256"] == sha256(host / FILENAME)
@@ -365,12 +371,7 @@ def test_weights_path_without_the_stage_says_what_to_run(tmp_path) -> None:
 def test_a_weights_file_changed_after_the_stage_fails_in_one_line(workdir, generated) -> None:
     """Train loads the file weights.json describes, and records its sha256: a file cut short, or
     altered at the same size, is refused, naming the file and the stage to run again."""
-    host, _ = generated
-    cache = workdir / "downloads" / "weights"
-    cache.mkdir(parents=True)
-    (cache / FILENAME).write_bytes((host / FILENAME).read_bytes())
-    out = workdir / "out"
-    run(write_params(workdir / "params.yaml"), out)
+    out = run_from_cache(workdir, generated[0])
     file = out / FILENAME
     original = file.read_bytes()
     file.write_bytes(original[:-1])
