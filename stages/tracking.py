@@ -113,8 +113,43 @@ def mlflow_client() -> Any:
 
     for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and uri not in _created:
+        _create_database(mlflow, uri)
     return mlflow
+
+
+# The SQLite databases this process has opened (and so created, if they were new).
+_created: set[str] = set()
+
+
+def _create_database(mlflow: Any, uri: str) -> None:
+    """Open the SQLite store while holding a lock that every process of ours takes first.
+
+    MLflow's tracking store makes a new database's tables the first time it opens it, without a
+    lock: two stages starting together on a new mlflow.db (`matrix local`, two shells) both ran
+    the schema migrations, and the later one failed ("table evaluation_datasets already exists").
+    The lock is taken on the database's folder (flock on a directory: nothing is written, no lock
+    file is left behind, and any user who can read the folder can take it).
+    """
+    import fcntl
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except FileNotFoundError:
+        raise UserError(
+            f"the MLflow database {path} is in a folder that does not exist; create {path.parent}"
+            " or point MLFLOW_TRACKING_URI elsewhere"
+        ) from None
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        # Any call opens the store, which makes the tables of a new database.
+        mlflow.tracking.MlflowClient().search_experiments(max_results=1)
+    finally:
+        os.close(folder)  # releases the lock
+    _created.add(uri)
 
 
 def experiment_id(dataset: str) -> str:

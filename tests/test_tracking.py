@@ -20,6 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from stages import tracking
+from stages.errors import UserError
 
 pytest_plugins = ["mlflow_registry"]
 REPO = Path(__file__).resolve().parents[1]
@@ -154,3 +155,49 @@ def test_a_retired_run_whose_training_comes_back_is_restored_in_place_of_its_suc
     assert registry.get_run(second).info.lifecycle_stage == "deleted"
     assert tracking.revive_run(first) is False  # live already: nothing to do
     assert tracking.revive_run("0" * 32) is False  # not in the store at all
+
+
+# A stage's first step with MLflow, started in several processes at once on a database that does
+# not exist yet: each imports MLflow, says so, waits for the file "go", then opens the store.
+OPENER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from stages import tracking
+    print("ready", flush=True)
+    while not Path(sys.argv[1]).exists():
+        time.sleep(0.01)
+    print(tracking.experiment_id("digits"), flush=True)
+    """
+)
+
+
+def test_stages_starting_together_on_a_new_database_all_open_it(tmp_path: Path) -> None:
+    """MLflow makes a new SQLite database's tables without a lock; two stages starting together
+    (`matrix local`) both ran its migrations and the later one failed ("table evaluation_datasets
+    already exists"). Each process now opens the store under a lock."""
+    database, go = tmp_path / "mlflow.db", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{database}"}
+    openers = [
+        subprocess.Popen([sys.executable, "-c", OPENER, str(go)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    for opener in openers:
+        assert opener.stdout.readline().strip() == "ready", opener.communicate(timeout=60)[1][-2000:]
+    go.touch()
+    results = [opener.communicate(timeout=300) for opener in openers]
+
+    for opener, (out, err) in zip(openers, results):
+        assert opener.returncode == 0, err[-3000:]
+    assert len({out.strip() for out, _ in results}) == 1, "all four found the same experiment"
+    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "digits"]
+
+
+def test_a_database_in_a_folder_that_does_not_exist_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    with pytest.raises(UserError, match=f"database {missing} is in a folder that does not exist; create"):
+        tracking.mlflow_client()
+    assert not missing.parent.exists()
