@@ -43,7 +43,7 @@ from stages import tracking
 from stages.config import Experiment, load_params
 from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_json_atomic
-from stages.train import load_prepared
+from stages.loader import load_prepared
 
 MISTAKES_SHOWN = 16
 # Latency is timed at these batch sizes: one image (interactive use) and a serving batch.

@@ -1,8 +1,9 @@
 """Feeding the prepared uint8 arrays to Keras, on any backend.
 
-The split stage decodes every image once into memory-mapped uint8 `.npy` files; training reads
-batches straight from them. Nothing is decoded per epoch, and images stay uint8 until they are
-inside the model (which casts them), so a batch costs a quarter of the float32 bytes to move.
+The split stage decodes every image once into uint8 `.npy` files; `load_prepared` memory-maps
+them (for train and evaluate alike) and batches are read straight from them. Nothing is decoded
+per epoch, and images stay uint8 until they are inside the model (which casts them), so a batch
+costs a quarter of the float32 bytes to move.
 
 The order of epoch `e` is a permutation drawn from (seed, e) alone, so an interrupted run that
 resumes at epoch `e` sees exactly the batches the uninterrupted run saw. Batches may carry sample
@@ -18,12 +19,39 @@ keeps tf.data's autotuning out of the way (see there).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stages.errors import UserError
+
 # Share of an accelerator's memory the training images may take when kept on the device.
 DEVICE_FRACTION = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    classes: list[str]
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    version: str  # a hash of what decides the arrays' content
+
+
+def load_prepared(data: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> PreparedData:
+    """Memory-map the arrays written by the split stage."""
+    if not (data / "classes.json").exists():
+        raise UserError(f"{data}: no prepared data; run the split stage for this dataset first")
+    classes = json.loads((data / "classes.json").read_text(encoding="utf-8"))
+    digest = hashlib.sha256()
+    for name in ("splits.parquet", "meta.json", "classes.json"):
+        digest.update((data / name).read_bytes())
+    x = {s: np.load(data / f"{s}_x.npy", mmap_mode="r", allow_pickle=False) for s in splits}
+    y = {s: np.load(data / f"{s}_y.npy", allow_pickle=False) for s in splits}
+    return PreparedData(classes, x, y, digest.hexdigest()[:16])
 
 
 def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

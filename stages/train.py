@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -43,31 +42,11 @@ from stages import tracking
 from stages.config import Experiment, load_params
 from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_json_atomic, write_text_atomic
+from stages.loader import PreparedData, load_prepared
 
 CHECKPOINT = "checkpoint.npz"
 # Cached features may take this many bytes; beyond it the frozen base runs every epoch.
 FEATURE_CACHE_BYTES = 4 << 30
-
-
-@dataclasses.dataclass(frozen=True)
-class PreparedData:
-    classes: list[str]
-    x: dict[str, np.ndarray]
-    y: dict[str, np.ndarray]
-    version: str  # a hash of what decides the arrays' content
-
-
-def load_prepared(data: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> PreparedData:
-    """Memory-map the arrays written by the split stage."""
-    if not (data / "classes.json").exists():
-        raise UserError(f"{data}: no prepared data; run the split stage for this dataset first")
-    classes = json.loads((data / "classes.json").read_text(encoding="utf-8"))
-    digest = hashlib.sha256()
-    for name in ("splits.parquet", "meta.json", "classes.json"):
-        digest.update((data / name).read_bytes())
-    x = {s: np.load(data / f"{s}_x.npy", mmap_mode="r", allow_pickle=False) for s in splits}
-    y = {s: np.load(data / f"{s}_y.npy", allow_pickle=False) for s in splits}
-    return PreparedData(classes, x, y, digest.hexdigest()[:16])
 
 
 def resolved_config(experiment: Experiment) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import shutil
 import subprocess
@@ -73,3 +74,57 @@ def test_other_suite_target_pulls_in_only_its_own_stages(project_with_two_suites
         "evaluate@other-small_cnn",
         "report@extra",
     }
+
+
+# Modules whose changes cannot change what a stage writes: error reporting, atomic writes,
+# progress bars, the registry's lookup. Listing them would rerun the whole matrix for nothing.
+PLUMBING = {"errors", "files", "progress", "registry"}
+
+
+def imported_stage_modules(module: str) -> set[str]:
+    """The `stages` modules that `stages/<module>.py` imports, at module level or in a function."""
+    tree = ast.parse((REPO / "stages" / f"{module}.py").read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "stages":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stages."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("stages.")}
+    return found
+
+
+def code_a_stage_runs(module: str, stage_modules: set[str]) -> set[str]:
+    """Every module the stage's code reaches through imports, less the plumbing. Two kinds of
+    module are listed but not followed: config.py (its defaults are parameters, but it imports the
+    registries only to check names) and another stage's module (a stage uses only that stage's
+    reader of its own outputs, whose content reaches it as a data dependency)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name == "config" or (name in stage_modules and name != module):
+            continue
+        todo.extend(imported_stage_modules(name))
+    return seen - PLUMBING
+
+
+def test_every_stage_depends_on_the_code_that_decides_its_outputs() -> None:
+    """A code change reruns each stage whose outputs it can change, and only those: a stage's
+    `stages/` deps are exactly the modules its command runs (schema defaults in config.py
+    included), so `dvc repro` and CI's retrain never keep an output the current code would not
+    make."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    modules = {name: stage["do"]["cmd"].split("python -m stages.")[1].split()[0] for name, stage in stages.items()}
+    assert set(modules.values()) <= {path.stem for path in (REPO / "stages").glob("*.py")}
+    wrong = {}
+    for name, module in modules.items():
+        listed = {dep for dep in stages[name]["do"]["deps"] if dep.startswith("stages/")}
+        needed = {f"stages/{each}.py" for each in code_a_stage_runs(module, set(modules.values()))}
+        if listed != needed:
+            wrong[name] = {"missing": sorted(needed - listed), "not run": sorted(listed - needed)}
+    assert wrong == {}
