@@ -1,4 +1,5 @@
-"""The DVC graph templated from params.yaml: stage names, and what each target pulls in."""
+"""The DVC graph templated from params.yaml: stage names, what each target pulls in, and the code
+each stage depends on."""
 
 from __future__ import annotations
 
