@@ -114,7 +114,7 @@ def main() -> None:
         measure(args.batch_sizes, args.size, args.repeats)
         return
 
-    rows = []
+    rows, failed = [], []
     for backend in args.backends:
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
         command = [sys.executable, __file__, "--child", "--size", str(args.size), "--repeats", str(args.repeats),
@@ -122,6 +122,7 @@ def main() -> None:
         finished = subprocess.run(command, env=env, capture_output=True, text=True)
         if finished.returncode:
             print(f"{backend}: failed\n{finished.stderr[-2000:]}")
+            failed.append(backend)
             continue
         rows += [json.loads(line) for line in finished.stdout.splitlines() if line.startswith("{")]
 
@@ -138,6 +139,8 @@ def main() -> None:
             best = min(v for v in (ours_ms, xla_ms) if v)
             print(f"| {backend} | {batch_size} | {keras_ms:,.1f} | {ours_ms:,.1f} | "
                   f"{f'{xla_ms:,.1f}' if xla_ms else '-'} | {keras_ms / best:.1f}x |")
+    if failed:
+        raise SystemExit(f"failed on {', '.join(failed)} (above)")
 
 
 if __name__ == "__main__":

@@ -78,9 +78,12 @@ def measure(name: str, workdir: Path, epochs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mobilenetv2", "efficientnetb0", "efficientnetb7"])
-    parser.add_argument("--epochs", type=int, default=6, help="checkpoints per way (the first one aside)")
+    parser.add_argument("--epochs", type=int, default=6, help="checkpoints per way, at least 2: the first is reported "
+                        "apart, the median of the others as the per-epoch cost")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/classmatrix-checkpoint"))
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error(f"--epochs {args.epochs}: at least 2 (the first checkpoint is timed apart from the others)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     rows = [measure(name, args.workdir, args.epochs) for name in args.models]
     print(f"{'backbone':<15} {'size':>4} {'params':>11} {'everything: MB/epoch':>21} {'s/epoch':>8} "
