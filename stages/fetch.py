@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--provenance", type=Path, required=True, help="provenance JSON to write")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a keras.datasets source imports TensorFlow
     record = fetch(args.dataset, args.params, args.out, args.provenance)
     refused = f", {len(record['refused'])} archive entries refused (see {args.provenance})" if record["refused"] else ""
     print(f"fetch@{args.dataset}: {record['files']} files, {record['bytes']:,} bytes in {args.out}{refused}")

@@ -8,8 +8,9 @@ Loads the model from the MLflow registry (`models:/<dataset>@<alias>`, champion 
 tracking URI is MLFLOW_TRACKING_URI, else the repository's mlflow.db), decodes each image the way
 the split stage does (upright, converted to the dataset's channels, resized to its working
 resolution) and prints one tab-separated line per file: path, predicted label, confidence. Folders
-are searched recursively for images. A file that cannot be read is reported on stderr with the
-reason and the rest are still classified; the exit status is then 1.
+are searched recursively for images (by suffix; the other files in them are counted and named on
+stderr, not classified). A file that cannot be read is reported on stderr with the reason and the
+rest are still classified; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -83,21 +84,33 @@ def load(uri: str, scratch: Path) -> LoadedModel:
     return LoadedModel(model, list(metadata["classes"]), int(metadata["image_size"]), int(metadata["channels"]), uri)
 
 
-def image_files(paths: list[Path]) -> tuple[list[Path], list[str]]:
-    """The files to classify (named files as given; folders searched for image suffixes) and
-    one message per path that does not exist."""
-    files, problems = [], []
+def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
+    """The files to classify (named files as given; folders searched for image suffixes), one
+    message per path that does not exist or folder with no images, and the other files found in
+    the folders (left out: not images by their suffix)."""
+    files, problems, left_out = [], [], []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
+            found = sorted(p for p in path.rglob("*") if p.is_file())
+            images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
                 problems.append(f"{path}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
-            files.extend(found)
+            files.extend(images)
+            left_out.extend(p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES)
         elif path.is_file():
             files.append(path)
         else:
             problems.append(f"{path}: no such file or folder")
-    return files, problems
+    return files, problems, left_out
+
+
+def left_out_note(left_out: list[Path], shown: int = 3) -> str:
+    """One line naming the files of the folders given that were not classified, or ''."""
+    if not left_out:
+        return ""
+    names = ", ".join(str(p) for p in left_out[:shown]) + (f" and {len(left_out) - shown} more" if len(left_out) > shown else "")
+    return (f"predict: left out {len(left_out)} file{'s' if len(left_out) > 1 else ''} of the folders given, not "
+            f"images by their suffix ({', '.join(IMAGE_SUFFIXES)}): {names}; name a file to try it anyway")
 
 
 def decode(path: Path, size: int, channels: int) -> np.ndarray:
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    files, problems = image_files(args.paths)
+    files, problems, left_out = image_files(args.paths)
     for problem in problems:  # said first: they stand whether or not the model loads
         print(f"error: {problem}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="classmatrix-predict-") as scratch:
@@ -153,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     for problem in unreadable:
         print(f"error: {problem}", file=sys.stderr)
     missing = f"; {len(problems)} of the paths given had no image (named above)" if problems else ""
+    if left_out:
+        print(left_out_note(left_out), file=sys.stderr)
     print(f"predict: {len(results)} of {len(results) + len(unreadable)} files classified with {loaded.uri}{missing}", file=sys.stderr)
     if problems or unreadable:
         raise SystemExit(1)

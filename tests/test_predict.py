@@ -32,20 +32,22 @@ def write_png(path: Path, value: int = 128, size: tuple[int, int] = (8, 8), mode
 
 
 def test_folders_are_searched_recursively_for_image_suffixes_in_any_case(tmp_path: Path) -> None:
-    """Images at any depth, .PNG and .Jpeg alike, sorted; other files in a folder are left out."""
+    """Images at any depth, .PNG and .Jpeg alike, sorted; other files in a folder are left out,
+    and listed as such."""
     folder = tmp_path / "photos"
     for name in ("b.png", "nested/deeper/c.JPEG", "a.Jpg", "nested/d.PNG"):
         write_png(folder / name)
     (folder / "notes.txt").write_text("not an image")
     (folder / "nested" / "model.keras").write_bytes(b"\0")
 
-    files, problems = image_files([folder])
+    files, problems, left_out = image_files([folder])
 
     assert files == sorted(files)
     assert [f.relative_to(folder).as_posix() for f in files] == sorted(
         ["a.Jpg", "b.png", "nested/d.PNG", "nested/deeper/c.JPEG"]
     )
     assert problems == []
+    assert left_out == [folder / "nested" / "model.keras", folder / "notes.txt"]
 
 
 def test_named_files_are_kept_as_given_even_without_an_image_suffix(tmp_path: Path) -> None:
@@ -53,9 +55,9 @@ def test_named_files_are_kept_as_given_even_without_an_image_suffix(tmp_path: Pa
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
     image = write_png(tmp_path / "z.png")
-    files, problems = image_files([image, notes])
+    files, problems, left_out = image_files([image, notes])
     assert files == [image, notes]
-    assert problems == []
+    assert problems == [] and left_out == []
 
 
 def test_missing_path_and_empty_folder_are_reported_with_their_paths(tmp_path: Path) -> None:
@@ -69,9 +71,9 @@ def test_missing_path_and_empty_folder_are_reported_with_their_paths(tmp_path: P
     (only_text / "readme.md").write_text("# no images")
     image = write_png(tmp_path / "ok.png")
 
-    files, problems = image_files([missing, empty, image, only_text])
+    files, problems, left_out = image_files([missing, empty, image, only_text])
 
-    assert files == [image]
+    assert files == [image] and left_out == [only_text / "readme.md"]
     assert problems[0] == f"{missing}: no such file or folder"
     assert problems[1].startswith(f"{empty}: no image files in this folder (looked for .png, .jpg")
     assert problems[2].startswith(f"{only_text}: no image files in this folder")
@@ -236,6 +238,29 @@ def test_main_with_unknown_alias_exits_1_with_one_error_line(
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"error: cannot load models:/digits@nope from {registry.tracking_uri}: ")
     assert "make ui" in lines[0]
+
+
+def test_main_names_the_files_of_a_folder_it_left_out(
+    tmp_path: Path, loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder's non-image files are not classified, but said: one line with their count and the
+    first three names. Not an error: the exit status stays 0 when every image was classified."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "black.png")
+    for name in ("a.txt", "b.csv", "c.json", "d.md"):
+        (folder / name).write_text("not an image")
+    monkeypatch.setattr(predict_stage, "load", lambda uri, scratch: loaded)
+
+    run_stage(predict_stage.main, ["--dataset", "toy", str(folder)])
+
+    captured = capsys.readouterr()
+    [line] = captured.out.splitlines()
+    assert line.startswith(f"{folder / 'black.png'}\ta\t"), line  # black is "a"
+    err = captured.err.strip().splitlines()
+    assert err[0].startswith("predict: left out 4 files of the folders given, not images by their suffix (.png, ")
+    assert err[0].endswith(f"{folder / 'a.txt'}, {folder / 'b.csv'}, {folder / 'c.json'} and 1 more; name a file to try it anyway")
+    assert err[1] == "predict: 1 of 1 files classified with models:/toy/1"
 
 
 def test_main_rejects_alias_and_version_together(capsys: pytest.CaptureFixture[str]) -> None:
