@@ -105,9 +105,7 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
 
 
 def left_out_note(left_out: list[Path], shown: int = 3) -> str:
-    """One line naming the files of the folders given that were not classified, or ''."""
-    if not left_out:
-        return ""
+    """One line naming the files of the folders given that were not classified."""
     names = ", ".join(str(p) for p in left_out[:shown]) + (f" and {len(left_out) - shown} more" if len(left_out) > shown else "")
     return (f"predict: left out {len(left_out)} file{'s' if len(left_out) > 1 else ''} of the folders given, not "
             f"images by their suffix ({', '.join(IMAGE_SUFFIXES)}): {names}; name a file to try it anyway")
