@@ -6,6 +6,8 @@ directly, so the training path stays free of TensorFlow on the other backends.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +115,35 @@ def make_deterministic(seed: int, device: Accelerator) -> None:
         torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def settings_kept() -> Iterator[None]:
+    """Leave the process-wide settings train changes as they were: Keras's dtype policy and, on
+    TensorFlow, op determinism (while it is on, Keras turns XLA off). A stage is a process of its
+    own; this is for whoever calls train() in theirs (a notebook, a test, a benchmark)."""
+    import sys
+
+    policy = sys.modules["keras"].config.dtype_policy() if "keras" in sys.modules else None
+    determinism = "tensorflow" in sys.modules and _op_determinism()
+    try:
+        yield
+    finally:
+        if "keras" in sys.modules:
+            sys.modules["keras"].config.set_dtype_policy(policy or sys.modules["keras"].config.floatx())
+        if "tensorflow" in sys.modules and _op_determinism() != determinism:
+            from tensorflow.python.framework import config
+
+            if determinism:
+                config.enable_op_determinism()
+            else:
+                config.disable_op_determinism()
+
+
+def _op_determinism() -> bool:
+    from tensorflow.python.framework import config
+
+    return config.is_op_determinism_enabled()
+
+
 @dataclass(frozen=True)
 class Replicas:
     """Where training runs: `count` devices in data parallel (1: no distribution)."""
@@ -131,8 +162,6 @@ def data_parallel(setting: str, stage: str) -> Replicas:
     CPU devices, one unless the backend was asked for more (how the tests run it on a CPU).
     Keras has no distribution on PyTorch: that is an error, not a silent single-device run.
     """
-    import contextlib
-
     import keras
 
     if setting == "off":

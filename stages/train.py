@@ -310,6 +310,23 @@ def train(
     out: Path,
     weights_dir: Path | None = None,
 ) -> dict[str, Any]:
+    """Train one experiment into `out` and log it to MLflow; the record written to training.json.
+
+    Keras's dtype policy and TensorFlow's op determinism, which training sets for the process,
+    are as they were when it returns."""
+    from stages import runtime
+
+    with runtime.settings_kept():
+        return _train(experiment_name, params_path, data_dir, out, weights_dir)
+
+
+def _train(
+    experiment_name: str,
+    params_path: str,
+    data_dir: Path,
+    out: Path,
+    weights_dir: Path | None,
+) -> dict[str, Any]:
     experiment = load_params(params_path).experiment(experiment_name)
     training = experiment.training
     data = load_prepared(data_dir)

@@ -24,22 +24,6 @@ def keras():
     return keras
 
 
-@pytest.fixture
-def op_determinism_off(keras):
-    """On TensorFlow, Keras turns XLA off while op determinism is on (trainer.model_supports_jit),
-    and train() turns it on for the whole process on a CPU: off for this test, then as it was."""
-    if keras.backend.backend() != "tensorflow":
-        yield
-        return
-    from tensorflow.python.framework import config
-
-    was_on = config.is_op_determinism_enabled()
-    config.disable_op_determinism()
-    yield
-    if was_on:
-        config.enable_op_determinism()
-
-
 def random_affine(**settings):
     return augmentation.layer_classes()["RandomAffine"](**settings)
 
@@ -134,7 +118,7 @@ def test_impossible_ranges_are_refused(keras, settings):
         random_affine(**settings)
 
 
-def test_a_model_with_random_affine_compiles_with_xla_trains_saves_and_loads_in_safe_mode(keras, op_determinism_off, tmp_path: Path):
+def test_a_model_with_random_affine_compiles_with_xla_trains_saves_and_loads_in_safe_mode(keras, tmp_path: Path):
     """Keras's RandomRotation/Zoom/Translation turn XLA off for their model; RandomAffine does not.
     The model trains one XLA step, and a saved copy loads (safe mode) with the same layer and
     the same predictions."""

@@ -470,6 +470,30 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
     assert record["best_epoch"] == int(np.argmin(losses))
 
 
+def test_train_leaves_the_dtype_policy_and_op_determinism_as_it_found_them(tmp_path: Path, tracking: str) -> None:
+    """train() sets both for the process (mixed precision as asked; on a CPU, TensorFlow's op
+    determinism, under which Keras turns XLA off): whoever called it gets them back as they were."""
+    import keras
+
+    tensorflow = keras.backend.backend() == "tensorflow"
+    if tensorflow:
+        from tensorflow.python.framework import config
+
+        was_on = config.is_op_determinism_enabled()
+        config.disable_op_determinism()
+    keras.config.set_dtype_policy("float32")
+    try:
+        train = {"epochs": 1, "mixed_precision": "bfloat16", "fine_tune": {"epochs": 0}}
+        _, record = train_toy(tmp_path, "kept", SMALL_CNN, train)
+        assert record["dtype_policy"] == "mixed_bfloat16"  # train ran under the policy asked for
+        assert keras.config.dtype_policy().name == "float32"
+        if tensorflow:
+            assert config.is_op_determinism_enabled() is False
+    finally:
+        if tensorflow and was_on:
+            config.enable_op_determinism()
+
+
 def test_an_unreadable_checkpoint_is_ignored(tmp_path: Path, tracking: str, capsys) -> None:
     from stages.train import CHECKPOINT
 
