@@ -122,13 +122,15 @@ def settings_kept() -> Iterator[None]:
     own; this is for whoever calls train() in theirs (a notebook, a test, a benchmark)."""
     import sys
 
-    policy = sys.modules["keras"].config.dtype_policy() if "keras" in sys.modules else None
+    keras = sys.modules.get("keras")  # not imported yet: Keras's default policy, floatx
+    policy = keras.config.dtype_policy() if keras else None
     determinism = "tensorflow" in sys.modules and _op_determinism()
     try:
         yield
     finally:
-        if "keras" in sys.modules:
-            sys.modules["keras"].config.set_dtype_policy(policy or sys.modules["keras"].config.floatx())
+        keras = sys.modules.get("keras")
+        if keras:
+            keras.config.set_dtype_policy(policy or keras.config.floatx())
         if "tensorflow" in sys.modules and _op_determinism() != determinism:
             from tensorflow.python.framework import config
 
