@@ -71,7 +71,8 @@ def keep_tensorflow_out() -> None:
 
     Keras asks `tensorflow.available` (which imports it, seconds and a gigabyte) in a dozen places
     only to test whether an object is a TensorFlow type, model.save among them. When TensorFlow
-    has not been imported, no such object exists, so the answer is no.
+    has not been imported, no such object exists, so the answer is no; once something imports
+    it, the answer is yes again (keras.utils.set_random_seed then seeds it too, as Keras does).
     """
     import sys
 
@@ -81,7 +82,14 @@ def keep_tensorflow_out() -> None:
         return
     from keras.src.utils import module_utils
 
-    module_utils.tensorflow._available = False
+    tensorflow = module_utils.tensorflow  # a LazyModule: any other attribute would import it
+    if not hasattr(type(tensorflow), "imported_only"):
+
+        class ImportedOnly(type(tensorflow)):
+            imported_only = True
+            available = property(lambda self: self.name in sys.modules)
+
+        tensorflow.__class__ = ImportedOnly
 
 
 def make_deterministic(seed: int, device: Accelerator) -> None:

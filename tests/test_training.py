@@ -634,6 +634,33 @@ print("no tensorflow")
 """
 
 
+IMPORTED_LATER = """
+import sys
+import keras
+from keras.src.utils import module_utils
+from stages import runtime
+runtime.keep_tensorflow_out()
+runtime.keep_tensorflow_out()  # twice, as train then evaluate in one process
+assert module_utils.tensorflow.available is False and "tensorflow" not in sys.modules
+import tensorflow as tf
+assert module_utils.tensorflow.available is True
+keras.utils.set_random_seed(3)  # seeds TensorFlow too, now that it is there
+first = float(tf.random.uniform(()))
+keras.utils.set_random_seed(3)
+assert float(tf.random.uniform(())) == first, "keras.utils.set_random_seed left TensorFlow unseeded"
+print("ok")
+"""
+
+
+def test_keeping_tensorflow_out_on_another_backend_lasts_until_something_imports_it() -> None:
+    """The stages tell Keras that TensorFlow is not there (so that Keras does not import it to
+    ask); a process of the caller's that imports it afterwards gets Keras's own answer back."""
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run([sys.executable, "-c", IMPORTED_LATER], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "backend",
     [
