@@ -12,6 +12,7 @@ import Keras: config validation reads the registry without paying for it.
 
 from __future__ import annotations
 
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -478,6 +479,16 @@ def load_saved_model(path: Any, what: str) -> Any:
     (a Lambda layer's pickled function) is refused with one line, never run."""
     import keras
 
+    if _uses_efficientnet_package(path):
+        # Its FixedDropout layer is registered with Keras only by importing efficientnet.tfkeras,
+        # which building the model did in the process that saved it, not in this one.
+        if keras.backend.backend() != "tensorflow":
+            raise UserError(
+                f"{what}: {path} holds the efficientnet package's layers, which run on TensorFlow only "
+                f"(KERAS_BACKEND is {keras.backend.backend()}); run it with KERAS_BACKEND=tensorflow"
+            )
+        import efficientnet.tfkeras  # noqa: F401
+
     try:
         return keras.saving.load_model(path, custom_objects=custom_layers(), safe_mode=True)
     except ValueError as error:
@@ -487,3 +498,12 @@ def load_saved_model(path: Any, what: str) -> Any:
             f"{what}: {path} holds code (a Lambda layer or another pickled function) that loading would run; "
             "refused. Only models this pipeline trained and saved load here"
         ) from None
+
+
+def _uses_efficientnet_package(path: Any) -> bool:
+    """Whether a saved `.keras` file's model holds layers of the `efficientnet` package."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return b'"module": "efficientnet.' in archive.read("config.json")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False  # not a .keras archive: keras.saving.load_model says what is wrong with it

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -384,6 +386,47 @@ def test_a_pretrained_backbone_without_its_pinned_file_is_a_user_error(keras):
     with pytest.raises(UserError, match="needs the pinned weights file; run the weights stage"):
         build_model(small_backbone("mobilenetv2", weights="imagenet"), image_size=IMAGE_SIZE, channels=1,
                     num_classes=NUM_CLASSES, augmentation=Augmentation(), seed=0)
+
+
+RELOAD_AND_PREDICT = """
+import sys
+import numpy as np
+from stages.backbones import load_saved_model
+from stages.errors import UserError
+try:
+    model = load_saved_model(sys.argv[1], "evaluate@toy-efn_b0")
+except UserError as error:
+    raise SystemExit(str(error))
+np.save(sys.argv[2], model.predict(np.load(sys.argv[3]), verbose=0))
+"""
+
+
+def test_an_efficientnet_package_model_reloads_in_a_fresh_process_on_tensorflow_only(keras, tmp_path):
+    """The package's FixedDropout layer is known to Keras only once efficientnet.tfkeras is
+    imported: evaluate and predict load the model in a process that never built one."""
+    model = build(small_backbone("efn_b0", head=HeadConfig(pool="avg", dense=[], dropout=0.0)))
+    batch = images(1, count=2)
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "batch.npy", batch)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def reload(backend: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        return subprocess.run(
+            [sys.executable, "-c", RELOAD_AND_PREDICT, str(tmp_path / "model.keras"), str(tmp_path / "out.npy"),
+             str(tmp_path / "batch.npy")], cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        )
+
+    result = reload("tensorflow")
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), model.predict(batch, verbose=0), rtol=1e-5, atol=1e-6)
+
+    result = reload("jax")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"evaluate@toy-efn_b0: {tmp_path / 'model.keras'} holds the efficientnet package's layers, which run on "
+        "TensorFlow only (KERAS_BACKEND is jax); run it with KERAS_BACKEND=tensorflow"
+    )
 
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
