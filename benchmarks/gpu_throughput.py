@@ -12,7 +12,7 @@ uint8 images (8,192 by default) with 10 classes, measured three ways:
   (on_device=True: on JAX with a GPU the array is copied to the device once and batches are
   gathered there; workers=4), stages.backbones.build_model (uint8 input, the augmentation it
   builds for flip, rotation, zoom and translation, the backbone's preprocessing, the `features`
-  head), the mixed_bfloat16 dtype policy, jit_compile from runtime.jit_compile("auto"), and one
+  head), the mixed_bfloat16 dtype policy (the layers before the base compute in float32), jit_compile from runtime.jit_compile("auto"), and one
   `model.fit` call per epoch with `set_epoch`, as train runs its epochs;
 - (b) bare Keras on JAX: keras.applications.<Model>(weights=None, classes=10), mixed_bfloat16,
   jit_compile=True, `model.fit(x, y, batch_size=..., shuffle=True)` on the same uint8 host NumPy

@@ -26,23 +26,25 @@ from typing import Any
 _CLASSES: dict[str, type] = {}
 
 
-def augmentation_layers(augmentation: Any, seed: int) -> Any | None:
-    """The `augmentation` Sequential for a config.Augmentation, or None when there is none."""
+def augmentation_layers(augmentation: Any, seed: int, dtype: str = "float32") -> Any | None:
+    """The `augmentation` Sequential for a config.Augmentation, or None when there is none.
+
+    Its layers compute in `dtype` whatever the dtype policy: pixel values 0-255, interpolated."""
     import keras
     from keras import layers
 
     steps = []
     if augmentation.flip != "none":
-        steps.append(layers.RandomFlip(augmentation.flip, seed=seed, name="flip"))
+        steps.append(layers.RandomFlip(augmentation.flip, seed=seed, dtype=dtype, name="flip"))
     if augmentation.rotation or augmentation.zoom or augmentation.translation:
         steps.append(
             layer_classes()["RandomAffine"](
                 rotation=augmentation.rotation, zoom=augmentation.zoom, translation=augmentation.translation,
-                seed=seed, name="affine",
+                seed=seed, dtype=dtype, name="affine",
             )
         )
     if augmentation.contrast:
-        steps.append(layers.RandomContrast(augmentation.contrast, value_range=(0, 255), seed=seed, name="contrast"))
+        steps.append(layers.RandomContrast(augmentation.contrast, value_range=(0, 255), seed=seed, dtype=dtype, name="contrast"))
     return keras.Sequential(steps, name="augmentation") if steps else None
 
 

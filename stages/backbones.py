@@ -269,6 +269,12 @@ for _name, (_factory, _native) in EFFICIENTNET_PACKAGE.items():
 # --------------------------------------------------------------------------------------------
 # Assembling a classifier.
 
+# The dtype of every layer before the base (cast, augmentation, resizing, to RGB, preprocessing).
+# Under a mixed policy these would otherwise compute in bfloat16 or float16, which rounds pixel
+# values above 128 to whole numbers (bfloat16) and VGG's channel means (103.939 to 104): the base
+# would see other inputs than preprocess_input gives. The base casts to its own dtype.
+INPUT_DTYPE = "float32"
+
 
 def build_model(
     backbone: Any,
@@ -303,14 +309,15 @@ def build_model(
     base_channels = 3 if spec.rgb else channels
 
     inputs = keras.Input((image_size, image_size, channels), dtype="uint8", name="image")
-    x = layers.Rescaling(1.0, name="to_float")(inputs)
+    # Everything before the base computes in float32 (INPUT_DTYPE), whatever the dtype policy.
+    x = layers.Rescaling(1.0, dtype=INPUT_DTYPE, name="to_float")(inputs)
     augment = augmentations.augmentation_layers(augmentation, seed)
     if augment is not None:
         x = augment(x)
     if size != image_size:
-        x = layers.Resizing(size, size, name="resize")(x)
+        x = layers.Resizing(size, size, dtype=INPUT_DTYPE, name="resize")(x)
     if base_channels == 3 and channels == 1:
-        x = custom_layers()["GrayscaleToRGB"](name="to_rgb")(x)
+        x = custom_layers()["GrayscaleToRGB"](dtype=INPUT_DTYPE, name="to_rgb")(x)
     x = preprocessing_layer(spec.preprocessing)(x)
 
     base = spec.build((size, size, base_channels), weights_file if backbone.weights else None, dict(backbone.options),
@@ -403,16 +410,16 @@ def preprocessing_layer(mode: Preprocessing) -> Any:
     from keras import layers
 
     if mode == "unit":
-        return layers.Rescaling(1.0 / 255.0, name="preprocess")
+        return layers.Rescaling(1.0 / 255.0, dtype=INPUT_DTYPE, name="preprocess")
     if mode == "tf":
-        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess")
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, dtype=INPUT_DTYPE, name="preprocess")
     if mode == "torch":
         mean = [0.485 * 255, 0.456 * 255, 0.406 * 255]
         variance = [(0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2]
-        return layers.Normalization(mean=mean, variance=variance, name="preprocess")
+        return layers.Normalization(mean=mean, variance=variance, dtype=INPUT_DTYPE, name="preprocess")
     if mode == "caffe":
-        return custom_layers()["CaffePreprocess"](name="preprocess")
-    return layers.Identity(name="preprocess")
+        return custom_layers()["CaffePreprocess"](dtype=INPUT_DTYPE, name="preprocess")
+    return layers.Identity(dtype=INPUT_DTYPE, name="preprocess")
 
 
 _CUSTOM_LAYERS: dict[str, type] = {}

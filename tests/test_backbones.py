@@ -370,6 +370,32 @@ def test_in_model_preprocessing_matches_the_familys_preprocess_input(name):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize(("name", "module"), [("vgg16", "vgg16"), ("resnet50v2", "resnet_v2"), ("densenet121", "densenet")])
+def test_under_mixed_precision_the_layers_before_the_base_compute_in_float32(keras, name, module):
+    """On a GPU train sets mixed_bfloat16. The base then computes in bfloat16, but the model's
+    input chain (cast, augmentation, resizing, to RGB, preprocessing) stays float32, so the base
+    is fed what the family's preprocess_input gives, not values rounded to bfloat16 (VGG's mean
+    103.939 to 104, pixels above 128 to whole numbers)."""
+    import importlib
+
+    from stages import runtime
+
+    batch = images(1, count=2, seed=3)
+    with runtime.settings_kept():
+        keras.config.set_dtype_policy("mixed_bfloat16")
+        model = build(small_backbone(name), augmentation=Augmentation(rotation=10.0, zoom=0.1, contrast=0.1))
+        size = model.get_layer("resize").output.shape[1]
+        inputs = keras.Model(model.inputs, model.get_layer("preprocess").output)
+        ours = keras.ops.convert_to_numpy(inputs([batch], training=False))
+        base_output = base_of(model).output.dtype
+    resized = keras.ops.convert_to_numpy(keras.layers.Resizing(size, size, dtype="float32")(batch.astype("float32")))
+    theirs = importlib.import_module(f"keras.applications.{module}").preprocess_input(np.repeat(resized, 3, axis=-1))
+
+    assert [model.get_layer(layer).output.dtype for layer in ("to_float", "augmentation", "resize", "to_rgb", "preprocess")] == ["float32"] * 5
+    assert base_output == "bfloat16"
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
 def test_the_efficientnet_packages_preprocessing_is_ours_inside_the_model():
     """efficientnet.tfkeras.preprocess_input (ImageNet mean/std on [0, 1]) equals the registry's
     in-model preprocessing for the efn_b* entries."""
