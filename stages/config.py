@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import unicodedata
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -198,6 +199,12 @@ class Experiment:
     dataset: DatasetConfig
     backbone: BackboneConfig
     training: TrainingConfig
+    # The dotted keys the experiment's own `train:` block sets (the rest come from `training:`).
+    train_overrides: frozenset[str] = frozenset()
+
+    def training_key(self, key: str) -> str:
+        """Where a training key's value comes from in params.yaml, for error messages."""
+        return f"experiments.{self.name}.train.{key}" if key in self.train_overrides else f"training.{key}"
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,7 @@ class Params:
             dataset=self.datasets[spec.dataset],
             backbone=backbone,
             training=training,
+            train_overrides=frozenset(_override_keys(spec.train)),
         )
 
     def suite_experiments(self, suite: str) -> list[str]:
@@ -330,6 +338,15 @@ def _check_references(params: Params, source: str) -> None:
             raise ConfigError(f"{source}: {where}: an experiment is named <dataset>-<backbone>; rename it {expected!r}")
         experiment = params.experiment(name)  # validates the overrides
         _check_training(experiment.training, f"{where}.train", _override_keys(spec.train), source)
+        tune = experiment.training.fine_tune
+        if tune.epochs and "fine_tune.epochs" in experiment.train_overrides and not (
+            experiment.backbone.weights and experiment.backbone.freeze
+        ):
+            base = "trains from scratch (weights: null)" if not experiment.backbone.weights else "is not frozen (freeze: false)"
+            raise ConfigError(
+                f"{source}: {where}.train.fine_tune.epochs: {tune.epochs} asks for phase 2, which only a pretrained "
+                f"frozen base has, and backbone {spec.backbone} {base}; set it to 0 or remove it"
+            )
         if "model" in spec.backbone_overrides:
             _choose(
                 experiment.backbone.model, backbones.REGISTRY, "backbone model", source,
@@ -349,10 +366,11 @@ def _check_training(training: TrainingConfig, where: str, overridden: set[str], 
     for key, value, allowed, within in (
         ("epochs", training.epochs, "1 or more", training.epochs >= 1),
         ("batch_size", training.batch_size, "1 or more", training.batch_size >= 1),
-        ("learning_rate", training.learning_rate, "a number above 0", training.learning_rate > 0),
+        ("learning_rate", training.learning_rate, "a finite number above 0", 0 < training.learning_rate < math.inf),
+        ("seed", training.seed, f"0 to {2**32 - 1}", 0 <= training.seed < 2**32),
         ("early_stopping_patience", training.early_stopping_patience, "0 or more", training.early_stopping_patience >= 0),
         ("fine_tune.epochs", tune.epochs, "0 (no phase 2) or more", tune.epochs >= 0),
-        ("fine_tune.learning_rate", tune.learning_rate, "a number above 0", tune.learning_rate > 0),
+        ("fine_tune.learning_rate", tune.learning_rate, "a finite number above 0", 0 < tune.learning_rate < math.inf),
         ("fine_tune.unfreeze", tune.unfreeze, "0 (every layer) or more", tune.unfreeze >= 0),
     ):
         if not within:

@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,7 @@ class TrainingState:
     phase_seconds: float = 0.0
     done: bool = False  # this phase stopped (early or at its last epoch)
     logged_epochs: int = 0  # rows of `history` the MLflow run has
+    setup: str = ""  # the Keras backend and dtype policy it trains with: a checkpoint resumes on the same
 
 
 def _numpy(variable: Any) -> np.ndarray:
@@ -124,6 +127,8 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename: a power cut leaves the old file, not an empty one
 
 
 class Checkpoint:
@@ -187,8 +192,8 @@ class Checkpoint:
                         arrays[f"model_{i}"] = archive[f"model_{i}"]
                     for j, i in static["best"]:
                         arrays[f"best_{j}"] = archive[f"model_{i}"]
-        except (OSError, ValueError, TypeError, KeyError) as error:
-            print(f"train: ignoring unreadable checkpoint {self.path} ({error}); starting over")
+        except (OSError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError) as error:
+            print(f"train: ignoring unreadable checkpoint {self.path} ({type(error).__name__}: {error}); starting over")
             return None
         return state, arrays
 
@@ -200,6 +205,9 @@ class Checkpoint:
         for path in self.path.parent.glob(f"{self.STATIC}*.npz"):
             if path.name != keep:
                 path.unlink(missing_ok=True)
+        # What a process killed while writing a checkpoint left (files.atomic_path's temporaries).
+        for path in self.path.parent.glob(f".{self.path.stem}*.tmp.npz"):
+            path.unlink(missing_ok=True)
 
 
 def _assign(variables: list[Any], arrays: dict[str, np.ndarray], prefix: str, what: str) -> None:
@@ -368,15 +376,24 @@ def _train(
             weights_file=weights_file,
         )
 
+        phases = plan_phases(experiment)
+        _check_plan(experiment, phases, base_of(model), len(data.x["train"]))
+
         config = resolved_config(experiment)
         params_hash = tracking.stable_hash(config)
         weights_digest = json.loads((weights_dir / "weights.json").read_text())["sha256"] if weights_file else None
         run_key = tracking.stable_hash({"params": params_hash, "data": data.version, "weights": weights_digest})
         checkpoint_path = out / CHECKPOINT
         checkpoint = Checkpoint(checkpoint_path)
+        setup = f"{keras.backend.backend()} {policy}"
         resumed = checkpoint.read()
         if resumed is not None and resumed[0].run_key != run_key:
             print(f"train@{experiment.name}: the checkpoint is for other params or data; starting over")
+            resumed = None
+        if resumed is not None and resumed[0].setup != setup:
+            # Its epochs went another way: going on from them would match neither backend's run.
+            print(f"train@{experiment.name}: the checkpoint was written with {resumed[0].setup or 'an older version'}, "
+                  f"this run has {setup} (KERAS_BACKEND, training.mixed_precision); starting over")
             resumed = None
         if resumed is not None:
             state, arrays = resumed
@@ -387,7 +404,7 @@ def _train(
                 print(f"train@{experiment.name}: resuming after epoch {state.epoch} (phase {state.phase_index + 1})")
         else:
             arrays = {}
-            state = TrainingState(run_key=run_key, run_id="")
+            state = TrainingState(run_key=run_key, run_id="", setup=setup)
         tags = {
             "data_version": data.version,
             "keras_backend": keras.backend.backend(),
@@ -400,7 +417,6 @@ def _train(
         if training.class_weight == "balanced":
             sample_weight = class_weights(data.y["train"], len(data.classes))[data.y["train"]]
         workers = 4 if device.kind == "gpu" else 1
-        phases = plan_phases(experiment)
         jit = runtime.jit_compile(training.jit_compile)
 
         def static(model: Any) -> list[Any]:
@@ -470,7 +486,8 @@ def _train(
                 seconds = time.perf_counter() - started
                 state.phase_seconds += seconds
                 state.history.append({"epoch": state.epoch, "phase": phase.number, **logs, "seconds": round(seconds, 3)})
-                improved = logs["val_loss"] < state.best_loss
+                diverged = not (math.isfinite(logs["loss"]) and math.isfinite(logs["val_loss"]))
+                improved = not diverged and logs["val_loss"] < state.best_loss
                 if improved:
                     state.best_loss, state.best_epoch, state.wait = logs["val_loss"], state.epoch, 0
                     best = model.get_weights()
@@ -484,17 +501,31 @@ def _train(
                 state.epoch += 1
                 state.phase_epoch += 1
                 # As Keras's EarlyStopping: patience 0 stops at the first epoch that does not improve.
-                state.done = not improved and state.wait >= training.early_stopping_patience
+                # A loss that is no longer finite stops the phase at once, as Keras's TerminateOnNaN.
+                state.done = diverged or (not improved and state.wait >= training.early_stopping_patience)
+                if diverged:
+                    print(f"train@{experiment.name}: phase {phase.number} diverged at epoch {state.epoch} "
+                          f"(loss {logs['loss']}, val_loss {logs['val_loss']}); it stops there")
                 run_log.epoch(state)
                 checkpoint.save(state, model, fit_model.optimizer, best, static(model))
+            if state.best_epoch < 0:  # phase 1 had no epoch with a finite validation loss
+                key = experiment.training_key("learning_rate")
+                first = next(row for row in state.history if row["phase"] == phase.number)
+                raise UserError(
+                    f"train@{experiment.name}: training diverged: no epoch gave a finite val_loss (epoch 1: loss "
+                    f"{first['loss']}, val_loss {first['val_loss']}); lower {key} ({phase.learning_rate})"
+                )
             # The phase's best weights (phase 2 keeps phase 1's unless it did better).
             model.set_weights(best)
+            diverged_at = next((row["epoch"] for row in state.history if row["phase"] == phase.number
+                                and not all(math.isfinite(row[k]) for k in ("loss", "val_loss"))), None)
             images = state.phase_epoch * len(data.x["train"])
             state.phases.append({
                 "phase": phase.number,
                 "epochs_run": state.phase_epoch,
                 "learning_rate": phase.learning_rate,
                 "feature_cache": bool(cache),
+                "diverged_at_epoch": diverged_at,  # the epoch (as in history.csv) whose loss was not finite
                 "xla": bool(fit_model.jit_compile),
                 "feature_cache_seconds": round(cache_seconds, 2),
                 "seconds": round(state.phase_seconds + cache_seconds, 2),
@@ -516,6 +547,39 @@ def _train(
     write_json_atomic(out / "training.json", record)
     checkpoint.remove()
     return record
+
+
+def _check_plan(experiment: Experiment, phases: list[Phase], base: Any, train_images: int) -> None:
+    """Fail before training, not after phase 1, on a phase 2 that cannot be what params ask; say
+    what params set that does not apply."""
+    import keras
+
+    training = experiment.training
+    name = f"train@{experiment.name}"
+    if training.fine_tune.epochs and len(phases) == 1:
+        why = "trains from scratch" if not experiment.backbone.weights else "is not frozen"
+        print(f"{name}: one phase: {experiment.training_key('fine_tune')} (phase 2) applies to a pretrained frozen "
+              f"base, and this one {why}")
+    if training.batch_size > train_images:
+        print(f"{name}: {experiment.training_key('batch_size')} {training.batch_size} is more than the "
+              f"{train_images} training images: each epoch is one batch of them all")
+    for phase in phases:
+        if phase.number != 2 or not phase.unfreeze:
+            continue
+        key = experiment.training_key("fine_tune.unfreeze")
+        layers = base.layers
+        if phase.unfreeze > len(layers):
+            raise UserError(
+                f"{name}: {key}: {phase.unfreeze} is more than the {len(layers)} layers of {experiment.backbone.model}'s "
+                f"base; use at most {len(layers)}, or 0 for all of them"
+            )
+        top = layers[-phase.unfreeze :]
+        if not any(layer.weights and not isinstance(layer, keras.layers.BatchNormalization) for layer in top):
+            raise UserError(
+                f"{name}: {key}: the top {phase.unfreeze} layers of {experiment.backbone.model}'s base "
+                f"({', '.join(layer.name for layer in top)}) have no weights to train (BatchNormalization stays "
+                "frozen); unfreeze more"
+            )
 
 
 def _use_feature_cache(experiment: Experiment, model: Any, images: int) -> bool:

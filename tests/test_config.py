@@ -228,6 +228,19 @@ MISTAKES = {
         set_key(["training", "early_stopping_patience"], -1),
         ["training.early_stopping_patience: -1 is out of range", "0 or more"],
     ),
+    "infinite learning rate": (
+        set_key(["training", "learning_rate"], float("inf")),
+        ["training.learning_rate: inf is out of range", "a finite number above 0"],
+    ),
+    "negative seed": (
+        set_key(["training", "seed"], -1),
+        ["training.seed: -1 is out of range", "use 0 to 4294967295"],
+    ),
+    "phase 2 asked of a base trained from scratch": (
+        set_key(["experiments", "digits-small_cnn", "train", "fine_tune"], {"epochs": 3}),
+        ["experiments.digits-small_cnn.train.fine_tune.epochs: 3 asks for phase 2, which only a pretrained frozen base has",
+         "backbone small_cnn trains from scratch (weights: null); set it to 0 or remove it"],
+    ),
     "negative fine-tuning layers in an experiment": (
         set_key(["experiments", "digits-small_cnn", "train", "fine_tune"], {"unfreeze": -1}),
         ["experiments.digits-small_cnn.train.fine_tune.unfreeze: -1 is out of range", "0 (every layer) or more"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -494,15 +495,76 @@ def test_train_leaves_the_dtype_policy_and_op_determinism_as_it_found_them(tmp_p
             config.enable_op_determinism()
 
 
-def test_an_unreadable_checkpoint_is_ignored(tmp_path: Path, tracking: str, capsys) -> None:
+def _npz_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, state=np.array("{}"), model_0=np.zeros(1000))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [(b"not a checkpoint", "ValueError"), (b"", "EOFError"), (_npz_bytes()[:600], "BadZipFile")],
+    ids=["garbage", "empty", "truncated"],
+)
+def test_an_unreadable_checkpoint_is_ignored(tmp_path: Path, tracking: str, capsys, content: bytes, error: str) -> None:
+    """Whatever a crash or a full disk left, the rerun starts over; and the temporaries of a write
+    that was killed are cleaned up."""
     from stages.train import CHECKPOINT
 
     data = write_prepared(tmp_path / "data")
-    train_toy(tmp_path, "out", SMALL_CNN, {"epochs": 1})
-    (tmp_path / "out" / CHECKPOINT).write_bytes(b"not a checkpoint")
-    train_toy(tmp_path, "out", SMALL_CNN, {"epochs": 1})
-    assert "ignoring unreadable checkpoint" in capsys.readouterr().out
-    assert data.exists()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / CHECKPOINT).write_bytes(content)
+    leftover = out / f".{CHECKPOINT}.k1ll3d.tmp.npz"
+    leftover.write_bytes(_npz_bytes()[:600])
+    _, record = train_toy(tmp_path, "out", SMALL_CNN, {"epochs": 1})
+    assert f"ignoring unreadable checkpoint {out / CHECKPOINT} ({error}" in capsys.readouterr().out
+    assert record["epochs_run"] == 1
+    assert data.exists() and not leftover.exists() and not (out / CHECKPOINT).exists()
+
+
+def test_a_checkpoint_from_another_backend_or_precision_is_not_resumed(
+    tmp_path: Path, tracking: str, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epochs trained on one Keras backend (or dtype policy) went another way than the next
+    backend's would: going on from them matches no uninterrupted run."""
+    import keras
+
+    from stages import train as train_module
+
+    with monkeypatch.context() as patch:  # a finished training whose checkpoint stays, as if killed at the end
+        patch.setattr(train_module.Checkpoint, "remove", lambda self: None)
+        train_toy(tmp_path, "out", SMALL_CNN, {"epochs": 1, "fine_tune": {"epochs": 0}})
+    path = tmp_path / "out" / train_module.CHECKPOINT
+    with np.load(path) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    state = json.loads(str(arrays["state"]))
+    assert state["setup"] == f"{keras.backend.backend()} float32"
+    other = "torch" if keras.backend.backend() != "torch" else "jax"
+    arrays["state"] = np.array(json.dumps({**state, "setup": f"{other} float32"}))
+    np.savez(path, **arrays)
+    capsys.readouterr()
+
+    _, record = train_toy(tmp_path, "out", SMALL_CNN, {"epochs": 1, "fine_tune": {"epochs": 0}})
+
+    said = capsys.readouterr().out
+    assert (f"the checkpoint was written with {other} float32, this run has {keras.backend.backend()} float32 "
+            "(KERAS_BACKEND, training.mixed_precision); starting over") in said
+    assert "training finished before" not in said
+    assert record["epochs_run"] == 1 and len(pd.read_csv(tmp_path / "out" / "history.csv")) == 1
+
+
+def test_a_run_that_diverges_from_its_first_epoch_fails_in_one_line(tmp_path: Path, tracking: str) -> None:
+    """No epoch with a finite validation loss: there is no model worth writing."""
+    from stages.errors import UserError
+
+    train = {"epochs": 5, "optimizer": "sgd", "learning_rate": 1.0e6, "fine_tune": {"epochs": 0}}
+    with pytest.raises(UserError) as raised:
+        train_toy(tmp_path, "diverged", SMALL_CNN, train)
+    message = str(raised.value)
+    assert message.startswith("train@toy-net: training diverged: no epoch gave a finite val_loss (epoch 1: loss ")
+    assert message.endswith("lower experiments.toy-net.train.learning_rate (1000000.0)")
+    assert not (tmp_path / "diverged" / "model.keras").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,6 +661,57 @@ def test_phase_two_fine_tunes_the_top_of_the_base_with_batch_normalization_froze
         assert changed, "phase 2 won, so the unfrozen top of the base must have moved"
     else:
         assert not changed, "phase 2 never beat phase 1, so phase 1's weights are kept"
+
+
+def test_a_phase_two_that_diverges_stops_there_and_keeps_phase_ones_weights(tmp_path: Path, tracking: str, pretrained) -> None:
+    # Adam's first steps are about the learning rate itself: weights near float32's largest, then inf.
+    train = {"epochs": 2, "fine_tune": {"epochs": 4, "learning_rate": 1.0e38, "unfreeze": 12}}
+    model, record = train_toy(tmp_path, "tuned", pretrained["backbone"], train, pretrained["folder"])
+    history = pd.read_csv(tmp_path / "tuned" / "history.csv")
+
+    assert list(history["phase"]) == [1, 1, 2]  # phase 2 stopped at its first epoch
+    assert not np.isfinite(history["loss"].iloc[2]) or not np.isfinite(history["val_loss"].iloc[2])
+    assert [phase["diverged_at_epoch"] for phase in record["phases"]] == [None, 2]
+    assert record["best_epoch"] in (0, 1)
+    # The model written is phase 1's best, whose predictions are finite.
+    assert np.isfinite(model.predict(np.zeros((2, 8, 8, 1), "uint8"), verbose=0)).all()
+
+
+@pytest.mark.parametrize(
+    ("unfreeze", "error"),
+    [(100000, "100000 is more than the 154 layers of mobilenetv2's base; use at most 154, or 0 for all of them"),
+     (2, "the top 2 layers of mobilenetv2's base (Conv_1_bn, out_relu) have no weights to train "
+         "(BatchNormalization stays frozen); unfreeze more")],
+    ids=["more-than-the-base", "nothing-to-train"],
+)
+def test_a_phase_two_that_cannot_unfreeze_what_it_asks_fails_before_training(
+    tmp_path: Path, tracking: str, pretrained, unfreeze: int, error: str
+) -> None:
+    from stages.errors import UserError
+
+    train = {"epochs": 1, "fine_tune": {"epochs": 1, "unfreeze": unfreeze}}
+    with pytest.raises(UserError) as raised:
+        train_toy(tmp_path, "tuned", pretrained["backbone"], train, pretrained["folder"])
+    assert str(raised.value) == f"train@toy-net: experiments.toy-net.train.fine_tune.unfreeze: {error}"
+    assert not (tmp_path / "tuned" / "history.csv").exists()
+
+
+def test_training_says_which_params_do_not_apply(tmp_path: Path, tracking: str, capsys) -> None:
+    """An inherited phase 2 on a base trained from scratch, a batch larger than the training set."""
+    params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 1, "batch_size": 5000})
+    content = yaml.safe_load(params.read_text())
+    content["training"] = {"fine_tune": {"epochs": 3}}
+    params.write_text(yaml.safe_dump(content))
+    from stages.train import train as run_train
+
+    record = run_train("toy-net", str(params), write_prepared(tmp_path / "data"), tmp_path / "out")
+
+    said = capsys.readouterr().out
+    assert ("train@toy-net: one phase: training.fine_tune (phase 2) applies to a pretrained frozen base, "
+            "and this one trains from scratch") in said
+    assert ("train@toy-net: experiments.toy-net.train.batch_size 5000 is more than the 1257 training images: "
+            "each epoch is one batch of them all") in said
+    assert [phase["phase"] for phase in record["phases"]] == [1]
 
 
 def test_the_pinned_weights_are_what_the_base_starts_from(tmp_path: Path, tracking: str, pretrained) -> None:
