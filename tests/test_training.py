@@ -707,7 +707,7 @@ def test_training_says_which_params_do_not_apply(tmp_path: Path, tracking: str, 
     record = run_train("toy-net", str(params), write_prepared(tmp_path / "data"), tmp_path / "out")
 
     said = capsys.readouterr().out
-    assert ("train@toy-net: one phase: training.fine_tune (phase 2) applies to a pretrained frozen base, "
+    assert ("train@toy-net: one phase: training.fine_tune.epochs (phase 2) applies to a pretrained frozen base, "
             "and this one trains from scratch") in said
     assert ("train@toy-net: experiments.toy-net.train.batch_size 5000 is more than the 1257 training images: "
             "each epoch is one batch of them all") in said
