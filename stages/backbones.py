@@ -486,6 +486,11 @@ def load_saved_model(path: Any, what: str) -> Any:
     (a Lambda layer's pickled function) is refused with one line, never run."""
     import keras
 
+    if not zipfile.is_zipfile(path):
+        raise UserError(
+            f"{what}: {path} is not a Keras model file (missing, empty or cut short); restore it "
+            "(dvc checkout) or train again"
+        )
     if _uses_efficientnet_package(path):
         # Its FixedDropout layer is registered with Keras only by importing efficientnet.tfkeras,
         # which building the model did in the process that saved it, not in this one.

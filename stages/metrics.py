@@ -139,12 +139,29 @@ def per_class_scores(
 
 
 def classification_report_dict(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """scikit-learn's classification report as a dict (per class, accuracy, macro and weighted)."""
+    """scikit-learn's classification report as a dict (per class, accuracy, macro and weighted).
+
+    Every class has its row, one with no test images too (support 0); the macro average is over
+    the classes scored (present or predicted), as `score`'s macro_f1."""
     from sklearn.metrics import classification_report
 
-    return classification_report(
+    report = classification_report(
         y_true, y_pred, labels=list(range(len(classes))), target_names=classes, output_dict=True, zero_division=0
     )
+    scored = [classes[i] for i in scored_labels(y_true, y_pred)]
+    report["macro avg"] = {
+        **{key: float(np.mean([report[name][key] for name in scored])) for key in ("precision", "recall", "f1-score")},
+        "support": report["macro avg"]["support"],
+    }
+    return report
+
+
+def scored_labels(y_true: np.ndarray, y_pred: np.ndarray) -> list[int]:
+    """The classes a macro average is over: those in the test split or predicted. A class with no
+    test images that is never predicted has no precision, recall or F1 to average (scikit-learn's
+    default without `labels`); counted as 0 it would lower macro F1 for a gap in the data, and
+    balanced accuracy leaves it out too."""
+    return sorted(set(np.asarray(y_true).tolist()) | set(np.asarray(y_pred).tolist()))
 
 
 def score(
@@ -153,7 +170,7 @@ def score(
     """Headline metrics and per-class scores for predicted class probabilities.
 
     The headline dict holds accuracy with its 95% Wilson interval (accuracy_ci_low/high),
-    balanced_accuracy, macro_f1, weighted_f1, top_3_accuracy (only with five or more classes, where
+    balanced_accuracy, macro_f1 (over `scored_labels`), weighted_f1, top_3_accuracy (only with five or more classes, where
     it says more than accuracy does), roc_auc_ovr (omitted when fewer than two classes are in the
     test split), expected_calibration_error, test_images and chance_accuracy (the majority class's
     share, what always guessing it would score). Probabilities are renormalised per row first.
@@ -172,7 +189,7 @@ def score(
         "accuracy_ci_low": low,
         "accuracy_ci_high": high,
         "balanced_accuracy": _balanced_accuracy(y_true, y_pred),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=scored_labels(y_true, y_pred), average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
     }
     if len(classes) >= 5:

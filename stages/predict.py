@@ -27,7 +27,7 @@ import numpy as np
 
 from stages import tracking
 from stages.errors import UserError, run_stage
-from stages.layouts import IMAGE_SUFFIXES
+from stages.layouts import IMAGE_SUFFIXES, not_an_image
 
 BATCH = 64
 
@@ -85,30 +85,35 @@ def load(uri: str, scratch: Path) -> LoadedModel:
 
 
 def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
-    """The files to classify (named files as given; folders searched for image suffixes), one
-    message per path that does not exist or folder with no images, and the other files found in
-    the folders (left out: not images by their suffix)."""
+    """The files to classify (named files as given; folders searched for image files, by name as
+    validate judges them), each once, one message per path that does not exist or folder with no
+    images, and the other files found in the folders (left out: hidden, or not an image suffix)."""
     files, problems, left_out = [], [], []
     for path in paths:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file())
-            images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+            images = [p for p in found if not not_an_image(p.name)]
             if not images:
                 problems.append(f"{path}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
             files.extend(images)
-            left_out.extend(p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES)
+            left_out.extend(p for p in found if not_an_image(p.name))
         elif path.is_file():
             files.append(path)
         else:
             problems.append(f"{path}: no such file or folder")
-    return files, problems, left_out
+    unique, seen = [], set()
+    for file in files:  # a file named and also in a folder given, or in two folders given
+        if file.resolve() not in seen:
+            seen.add(file.resolve())
+            unique.append(file)
+    return unique, problems, left_out
 
 
 def left_out_note(left_out: list[Path], shown: int = 3) -> str:
     """One line naming the files of the folders given that were not classified."""
     names = ", ".join(str(p) for p in left_out[:shown]) + (f" and {len(left_out) - shown} more" if len(left_out) > shown else "")
     return (f"predict: left out {len(left_out)} file{'s' if len(left_out) > 1 else ''} of the folders given, not "
-            f"images by their suffix ({', '.join(IMAGE_SUFFIXES)}): {names}; name a file to try it anyway")
+            f"images by their name (hidden, or a suffix other than {', '.join(IMAGE_SUFFIXES)}): {names}; name a file to try it anyway")
 
 
 def decode(path: Path, size: int, channels: int) -> np.ndarray:

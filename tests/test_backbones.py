@@ -455,6 +455,20 @@ def test_an_efficientnet_package_model_reloads_in_a_fresh_process_on_tensorflow_
     )
 
 
+@pytest.mark.parametrize("damage", ["empty", "truncated", "missing"])
+def test_a_damaged_model_file_is_one_line_naming_it(keras, tmp_path, damage):
+    path = tmp_path / "model.keras"
+    if damage != "missing":
+        build(small_backbone("cnn")).save(path)
+        path.write_bytes(b"" if damage == "empty" else path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError) as raised:
+        backbones.load_saved_model(path, "evaluate@toy-cnn")
+    assert str(raised.value) == (
+        f"evaluate@toy-cnn: {path} is not a Keras model file (missing, empty or cut short); restore it "
+        "(dvc checkout) or train again"
+    )
+
+
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 

@@ -49,6 +49,28 @@ def test_perfect_predictions_score_one_and_are_well_calibrated() -> None:
     assert per_class["a"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 4}
 
 
+def test_a_class_with_no_test_images_counts_in_macro_f1_only_when_it_is_predicted() -> None:
+    """Never in the test split and never predicted: nothing to score, left out of the macro
+    average (as balanced accuracy leaves it out); predicted, it counts, with precision 0."""
+    from sklearn.metrics import f1_score
+
+    from stages.metrics import classification_report_dict
+
+    y = np.array([0, 0, 1, 1])
+    metrics, per_class = score(y, confident(y, 3), ["a", "b", "c"])
+    assert metrics["macro_f1"] == metrics["balanced_accuracy"] == 1.0
+    assert per_class["c"]["support"] == 0
+    report = classification_report_dict(y, y, ["a", "b", "c"])
+    assert report["c"]["support"] == 0 and report["macro avg"]["f1-score"] == 1.0
+
+    predicted = np.array([0, 2, 1, 1])
+    metrics, _ = score(y, confident(predicted, 3), ["a", "b", "c"])
+    assert metrics["macro_f1"] == pytest.approx(f1_score(y, predicted, average="macro", zero_division=0))
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    report = classification_report_dict(y, predicted, ["a", "b", "c"])
+    assert report["macro avg"]["f1-score"] == pytest.approx(metrics["macro_f1"])
+
+
 def test_wilson_interval_known_values_and_width_shrinks_with_more_images() -> None:
     assert wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
     assert wilson_interval(0, 0) == (0.0, 1.0)

@@ -60,6 +60,19 @@ def test_named_files_are_kept_as_given_even_without_an_image_suffix(tmp_path: Pa
     assert problems == [] and left_out == []
 
 
+def test_hidden_files_are_left_out_and_each_image_is_classified_once(tmp_path: Path) -> None:
+    """As validate: `._b.png` (macOS's metadata beside b.png) is not an image. A file named and
+    also inside a folder given is classified once."""
+    folder = tmp_path / "photos"
+    image = write_png(folder / "b.png")
+    (folder / "._b.png").write_bytes(b"\0\5\26\7 AppleDouble")
+
+    files, problems, left_out = image_files([image, folder, folder / ".." / "photos" / "b.png"])
+
+    assert files == [image]
+    assert problems == [] and left_out == [folder / "._b.png"]
+
+
 def test_missing_path_and_empty_folder_are_reported_with_their_paths(tmp_path: Path) -> None:
     """A path that does not exist and a folder with no images each give one message naming it;
     the rest are still listed."""
@@ -258,7 +271,8 @@ def test_main_names_the_files_of_a_folder_it_left_out(
     [line] = captured.out.splitlines()
     assert line.startswith(f"{folder / 'black.png'}\ta\t"), line  # black is "a"
     err = captured.err.strip().splitlines()
-    assert err[0].startswith("predict: left out 4 files of the folders given, not images by their suffix (.png, ")
+    assert err[0].startswith("predict: left out 4 files of the folders given, not images by their name (hidden, or a "
+                             "suffix other than .png, ")
     assert err[0].endswith(f"{folder / 'a.txt'}, {folder / 'b.csv'}, {folder / 'c.json'} and 1 more; name a file to try it anyway")
     assert err[1] == "predict: 1 of 1 files classified with models:/toy/1"
 
