@@ -518,4 +518,4 @@ def _uses_efficientnet_package(path: Any) -> bool:
         with zipfile.ZipFile(path) as archive:
             return b'"module": "efficientnet.' in archive.read("config.json")
     except (OSError, KeyError, zipfile.BadZipFile):
-        return False  # not a .keras archive: keras.saving.load_model says what is wrong with it
+        return False  # no config.json: keras.saving.load_model says what is wrong with the file
