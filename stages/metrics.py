@@ -171,9 +171,10 @@ def score(
 
     The headline dict holds accuracy with its 95% Wilson interval (accuracy_ci_low/high),
     balanced_accuracy, macro_f1 (over `scored_labels`), weighted_f1, top_3_accuracy (only with
-    five or more classes, where it says more than accuracy does), roc_auc_ovr (omitted when fewer than two classes are in the
-    test split), expected_calibration_error, test_images and chance_accuracy (the majority class's
-    share, what always guessing it would score). Probabilities are renormalised per row first.
+    five or more classes, where it says more than accuracy does), roc_auc_ovr (omitted when fewer
+    than two classes are in the test split), expected_calibration_error, test_images and
+    chance_accuracy (the majority class's share, what always guessing it would score).
+    Probabilities are renormalised per row first.
     """
     from sklearn.metrics import f1_score, top_k_accuracy_score
 
