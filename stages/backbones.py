@@ -311,7 +311,7 @@ def build_model(
     inputs = keras.Input((image_size, image_size, channels), dtype="uint8", name="image")
     # Everything before the base computes in float32 (INPUT_DTYPE), whatever the dtype policy.
     x = layers.Rescaling(1.0, dtype=INPUT_DTYPE, name="to_float")(inputs)
-    augment = augmentations.augmentation_layers(augmentation, seed)
+    augment = augmentations.augmentation_layers(augmentation, seed, dtype=INPUT_DTYPE)
     if augment is not None:
         x = augment(x)
     if size != image_size:
@@ -396,14 +396,20 @@ def unfreeze_top(model: Any, count: int) -> int:
     InferenceMode), so their statistics stay those of the pretrained weights.
     Returns the number of base layers left trainable that hold weights.
     """
-    from keras import layers
-
     base = base_of(model)
     base.trainable = True
-    chosen = base.layers if count == 0 else base.layers[-count:]
+    chosen = tuned_layers(base, count)
     for layer in base.layers:
-        layer.trainable = layer in chosen and not isinstance(layer, layers.BatchNormalization)
+        layer.trainable = layer in chosen
     return sum(1 for layer in base.layers if layer.trainable and layer.weights)
+
+
+def tuned_layers(base: Any, count: int) -> list[Any]:
+    """The layers of `base` that phase 2 trains: its top `count` (all when 0) but BatchNormalization."""
+    from keras import layers
+
+    chosen = base.layers if count == 0 else base.layers[-count:]
+    return [layer for layer in chosen if not isinstance(layer, layers.BatchNormalization)]
 
 
 def preprocessing_layer(mode: Preprocessing) -> Any:

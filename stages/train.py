@@ -552,7 +552,7 @@ def _train(
 def _check_plan(experiment: Experiment, phases: list[Phase], base: Any, train_images: int) -> None:
     """Fail before training, not after phase 1, on a phase 2 that cannot be what params ask; say
     what params set that does not apply."""
-    import keras
+    from stages.backbones import tuned_layers
 
     training = experiment.training
     name = f"train@{experiment.name}"
@@ -573,12 +573,11 @@ def _check_plan(experiment: Experiment, phases: list[Phase], base: Any, train_im
                 f"{name}: {key}: {phase.unfreeze} is more than the {len(layers)} layers of {experiment.backbone.model}'s "
                 f"base; use at most {len(layers)}, or 0 for all of them"
             )
-        top = layers[-phase.unfreeze :]
-        if not any(layer.weights and not isinstance(layer, keras.layers.BatchNormalization) for layer in top):
+        if not any(layer.weights for layer in tuned_layers(base, phase.unfreeze)):
             raise UserError(
                 f"{name}: {key}: the top {phase.unfreeze} layers of {experiment.backbone.model}'s base "
-                f"({', '.join(layer.name for layer in top)}) have no weights to train (BatchNormalization stays "
-                "frozen); unfreeze more"
+                f"({', '.join(layer.name for layer in layers[-phase.unfreeze:])}) have no weights to train "
+                "(BatchNormalization stays frozen); unfreeze more"
             )
 
 
