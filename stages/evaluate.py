@@ -81,6 +81,8 @@ def evaluate(
     from stages.loader import array_batches, keras_input
 
     runtime.keep_tensorflow_out()
+    import keras
+
     model_file = model_dir / "model.keras"
     model = load_saved_model(model_file, f"evaluate@{experiment.name}")
     x_test, y_test = np.asarray(data.x["test"]), data.y["test"]
@@ -93,6 +95,9 @@ def evaluate(
         f"latency_ms_batch{size}": round(scoring.measure_latency(model.predict_on_batch, x_test, size), 4)
         for size in LATENCY_BATCHES
     }
+    # Latency depends on the backend and device as much as on the model: say which timed it.
+    device = runtime.accelerator()
+    latency["latency_measured_on"] = f"{keras.backend.backend()} on {'cpu' if device.kind == 'cpu' else device.name}"
     size = scoring.model_size(model_file, training_record["parameters"])
     train_counts = np.bincount(data.y["train"], minlength=len(data.classes))
     chosen = scoring.selection_metric(train_counts, experiment.dataset.metric)
@@ -200,6 +205,7 @@ def log_evaluation(
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
     client.log_dict(run_id, training_record["config"], "config.json")
     client.set_tag(run_id, "selection_metric", record["selection_metric"])
+    client.set_tag(run_id, "latency_measured_on", record["latency_measured_on"])
     client.set_tag(run_id, "evaluated", "true")
     return register_model(
         experiment, run_id, record, model, model_file, example, num_classes, classes,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 # Refuse decompression bombs (a 30,000 x 30,000 image is 900 MP) before they are decoded.
 MAX_PIXELS = 12_000 * 12_000
@@ -45,6 +45,8 @@ def check_image(path: Path) -> ImageCheck:
                 if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # turned a quarter
                     width, height = height, width
                 image.load()
+                if mode not in ("RGB", "L"):  # prove the conversion load_image will make works
+                    _to_mode(image, "RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return ImageCheck(None, None, None, f"too large: {_without_path(error, path)}")
     except (OSError, SyntaxError, ValueError) as error:
@@ -95,11 +97,19 @@ def _to_mode(image: Image.Image, target: str) -> Image.Image:
         image = Image.fromarray(_to_8_bits(np.asarray(image, dtype=np.float64), image.mode), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
+    if image.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+        image = image.convert("LA")
+    if image.mode == "LAB":  # CIELAB (a TIFF's photometric 8): Pillow converts it through a profile
+        image = ImageCms.applyTransform(image, _lab_to_srgb())
     if image.mode in ("RGBA", "LA"):
         # Transparent pixels become white, the usual background of icons and scans.
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert(target)
+
+
+def _lab_to_srgb() -> ImageCms.ImageCmsTransform:
+    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
 
 
 def _to_8_bits(array: np.ndarray, mode: str) -> np.ndarray:

@@ -49,6 +49,7 @@ COLUMNS = [
     "train_seconds",
     "train_images_per_second",
     "latency_ms_batch1",
+    "latency_measured_on",
     "parameters",
     "size_mb",
 ]
@@ -78,6 +79,7 @@ def to_markdown(table: pd.DataFrame, suite: str, description: str, rank_by: str)
     def number(value: object, spec: str) -> str:
         return "" if value is None or pd.isna(value) else format(value, spec)
 
+    timed_on = sorted({str(value) for value in table["latency_measured_on"] if value is not None and not pd.isna(value)})
     lines = [
         f"# Leaderboard: {suite}",
         "",
@@ -86,7 +88,9 @@ def to_markdown(table: pd.DataFrame, suite: str, description: str, rank_by: str)
         "the 95% Wilson interval of our accuracy: a small test split gives a wide one. Course and "
         "published figures are test accuracy as reported (empty where unknown); the differences are "
         f"ours minus theirs. The champion is the registry's `{CHAMPION}` version for the dataset, chosen "
-        "by the dataset's selection metric.",
+        "by the dataset's selection metric. ms/image is the latency at batch 1"
+        + (f", timed with {' and '.join(timed_on)}" if timed_on else "")
+        + (": compare it only between rows timed with the same." if len(timed_on) > 1 else "."),
         "",
         "| dataset | backbone | accuracy | 95% interval | balanced acc. | macro F1 | course | published "
         "| vs course | vs published | champion | test images | epochs | train s | train img/s | ms/image | parameters | MB |",

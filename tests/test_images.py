@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.images import MAX_PIXELS, check_image, load_image
+from stages.images import MAX_PIXELS, ImageCheck, check_image, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,15 @@ def test_cmyk_jpeg_loads_as_rgb(tmp_path: Path) -> None:
     assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
     red, green, blue = pixels.reshape(-1, 3).mean(axis=0)
     assert red > 200 and green < 60 and blue < 60
+
+
+def test_a_cielab_tiff_loads_as_its_colour(tmp_path: Path) -> None:
+    # L*=53, a*=80, b*=67 is sRGB red; Pillow's LAB mode stores L* x 2.55 and a*, b* + 128.
+    Image.new("LAB", (16, 16), (135, 208, 195)).save(tmp_path / "lab.tif")
+    assert check_image(tmp_path / "lab.tif") == ImageCheck(16, 16, "LAB", "")
+    red, green, blue = load_image(tmp_path / "lab.tif", 8, 3).reshape(-1, 3).mean(axis=0)
+    assert red > 230 and green < 30 and blue < 30
+    assert abs(int(load_image(tmp_path / "lab.tif", 8, 1)[0, 0, 0]) - 76) <= 3  # red's luma: 0.299 x 255
 
 
 def test_sixteen_bit_png_keeps_its_brightness(tmp_path: Path) -> None:

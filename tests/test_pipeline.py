@@ -115,6 +115,7 @@ def test_demo_outputs_are_where_the_readme_says(project: tuple[Path, dict[str, s
         assert metrics["accuracy_ci_low"] < metrics["accuracy"] < metrics["accuracy_ci_high"]
         assert metrics["selection_metric"] == "accuracy"  # digits' classes are balanced
         assert metrics["latency_ms_batch1"] > 0 and metrics["latency_ms_batch64"] > 0 and metrics["size_mb"] > 0
+        assert metrics["latency_measured_on"] == "tensorflow on cpu"
         assert 0 <= metrics["expected_calibration_error"] <= 1 and metrics["top_3_accuracy"] >= metrics["accuracy"]
     assert (copy / "reports/leaderboard/demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((copy / "reports/validation/digits/summary.json").read_text())
@@ -134,6 +135,7 @@ def test_demo_runs_are_in_mlflow_with_params_and_metrics(project: tuple[Path, di
         assert run.data.params["backbone"] == name
         assert "training.epochs" in run.data.params
         assert run.data.tags["suite"] == "demo"
+        assert run.data.tags["latency_measured_on"] == record["latency_measured_on"]
         assert run.data.metrics["test_accuracy"] == pytest.approx(record["accuracy"], abs=1e-6)
         assert "val_accuracy" in run.data.metrics
         assert run.data.metrics["test_images"] == record["test_images"] and not any(
@@ -235,7 +237,7 @@ def test_the_demo_runs_end_to_end_on_the_jax_backend(tmp_path: Path) -> None:
         record = json.loads((tmp_path / f"models/digits/{backbone}/training.json").read_text())
         assert record["keras_backend"] == "jax" and record["dtype_policy"] == "float32"
     cnn = json.loads((tmp_path / "reports/metrics/demo/digits/small_cnn.json").read_text())
-    assert cnn["accuracy"] >= 0.9 and cnn["epochs_run"] == 8
+    assert cnn["accuracy"] >= 0.9 and cnn["epochs_run"] == 8 and cnn["latency_measured_on"] == "jax on cpu"
     board = (tmp_path / "reports/leaderboard/demo.md").read_text()
     assert "| digits | small_cnn |" in board and "| digits | mobilenetv2 |" in board
     load = (

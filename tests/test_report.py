@@ -227,6 +227,7 @@ def record(dataset: str, backbone: str, accuracy: float, **extra: object) -> dic
         "train_seconds": 19.98,
         "train_images_per_second": 1420.5,
         "latency_ms_batch1": 2.4203,
+        "latency_measured_on": "tensorflow on cpu",
         "parameters": 197482,
         "size_mb": 2.455,
         **extra,
@@ -291,6 +292,22 @@ def test_markdown_formats_interval_differences_and_champion() -> None:
     assert cifar["champion"] == "yes (v4, by balanced accuracy)"
     assert small["train img/s"] == "1,420" and small["parameters"] == "197,482" and small["MB"] == "2.5"
     assert small["ms/image"] == "2.42" and small["train s"] == "20.0" and small["test images"] == "291"
+
+
+def test_markdown_says_where_latency_was_timed_and_warns_when_rows_differ() -> None:
+    one = to_markdown(leaderboard([record("digits", "small_cnn", 0.97)], "accuracy"), "demo", "", "accuracy")
+    assert "ms/image is the latency at batch 1, timed with tensorflow on cpu." in one
+    mixed = [
+        record("digits", "small_cnn", 0.97),
+        record("digits", "mobilenetv2", 0.91, latency_measured_on="jax on NVIDIA H100 80GB HBM3"),
+    ]
+    markdown = to_markdown(leaderboard(mixed, "accuracy"), "demo", "", "accuracy")
+    assert ("timed with jax on NVIDIA H100 80GB HBM3 and tensorflow on cpu: compare it only between rows timed "
+            "with the same.") in markdown
+    # A metrics file from before the field was recorded names no backend.
+    older = record("digits", "small_cnn", 0.97)
+    del older["latency_measured_on"]
+    assert "ms/image is the latency at batch 1.\n" in to_markdown(leaderboard([older], "accuracy"), "demo", "", "accuracy")
 
 
 # --------------------------------------------------------------------------------------------
