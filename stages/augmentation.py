@@ -1,8 +1,8 @@
 """Augmentation inside the model: Keras layers that run in training only, on any backend.
 
 A dataset's `augmentation` (params.yaml) becomes a `keras.Sequential` named `augmentation` at the
-front of its models: RandomFlip, then one RandomAffine for rotation, zoom and translation
-together, then RandomContrast.
+front of its models: RandomFlip (two, horizontal then vertical, for `horizontal_and_vertical`),
+then one RandomAffine for rotation, zoom and translation together, then RandomContrast.
 
 Why one RandomAffine rather than Keras's RandomRotation, RandomZoom and RandomTranslation: each of
 those resamples the whole batch (on JAX through a three-dimensional `map_coordinates` that reads
@@ -24,6 +24,8 @@ import math
 from typing import Any
 
 _CLASSES: dict[str, type] = {}
+FLIP_SEED = 200  # offsets from the model's seed; RandomAffine takes the seed itself
+CONTRAST_SEED = 202
 
 
 def augmentation_layers(augmentation: Any, seed: int, dtype: str = "float32") -> Any | None:
@@ -34,8 +36,16 @@ def augmentation_layers(augmentation: Any, seed: int, dtype: str = "float32") ->
     from keras import layers
 
     steps = []
-    if augmentation.flip != "none":
-        steps.append(layers.RandomFlip(augmentation.flip, seed=seed, dtype=dtype, name="flip"))
+    # Each layer draws from a seed of its own (beside the model's dropout seeds, seed + 1..99 and
+    # seed + 100..): two layers on one seed draw the same numbers, and an image's flip would decide
+    # its rotation and its contrast.
+    if augmentation.flip == "horizontal_and_vertical":
+        # Keras's RandomFlip("horizontal_and_vertical") draws once per image for both axes: it only
+        # leaves an image or turns it 180 degrees, never mirrors it. Two layers flip independently.
+        steps.append(layers.RandomFlip("horizontal", seed=seed + FLIP_SEED, dtype=dtype, name="flip"))
+        steps.append(layers.RandomFlip("vertical", seed=seed + FLIP_SEED + 1, dtype=dtype, name="flip_vertical"))
+    elif augmentation.flip != "none":
+        steps.append(layers.RandomFlip(augmentation.flip, seed=seed + FLIP_SEED, dtype=dtype, name="flip"))
     if augmentation.rotation or augmentation.zoom or augmentation.translation:
         steps.append(
             layer_classes()["RandomAffine"](
@@ -44,7 +54,11 @@ def augmentation_layers(augmentation: Any, seed: int, dtype: str = "float32") ->
             )
         )
     if augmentation.contrast:
-        steps.append(layers.RandomContrast(augmentation.contrast, value_range=(0, 255), seed=seed, dtype=dtype, name="contrast"))
+        # Both bounds given: Keras reads a single number c as the range [1, 1 + c], never lowering contrast.
+        factor = (augmentation.contrast, augmentation.contrast)
+        steps.append(
+            layers.RandomContrast(factor, value_range=(0, 255), seed=seed + CONTRAST_SEED, dtype=dtype, name="contrast")
+        )
     return keras.Sequential(steps, name="augmentation") if steps else None
 
 

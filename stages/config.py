@@ -300,7 +300,8 @@ def _check_references(params: Params, source: str) -> None:
             ("rotation", augment.rotation, "0 to 180 (degrees)", 0 <= augment.rotation <= 180),
             ("zoom", augment.zoom, "0 or more, below 1", 0 <= augment.zoom < 1),
             ("translation", augment.translation, "0 or more, below 1 (a fraction of the side)", 0 <= augment.translation < 1),
-            ("contrast", augment.contrast, "0 or more", augment.contrast >= 0),
+            ("contrast", augment.contrast, "0 to 1 (a fraction: factors from 1 - contrast to 1 + contrast)",
+             0 <= augment.contrast <= 1),
         ):
             if not within:
                 raise ConfigError(f"{source}: datasets.{name}.augmentation.{key}: {value} is out of range; use {allowed}")

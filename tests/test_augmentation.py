@@ -118,6 +118,33 @@ def test_impossible_ranges_are_refused(keras, settings):
         random_affine(**settings)
 
 
+def augment(keras, images, seed=0, **settings):
+    layers = augmentation.augmentation_layers(Augmentation(**settings), seed=seed)
+    return keras.ops.convert_to_numpy(layers(keras.ops.convert_to_tensor(images), training=True))
+
+
+def test_horizontal_and_vertical_flips_each_axis_on_its_own(keras):
+    """Each of the four outcomes, about a quarter each: not only unchanged and turned 180 degrees
+    (what Keras's RandomFlip("horizontal_and_vertical") does alone)."""
+    corners = np.tile(np.array([[0, 1], [2, 3]], dtype="float32")[None, :, :, None], (800, 1, 1, 1))
+    outcomes = augment(keras, corners, flip="horizontal_and_vertical").reshape(800, 4).round().astype(int)
+    seen = {tuple(row): count for row, count in zip(*np.unique(outcomes, axis=0, return_counts=True))}
+    assert set(seen) == {(0, 1, 2, 3), (1, 0, 3, 2), (2, 3, 0, 1), (3, 2, 1, 0)}
+    assert min(seen.values()) > 140, seen
+
+
+def test_contrast_lowers_and_raises_and_does_not_follow_the_flip(keras):
+    """contrast: 0.5 draws factors from 0.5 to 1.5, and the flip layer's draw does not decide them
+    (on one seed they would: a flipped image always had the lower half of the range)."""
+    ramp = np.tile(np.linspace(100, 156, 8, dtype="float32")[None, None, :, None], (600, 8, 1, 1))
+    out = augment(keras, ramp, seed=3, flip="horizontal", contrast=0.5)
+    slope = (out[:, :, -1, 0] - out[:, :, 0, 0]).mean(axis=1) / 56  # the contrast factor; negative when flipped
+    factor, flipped = np.abs(slope), slope < 0
+    assert factor.min() < 0.6 and factor.max() > 1.4
+    assert 0.4 < flipped.mean() < 0.6
+    assert abs(np.corrcoef(flipped, factor)[0, 1]) < 0.15
+
+
 def test_a_model_with_random_affine_compiles_with_xla_trains_saves_and_loads_in_safe_mode(keras, tmp_path: Path):
     """Keras's RandomRotation/Zoom/Translation turn XLA off for their model; RandomAffine does not.
     The model trains one XLA step, and a saved copy loads (safe mode) with the same layer and

@@ -208,6 +208,10 @@ MISTAKES = {
         set_key(["datasets", "digits", "augmentation", "rotation"], -5),
         ["datasets.digits.augmentation.rotation: -5", "0 to 180 (degrees)"],
     ),
+    "contrast beyond what Keras can draw": (
+        set_key(["datasets", "digits", "augmentation", "contrast"], 1.5),
+        ["datasets.digits.augmentation.contrast: 1.5 is out of range", "0 to 1"],
+    ),
     "no epochs": (
         set_key(["training", "epochs"], 0),
         ["training.epochs: 0 is out of range", "1 or more"],
