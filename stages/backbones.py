@@ -77,15 +77,29 @@ def list_backbones() -> list[str]:
 
 
 CNN_OPTIONS = ("filters", "convs_per_block", "batch_norm", "dropout")
+# The options a pretrained family takes from params: only MobileNetV2's width multiplier. The rest
+# of its factory's arguments are the pipeline's: the input shape, the weights, no top (the head is
+# ours), and the preprocessing, applied by the model's own layer before the base.
+APPLICATION_OPTIONS = {"mobilenetv2": ("alpha",)}
+PIPELINE_ARGUMENTS = ("include_top", "weights", "input_tensor", "input_shape", "pooling", "classes",
+                      "classifier_activation", "include_preprocessing", "name")
 
 
 def options_problem(model: str, options: dict[str, Any]) -> tuple[str, str] | None:
-    """What is wrong with a registry model's `options`, as (option, problem), or None.
-
-    The custom CNN's options are ours and checked here; the keras.applications families pass
-    theirs to Keras, which names a wrong one itself when the model is built.
-    """
+    """What is wrong with a registry model's `options`, as (option, problem), or None. Every
+    model's option names are checked here, and the values of ours (the custom CNN's, and
+    MobileNetV2's alpha), before Keras sees them."""
     if model != "cnn":
+        allowed = APPLICATION_OPTIONS.get(model, ())
+        for option in sorted(options):
+            if option in PIPELINE_ARGUMENTS:
+                return option, "is set by the pipeline, not an option; remove it"
+            if option not in allowed:
+                valid = f"valid: {', '.join(allowed)}" if allowed else f"{model} takes no options"
+                return option, f"unknown option; {valid}"
+        alpha = options.get("alpha", 1.0)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 4:
+            return "alpha", f"{alpha!r} is not a width multiplier (a number above 0, e.g. 0.35 to 1.4)"
         return None
     unknown = sorted(set(options) - set(CNN_OPTIONS))
     if unknown:
@@ -301,6 +315,9 @@ def build_model(
         raise UserError(f"backbone {backbone.model}: input_size {size} is below its minimum {spec.min_input_size}")
     if backbone.weights and not spec.pretrained:
         raise UserError(f"backbone {backbone.model}: has no pretrained weights; set weights: null")
+    problem = options_problem(backbone.model, dict(backbone.options))
+    if problem:  # params.yaml's options are checked when it is read; this is for other callers
+        raise UserError(f"backbone {backbone.model}: options.{problem[0]}: {problem[1]}")
     if backbone.weights and not weights_file:
         raise UserError(
             f"backbone {backbone.model}: weights: {backbone.weights} needs the pinned weights file; "

@@ -20,6 +20,7 @@ import difflib
 import math
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -248,11 +249,27 @@ class Params:
 # Loading.
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    silently, and DVC refuses the file later in a dozen lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}: it is given twice in one mapping; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise ConfigError with one line on any problem."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the repository root or pass --params") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -388,7 +405,17 @@ def _check_backbone(backbone: BackboneConfig, where: str, overridden: set[str], 
         return f"{where if name in overridden or not inherited else inherited}.{name}"
 
     head = backbone.head
-    smallest = backbones.get_backbone(backbone.model).min_input_size
+    spec = backbones.get_backbone(backbone.model)
+    if backbone.weights and not spec.pretrained:
+        raise ConfigError(f"{source}: {key('weights')}: {backbone.model} has no pretrained weights; set weights: null")
+    if backbone.weights_url is not None:
+        parts = urllib.parse.urlsplit(backbone.weights_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(
+                f"{source}: {key('weights_url')}: {backbone.weights_url!r} is not an http(s) URL; for a file "
+                f"you have, set the URL it came from and put the file where the weights stage says"
+            )
+    smallest = spec.min_input_size
     if backbone.input_size is not None and backbone.input_size < smallest:
         raise ConfigError(
             f"{source}: {key('input_size')}: {backbone.input_size} is out of range; use {smallest} or more "

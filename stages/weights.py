@@ -27,7 +27,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from stages.backbones import get_backbone
 from stages.config import ConfigError, load_params
@@ -208,10 +207,7 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
     )
     key = f"{params_path}: {where}"
     pinned = _pinned_sha256(backbone.weights_sha256, f"{key}.weights_sha256")
-    if backbone.weights_url:
-        parts = urlsplit(backbone.weights_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"{key}.weights_url: {backbone.weights_url!r} is not an http(s) URL")
+    if backbone.weights_url:  # an http(s) URL: load_params checked it
         if pinned is None:
             raise ConfigError(
                 f"{key}.weights_sha256: required with weights_url; pin the file's checksum "

@@ -245,9 +245,11 @@ def test_unknown_cnn_option_is_a_user_error(keras):
 
 
 def test_bad_application_option_is_a_user_error(keras):
-    """An option the keras.applications factory does not take is a UserError, not a TypeError."""
-    with pytest.raises(UserError, match="bad options"):
+    """An option the family does not take is a UserError naming the valid ones, not a TypeError."""
+    with pytest.raises(UserError, match="backbone mobilenetv2: options.alpah: unknown option; valid: alpha"):
         build(small_backbone("mobilenetv2", options={"alpah": 0.35}))
+    with pytest.raises(UserError, match="backbone resnet50v2: options.pooling: is set by the pipeline"):
+        build(small_backbone("resnet50v2", options={"pooling": "max"}))
 
 
 # --------------------------------------------------------------------------------------------

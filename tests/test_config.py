@@ -293,6 +293,30 @@ MISTAKES = {
         set_key(["experiments", "digits-small_cnn", "backbone_overrides"], {"options": {"convs_per_block": 0}}),
         ["experiments.digits-small_cnn.backbone_overrides.options.convs_per_block: 0 is not a whole number"],
     ),
+    "a pretrained family's option misspelt": (
+        set_key(["experiments", "digits-mobilenetv2", "backbone_overrides", "options"], {"alpah": 0.35}),
+        ["experiments.digits-mobilenetv2.backbone_overrides.options.alpah: unknown option; valid: alpha"],
+    ),
+    "an option the pipeline sets": (
+        set_key(["backbones", "mobilenetv2", "options"], {"include_top": True}),
+        ["backbones.mobilenetv2.options.include_top: is set by the pipeline, not an option; remove it"],
+    ),
+    "an option for a family that takes none": (
+        set_key(["backbones", "efficientnetb0", "options"], {"alpha": 0.5}),
+        ["backbones.efficientnetb0.options.alpha: unknown option; efficientnetb0 takes no options"],
+    ),
+    "a width multiplier that is not one": (
+        set_key(["experiments", "digits-mobilenetv2", "backbone_overrides", "options"], {"alpha": 0}),
+        ["experiments.digits-mobilenetv2.backbone_overrides.options.alpha: 0 is not a width multiplier"],
+    ),
+    "imagenet weights for the custom cnn": (
+        set_key(["experiments", "digits-small_cnn", "backbone_overrides"], {"weights": "imagenet"}),
+        ["experiments.digits-small_cnn.backbone_overrides.weights: cnn has no pretrained weights; set weights: null"],
+    ),
+    "a weights_url that is a local file": (
+        set_key(["backbones", "mobilenetv2", "weights_url"], "file:///tmp/w.h5"),
+        ["backbones.mobilenetv2.weights_url: 'file:///tmp/w.h5' is not an http(s) URL", "where the weights stage says"],
+    ),
 }
 
 
@@ -401,6 +425,20 @@ def test_invalid_yaml_is_one_line_with_file_and_line(tmp_path):
     assert "\n" not in message
     assert message.startswith(f"{path}: line ")
     assert "not valid YAML" in message
+
+
+def test_a_key_given_twice_is_one_line_naming_it(tmp_path):
+    """PyYAML keeps the last of two equal keys silently (and a stage would train with it); DVC
+    refuses the file in a dozen lines. load_params names the key and its line."""
+    path = tmp_path / "params.yaml"
+    path.write_text("training:\n  epochs: 5\n  seed: 1\n  epochs: 50\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: line 4: not valid YAML (duplicate key 'epochs'")
 
 
 def test_missing_file_is_one_line_naming_it(tmp_path):
