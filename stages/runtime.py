@@ -66,6 +66,26 @@ def jit_compile(setting: str) -> bool | str:
     return {"auto": "auto", "on": True, "off": False}[setting]
 
 
+def xla_refused(model: Any) -> str | None:
+    """Why Keras would compile `model` without XLA although asked to (it warns only that the model
+    "doesn't support" it), or None when it would compile it."""
+    import keras
+    from keras.src.trainers.trainer import model_supports_jit
+
+    if model_supports_jit(model):
+        return None
+    unsupported = [layer.name for layer in model._flatten_layers() if not layer.supports_jit]
+    if unsupported:
+        return f"Keras does not compile layer {unsupported[0]} with XLA"
+    if keras.backend.backend() == "tensorflow":
+        from tensorflow.python.framework.config import is_op_determinism_enabled
+
+        if is_op_determinism_enabled():
+            return ("TensorFlow's op determinism, on for every CPU run so that a resumed run ends with the "
+                    "same weights, excludes XLA")
+    return "Keras does not compile this model with XLA on this platform"
+
+
 def keep_tensorflow_out() -> None:
     """On a backend other than TensorFlow, stop Keras importing TensorFlow behind our back.
 

@@ -418,6 +418,9 @@ def _train(
             sample_weight = class_weights(data.y["train"], len(data.classes))[data.y["train"]]
         workers = 4 if device.kind == "gpu" else 1
         jit = runtime.jit_compile(training.jit_compile)
+        if jit is True and (refused := runtime.xla_refused(model)):
+            print(f"train@{experiment.name}: {experiment.training_key('jit_compile')} on is not applied: {refused}")
+            jit = False
 
         def static(model: Any) -> list[Any]:
             # A frozen base runs in inference mode: what it does not train cannot change.

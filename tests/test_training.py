@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -697,16 +698,26 @@ def test_a_phase_two_that_cannot_unfreeze_what_it_asks_fails_before_training(
 
 
 def test_training_says_which_params_do_not_apply(tmp_path: Path, tracking: str, capsys) -> None:
-    """An inherited phase 2 on a base trained from scratch, a batch larger than the training set."""
+    """An inherited phase 2 on a base trained from scratch, a batch larger than the training set,
+    and XLA asked for where Keras would not use it (TensorFlow on a CPU, deterministic)."""
+    import keras
+
     params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 1, "batch_size": 5000})
     content = yaml.safe_load(params.read_text())
-    content["training"] = {"fine_tune": {"epochs": 3}}
+    content["training"] = {"fine_tune": {"epochs": 3}, "jit_compile": "on"}
     params.write_text(yaml.safe_dump(content))
     from stages.train import train as run_train
 
-    record = run_train("toy-net", str(params), write_prepared(tmp_path / "data"), tmp_path / "out")
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        record = run_train("toy-net", str(params), write_prepared(tmp_path / "data"), tmp_path / "out")
 
     said = capsys.readouterr().out
+    if keras.backend.backend() == "tensorflow":
+        assert ("train@toy-net: training.jit_compile on is not applied: TensorFlow's op determinism, on for every "
+                "CPU run so that a resumed run ends with the same weights, excludes XLA") in said
+        assert not any("jit_compile" in str(warning.message) for warning in warned)
+        assert record["phases"][0]["xla"] is False
     assert ("train@toy-net: one phase: training.fine_tune.epochs (phase 2) applies to a pretrained frozen base, "
             "and this one trains from scratch") in said
     assert ("train@toy-net: experiments.toy-net.train.batch_size 5000 is more than the 1257 training images: "
