@@ -95,6 +95,22 @@ def check_splits(rows: pd.DataFrame, classes: list[str], dataset: str) -> None:
         raise UserError(f"split@{dataset}: no training images for classes {', '.join(missing)}")
 
 
+def empty_cells(rows: pd.DataFrame, classes: list[str], dataset: str) -> list[str]:
+    """A line for each class that has no images in val or test: a split by hash is exact only on
+    average, and a class of a few dozen images can draw none. Not an error (a source's own test
+    split may lack a class), but its scores are missing and the split's figures rest on fewer."""
+    counts = pd.crosstab(rows["label"], rows["split"]).reindex(index=classes, columns=list(SPLITS), fill_value=0)
+    notes = []
+    for label, row in counts.iterrows():
+        for split in ("val", "test"):
+            if row[split] == 0:
+                notes.append(
+                    f"split@{dataset}: class {label} has no {split} images ({row['train']} train, {row['val']} val, "
+                    f"{row['test']} test); raise datasets.{dataset}.split.{split}, change its seed, or add images"
+                )
+    return notes
+
+
 def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig) -> dict[str, int]:
     """Decode each image once into memory-mapped uint8 arrays, one pair per split."""
     layout = get_layout(config.layout.kind)
@@ -133,6 +149,8 @@ def split(dataset: str, params_path: str, manifest_path: Path, raw: Path, out: P
     manifest = pd.read_parquet(manifest_path)
     rows = assign_splits(manifest, config.split)
     check_splits(rows, config.classes, dataset)
+    for note in empty_cells(rows, config.classes, dataset):
+        print(note)
     # Write beside the output and rename, so an interrupted split never looks complete.
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -17,7 +17,7 @@ from stages.config import SplitPolicy
 from stages.errors import UserError
 from stages.images import load_image
 from tests.toy import toy_params
-from stages.split import assign_splits, check_splits, split, unit_hash
+from stages.split import assign_splits, check_splits, empty_cells, split, unit_hash
 from stages.validate import COLUMNS, build_manifest
 
 POLICY = SplitPolicy(val=0.15, test=0.15, seed=42)
@@ -247,6 +247,23 @@ def test_check_splits_refuses_a_class_missing_from_train():
     """A class with no training image is a UserError naming the class."""
     with pytest.raises(UserError, match="no training images for classes b"):
         check_splits(rows_with_splits(["train", "val", "test"], ["a", "b", "b"]), ["a", "b"], "toy")
+
+
+def test_a_class_without_val_or_test_images_is_named():
+    """Twelve images a class (as a course folder of a few dozen might hold) at 15% / 15%: some
+    class draws no val or no test image, and each such cell gets its line; a large class none."""
+    small = assign_splits(synthetic_manifest(12), POLICY)
+    counts = pd.crosstab(small["label"], small["split"])
+    holes = [(label, split) for label in TEN_CLASSES for split in ("val", "test") if counts.loc[label].get(split, 0) == 0]
+    assert holes, "this seed leaves a class without val or test images"
+
+    notes = empty_cells(small, TEN_CLASSES, "toy")
+
+    assert len(notes) == len(holes)
+    label, split = holes[0]
+    line = next(note for note in notes if note.startswith(f"split@toy: class {label} has no {split} images"))
+    assert f"{counts.loc[label, 'train']} train" in line and f"raise datasets.toy.split.{split}" in line
+    assert empty_cells(assign_splits(synthetic_manifest(200), POLICY), TEN_CLASSES, "toy") == []
 
 
 def test_empty_train_split_advice_does_not_say_raise_val():
