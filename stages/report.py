@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from stages import tracking
-from stages.config import load_params
+from stages.config import Experiment, load_params
 from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_text_atomic
 
@@ -32,6 +32,7 @@ CHAMPION = "champion"
 COLUMNS = [
     "dataset",
     "backbone",
+    "start",
     "accuracy",
     "accuracy_ci_low",
     "accuracy_ci_high",
@@ -53,6 +54,18 @@ COLUMNS = [
     "parameters",
     "size_mb",
 ]
+
+
+def start(experiment: Experiment) -> str:
+    """What the model started from, for comparing transfer learning with training from scratch:
+    "scratch", "imagenet" (the whole base trained), or "imagenet, frozen" (+ its fine-tune epochs)."""
+    backbone = experiment.backbone
+    if not backbone.weights:
+        return "scratch"
+    if not backbone.freeze:
+        return str(backbone.weights)
+    tune = experiment.training.fine_tune.epochs
+    return f"{backbone.weights}, frozen" + (f" + {tune} fine-tune epochs" if tune else "")
 
 
 def leaderboard(records: list[dict], rank_by: str) -> pd.DataFrame:
@@ -92,14 +105,15 @@ def to_markdown(table: pd.DataFrame, suite: str, description: str, rank_by: str)
         + (f", timed with {' and '.join(timed_on)}" if timed_on else "")
         + (": compare it only between rows timed with the same." if len(timed_on) > 1 else "."),
         "",
-        "| dataset | backbone | accuracy | 95% interval | balanced acc. | macro F1 | course | published "
+        "| dataset | backbone | start | accuracy | 95% interval | balanced acc. | macro F1 | course | published "
         "| vs course | vs published | champion | test images | epochs | train s | train img/s | ms/image | parameters | MB |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in table.itertuples(index=False):
         champion = f"yes (v{row.model_version}, by {row.selection_metric.replace('_', ' ')})" if row.champion else ""
         lines.append(
-            f"| {row.dataset} | {row.backbone} | {percent(row.accuracy)} | "
+            f"| {row.dataset} | {row.backbone} | {'' if row.start is None or pd.isna(row.start) else row.start} | "
+            f"{percent(row.accuracy)} | "
             f"{interval(row.accuracy_ci_low, row.accuracy_ci_high)} | {percent(row.balanced_accuracy)} | "
             f"{percent(row.macro_f1)} | {percent(row.reference_course)} | {percent(row.reference_published)} | "
             f"{signed(row.vs_course)} | {signed(row.vs_published)} | {champion} | {row.test_images} | "
@@ -204,7 +218,7 @@ def report(suite: str, params_path: str, metrics_dir: Path, out: Path) -> pd.Dat
         record = json.loads(path.read_text(encoding="utf-8"))
         if "model_version" not in record or "selection_metric" not in record:
             raise UserError(f"report@{suite}: {path} has no registered model version; re-run evaluate@{name}")
-        records.append({"dataset": spec.dataset, "backbone": spec.backbone, **record})
+        records.append({"dataset": spec.dataset, "backbone": spec.backbone, "start": start(params.experiment(name)), **record})
     if not records:
         raise UserError(f"report@{suite}: the suite has no experiments; add some under experiments: in {params_path}")
     table = leaderboard(records, config.rank_by)

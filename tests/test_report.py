@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from stages import report as report_stage
+from stages.config import load_params
 from stages.errors import UserError
 from stages.report import CHAMPION, Candidate, choose_champion, leaderboard, to_markdown, update_champions
 
@@ -213,6 +214,7 @@ def record(dataset: str, backbone: str, accuracy: float, **extra: object) -> dic
     return {
         "dataset": dataset,
         "backbone": backbone,
+        "start": "scratch",
         "accuracy": accuracy,
         "accuracy_ci_low": accuracy - 0.025,
         "accuracy_ci_high": accuracy + 0.0125,
@@ -265,7 +267,7 @@ def test_markdown_formats_interval_differences_and_champion() -> None:
     and an empty course figure where there is none."""
     records = [
         record("digits", "small_cnn", 0.975945, accuracy_ci_low=0.951188, accuracy_ci_high=0.9883, model_version=2),
-        record("digits", "mobilenetv2", 0.914089, model_version=3),
+        record("digits", "mobilenetv2", 0.914089, model_version=3, start="imagenet, frozen + 5 fine-tune epochs"),
         record("cifar10", "cifar10_cnn", 0.85, reference_course=0.80, reference_published=None, model_version=4,
                selection_metric="balanced_accuracy"),
     ]
@@ -292,6 +294,14 @@ def test_markdown_formats_interval_differences_and_champion() -> None:
     assert cifar["champion"] == "yes (v4, by balanced accuracy)"
     assert small["train img/s"] == "1,420" and small["parameters"] == "197,482" and small["MB"] == "2.5"
     assert small["ms/image"] == "2.42" and small["train s"] == "20.0" and small["test images"] == "291"
+    assert small["start"] == "scratch" and mobile["start"] == "imagenet, frozen + 5 fine-tune epochs"
+
+
+def test_start_says_what_each_course_model_started_from() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert report_stage.start(params.experiment("birds-mobilenetv2")) == "imagenet, frozen + 10 fine-tune epochs"
+    assert report_stage.start(params.experiment("cifar10-cifar10_cnn")) == "scratch"
+    assert report_stage.start(params.experiment("digits-mobilenetv2")) == "scratch"
 
 
 def test_markdown_says_where_latency_was_timed_and_warns_when_rows_differ() -> None:
@@ -350,6 +360,7 @@ def test_report_writes_leaderboard_and_marks_the_champion(
     csv = pd.read_csv(out.with_suffix(".csv"))
     assert list(csv["backbone"]) == ["small_cnn", "mobilenetv2"]
     assert list(csv["champion"]) == [True, False]
+    assert list(csv["start"]) == ["scratch", "scratch"]  # the demo's MobileNetV2 trains from scratch
     assert list(board["champion"]) == [True, False]
     markdown = out.with_suffix(".md").read_text(encoding="utf-8")
     assert f"yes (v{small}, by accuracy)" in markdown
