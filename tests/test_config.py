@@ -413,32 +413,27 @@ def test_float_channels_are_refused_or_made_integers(raw):
 # Files: invalid YAML, a missing file, and the one-line error contract of a stage.
 
 
-def test_invalid_yaml_is_one_line_with_file_and_line(tmp_path):
-    """A YAML syntax error is a one-line ConfigError naming the file and the line."""
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("training:\n  epochs: [1, 2\n", "line 3: not valid YAML ("),
+        # PyYAML keeps the last of two equal keys silently (a stage would train with it); DVC
+        # refuses the file in a dozen lines.
+        ("training:\n  epochs: 5\n  seed: 1\n  epochs: 50\n", "line 4: not valid YAML (duplicate key 'epochs'"),
+    ],
+    ids=["syntax error", "key given twice"],
+)
+def test_invalid_yaml_is_one_line_with_file_and_line(tmp_path, text, said):
+    """A YAML syntax error, or a key given twice, is a one-line ConfigError naming the file and the line."""
     path = tmp_path / "params.yaml"
-    path.write_text("training:\n  epochs: [1, 2\n", encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
 
     with pytest.raises(ConfigError) as caught:
         load_params(path)
 
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith(f"{path}: line ")
-    assert "not valid YAML" in message
-
-
-def test_a_key_given_twice_is_one_line_naming_it(tmp_path):
-    """PyYAML keeps the last of two equal keys silently (and a stage would train with it); DVC
-    refuses the file in a dozen lines. load_params names the key and its line."""
-    path = tmp_path / "params.yaml"
-    path.write_text("training:\n  epochs: 5\n  seed: 1\n  epochs: 50\n", encoding="utf-8")
-
-    with pytest.raises(ConfigError) as caught:
-        load_params(path)
-
-    message = str(caught.value)
-    assert "\n" not in message
-    assert message.startswith(f"{path}: line 4: not valid YAML (duplicate key 'epochs'")
+    assert message.startswith(f"{path}: {said}")
 
 
 def test_missing_file_is_one_line_naming_it(tmp_path):
