@@ -130,10 +130,7 @@ def build_cnn(input_shape: tuple[int, int, int], weights: str | None, options: d
     import keras
     from keras import layers
 
-    problem = options_problem("cnn", options)
-    if problem:  # params.yaml's options are checked when it is read; this is for callers of build
-        raise UserError(f"backbone cnn: options.{problem[0]}: {problem[1]}")
-    inputs = keras.Input(input_shape)
+    inputs = keras.Input(input_shape)  # options are checked by build_model (and when params are read)
     x = inputs
     for block, filters in enumerate(options.get("filters", [32, 64]), start=1):
         for conv in range(1, int(options.get("convs_per_block", 2)) + 1):
