@@ -10,8 +10,9 @@ file is in DVC's cache and the lock holds its md5. Training loads the file by pa
 never through Keras's own download into ~/.keras.
 
 Downloads are kept in `data/downloads/weights/` (or `$CLASSMATRIX_DOWNLOADS/weights/`), outside the
-stage's output, so a rerun needs no network; on a machine without one, put the file there by hand
-(the error names the path). A backbone may name another source, a team's mirror, with
+stage's output, so a rerun needs no network; failing that, a rerun takes the file from the
+project's DVC cache (an earlier run's, or `dvc pull`'s); on a machine with neither and no network,
+put the file there by hand (the error names the path). A backbone may name another source, a team's mirror, with
 `weights_url`, and must then pin its sha256 in `weights_sha256`. A backbone with `weights: null`
 gets a `weights.json` that says so and no file.
 """
@@ -243,7 +244,18 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
             target.unlink()
             digests = None
             removed = f"; the file that was there {problem} and was removed"
+    source = "download cache"
+    if digests is None and (found := _from_dvc_cache(published.filename, expected, experiment.name)):
+        # The file an earlier run of a weights stage put in DVC's cache (`dvc pull` fills it too):
+        # a rerun after any change to the experiment's entry needs no network.
+        copying = target.with_name(target.name + ".copying")
+        copying.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(found, copying)
+        os.replace(copying, target)
+        digests = _digests(target)
+        source = "DVC's cache"
     if digests is None:
+        source = "downloaded"
         try:
             download(url, target, sha256=None, what=stage)
         except UserError as error:
@@ -289,7 +301,65 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
         ),
     }
     _publish(out, record, target)
-    return {**record, "downloaded": downloaded}
+    return {**record, "downloaded": downloaded, "source": source}
+
+
+def _from_dvc_cache(filename: str, expected: dict[str, str], experiment: str) -> Path | None:
+    """A copy of `filename` in the DVC cache of the project in the working directory that passes
+    the same checks as a download, or None. Looked up by the published md5 (DVC's cache is
+    addressed by md5), then through dvc.lock: the weights stages' output folders recorded there,
+    this experiment's first. Without `expected` hashes, dvc.lock (under git) is what vouches for a
+    file, and only files named there are taken; they must still be Keras weights files."""
+    try:
+        from dvc.exceptions import NotDvcRepoError
+        from dvc.repo import Repo
+    except ImportError:  # pragma: no cover - dvc is a dependency of the project
+        return None
+    try:
+        root = Repo.find_root(os.getcwd())
+        with Repo(root) as repo:
+            cache = repo.cache.local
+    except (NotDvcRepoError, OSError):
+        return None
+
+    candidates: list[str] = []
+    if "md5" in expected:
+        candidates.append(expected["md5"])
+    candidates += _locked_md5s(Path(root) / "dvc.lock", filename, f"weights@{experiment}", cache)
+    for md5 in dict.fromkeys(candidates):
+        path = Path(cache.oid_to_path(md5))
+        if not path.is_file():
+            continue
+        digests = _digests(path)
+        if digests["md5"] != md5 or _mismatch(digests, expected):
+            continue  # a corrupt cache entry, or a file the pins do not name
+        if not expected and _not_weights(path):
+            continue
+        return path
+    return None
+
+
+def _locked_md5s(lock: Path, filename: str, stage: str, cache: Any) -> list[str]:
+    """The md5s dvc.lock gives `filename` in the weights stages' output folders, `stage`'s first."""
+    try:
+        import yaml
+
+        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return []
+    names = sorted((name for name in stages if str(name).startswith("weights@")), key=lambda name: name != stage)
+    found: list[str] = []
+    for name in names:
+        for out in (stages[name] or {}).get("outs") or []:
+            folder = str((out or {}).get("md5") or "")
+            if not folder.endswith(".dir"):
+                continue
+            try:
+                listing = json.loads(Path(cache.oid_to_path(folder)).read_text(encoding="utf-8"))
+                found += [entry["md5"] for entry in listing if entry.get("relpath") == filename]
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                continue
+    return found
 
 
 def _pinned_sha256(value: str | None, key: str) -> str | None:
@@ -414,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     if record["weights"] is None:
         print(f"weights@{record['experiment']}: {record['model']} trains from scratch (weights: null); {args.out}")
         return
-    how = "downloaded" if record["downloaded"] else "from the download cache"
+    how = {"downloaded": "downloaded", "DVC's cache": "from DVC's cache"}.get(record["source"], "from the download cache")
     print(
         f"weights@{record['experiment']}: {record['filename']} ({record['bytes']:,} bytes, sha256 "
         f"{record['sha256'][:12]}...) {how}, in {args.out}"

@@ -144,8 +144,10 @@ def closed_port() -> int:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
-    """A fresh download cache and no real waiting between download retries."""
+    """A fresh download cache, no real waiting between download retries, and a working directory
+    that is no DVC project (the stage looks for the file in the working directory's DVC cache)."""
     monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "downloads"))
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(downloads, "BACKOFF_S", 0.01)
     return tmp_path
 
@@ -334,11 +336,12 @@ def test_unreachable_host_says_where_to_put_the_file(tmp_path) -> None:
     """The stage as DVC runs it: one `error:` line naming the cache path, no traceback."""
     url = f"http://127.0.0.1:{closed_port()}/{FILENAME}"
     params = write_params(tmp_path / "params.yaml", weights_url=url, weights_sha256="a" * 64)
-    env = {**os.environ, "CLASSMATRIX_DOWNLOADS": str(tmp_path / "downloads"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "CLASSMATRIX_DOWNLOADS": str(tmp_path / "downloads"), "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "stages.weights", "--experiment", EXPERIMENT, "--out", str(tmp_path / "out"),
          "--params", str(params)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -384,3 +387,95 @@ def test_a_weights_file_changed_after_the_stage_fails_in_one_line(workdir, gener
         weights_path(out)
     file.write_bytes(original)
     assert weights_path(out) == str(file.resolve())
+
+
+# --------------------------------------------------------------------------------------------
+# A rerun offline takes the file from DVC's cache.
+
+
+def dvc_project(root: Path, params: Path) -> dict[str, str]:
+    """A DVC project at `root` with the repository's pipeline and stages/, and `params`; returns
+    the environment its commands run in."""
+    import shutil
+
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(ROOT / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(params, root / "params.yaml")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "CLASSMATRIX_DOWNLOADS": str(root / "data" / "downloads"),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, env=env, check=True)
+    return env
+
+
+def test_a_rerun_offline_takes_the_file_from_dvcs_cache(tmp_path, generated, monkeypatch) -> None:
+    """After `dvc repro weights@...` downloaded the file, a change to the experiment's entry reruns
+    the stage; with the host gone and the download folder emptied, the stage takes the file DVC
+    cached (what `dvc pull` would bring) instead of stopping. A cache copy that is not the file the
+    lock names is not taken."""
+    import shutil
+
+    from stages import weights
+
+    host, _ = generated
+    served = host / FILENAME
+    server = FolderServer(host)
+    project = tmp_path / "project"
+    project.mkdir()
+    params_file = write_params(tmp_path / "params.yaml", weights_url=server.url(FILENAME), weights_sha256=sha256(served))
+    env = dvc_project(project, params_file)
+    stage = f"weights@{EXPERIMENT}"
+    try:
+        first = subprocess.run(["dvc", "repro", stage], cwd=project, env=env, capture_output=True, text=True)
+    finally:
+        server.stop()
+    assert first.returncode == 0, first.stderr
+    assert f"{FILENAME} (" in first.stdout and ") downloaded, in" in first.stdout
+    out = project / "data" / "weights" / EXPERIMENT
+    record = json.loads((out / "weights.json").read_text(encoding="utf-8"))
+
+    shutil.rmtree(project / "data" / "downloads")
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    params["experiments"][EXPERIMENT]["train"] = {"epochs": 3}
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    again = subprocess.run(["dvc", "repro", stage], cwd=project, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"Running stage '{stage}'" in again.stdout and ") from DVC's cache, in" in again.stdout
+    assert json.loads((out / "weights.json").read_text(encoding="utf-8")) == record
+    assert (out / FILENAME).read_bytes() == served.read_bytes()
+    status = subprocess.run(["dvc", "status", stage], cwd=project, env=env, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
+
+    # In-process, in the project: the published file, which no hash vouches for, is taken because
+    # dvc.lock names it; a corrupt cache copy is not, and the stage asks for the file as before.
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(downloads, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(weights, "KERAS", f"http://127.0.0.1:{closed_port()}/")
+    published = write_params(tmp_path / "published.yaml")
+    assert main(["--experiment", EXPERIMENT, "--out", str(tmp_path / "published"), "--params", str(published)]) is None
+    assert (tmp_path / "published" / FILENAME).read_bytes() == served.read_bytes()
+    cached = project / ".dvc" / "cache" / "files" / "md5"
+    copy = cached / record["md5"][:2] / record["md5"][2:]
+    assert copy.is_file()
+    os.chmod(copy, 0o644)
+    copy.write_bytes(served.read_bytes()[:-1])
+    shutil.rmtree(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match=rf"cannot download .*; put that file at .*{FILENAME} and run again$"):
+        main(["--experiment", EXPERIMENT, "--out", str(tmp_path / "published2"), "--params", str(published)])
+
+    # Without dvc.lock, a file whose published md5 is known is found by that md5 (the address of
+    # files in DVC's cache), as after checking out an older commit.
+    copy.write_bytes(served.read_bytes())
+    (project / "dvc.lock").unlink()
+    md5 = hashlib.md5(served.read_bytes()).hexdigest()
+    monkeypatch.setattr(
+        weights, "mobilenetv2_weights",
+        lambda alpha, size: weights.WeightsFile(f"{weights.KERAS}{FILENAME}", FILENAME, md5, "md5"),
+    )
+    main(["--experiment", EXPERIMENT, "--out", str(tmp_path / "published3"), "--params", str(published)])
+    assert (tmp_path / "published3" / FILENAME).read_bytes() == served.read_bytes()
