@@ -100,13 +100,20 @@ def empty_cells(rows: pd.DataFrame, classes: list[str], dataset: str) -> list[st
     average, and a class of a few dozen images can draw none. Not an error (a source's own test
     split may lack a class), but its scores are missing and the split's figures rest on fewer."""
     counts = pd.crosstab(rows["label"], rows["split"]).reindex(index=classes, columns=list(SPLITS), fill_value=0)
+    defined = set(rows["source_split"].dropna())
     notes = []
     for label, row in counts.iterrows():
         for split in ("val", "test"):
             if row[split] == 0:
+                advice = (
+                    # The fractions and the seed do not touch a split the source defines.
+                    f"the source defines the {split} split; add images of {label} to it"
+                    if split in defined
+                    else f"raise datasets.{dataset}.split.{split}, change its seed, or add images"
+                )
                 notes.append(
                     f"split@{dataset}: class {label} has no {split} images ({row['train']} train, {row['val']} val, "
-                    f"{row['test']} test); raise datasets.{dataset}.split.{split}, change its seed, or add images"
+                    f"{row['test']} test); {advice}"
                 )
     return notes
 

@@ -266,6 +266,20 @@ def test_a_class_without_val_or_test_images_is_named():
     assert empty_cells(assign_splits(synthetic_manifest(200), POLICY), TEN_CLASSES, "toy") == []
 
 
+def test_a_class_missing_from_the_sources_own_test_split_gets_advice_that_applies():
+    """The source defines test (a Kaggle train/test layout) without images of one class: the
+    fractions and the seed do not touch that split, so the line does not suggest them."""
+    train = synthetic_manifest(20, ["a", "b"], source_split="train")
+    test = synthetic_manifest(5, ["a"], tag="t", source_split="test")
+    rows = assign_splits(pd.concat([train, test], ignore_index=True), POLICY)
+
+    assert empty_cells(rows, ["a", "b"], "toy") == [
+        f"split@toy: class b has no test images ({(rows[rows.label == 'b'].split == 'train').sum()} train, "
+        f"{(rows[rows.label == 'b'].split == 'val').sum()} val, 0 test); the source defines the test split; "
+        "add images of b to it"
+    ]
+
+
 def test_empty_train_split_advice_does_not_say_raise_val():
     """The advice for an empty train split does not tell the user to raise the val fraction."""
     with pytest.raises(UserError) as caught:
