@@ -510,3 +510,53 @@ def test_extraction_stops_before_the_disk_is_full(tmp_path, monkeypatch):
 
     assert f"expands past the free space on {dest} (1,000 bytes, keeping 1 GiB free)" in str(caught.value)
     assert not (dest / "b.bin").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# What README says about a local folder changed in place, through DVC.
+
+
+def test_a_local_folder_changed_in_place_is_fetched_again_as_the_readme_says(tmp_path):
+    """DVC watches params, not the folder a `local` source names: an image added there leaves the
+    pipeline up to date, and `dvc repro -f -s fetch@<dataset>` then `dvc repro` bring it in,
+    as README.md says."""
+    import subprocess
+    import sys
+
+    from tests.toy import toy_params
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(REPO / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    source = class_folder_dataset(tmp_path / "source")
+    params = toy_params(["a", "b"], source={"kind": "local", "path": str(source)})
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+
+    def dvc(*args: str) -> str:
+        result = subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    def rows() -> int:
+        import pandas as pd
+
+        return len(pd.read_parquet(project / "data/interim/toy/manifest.parquet"))
+
+    dvc("init", "--no-scm", "-q")
+    dvc("repro", "validate@toy")
+    assert rows() == 4
+
+    write_png(source / "a" / "new.png", seed=99)
+    assert "up to date" in dvc("status", "validate@toy")  # the limitation README states
+    dvc("repro", "-f", "-s", "fetch@toy")
+    assert "validate@toy" in dvc("status", "validate@toy")  # its input changed
+    dvc("repro", "validate@toy")
+    assert rows() == 5
+    assert "up to date" in dvc("status", "validate@toy")
