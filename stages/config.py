@@ -331,6 +331,14 @@ def _check_references(params: Params, source: str) -> None:
         ):
             if not within:
                 raise ConfigError(f"{source}: datasets.{name}.augmentation.{key}: {value} is out of range; use {allowed}")
+        for key in ("course", "published"):
+            figure = getattr(dataset.reference, key)
+            if figure is not None and not 0 <= figure <= 1:
+                hint = f"; write {figure / 100:g}, not {figure:g}" if 1 < figure <= 100 else ""
+                raise ConfigError(
+                    f"{source}: datasets.{name}.reference.{key}: {figure:g} is not a fraction from 0 to 1 "
+                    f"(test accuracy){hint}"
+                )
         rules = dataset.validation
         for key, value, allowed, within in (
             ("min_per_class", rules.min_per_class, "0 or more", rules.min_per_class >= 0),

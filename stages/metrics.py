@@ -173,10 +173,11 @@ def score(
     balanced_accuracy, macro_f1 (over `scored_labels`), weighted_f1, top_3_accuracy (only with
     five or more classes, where it says more than accuracy does), roc_auc_ovr (omitted when fewer
     than two classes are in the test split), expected_calibration_error, test_images and
-    chance_accuracy (the majority class's share, what always guessing it would score).
+    chance_accuracy (the no-information rate: the share of the test split's largest class, what
+    always answering that class would score).
     Probabilities are renormalised per row first.
     """
-    from sklearn.metrics import f1_score, top_k_accuracy_score
+    from sklearn.metrics import f1_score
 
     y_true, probabilities = _check(y_true, probabilities, classes)
     if len(y_true) == 0:
@@ -194,7 +195,7 @@ def score(
         "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
     }
     if len(classes) >= 5:
-        metrics["top_3_accuracy"] = float(top_k_accuracy_score(y_true, probabilities, k=3, labels=labels))
+        metrics["top_3_accuracy"] = top_k_accuracy(y_true, probabilities, 3)
     roc_auc = _roc_auc_ovr(y_true, probabilities)
     if roc_auc is not None:
         metrics["roc_auc_ovr"] = roc_auc
@@ -202,6 +203,18 @@ def score(
     metrics["test_images"] = int(len(y_true))
     metrics["chance_accuracy"] = float(np.bincount(y_true, minlength=len(classes)).max() / len(y_true))
     return metrics, per_class_scores(y_true, y_pred, classes)
+
+
+def top_k_accuracy(y_true: np.ndarray, probabilities: np.ndarray, k: int) -> float:
+    """The share of images whose class is among the `k` highest scores, ties broken as argmax
+    breaks them (the lower class index first), so that top-1 is the accuracy and top-k never falls
+    below it. (sklearn's top_k_accuracy_score breaks ties the other way: with all scores equal it
+    gives 0 where argmax is right.)"""
+    rows = np.arange(len(y_true))
+    own = probabilities[rows, y_true][:, None]
+    index = np.arange(probabilities.shape[1])[None, :]
+    ahead = (probabilities > own) | ((probabilities == own) & (index < y_true[:, None]))
+    return float((ahead.sum(axis=1) < k).mean())
 
 
 def most_confident_mistakes(y_true: np.ndarray, probabilities: np.ndarray, n: int = 16) -> np.ndarray:

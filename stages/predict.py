@@ -71,6 +71,12 @@ def load(uri: str, scratch: Path) -> LoadedModel:
         ) from None
     from mlflow.models import Model
 
+    if not (local / "MLmodel").is_file() or not (local / "data" / "model.keras").is_file():
+        # A version whose run's artifacts were deleted (`mlflow gc` after a retrain replaced it).
+        raise UserError(
+            f"cannot load {uri} from {tracking.shown_uri()}: its files are missing from the run's artifacts "
+            "(the run was deleted and purged?); choose another version (--version) or evaluate again (dvc repro)"
+        )
     metadata = Model.load(str(local / "MLmodel")).metadata or {}
     missing = [key for key in ("classes", "image_size", "channels") if key not in metadata]
     if missing:

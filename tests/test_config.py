@@ -212,6 +212,14 @@ MISTAKES = {
         set_key(["datasets", "digits", "augmentation", "contrast"], 1.5),
         ["datasets.digits.augmentation.contrast: 1.5 is out of range", "0 to 1"],
     ),
+    "a reference figure as a percentage": (
+        set_key(["datasets", "digits", "reference"], {"course": 79, "published": 0.9}),
+        ["datasets.digits.reference.course: 79 is not a fraction from 0 to 1", "write 0.79, not 79"],
+    ),
+    "a negative reference figure": (
+        set_key(["datasets", "digits", "reference"], {"published": -0.2}),
+        ["datasets.digits.reference.published: -0.2 is not a fraction from 0 to 1 (test accuracy)"],
+    ),
     "no epochs": (
         set_key(["training", "epochs"], 0),
         ["training.epochs: 0 is out of range", "1 or more"],

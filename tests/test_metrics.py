@@ -104,6 +104,18 @@ def test_top_3_accuracy_only_with_five_classes_or_more() -> None:
     assert "top_3_accuracy" not in four
 
 
+def test_top_3_accuracy_breaks_ties_as_the_prediction_does() -> None:
+    """A model whose scores tie (uniform outputs after divergence): argmax predicts the first
+    class, so where that is right top-3 is right too, and a class tied fourth or later is not."""
+    classes = ["a", "b", "c", "d", "e"]
+    uniform = np.full((5, 5), 0.2)
+    metrics, _ = score(np.arange(5), uniform, classes)
+    assert metrics["accuracy"] == 0.2
+    assert metrics["top_3_accuracy"] == pytest.approx(0.6)  # classes a, b, c: within the first three
+    metrics, _ = score(np.array([0, 0, 0, 0, 1]), uniform, classes)
+    assert metrics["accuracy"] == 0.8 and metrics["top_3_accuracy"] == 1.0
+
+
 def test_roc_auc_matches_sklearn_with_every_class_present() -> None:
     y, probabilities = random_probabilities(40, 4)
     metrics, _ = score(y, probabilities, ["a", "b", "c", "d"])

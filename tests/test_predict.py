@@ -283,3 +283,26 @@ def test_main_rejects_alias_and_version_together(capsys: pytest.CaptureFixture[s
         predict_stage.main(["--dataset", "digits", "--alias", "x", "--version", "2", "a.png"])
     assert exit_info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_version_whose_files_are_gone_is_one_error_line(
+    registry: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A registered version whose run's artifacts were purged (a retrain replaced the run, then
+    `mlflow gc`): one line saying so and what to do, not MLflow's traceback about MLmodel."""
+    experiment = registry.create_experiment("digits", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = registry.create_run(experiment).info.run_id
+    registry.create_registered_model("digits")
+    purged = tmp_path / "artifacts" / run / "artifacts" / "model"
+    purged.mkdir(parents=True)  # the folder is there, its files are not
+    registry.create_model_version("digits", source=purged.as_uri(), run_id=run)
+    image = write_png(tmp_path / "digit.png")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(predict_stage.main, ["--dataset", "digits", "--version", "1", str(image)])
+
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot load models:/digits/1 from {registry.tracking_uri}: its files are missing")
+    assert lines[0].endswith("choose another version (--version) or evaluate again (dvc repro)")
