@@ -155,6 +155,23 @@ def choose_champion(current: Candidate | None, candidates: list[Candidate], data
     return current
 
 
+def _live_runs(client: object, run_ids: set[str]) -> set[str]:
+    """The runs of `run_ids` that are neither deleted nor purged."""
+    from mlflow.exceptions import MlflowException
+
+    live = set()
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)  # type: ignore[attr-defined]
+        except MlflowException as error:
+            if tracking.is_unreachable(error):
+                raise
+            continue  # purged: the run is gone
+        if run.info.lifecycle_stage != "deleted":
+            live.add(run_id)
+    return live
+
+
 def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
     """Move each dataset's `champion` alias where a better version exists; returns dataset ->
     (selection metric, the champion)."""
@@ -186,10 +203,15 @@ def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
                 f"different data {sorted(data_versions)}; re-run their evaluate stages (dvc repro --force)"
             )
         data_version = data_versions.pop()
-        candidates = [c for c in (_candidate(v, metric) for v in versions) if c is not None]
+        # A version whose run was deleted (a retrain with the same params and data replaces its
+        # run) is no candidate, and gives up the alias: once `mlflow gc` purges the run, its files
+        # are gone and predict could not load it.
+        live = _live_runs(client, {v.run_id for v in versions if v.run_id})
+        alive = [v for v in versions if not v.run_id or v.run_id in live]
+        candidates = [c for c in (_candidate(v, metric) for v in alive) if c is not None]
         try:
             holder = client.get_model_version_by_alias(dataset, CHAMPION)
-            current = _candidate(holder, metric)
+            current = _candidate(holder, metric) if not holder.run_id or holder.run_id in live else None
         except MlflowException as error:
             if tracking.is_unreachable(error):
                 raise

@@ -92,6 +92,7 @@ def register(
     balanced_accuracy: float | None = None,
     data_version: str = DATA,
     experiment: str = "digits-small_cnn",
+    run_id: str | None = None,
 ) -> int:
     """A new version of `digits` tagged the way evaluate tags one; returns its number."""
     balanced = accuracy if balanced_accuracy is None else balanced_accuracy
@@ -103,7 +104,7 @@ def register(
         "experiment": experiment,
     }
     source = Path(client.tracking_uri.removeprefix("sqlite:///")).parent / "m"
-    version = client.create_model_version("digits", source=str(source), run_id=None, tags=tags)
+    version = client.create_model_version("digits", source=str(source), run_id=run_id, tags=tags)
     return int(version.version)
 
 
@@ -153,6 +154,29 @@ def test_equal_score_keeps_the_current_champion(registry: MlflowClient) -> None:
     update_champions(table([register(registry, 0.95)]))
     update_champions(table([register(registry, 0.95)]))
     assert champion(registry) == 1
+
+
+def test_a_version_whose_run_was_deleted_gives_up_the_alias(registry: MlflowClient) -> None:
+    """A forced retrain with the same params and data deletes the old run and registers the new
+    model, which only ties the old one's score: the alias leaves the version of the deleted run
+    (its files go with the run at `mlflow gc`), and such a version is never chosen."""
+    experiment = registry.create_experiment("digits")
+    old_run = registry.create_run(experiment).info.run_id
+    update_champions(table([register(registry, 0.95, run_id=old_run)]))
+    assert champion(registry) == 1
+
+    registry.delete_run(old_run)
+    new_run = registry.create_run(experiment).info.run_id
+    retrained = register(registry, 0.95, run_id=new_run)
+    metric, chosen = update_champions(table([retrained]))["digits"]
+    assert champion(registry) == retrained == 2 and chosen.version == 2
+
+    # A better version whose run is deleted is not chosen either.
+    gone = registry.create_run(experiment).info.run_id
+    register(registry, 0.99, run_id=gone)
+    registry.delete_run(gone)
+    update_champions(table([retrained]))
+    assert champion(registry) == 2
 
 
 def test_selection_metric_column_decides_the_champion(registry: MlflowClient) -> None:
