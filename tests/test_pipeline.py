@@ -167,6 +167,20 @@ def test_models_are_registered_and_the_report_names_the_champion(project: tuple[
     path, label, confidence = predicted.stdout.strip().split("\t")
     assert (path, label) == (str(image), "4") and 0 < float(confidence) <= 1
 
+    # MLflow's own loader, as README shows it: the champion's probabilities are the model file's.
+    script = (
+        "import sys, json, numpy as np, mlflow\n"
+        "from stages.backbones import custom_layers, load_saved_model\n"
+        "custom_layers()\n"
+        "x = np.load('data/processed/digits/test_x.npy')[:8]\n"
+        "ours = np.asarray(load_saved_model(sys.argv[1], 'test').predict(x, verbose=0))\n"
+        "theirs = np.asarray(mlflow.pyfunc.load_model('models:/digits@champion').predict(x))\n"
+        "print(json.dumps({'shape': list(theirs.shape), 'difference': float(np.abs(ours - theirs).max())}))\n"
+    )
+    loaded = run([sys.executable, "-c", script, str(copy / f"models/digits/{best}/model.keras")], copy, env)
+    result = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [8, 10] and result["difference"] < 1e-5
+
 
 def test_dvc_plots_render_the_evaluation_offline(project: tuple[Path, dict[str, str]]) -> None:
     """`python -m stages.plots show` (dvc plots show with an offline page) includes every figure
