@@ -50,6 +50,11 @@ MISTAKES_SHOWN = 16
 LATENCY_BATCHES = (1, 64)
 # Tags on each registered version: what the report stage compares when it picks a champion.
 VERSION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+# Numbers of the metrics record that the test split did not measure: logged under their own names.
+NOT_TEST_METRICS = frozenset({
+    "train_imbalance_ratio", "parameters", "size_mb", "epochs_run", "train_seconds", "train_images_per_second",
+    "reference_course", "reference_published",
+})
 
 
 def file_sha256(path: Path) -> str:
@@ -146,13 +151,11 @@ def evaluate(
         "server answers to log it"
     )
     with tracking.unavailable("log the evaluation", consequence):
-        record["model_version"] = log_evaluation(
+        log_evaluation(
             experiment, training_record, record, model, model_file, x_test[:1], probabilities.shape[1],
-            data.classes, [metrics_path, predictions_path, *sorted(figures.glob("*.png")),
-                           evaluation / "classification_report.json", evaluation / "per_class.csv"],
+            data.classes, metrics_path, [predictions_path, *sorted(figures.glob("*.png")),
+                                         evaluation / "classification_report.json", evaluation / "per_class.csv"],
         )
-    # The registry version this evaluation describes, for the report stage's champion.
-    write_json_atomic(metrics_path, record)
     return record
 
 
@@ -178,9 +181,10 @@ def write_figures(
 
 def log_evaluation(
     experiment: Experiment, training_record: dict, record: dict, model: Any, model_file: Path,
-    example: np.ndarray, num_classes: int, classes: list[str], files: list[Path],
+    example: np.ndarray, num_classes: int, classes: list[str], metrics_path: Path, files: list[Path],
 ) -> int:
-    """Log the test metrics, files and model into training's run; returns the registered version."""
+    """Log the test metrics, files and model into training's run and register the model; the
+    version goes into `record` and the metrics file, which is logged last, with it. Returns it."""
     from mlflow.entities import Metric
 
     mlflow = tracking.mlflow_client()
@@ -199,7 +203,9 @@ def log_evaluation(
         )
     timestamp = int(pd.Timestamp.now("UTC").timestamp() * 1000)
     numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    names = {k: k if k.startswith("test_") else f"test_{k}" for k in numbers}  # test_images, not test_test_images
+    # What the test split measured is test_<name> (test_images, not test_test_images); what
+    # describes the model, its training or the references keeps its own name.
+    names = {k: k if k.startswith("test_") or k in NOT_TEST_METRICS else f"test_{k}" for k in numbers}
     client.log_batch(run_id, metrics=[Metric(names[k], float(v), timestamp, 0) for k, v in numbers.items()])
     for path in files:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
@@ -207,10 +213,15 @@ def log_evaluation(
     client.set_tag(run_id, "selection_metric", record["selection_metric"])
     client.set_tag(run_id, "latency_measured_on", record["latency_measured_on"])
     client.set_tag(run_id, "evaluated", "true")
-    return register_model(
+    version = register_model(
         experiment, run_id, record, model, model_file, example, num_classes, classes,
         str(training_record.get("data_version", "")),
     )
+    # The registry version this evaluation describes, for the report stage's champion.
+    record["model_version"] = version
+    write_json_atomic(metrics_path, record)
+    client.log_artifact(run_id, str(metrics_path), artifact_path="evaluation")
+    return version
 
 
 def register_model(

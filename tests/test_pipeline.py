@@ -140,6 +140,13 @@ def test_demo_runs_are_in_mlflow_with_params_and_metrics(project: tuple[Path, di
         assert "val_accuracy" in run.data.metrics
         assert run.data.metrics["test_images"] == record["test_images"] and not any(
             key.startswith("test_test_") for key in run.data.metrics)
+        # What the test split did not measure keeps its own name.
+        assert run.data.metrics["train_seconds"] == record["train_seconds"]
+        assert run.data.metrics["parameters"] == record["parameters"]
+        assert not {"test_train_seconds", "test_parameters", "test_size_mb", "test_epochs_run"} & set(run.data.metrics)
+        # The metrics file logged with the run is the final one, with the registered version.
+        logged = copy / "mlartifacts/digits" / run.info.run_id / f"artifacts/evaluation/{name}.json"
+        assert json.loads(logged.read_text()) == record and "model_version" in record
         assert {"mlflow.source.git.commit", "dvc.data_hash", "params_hash"} <= set(run.data.tags)
         # Artifacts beside the database, as the README says, not in a folder named by MLflow's default.
         assert run.info.artifact_uri == (copy / "mlartifacts/digits" / run.info.run_id / "artifacts").as_uri()

@@ -91,7 +91,7 @@ def test_demo_runs_are_on_the_server_with_tags_metrics_and_artifacts(served: tup
         metrics = {m["key"]: m["value"] for m in remote["data"]["metrics"]}
         assert metrics["test_accuracy"] == pytest.approx(record["accuracy"], abs=1e-6)
         assert metrics["test_accuracy_ci_low"] < metrics["test_accuracy"] < metrics["test_accuracy_ci_high"]
-        for key in ("test_expected_calibration_error", "test_latency_ms_batch1", "test_size_mb", "test_top_3_accuracy"):
+        for key in ("test_expected_calibration_error", "test_latency_ms_batch1", "size_mb", "test_top_3_accuracy"):
             assert key in metrics
         history = api(server, "metrics/get-history", run_id=training["run_id"], metric_key="val_accuracy")["metrics"]
         assert sorted(m["step"] for m in history) == list(range(training["epochs_run"]))
