@@ -35,7 +35,9 @@ def accelerator() -> Accelerator:
         import torch
 
         if torch.cuda.is_available():
-            return Accelerator("gpu", torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported())
+            # Compute capability 8 (Ampere) or later, as for the other backends: torch's own
+            # is_bf16_supported() also says yes where bfloat16 is only emulated (T4, V100).
+            return Accelerator("gpu", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)[0] >= 8)
     elif backend == "tensorflow":
         import tensorflow as tf
 

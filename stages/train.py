@@ -311,6 +311,16 @@ class RunLog:
         return run_id
 
 
+def build_before_fit(model: Any, batches: Any) -> None:
+    """Build the compiled loss and metrics (and the optimizer) of a just-compiled `model` from the
+    shapes of `batches[0]`. Left to fit, Keras takes that first batch from the loader's queue, and
+    with worker threads (the GPU path) on JAX and PyTorch the epoch then trains it last: the first
+    epoch after each compile, a resumed run's included, would not train in the order that
+    (seed, epoch) gives, and a resumed run would not end with the uninterrupted run's weights.
+    `_symbolic_build` is what fit itself calls (keras 3.15.1, pinned); nothing is computed."""
+    model._symbolic_build(data_batch=batches[0])
+
+
 def train(
     experiment_name: str,
     params_path: str,
@@ -471,6 +481,7 @@ def _train(
                 _assign(model.variables, arrays, "model", "model")
                 _assign(fit_model.optimizer.variables, arrays, "optimizer", "optimizer state")
             arrays = {}
+            build_before_fit(fit_model, batches)
             if not best:
                 best = model.get_weights()
             while not state.done and state.phase_epoch < phase.epochs:

@@ -21,7 +21,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # As test_training.py defines them: the killed-and-resumed stage; feature caching on MobileNetV2
 # and on EfficientNetB0 (whose blocks hold dropout); the pinned weights loaded into the base; phase
-# 2 (the top of the base unfrozen, BatchNormalization frozen); a run killed in phase 2 resuming.
+# 2 (the top of the base unfrozen, BatchNormalization frozen); a run killed in phase 2 resuming;
+# the order of the first epoch after a compile with loader workers (the GPU path).
 TESTS = [
     "test_a_killed_train_stage_resumes_and_ends_with_the_uninterrupted_weights",
     "test_feature_caching_trains_the_same_model_as_running_the_frozen_base[pretrained]",
@@ -29,6 +30,7 @@ TESTS = [
     "test_the_pinned_weights_are_what_the_base_starts_from",
     "test_phase_two_fine_tunes_the_top_of_the_base_with_batch_normalization_frozen",
     "test_a_frozen_base_is_checkpointed_once_per_phase_and_resumes_to_the_uninterrupted_weights[phase-2-epoch-1]",
+    "test_the_first_epoch_after_compile_trains_in_the_loaders_order_with_workers",
 ]
 
 

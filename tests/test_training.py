@@ -931,3 +931,34 @@ def test_data_parallel_refuses_a_batch_that_does_not_split_and_a_backend_without
         assert result.returncode == 1
         assert "data_parallel needs KERAS_BACKEND tensorflow or jax" in result.stderr
     assert not (tmp_path / "model" / "model.keras").exists()
+
+
+def test_the_first_epoch_after_compile_trains_in_the_loaders_order_with_workers() -> None:
+    """With loader workers (the GPU path), Keras's fit takes the first batch from the queue to
+    build the loss and metrics, and on JAX and PyTorch the epoch then trained it last. Built
+    beforehand (as train does after every compile), every epoch trains in the loader's order."""
+    import keras
+
+    from stages.loader import keras_input
+    from stages.train import build_before_fit
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (8 * 16, 4, 4, 1), dtype=np.uint8)
+    y = rng.integers(0, 2, len(x)).astype("int32")
+    batches = array_batches(x, y, batch_size=16, seed=3, shuffle=True, workers=4)
+    seen: list[int] = []
+
+    class Spy(keras.layers.Layer):
+        def call(self, inputs: Any, training: Any = None) -> Any:
+            if training:
+                seen.append(int(np.asarray(keras.ops.convert_to_numpy(inputs), dtype=np.int64).sum()))
+            return inputs
+
+    model = keras.Sequential([keras.Input((4, 4, 1)), Spy(), keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"], run_eagerly=True)
+    build_before_fit(model, batches)
+    for epoch in range(2):
+        batches.set_epoch(epoch)
+        seen.clear()
+        model.fit(keras_input(batches), initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
+        assert seen == [int(np.asarray(batches[i][0], dtype=np.int64).sum()) for i in range(len(batches))], epoch

@@ -1,0 +1,36 @@
+"""The accelerator and the precision training.mixed_precision gives on it."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.runtime import Accelerator, accelerator, precision_policy
+
+
+@pytest.mark.parametrize(
+    ("name", "capability", "policy"),
+    [("Tesla T4", (7, 5), "mixed_float16"), ("Tesla V100", (7, 0), "mixed_float16"),
+     ("NVIDIA A100", (8, 0), "mixed_bfloat16"), ("NVIDIA H100", (9, 0), "mixed_bfloat16")],
+)
+def test_torch_auto_precision_follows_the_compute_capability(monkeypatch, name, capability, policy) -> None:
+    """mixed_precision: auto on PyTorch gives bfloat16 from Ampere (compute capability 8) on, as on
+    the other backends; before it, float16, although torch.cuda.is_bf16_supported() says yes there
+    (it counts bfloat16 emulated in float32)."""
+    torch = pytest.importorskip("torch")
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+
+    device = accelerator()
+    assert device == Accelerator("gpu", name, capability[0] >= 8)
+    assert precision_policy("auto", device) == policy
+    assert precision_policy("off", device) == "float32"
+    assert precision_policy("float16", device) == "mixed_float16"
+
+
+def test_auto_precision_on_a_cpu_is_float32() -> None:
+    assert precision_policy("auto", Accelerator("cpu", "cpu", False)) == "float32"
