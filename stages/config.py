@@ -394,6 +394,10 @@ def _check_references(params: Params, source: str) -> None:
     del sources, layouts
 
 
+SEED_OFFSETS = 1000  # augmentation.py uses seed + 200..202; backbones.py seed + 1.. and seed + 100..
+MAX_SEED = 2**31 - 1 - SEED_OFFSETS
+
+
 def _check_training(training: TrainingConfig, where: str, overridden: set[str], source: str) -> None:
     """Numbers training needs in range. `overridden`: the dotted keys `where` (an experiment's
     train: block) sets itself; a value it inherits is named under `training.`."""
@@ -402,7 +406,10 @@ def _check_training(training: TrainingConfig, where: str, overridden: set[str], 
         ("epochs", training.epochs, "1 or more", training.epochs >= 1),
         ("batch_size", training.batch_size, "1 or more", training.batch_size >= 1),
         ("learning_rate", training.learning_rate, "a finite number above 0", 0 < training.learning_rate < math.inf),
-        ("seed", training.seed, f"0 to {2**32 - 1}", 0 <= training.seed < 2**32),
+        # Keras holds a layer's seed as a 32-bit integer (int32 on PyTorch), and the layers' seeds
+        # are this one plus up to SEED_OFFSETS (dropout, augmentation).
+        ("seed", training.seed, f"0 to {MAX_SEED} (Keras's seeds are 32-bit, and the layers add up to "
+         f"{SEED_OFFSETS} to it)", 0 <= training.seed <= MAX_SEED),
         ("early_stopping_patience", training.early_stopping_patience, "0 or more", training.early_stopping_patience >= 0),
         ("fine_tune.epochs", tune.epochs, "0 (no phase 2) or more", tune.epochs >= 0),
         ("fine_tune.learning_rate", tune.learning_rate, "a finite number above 0", 0 < tune.learning_rate < math.inf),

@@ -246,7 +246,11 @@ MISTAKES = {
     ),
     "negative seed": (
         set_key(["training", "seed"], -1),
-        ["training.seed: -1 is out of range", "use 0 to 4294967295"],
+        ["training.seed: -1 is out of range", "use 0 to 2147482647"],
+    ),
+    "a seed the layers' seeds would overflow on PyTorch": (
+        set_key(["training", "seed"], 2**31 - 1),
+        ["training.seed: 2147483647 is out of range", "use 0 to 2147482647 (Keras's seeds are 32-bit"],
     ),
     "phase 2 asked of a base trained from scratch": (
         set_key(["experiments", "digits-small_cnn", "train", "fine_tune"], {"epochs": 3}),
