@@ -43,7 +43,7 @@ from stages import tracking
 from stages.config import Experiment, load_params
 from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_json_atomic
-from stages.loader import load_prepared
+from stages.loader import check_prepared, load_prepared
 
 MISTAKES_SHOWN = 16
 # Latency is timed at these batch sizes: one image (interactive use) and a serving batch.
@@ -78,6 +78,8 @@ def evaluate(
     experiment = load_params(params_path).experiment(experiment_name)
     training_record = json.loads((model_dir / "training.json").read_text(encoding="utf-8"))
     data = load_prepared(data_dir, splits=("train", "test"))
+    dataset = experiment.dataset
+    check_prepared(data, data_dir, experiment.dataset_name, dataset.classes, dataset.image_size, dataset.channels)
     if len(data.y["test"]) == 0:
         raise UserError(f"{data_dir}: the test split is empty; check split@{experiment.dataset_name}")
 

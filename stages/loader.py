@@ -54,6 +54,24 @@ def load_prepared(data: Path, splits: tuple[str, ...] = ("train", "val", "test")
     return PreparedData(classes, x, y, digest.hexdigest()[:16])
 
 
+def check_prepared(data: PreparedData, data_dir: Path, dataset: str, classes: list[str], image_size: int, channels: int) -> None:
+    """The prepared arrays are what params.yaml says the dataset is (its classes, working size and
+    channels); else one line says to run its split again. They differ when the stage is run by
+    hand, or with `dvc repro --single-item`, after those params changed."""
+    rerun = f"run split@{dataset} again (dvc repro split@{dataset})"
+    if list(data.classes) != list(classes):
+        raise UserError(
+            f"{data_dir}: prepared for the classes {data.classes}, but datasets.{dataset}.classes lists {classes}; {rerun}"
+        )
+    for split, images in data.x.items():
+        if tuple(images.shape[1:]) != (image_size, image_size, channels):
+            found = "x".join(str(n) for n in images.shape[1:])
+            raise UserError(
+                f"{data_dir}: the {split} images are {found}, but datasets.{dataset}.image_size and channels say "
+                f"{image_size}x{image_size}x{channels}; {rerun}"
+            )
+
+
 def epoch_order(count: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
     """The order of the `count` samples in `epoch`: a function of (seed, epoch) only."""
     if not shuffle:

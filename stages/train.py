@@ -44,7 +44,7 @@ from stages import tracking
 from stages.config import Experiment, load_params
 from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_json_atomic, write_text_atomic
-from stages.loader import PreparedData, load_prepared
+from stages.loader import PreparedData, check_prepared, load_prepared
 
 CHECKPOINT = "checkpoint.npz"
 # Cached features may take this many bytes; beyond it the frozen base runs every epoch.
@@ -348,6 +348,8 @@ def _train(
     experiment = load_params(params_path).experiment(experiment_name)
     training = experiment.training
     data = load_prepared(data_dir)
+    dataset = experiment.dataset
+    check_prepared(data, data_dir, experiment.dataset_name, dataset.classes, dataset.image_size, dataset.channels)
     if len(data.x["train"]) == 0 or len(data.x["val"]) == 0:
         raise UserError(f"{data_dir}: the train or val split is empty; check split@{experiment.dataset_name}")
     weights_file = None

@@ -962,3 +962,33 @@ def test_the_first_epoch_after_compile_trains_in_the_loaders_order_with_workers(
         seen.clear()
         model.fit(keras_input(batches), initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
         assert seen == [int(np.asarray(batches[i][0], dtype=np.int64).sum()) for i in range(len(batches))], epoch
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        ({"image_size": 16}, "the train images are 8x8x1, but datasets.toy.image_size and channels say 16x16x1"),
+        ({"image_size": 8, "channels": 3}, "the train images are 8x8x1, but datasets.toy.image_size and channels say 8x8x3"),
+        ({"image_size": 8, "classes": CLASSES[::-1]}, "prepared for the classes ['0', '1', "),
+    ],
+    ids=["size", "channels", "classes"],
+)
+def test_prepared_data_unlike_params_is_one_line_saying_to_split_again(tmp_path, tracking, dataset, message) -> None:
+    """Train run by hand (or with --single-item) on arrays split before params changed: one line
+    naming the folder and the split to rerun, not a Keras shape error, nor a model with the wrong
+    classes."""
+    from stages.errors import UserError
+    from stages.train import train as run_train
+
+    data = write_prepared(tmp_path / "data")
+    params = toy_params(dataset.pop("classes", CLASSES), **dataset)
+    params["backbones"] = {"net": SMALL_CNN}
+    params["experiments"] = {"toy-net": {"suite": "tests", "dataset": "toy", "backbone": "net", "train": {"epochs": 1}}}
+    params["suites"] = {"tests": {}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError) as error:
+        run_train("toy-net", str(tmp_path / "params.yaml"), data, tmp_path / "out", None)
+    text = str(error.value)
+    assert "\n" not in text and text.startswith(f"{data}: ") and message in text
+    assert text.endswith("run split@toy again (dvc repro split@toy)")
+    assert not (tmp_path / "out").exists()
