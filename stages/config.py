@@ -18,6 +18,7 @@ import dataclasses
 import unicodedata
 import difflib
 import math
+import re
 import types
 import typing
 import urllib.parse
@@ -263,6 +264,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 (which DVC reads params.yaml as) reads 1e-3 as a number; PyYAML (YAML 1.1) as text,
+# wanting 1.0e-3. Read it as DVC does. A quoted '1e-3' stays text.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _load_yaml(text: str) -> Any:

@@ -526,3 +526,18 @@ def test_config_command_checks_the_whole_file(tmp_path, repository_raw):
     assert failed.stderr.splitlines() == [failed.stderr.strip()]
     assert failed.stderr.startswith(
         f"error: {params}: experiments.digits-small_cnn.backbone: unknown backbone 'small_cn' (did you mean 'small_cnn'?)")
+
+
+def test_a_number_written_1e_3_is_read_as_dvc_reads_it(tmp_path, raw):
+    """YAML 1.2, which DVC reads params.yaml as, reads `1e-3` as a number; PyYAML alone would
+    read text and the learning rate would be refused. A quoted '1e-3' is still text."""
+    text = yaml.safe_dump(raw, sort_keys=False).replace(
+        f"learning_rate: {raw['training']['learning_rate']}", "learning_rate: 1e-3", 1
+    )
+    assert "learning_rate: 1e-3" in text
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").training.learning_rate == 0.001
+
+    (tmp_path / "params.yaml").write_text(text.replace("learning_rate: 1e-3", "learning_rate: '1e-3'", 1))
+    with pytest.raises(ConfigError, match="training.learning_rate: expected float, got a string '1e-3'"):
+        load_params(tmp_path / "params.yaml")
