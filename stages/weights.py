@@ -187,7 +187,8 @@ def published_weights(model: str, input_size: int, options: dict[str, Any]) -> W
 
 
 def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str, Any]:
-    """Fill `out` with the experiment's weights file and `weights.json`; return the record."""
+    """Fill `out` with the experiment's weights file and `weights.json`; return the record, with `how`
+    the file was obtained (None without weights)."""
     params = load_params(params_path)
     experiment = params.experiment(experiment_name)
     backbone = experiment.backbone
@@ -195,7 +196,7 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
     if not backbone.weights:
         record: dict[str, Any] = {"experiment": experiment.name, "model": backbone.model, "weights": None}
         _publish(out, record, None)
-        return {**record, "downloaded": False}
+        return {**record, "how": None}
 
     spec = get_backbone(backbone.model)
     size = backbone.input_size or spec.native_input_size or experiment.dataset.image_size
@@ -233,7 +234,6 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
 
     target = download_cache("weights") / published.filename
     removed = ""
-    downloaded = False
     digests: dict[str, str] | None = None
     if target.is_file():
         digests = _digests(target)
@@ -244,7 +244,7 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
             target.unlink()
             digests = None
             removed = f"; the file that was there {problem} and was removed"
-    source = "download cache"
+    how = "from the download cache"
     if digests is None and (found := _from_dvc_cache(published.filename, expected, experiment.name)):
         # The file an earlier run of a weights stage put in DVC's cache (`dvc pull` fills it too):
         # a rerun after any change to the experiment's entry needs no network.
@@ -253,9 +253,9 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
         shutil.copyfile(found, copying)
         os.replace(copying, target)
         digests = _digests(target)
-        source = "DVC's cache"
+        how = "from DVC's cache"
     if digests is None:
-        source = "downloaded"
+        how = "downloaded"
         try:
             download(url, target, sha256=None, what=stage)
         except UserError as error:
@@ -263,7 +263,6 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
                 f"{stage}: cannot download {url} ({_reason(str(error), stage, url)}){removed}; "
                 f"put that file at {target} and run again"
             ) from None
-        downloaded = True
         digests = _digests(target)
         mismatch = _mismatch(digests, expected)
         if not expected and (problem := _not_weights(target)):
@@ -301,7 +300,7 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
         ),
     }
     _publish(out, record, target)
-    return {**record, "downloaded": downloaded, "source": source}
+    return {**record, "how": how}
 
 
 def _from_dvc_cache(filename: str, expected: dict[str, str], experiment: str) -> Path | None:
@@ -484,10 +483,9 @@ def main(argv: list[str] | None = None) -> None:
     if record["weights"] is None:
         print(f"weights@{record['experiment']}: {record['model']} trains from scratch (weights: null); {args.out}")
         return
-    how = {"downloaded": "downloaded", "DVC's cache": "from DVC's cache"}.get(record["source"], "from the download cache")
     print(
         f"weights@{record['experiment']}: {record['filename']} ({record['bytes']:,} bytes, sha256 "
-        f"{record['sha256'][:12]}...) {how}, in {args.out}"
+        f"{record['sha256'][:12]}...) {record['how']}, in {args.out}"
     )
 
 
