@@ -78,8 +78,7 @@ def evaluate(
     experiment = load_params(params_path).experiment(experiment_name)
     training_record = json.loads((model_dir / "training.json").read_text(encoding="utf-8"))
     data = load_prepared(data_dir, splits=("train", "test"))
-    dataset = experiment.dataset
-    check_prepared(data, data_dir, experiment.dataset_name, dataset.classes, dataset.image_size, dataset.channels)
+    check_prepared(data, data_dir, experiment.dataset_name, experiment.dataset)
     if len(data.y["test"]) == 0:
         raise UserError(f"{data_dir}: the test split is empty; check split@{experiment.dataset_name}")
 

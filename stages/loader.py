@@ -54,10 +54,11 @@ def load_prepared(data: Path, splits: tuple[str, ...] = ("train", "val", "test")
     return PreparedData(classes, x, y, digest.hexdigest()[:16])
 
 
-def check_prepared(data: PreparedData, data_dir: Path, dataset: str, classes: list[str], image_size: int, channels: int) -> None:
-    """The prepared arrays are what params.yaml says the dataset is (its classes, working size and
-    channels); else one line says to run its split again. They differ when the stage is run by
-    hand, or with `dvc repro --single-item`, after those params changed."""
+def check_prepared(data: PreparedData, data_dir: Path, dataset: str, config: Any) -> None:
+    """The prepared arrays are what params.yaml says `dataset` is (its DatasetConfig `config`: the
+    classes, working size and channels); else one line says to run its split again. They differ
+    when the stage is run by hand, or with `dvc repro --single-item`, after those params changed."""
+    classes, image_size, channels = config.classes, config.image_size, config.channels
     rerun = f"run split@{dataset} again (dvc repro split@{dataset})"
     if list(data.classes) != list(classes):
         raise UserError(

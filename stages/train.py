@@ -348,8 +348,7 @@ def _train(
     experiment = load_params(params_path).experiment(experiment_name)
     training = experiment.training
     data = load_prepared(data_dir)
-    dataset = experiment.dataset
-    check_prepared(data, data_dir, experiment.dataset_name, dataset.classes, dataset.image_size, dataset.channels)
+    check_prepared(data, data_dir, experiment.dataset_name, experiment.dataset)
     if len(data.x["train"]) == 0 or len(data.x["val"]) == 0:
         raise UserError(f"{data_dir}: the train or val split is empty; check split@{experiment.dataset_name}")
     weights_file = None
