@@ -3,7 +3,9 @@
 Both use Pillow. Every image is decoded to the last pixel when it is checked, so a truncated file
 is caught in validate, not in the middle of training. Images are normalised on load: EXIF rotation
 applied, 16-bit, palette, CMYK and alpha images converted, grayscale and colour adapted to the
-dataset's channel count.
+dataset's channel count. Of a file with several frames (an animated GIF or WebP, a multi-page
+TIFF, a camera's MPO JPEG), the first is the image; the check counts the frames, so that the
+manifest says which files had more.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ImageCheck:
     height: int | None
     mode: str | None
     error: str = ""  # non-empty: the file cannot be used, and why
+    frames: int | None = None  # more than 1: an animation or multi-page file, of which the first is used
 
 
 def check_image(path: Path) -> ImageCheck:
@@ -40,6 +43,7 @@ def check_image(path: Path) -> ImageCheck:
             with Image.open(path) as image:
                 width, height = image.size
                 mode = image.mode
+                frames = int(getattr(image, "n_frames", 1))
                 if width * height > MAX_PIXELS:
                     return ImageCheck(width, height, mode, f"too large: {width}x{height} pixels")
                 if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # turned a quarter
@@ -53,7 +57,7 @@ def check_image(path: Path) -> ImageCheck:
         return ImageCheck(None, None, None, f"undecodable: {_without_path(error, path)}")
     except Exception as error:  # a decoder's own failure on a hostile file is still the file's fault
         return ImageCheck(None, None, None, f"undecodable: {type(error).__name__}: {_without_path(error, path)}")
-    return ImageCheck(width, height, mode, "")
+    return ImageCheck(width, height, mode, "", frames)
 
 
 def _without_path(error: BaseException, path: Path) -> str:
@@ -68,11 +72,12 @@ def check_pixels(pixels: np.ndarray) -> ImageCheck:
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3, 4)):
         return ImageCheck(None, None, None, f"undecodable: pixel array of shape {pixels.shape} and type {pixels.dtype}")
     mode = "L" if pixels.ndim == 2 or pixels.shape[2] == 1 else ("RGB" if pixels.shape[2] == 3 else "RGBA")
-    return ImageCheck(int(pixels.shape[1]), int(pixels.shape[0]), mode, "")
+    return ImageCheck(int(pixels.shape[1]), int(pixels.shape[0]), mode, "", 1)
 
 
 def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decode `path` upright, convert to `channels` (1 or 3) and resize to size x size, uint8."""
+    """Decode `path` upright, convert to `channels` (1 or 3) and resize to size x size, uint8.
+    Of an animated GIF or a multi-page TIFF, the first frame (as Keras's own loaders do)."""
     with Image.open(path) as image:
         return _normalise(ImageOps.exif_transpose(image), size, channels)
 

@@ -32,7 +32,10 @@ from stages.images import check_image, check_pixels
 from stages.layouts import Candidate, get_layout
 from stages.workers import map_ordered
 
+# The rules' columns, plus `frames`: how many an image file holds (the first is used), so that
+# animations and multi-page files are on record.
 COLUMNS = list(expectations.MANIFEST_COLUMNS)
+COLUMNS.insert(COLUMNS.index("mode") + 1, "frames")
 # When identical content sits in several source splits, it is kept in the most held-out one.
 SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, None: 3}
 
@@ -49,6 +52,7 @@ def build_manifest(raw: Path, config: DatasetConfig) -> pd.DataFrame:
     manifest = set_aside_duplicates(manifest)
     manifest["width"] = manifest["width"].astype("Int64")
     manifest["height"] = manifest["height"].astype("Int64")
+    manifest["frames"] = manifest["frames"].astype("Int64")
     manifest["bytes"] = manifest["bytes"].astype("int64")
     return manifest
 
@@ -68,6 +72,7 @@ def _inspect(raw: Path, candidate: Candidate, classes: frozenset[str]) -> dict:
         "width": None,
         "height": None,
         "mode": None,
+        "frames": None,
         # A row of a label file that names no file here has no content to measure.
         "bytes": path.stat().st_size if exists else 0,
         "sha256": _sha256(path) if exists else "",
@@ -80,7 +85,7 @@ def _inspect(raw: Path, candidate: Candidate, classes: frozenset[str]) -> dict:
         row["reason"] = "undecodable: empty file"
         return row
     check = check_image(path)
-    row.update(width=check.width, height=check.height, mode=check.mode)
+    row.update(width=check.width, height=check.height, mode=check.mode, frames=check.frames)
     if check.error:
         row["reason"] = check.error
     elif candidate.label not in classes:
@@ -107,6 +112,7 @@ def _inspect_pixels(candidate: Candidate, classes: frozenset[str]) -> dict:
         "width": check.width,
         "height": check.height,
         "mode": check.mode,
+        "frames": check.frames,
         "bytes": int(pixels.nbytes),
         "sha256": digest,
         "status": "set_aside" if reason else "ok",
@@ -167,7 +173,7 @@ def refused_rows(provenance: Path | None) -> pd.DataFrame:
         refused = json.loads(provenance.read_text(encoding="utf-8")).get("refused", [])
     rows = [
         {"path": f"{REFUSED_PREFIX}{item['entry']}", "label": None, "source_split": None, "group": None,
-         "width": None, "height": None, "mode": None, "bytes": 0, "sha256": "", "status": "set_aside",
+         "width": None, "height": None, "mode": None, "frames": None, "bytes": 0, "sha256": "", "status": "set_aside",
          "reason": f"refused at fetch: {item['reason']}"}
         for item in refused
     ]
@@ -188,6 +194,8 @@ def summarise(manifest: pd.DataFrame, config: DatasetConfig, report: expectation
         "set_aside": int((manifest["status"] != "ok").sum()),
         "set_aside_by_reason": dict(sorted(reasons.items())),
         "per_class": {name: int((ok["label"] == name).sum()) for name in config.classes},
+        # Accepted files with several frames (animations, multi-page files): the first is used.
+        "multi_frame": int((ok["frames"].fillna(1) > 1).sum()),
         # Our rules; the Data Docs page counts the Great Expectations expectations they are made of.
         "rules_passed": int(sum(o.success for o in report.outcomes)),
         "rules_failed": int(sum(not o.success for o in report.outcomes)),
@@ -227,6 +235,12 @@ def validate(
     with atomic_path(summary_path.with_name("set_aside.csv")) as temporary:
         aside.to_csv(temporary, index=False)
     write_json_atomic(docs / "expectations.json", report.to_dict())
+    if summary["multi_frame"]:
+        print(
+            f"validate@{dataset}: note: {summary['multi_frame']} accepted image(s) hold several frames "
+            f"(an animation or a multi-page file); the first frame of each is used; see the manifest's "
+            f"frames column in {manifest_path}"
+        )
     for outcome in report.outcomes:
         if not outcome.success and not outcome.hard:
             print(f"validate@{dataset}: warning: {outcome.name}: {outcome.observed}")

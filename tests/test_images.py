@@ -42,7 +42,7 @@ def test_cmyk_jpeg_loads_as_rgb(tmp_path: Path) -> None:
 def test_a_cielab_tiff_loads_as_its_colour(tmp_path: Path) -> None:
     # L*=53, a*=80, b*=67 is sRGB red; Pillow's LAB mode stores L* x 2.55 and a*, b* + 128.
     Image.new("LAB", (16, 16), (135, 208, 195)).save(tmp_path / "lab.tif")
-    assert check_image(tmp_path / "lab.tif") == ImageCheck(16, 16, "LAB", "")
+    assert check_image(tmp_path / "lab.tif") == ImageCheck(16, 16, "LAB", "", frames=1)
     red, green, blue = load_image(tmp_path / "lab.tif", 8, 3).reshape(-1, 3).mean(axis=0)
     assert red > 230 and green < 30 and blue < 30
     assert abs(int(load_image(tmp_path / "lab.tif", 8, 1)[0, 0, 0]) - 76) <= 3  # red's luma: 0.299 x 255
@@ -126,3 +126,20 @@ def test_a_huge_image_is_refused_before_it_is_decoded(tmp_path: Path, side: int)
     reason, peak_kib = result.stdout.splitlines()
     assert reason.startswith("too large: ") and str(side * side) in reason.replace(",", "")
     assert int(peak_kib) < 400 * 1024  # a decoded 13,000 x 13,000 RGB image alone is 507 MB
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".tiff"])
+def test_an_animation_or_multi_page_file_is_its_first_frame_and_counted(tmp_path: Path, suffix: str) -> None:
+    """An animated GIF or a three-page TIFF: the check counts its frames, the load is frame one."""
+    frames = [Image.new("L", (16, 16), value) for value in (10, 128, 250)]
+    path = tmp_path / f"moving{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+
+    check = check_image(path)
+    loaded = load_image(path, 16, 1)
+
+    assert check.error == "" and check.frames == 3
+    assert int(loaded.min()) == int(loaded.max()) == 10
+    single = tmp_path / f"still{suffix}"
+    frames[1].save(single)
+    assert check_image(single).frames == 1

@@ -285,3 +285,21 @@ def test_unicode_and_spaces_in_names_and_a_class_folder_spelt_decomposed(tmp_pat
     assert (rows["status"] == "ok").all(), rows[["path", "reason"]]
     assert sorted(set(rows["label"])) == sorted(declared)
     assert all((tmp_path / path).is_file() for path in rows["path"])  # on-disk spelling kept
+
+
+def test_validate_counts_and_names_images_with_several_frames(tmp_path, capsys):
+    """An animated GIF is accepted as its first frame, and the manifest, the summary and the
+    stage's output say so: nothing is used partly without a word."""
+    raw = clean_raw(tmp_path / "raw", {"a": 3, "b": 3, "c": 3})
+    frames = [Image.new("L", (8, 8), value) for value in (10, 128, 250)]
+    frames[0].save(raw / "b" / "moving.gif", save_all=True, append_images=frames[1:])
+    params = write_params(tmp_path, validation={"min_per_class": 3, "min_side": 8, "max_side": 8})
+
+    manifest_path, _, _, summary = run_validate(tmp_path, raw, params)
+
+    assert not isinstance(summary, Exception), summary
+    assert summary["multi_frame"] == 1 and summary["accepted"] == 10
+    rows = by_path(pd.read_parquet(manifest_path))
+    assert rows["b/moving.gif"]["status"] == "ok" and rows["b/moving.gif"]["frames"] == 3
+    assert rows["a/0.png"]["frames"] == 1 and pd.isna(rows["README.txt"]["frames"])
+    assert "1 accepted image(s) hold several frames" in capsys.readouterr().out
