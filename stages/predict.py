@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     files, problems, left_out = image_files(args.paths)
     for problem in problems:  # said first: they stand whether or not the model loads
         print(f"error: {problem}", file=sys.stderr)
+    tracking.require_store(f"load the {args.dataset} model")
     with tempfile.TemporaryDirectory(prefix="classmatrix-predict-") as scratch:
         with tracking.unavailable(f"load the {args.dataset} model", "nothing was classified"):
             loaded = load(model_uri(args.dataset, args.alias, args.version, args.run), Path(scratch))

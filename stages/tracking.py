@@ -120,6 +120,18 @@ def mlflow_client() -> Any:
     return mlflow
 
 
+def require_store(what: str) -> None:
+    """For a reader (predict): a SQLite tracking URI must name an existing database. Opening one
+    that is not there would create an empty one, and then say only that the model is missing."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(
+            f"cannot {what}: there is no MLflow database at {uri.removeprefix('sqlite:///')}, so nothing has been "
+            "evaluated here; run dvc repro (evaluate logs and registers the models), or point "
+            "MLFLOW_TRACKING_URI at the tracking server or database that holds them"
+        )
+
+
 # The SQLite databases this process has opened (and so created, if they were new).
 _created: set[str] = set()
 

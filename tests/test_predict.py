@@ -254,7 +254,7 @@ def test_main_with_unknown_alias_exits_1_with_one_error_line(
 
 
 def test_main_names_the_files_of_a_folder_it_left_out(
-    tmp_path: Path, loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    registry: MlflowClient, tmp_path: Path, loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A folder's non-image files are not classified, but said: one line with their count and the
     first three names. Not an error: the exit status stays 0 when every image was classified."""
@@ -306,3 +306,25 @@ def test_a_version_whose_files_are_gone_is_one_error_line(
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"error: cannot load models:/digits/1 from {registry.tracking_uri}: its files are missing")
     assert lines[0].endswith("choose another version (--version) or evaluate again (dvc repro)")
+
+
+def test_with_no_mlflow_database_predict_says_so_and_creates_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a clone where nothing was evaluated, predict is one line naming the missing database
+    and what to run; it does not leave an empty mlflow.db behind."""
+    database = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    image = write_png(tmp_path / "digit.png")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(predict_stage.main, ["--dataset", "digits", str(image)])
+
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"error: cannot load the digits model: there is no MLflow database at {database}, so nothing has been "
+        "evaluated here; run dvc repro (evaluate logs and registers the models), or point MLFLOW_TRACKING_URI "
+        "at the tracking server or database that holds them"
+    ]
+    assert not database.exists()
