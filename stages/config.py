@@ -324,6 +324,11 @@ def _check_references(params: Params, source: str) -> None:
             raise ConfigError(f"{source}: datasets.{name}.classes: class names repeat; list each once")
         if not dataset.classes:
             raise ConfigError(f"{source}: datasets.{name}.classes: list at least one class")
+        if dataset.image_size < 1:
+            raise ConfigError(
+                f"{source}: datasets.{name}.image_size: {dataset.image_size} is out of range; use the side in "
+                "pixels the images are stored at, 1 or more (the course's 32, 48, 224, ...)"
+            )
         policy = dataset.split
         if not (0 <= policy.val < 1 and 0 <= policy.test < 1 and policy.val + policy.test < 1):
             raise ConfigError(

@@ -196,6 +196,10 @@ MISTAKES = {
         set_key(["datasets", "digits", "classes"], [0, 1, 1]),
         ["datasets.digits.classes:", "repeat"],
     ),
+    "an image size of no pixels": (
+        set_key(["datasets", "digits", "image_size"], 0),
+        ["datasets.digits.image_size: 0 is out of range", "1 or more"],
+    ),
     "split fractions summing to one": (
         set_key(["datasets", "digits", "split"], {"val": 0.5, "test": 0.5}),
         ["datasets.digits.split:", "sum below 1"],
