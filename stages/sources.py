@@ -204,9 +204,15 @@ def copy_regular_files(source: Path, dest: Path) -> list[dict[str, str]]:
     holds only real files: a link could point anywhere on this machine, and reading a device
     or a FIFO could block or never end."""
     refused = []
-    for folder, subfolders, files in os.walk(source, followlinks=False):
+
+    def unreadable(error: OSError) -> None:
+        raise UserError(f"{error.filename}: cannot read this folder of the source ({error.strerror}); "
+                        "make it readable, or move it out of the source folder") from None
+
+    for folder, subfolders, files in os.walk(source, followlinks=False, onerror=unreadable):
         here = Path(folder)
-        for name in sorted(subfolders):
+        subfolders.sort()  # walked in name order, so the refused entries are listed the same everywhere
+        for name in subfolders:
             if (here / name).is_symlink():  # os.walk lists a link to a folder here, never enters it
                 refused.append({"entry": (here / name).relative_to(source).as_posix(), "reason": "symbolic link"})
         for name in sorted(files):

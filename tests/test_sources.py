@@ -178,6 +178,39 @@ def test_local_folder_refuses_a_fifo_without_blocking_on_it(tmp_path):
     assert reasons_by_entry(details["refused"]) == {"a/pipe.png": "device, fifo or other special file"}
 
 
+def test_local_folder_lists_its_refused_entries_in_name_order(tmp_path):
+    """The refused entries (and so validate's fetch:: rows) come in name order, whatever order the
+    file system lists the folders in: the same data gives the same manifest on every machine."""
+    source = tmp_path / "source"
+    for name in ("m", "b", "z", "a", "q", "c"):
+        (source / name).mkdir(parents=True)
+        (source / name / "link.png").symlink_to(tmp_path)
+
+    details = get_source("local").fetch(LocalOptions(path=str(source)), tmp_path / "raw", "toy")
+
+    entries = [item["entry"] for item in details["refused"]]
+    assert entries == sorted(entries) and len(entries) == 6
+
+
+def test_an_unreadable_folder_of_a_local_source_is_one_line_not_skipped(tmp_path, monkeypatch):
+    """A subfolder that cannot be listed (permissions) stops the fetch with its name: os.walk
+    would otherwise skip it, and its images would be missing without a word."""
+    import os
+
+    source = class_folder_dataset(tmp_path / "source")
+    real_scandir = os.scandir
+
+    def scandir(path=".", *rest):
+        if Path(path) == source / "b":  # root reads anything, so the refusal is the kernel's answer faked
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path, *rest)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+    with pytest.raises(UserError, match=r"source/b: cannot read this folder of the source \(Permission denied\)"):
+        get_source("local").fetch(LocalOptions(path=str(source)), tmp_path / "raw", "toy")
+
+
 def test_local_non_archive_file_is_refused(tmp_path):
     """A local path that is a plain file, not a folder or archive, is a UserError."""
     plain = tmp_path / "data.csv"
