@@ -2,7 +2,9 @@
 
 Downloaded archives are hostile until proven otherwise: an entry may try to write outside the
 dataset folder (`../x`, `/etc/x`), be a link or a device, or expand to far more than it weighs.
-Such entries are refused and reported, never silently skipped. A zip entry that would expand
+Such entries are refused and reported, never silently skipped; so are entries
+that would overwrite a file already extracted (two entries of one path: the first is kept),
+encrypted entries, and entries compressed in a way Python cannot read (Deflate64). A zip entry that would expand
 past BOMB_MIN_BYTES at more than BOMB_RATIO times its compressed size (a zip bomb's signature;
 images barely compress) is refused before a byte of it is written. Extraction stops once the
 bytes really written would pass a bound: DEFAULT_MAX_BYTES, or the free space on the disk less
@@ -100,6 +102,19 @@ def _check_budget(result: Extraction, size: int, max_bytes: int, archive: Path, 
         )
 
 
+# What zipfile can decompress; Deflate64 (method 9, written by Windows for large zips) and the
+# rest are refused entry by entry, with the method named.
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+ZIP_METHOD_NAMES = {9: "Deflate64", 12: "bzip2", 14: "LZMA", 93: "Zstandard", 95: "xz", 96: "JPEG", 98: "PPMd", 99: "AES"}
+DUPLICATE = "duplicate: an earlier entry has the same path, and it is kept"
+
+
+def _clashes(out: Path) -> bool:
+    """Whether `out` was already written (an earlier entry of the same path, such as `a.png`
+    and `./a.png`, or another archive's file): overwriting it would lose that file unrecorded."""
+    return out.is_file() or out.is_symlink()
+
+
 def _extract_zip(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extraction:
     result = Extraction()
     with zipfile.ZipFile(archive) as handle:
@@ -114,6 +129,18 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extra
                 continue
             if info.is_dir():
                 (dest / target).mkdir(parents=True, exist_ok=True)
+                continue
+            if info.flag_bits & 0x1:
+                _refuse(result, info.filename, "encrypted (the zip needs a password); extract it yourself and "
+                                               "use the folder as a local source")
+                continue
+            if info.compress_type not in ZIP_METHODS:
+                method = ZIP_METHOD_NAMES.get(info.compress_type, "unknown")
+                _refuse(result, info.filename, f"compressed with method {info.compress_type} ({method}), which Python "
+                                               "cannot read; re-pack the archive with standard deflate")
+                continue
+            if _clashes(dest / target):
+                _refuse(result, info.filename, DUPLICATE)
                 continue
             ratio = info.file_size / max(info.compress_size, 1)
             if info.file_size > BOMB_MIN_BYTES and ratio > BOMB_RATIO:
@@ -151,6 +178,9 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extra
                 continue
             if not member.isfile():
                 _refuse(result, member.name, "device, fifo or other special file")
+                continue
+            if _clashes(dest / target):
+                _refuse(result, member.name, DUPLICATE)
                 continue
             _check_budget(result, member.size, max_bytes, archive, bound)
             out = dest / target

@@ -57,6 +57,15 @@ def build_manifest(raw: Path, config: DatasetConfig) -> pd.DataFrame:
     return manifest
 
 
+def shown_name(name: str) -> str:
+    """`name` as text the manifest can hold: bytes of a file name that are not UTF-8 (an old tar's
+    Latin-1 `caf\xe9.png`, which Python reads as surrogates) written as `\xe9`."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+NOT_UTF8 = "unusable name: the file or folder name is not UTF-8; rename it (convmv -f latin1 -t utf8) and fetch again"
+
+
 def _inspect(raw: Path, candidate: Candidate, classes: frozenset[str]) -> dict:
     if candidate.pixels is not None:
         return _inspect_pixels(candidate, classes)
@@ -64,9 +73,12 @@ def _inspect(raw: Path, candidate: Candidate, classes: frozenset[str]) -> dict:
     exists = path.is_file()
     if not exists and not candidate.reason:
         raise UserError(f"{path}: the layout named a file that does not exist (a layout bug); report it")
+    readable_name = shown_name(candidate.path) == candidate.path
+    if candidate.label is not None and shown_name(candidate.label) != candidate.label:
+        readable_name = False
     row = {
-        "path": candidate.path,
-        "label": candidate.label,
+        "path": shown_name(candidate.path),
+        "label": None if candidate.label is None else shown_name(candidate.label),
         "source_split": candidate.source_split,
         "group": candidate.group,
         "width": None,
@@ -79,6 +91,10 @@ def _inspect(raw: Path, candidate: Candidate, classes: frozenset[str]) -> dict:
         "status": "set_aside",
         "reason": candidate.reason,
     }
+    if not readable_name:
+        # Its path could not be written to the manifest, nor found again from it by split.
+        row["reason"] = NOT_UTF8
+        return row
     if candidate.reason:
         return row
     if row["bytes"] == 0:
@@ -171,11 +187,18 @@ def refused_rows(provenance: Path | None) -> pd.DataFrame:
         if not provenance.is_file():
             raise UserError(f"{provenance}: the fetch stage's provenance record is missing; run the fetch stage first")
         refused = json.loads(provenance.read_text(encoding="utf-8")).get("refused", [])
+    # An archive may hold one path twice (both refused): the second is `fetch::<entry> #2`, and so
+    # on, so that manifest paths stay unique.
+    seen: Counter[str] = Counter()
+    names = []
+    for item in refused:
+        seen[item["entry"]] += 1
+        names.append(shown_name(item["entry"]) + (f" #{seen[item['entry']]}" if seen[item["entry"]] > 1 else ""))
     rows = [
-        {"path": f"{REFUSED_PREFIX}{item['entry']}", "label": None, "source_split": None, "group": None,
+        {"path": f"{REFUSED_PREFIX}{name}", "label": None, "source_split": None, "group": None,
          "width": None, "height": None, "mode": None, "frames": None, "bytes": 0, "sha256": "", "status": "set_aside",
          "reason": f"refused at fetch: {item['reason']}"}
-        for item in refused
+        for item, name in zip(refused, names)
     ]
     return pd.DataFrame(rows, columns=COLUMNS)
 

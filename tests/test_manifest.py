@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -303,3 +304,40 @@ def test_validate_counts_and_names_images_with_several_frames(tmp_path, capsys):
     assert rows["b/moving.gif"]["status"] == "ok" and rows["b/moving.gif"]["frames"] == 3
     assert rows["a/0.png"]["frames"] == 1 and pd.isna(rows["README.txt"]["frames"])
     assert "1 accepted image(s) hold several frames" in capsys.readouterr().out
+
+
+def test_a_file_name_that_is_not_utf8_is_set_aside_with_its_name_escaped(tmp_path):
+    """An old tar's Latin-1 names (`café.png` as the byte e9) cannot go into the manifest as
+    they are: the file is set aside, named with the byte escaped, and validate still finishes.
+    Before, Great Expectations failed with a UnicodeEncodeError traceback."""
+    raw = clean_raw(tmp_path / "raw", {"a": 3, "b": 3, "c": 3})
+    latin = os.fsdecode(b"caf\xe9.png")  # as the file system reads it back: with a surrogate
+    write_png(raw / "a" / latin, seed=77)
+    write_png(raw / os.fsdecode(b"cr\xe8me") / "0.png", seed=78)  # a class folder in Latin-1
+    params = write_params(tmp_path, validation={"min_per_class": 3, "min_side": 8, "max_side": 8})
+
+    manifest_path, _, summary_path, summary = run_validate(tmp_path, raw, params)
+
+    assert not isinstance(summary, Exception), summary
+    rows = by_path(pd.read_parquet(manifest_path))
+    assert rows["a/caf\\xe9.png"]["status"] == "set_aside"
+    assert rows["a/caf\\xe9.png"]["reason"].startswith("unusable name: the file or folder name is not UTF-8; rename it")
+    assert rows["cr\\xe8me/0.png"]["label"] == "cr\\xe8me" and rows["cr\\xe8me/0.png"]["status"] == "set_aside"
+    assert summary["set_aside_by_reason"]["unusable name"] == 2
+    assert summary["files"] == summary["accepted"] + summary["set_aside"] == 12
+
+
+def test_refused_entries_of_one_path_get_unique_manifest_rows(tmp_path):
+    """An archive holding `../evil.png` twice: both refused, both on record, paths still unique."""
+    from stages.validate import refused_rows
+
+    provenance = tmp_path / "provenance.json"
+    provenance.write_text(json.dumps({"refused": [
+        {"entry": "../evil.png", "reason": "path outside the dataset folder"},
+        {"entry": "../evil.png", "reason": "path outside the dataset folder"},
+        {"entry": os.fsdecode(b"../caf\xe9.png"), "reason": "path outside the dataset folder"},
+    ]}), encoding="utf-8")
+
+    rows = refused_rows(provenance)
+
+    assert list(rows["path"]) == ["fetch::../evil.png", "fetch::../evil.png #2", "fetch::../caf\\xe9.png"]

@@ -295,6 +295,57 @@ def test_zip_refuses_escaping_paths_and_symlinks_and_keeps_good_entries(tmp_path
     assert files_under(tmp_path / "box") == {"dest/good/one.txt", "dest/good/sub/two.txt"}
 
 
+def test_an_archive_entry_repeating_a_path_is_refused_and_the_first_kept(tmp_path):
+    """Two entries of one path (`a.png`, `./a.png`, `cat//a.png`) would overwrite each other and
+    the lost one would be nowhere on record: each repeat is refused with its reason, zip and tar."""
+    zip_path, tar_path = tmp_path / "twice.zip", tmp_path / "twice.tar"
+    with zipfile.ZipFile(zip_path, "w") as handle:
+        handle.writestr("cat/a.png", b"first")
+        handle.writestr("./cat/a.png", b"second")
+        handle.writestr("cat/b.png", b"other")
+    with tarfile.open(tar_path, "w") as handle:
+        for name, data in (("cat/a.png", b"first"), ("cat//a.png", b"second"), ("./cat/a.png", b"third")):
+            add_tar_member(handle, name, data=data)
+
+    from_zip = archives.extract(zip_path, tmp_path / "z")
+    from_tar = archives.extract(tar_path, tmp_path / "t")
+
+    assert (tmp_path / "z" / "cat" / "a.png").read_bytes() == b"first" == (tmp_path / "t" / "cat" / "a.png").read_bytes()
+    assert from_zip.files == 2 and from_tar.files == 1
+    assert from_zip.refused == [{"entry": "./cat/a.png", "reason": archives.DUPLICATE}]
+    assert from_tar.refused == [{"entry": "cat//a.png", "reason": archives.DUPLICATE},
+                                {"entry": "./cat/a.png", "reason": archives.DUPLICATE}]
+
+
+def test_encrypted_and_deflate64_zip_entries_are_refused_with_what_to_do(tmp_path):
+    """zipfile cannot read an encrypted entry or Deflate64 (what Windows writes for large zips):
+    each such entry is refused with the reason and the remedy, the rest extracted; before, the
+    first of them ended the fetch with a traceback."""
+    archive = tmp_path / "odd.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("cat/plain.png", b"readable")
+        handle.writestr("cat/wide.png", b"pretends to be Deflate64")
+        handle.writestr("cat/locked.png", b"pretends to be encrypted")
+    data = bytearray(archive.read_bytes())
+    # Patch the local and central headers: the method of one entry, the encryption flag of another.
+    for name, field, value in ((b"cat/wide.png", "method", 9), (b"cat/locked.png", "flags", 0x1)):
+        for signature, name_at, flags_at, method_at in ((b"PK\x03\x04", 30, 6, 8), (b"PK\x01\x02", 46, 8, 10)):
+            start = 0
+            while (start := data.find(signature, start)) != -1:
+                if data[start + name_at : start + name_at + len(name)] == name:
+                    at = start + (method_at if field == "method" else flags_at)
+                    data[at : at + 2] = (int.from_bytes(data[at : at + 2], "little") | value).to_bytes(2, "little")
+                start += 4
+    archive.write_bytes(bytes(data))
+
+    result = archives.extract(archive, tmp_path / "out")
+
+    assert files_under(tmp_path / "out") == {"cat/plain.png"}
+    reasons = reasons_by_entry(result.refused)
+    assert reasons["cat/wide.png"].startswith("compressed with method 9 (Deflate64), which Python cannot read")
+    assert reasons["cat/locked.png"].startswith("encrypted (the zip needs a password)")
+
+
 def add_tar_member(handle: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"",
                    linkname: str = "") -> None:
     """Add one member of the given type to an open tar."""
