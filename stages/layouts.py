@@ -31,6 +31,7 @@ import posixpath
 import re
 import string
 import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Literal, Mapping
@@ -252,6 +253,20 @@ def _unreadable(path: Path, error: BaseException, limit: int = 200) -> UserError
     return UserError(f"{path}: cannot be read as a CSV file ({text}); check layout.file in params.yaml")
 
 
+def _too_many_fields(path: Path) -> UserError:
+    """The one-line error naming the first line with more fields than the CSV's header."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        rows = csvmodule.reader(handle)
+        header = len(next(rows))
+        for row in rows:
+            if len(row) > header and any(cell.strip() for cell in row[header:]):
+                return UserError(
+                    f"{path}: line {rows.line_num} has {len(row)} fields, the header {header} (a comma inside an "
+                    "unquoted field?); quote that field or fix the line, then fetch again"
+                )
+    return UserError(f"{path}: a line has more fields than the header; fix it, then fetch again")
+
+
 def read_table(raw: Path, relpath: str) -> Any:
     """A CSV under raw as a pandas DataFrame, every cell as text ("" for an empty cell), column
     names stripped."""
@@ -259,7 +274,16 @@ def read_table(raw: Path, relpath: str) -> Any:
 
     path = _csv_path(raw, relpath)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        with warnings.catch_warnings():
+            # index_col=False: a delimiter ending every line (`a.png,dog,`) is no extra column, not
+            # the row's index shifting every column by one. A row with more fields than the header
+            # would have its extra ones dropped with only a warning: that is an error here.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
+    except pd.errors.ParserWarning:  # the first data line is the long one
+        raise _too_many_fields(path) from None
+    except pd.errors.ParserError as error:  # a later line is
+        raise (_too_many_fields(path) if "fields in line" in str(error) else _unreadable(path, error)) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
         raise _unreadable(path, error) from None
     frame.columns = [str(name).strip() for name in frame.columns]
@@ -387,14 +411,17 @@ def _group_regex(pattern: str) -> re.Pattern | None:
     return regex
 
 
-def _resolve(name: str, base: str, search: list[str], files: set[str]) -> tuple[str | None, list[str]]:
-    """The raw-relative path of the file a row names, looked for in each search folder in turn."""
+def _resolve(name: str, base: str, search: list[str], files: Mapping[str, str]) -> tuple[str | None, list[str]]:
+    """The raw-relative path of the file a row names, looked for in each search folder in turn.
+    `files` maps each file's path, and its NFC form, to the path: a zip made on macOS holds
+    `café.png` decomposed (NFD), while a CSV names it composed."""
     name = name.replace("\\", "/")
     tried = []
     for folder in search:
         path = posixpath.normpath(posixpath.join(base, folder, name))
-        if path in files:
-            return path, tried
+        found = files.get(path) or files.get(unicodedata.normalize("NFC", path))
+        if found:
+            return found, tried
         tried.append(path)
     return None, tried
 
@@ -411,7 +438,8 @@ def csv_layout(options: CsvOptions, raw: Path) -> list[Candidate]:
     if options.group_column and group_regex:
         raise UserError("layout: take the group from layout.group_column or layout.group_pattern, not both")
     files = all_files(raw)
-    file_set = set(files)
+    # Each file by its path, and by its NFC form where that differs (the path itself wins a clash).
+    file_index = {unicodedata.normalize("NFC", f): f for f in files} | {f: f for f in files}
     read = []  # the CSV files this layout reads, as raw-relative paths
     claims: dict[str, list[_Row]] = {}  # existing file -> the rows that name it, in order
     filtered: dict[str, str] = {}  # existing file named only by filtered-out rows -> why
@@ -456,7 +484,7 @@ def csv_layout(options: CsvOptions, raw: Path) -> list[Candidate]:
             if not name:
                 extra.append(row_only(member, f"no file: {csv_name} row {row} has an empty {what}"))
                 continue
-            found, tried = _resolve(name, base, search, file_set)
+            found, tried = _resolve(name, base, search, file_index)
             refused = next(
                 (
                     f"filtered out: {csv_name} row {row} has {column} {column_cells[i].strip()!r}, "

@@ -436,6 +436,57 @@ def test_csv_paths_are_relative_to_the_csv_folder_and_its_search_folders(tmp_pat
     assert found["covid-chest-xray/volumes/c.nii.gz"].label == "x"
 
 
+def test_csv_with_a_delimiter_ending_each_line_reads_its_columns_in_place(tmp_path):
+    """`a.png,dog,` (a trailing comma on every line, as some exports write): the columns stay in
+    place. Before, pandas took the first column for the row index and every label was shifted."""
+    raw = tmp_path / "raw"
+    for name in ("0.png", "1.png"):
+        write_image(raw / name)
+    (raw / "labels.csv").write_text("file,label\n0.png,dog,\n1.png,cat,\n", encoding="utf-8")
+    layout = {"kind": "csv", "file": "labels.csv", "path_column": "file", "label_column": "label"}
+
+    found = run_layout(config(layout, ["cat", "dog"]), raw)
+
+    assert (found["0.png"].label, found["1.png"].label) == ("dog", "cat")
+    assert found["0.png"].reason == found["1.png"].reason == ""
+
+
+def test_csv_line_with_more_fields_than_the_header_is_one_line_naming_it(tmp_path):
+    """An unquoted comma inside a field shifts that row's columns; pandas would drop the extra
+    field with a warning. It is one line naming the file and the line instead."""
+    raw = tmp_path / "raw"
+    write_image(raw / "0.png")
+    layout = {"kind": "csv", "file": "labels.csv", "path_column": "file", "label_column": "label"}
+    # The long line first (pandas warns and drops a field), or later (pandas fails to tokenize).
+    for text, line in (("file,label\nimg,2.png,cat\n0.png,dog\n", 2), ("file,label\n0.png,dog\nimg,2.png,cat\n", 3)):
+        (raw / "labels.csv").write_text(text, encoding="utf-8")
+
+        with pytest.raises(UserError) as caught:
+            run_layout(config(layout, ["cat", "dog"]), raw)
+
+        assert str(caught.value) == (
+            f"{raw / 'labels.csv'}: line {line} has 3 fields, the header 2 (a comma inside an unquoted field?); "
+            "quote that field or fix the line, then fetch again"
+        )
+
+
+def test_csv_names_find_files_whose_names_are_decomposed_on_disk(tmp_path):
+    """A zip made on macOS holds `café.png` decomposed (NFD); the CSV names it composed (NFC).
+    The row finds the file, which keeps its name on disk."""
+    import unicodedata
+
+    raw = tmp_path / "raw"
+    on_disk = unicodedata.normalize("NFD", "café.png")
+    write_image(raw / on_disk)
+    write_csv(raw / "labels.csv", ["file", "label"], [[unicodedata.normalize("NFC", "café.png"), "dog"]])
+    layout = {"kind": "csv", "file": "labels.csv", "path_column": "file", "label_column": "label"}
+
+    found = run_layout(config(layout, ["dog"]), raw)
+
+    assert found[on_disk].label == "dog" and found[on_disk].reason == ""
+    assert not any(path.startswith("labels.csv::") for path in found)
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -490,7 +541,7 @@ def test_csv_option_and_file_errors_are_one_line(tmp_path, layout, expected):
     raw = tmp_path / "raw"
     write_image(raw / "0.png")
     write_csv(raw / "Train.csv", ["ClassId", "Path"], [[0, "0.png"]])
-    (raw / "broken.csv").write_bytes(b"ClassId,Path\n0,0.png\n1,1.png,extra,cells\n")
+    (raw / "broken.csv").write_bytes(b'ClassId,Path\n0,"0.png\n1,1.png\n')  # a quote never closed
     cfg = config({"kind": "csv", "label_column": "ClassId", **layout}, ["0"])
 
     with pytest.raises(UserError) as caught:
