@@ -4,7 +4,8 @@ r"""split@<dataset>: a stable train/val/test split, and the images decoded once 
         --raw data/raw/digits --out data/processed/digits
 
 A file's split depends only on its key (its group if the layout gives one, else its content
-hash) and the seed: adding files never moves existing ones, identical images always land
+hash; files sharing a group or content share a key) and the seed: adding files never moves
+existing ones (unless a new file joins two groups by their content), identical images always land
 together, and every class is split in the same proportions in expectation (per-class counts
 differ from the exact fractions by sampling noise, the price of stability). Splits the source
 defines are honoured; only the files the source leaves unsplit are divided by the fractions.
@@ -42,10 +43,37 @@ def unit_hash(key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def split_keys(rows: pd.DataFrame) -> pd.Series:
+    """The key each row's split is drawn from: its group where the layout gives one, else its
+    content hash; and rows that share a group or a content hash share one key (the smallest of
+    theirs), so that the same image under two groups (two lesion ids of HAM10000), or with a
+    group and without, never lands in two splits. A row linked to no other keeps its own key."""
+    own = rows["group"].where(rows["group"].notna(), rows["sha256"]).astype(str)
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def root(node: tuple[str, str]) -> tuple[str, str]:
+        parent.setdefault(node, node)
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    nodes = [("group", str(g)) if pd.notna(g) else ("sha256", str(h)) for g, h in zip(rows["group"], rows["sha256"])]
+    for node, sha in zip(nodes, rows["sha256"].astype(str)):
+        a, b = root(node), root(("sha256", sha))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    smallest: dict[tuple[str, str], str] = {}
+    for node, key in zip(nodes, own):
+        top = root(node)
+        smallest[top] = min(smallest.get(top, key), key)
+    return pd.Series([smallest[root(node)] for node in nodes], index=rows.index, dtype=str)
+
+
 def assign_splits(manifest: pd.DataFrame, policy: SplitPolicy) -> pd.DataFrame:
     """The usable rows of `manifest` with a `split` column added."""
     rows = manifest[manifest["status"] == "ok"].copy()
-    keys = rows["group"].where(rows["group"].notna(), rows["sha256"]).astype(str)
+    keys = split_keys(rows)
     draws = keys.map(lambda key: unit_hash(key, policy.seed))
     defined = set(rows["source_split"].dropna())
     # A fraction applies only where the source leaves that split open (see SplitPolicy).

@@ -168,6 +168,37 @@ def test_a_group_keeps_all_its_rows_together():
         assert split_name == ("test" if draw < 0.15 else "val" if draw < 0.30 else "train")
 
 
+def test_the_same_image_under_two_groups_or_with_and_without_one_lands_in_one_split():
+    """HAM10000 can list one image under two lesion ids; a copy may also come without a group.
+    Rows sharing a group or a content hash share one split (their smallest key's draw), so no
+    identical image straddles train and test. Rows linked to nothing keep their group's draw."""
+    manifest = synthetic_manifest(60)
+    manifest["group"] = [f"lesion{i}" for i in range(len(manifest))]
+    twins = manifest.iloc[:200].copy()
+    twins["path"] = "twin-" + twins["path"]
+    twins["group"] = [f"other{i}" for i in range(200)]  # the same images under other ids
+    loose = manifest.iloc[200:300].copy()
+    loose["path"] = "loose-" + loose["path"]
+    loose["group"] = None  # the same images without a group
+    # A chain: image X in lesion A, image Y in lesions A and B: all three rows together.
+    chain = manifest.iloc[[300, 301]].copy()
+    chain["path"] = "chain-" + chain["path"]
+    chain["group"] = ["lesion300", "lesion300"]
+    chain["sha256"] = [manifest.iloc[300]["sha256"], manifest.iloc[301]["sha256"]]
+    both = pd.concat([manifest, twins, loose, chain], ignore_index=True)
+
+    rows = assign_splits(both, POLICY)
+
+    assert rows.groupby("sha256")["split"].nunique().max() == 1
+    assert rows.groupby(rows["group"].fillna(rows["sha256"]))["split"].nunique().max() == 1
+    assert set(rows["split"]) == {"train", "val", "test"}
+    assigned = split_of(rows)
+    for i in range(302, len(manifest)):  # untouched rows: their own group's draw, as before
+        path, group = manifest.iloc[i]["path"], manifest.iloc[i]["group"]
+        draw = unit_hash(group, POLICY.seed)
+        assert assigned[path] == ("test" if draw < 0.15 else "val" if draw < 0.30 else "train")
+
+
 def test_source_splits_for_all_three_are_kept_as_they_are():
     """When the source defines train, val and test, every row keeps its source split."""
     manifest = synthetic_manifest(30)
