@@ -258,6 +258,17 @@ def validate(
     with atomic_path(summary_path.with_name("set_aside.csv")) as temporary:
         aside.to_csv(temporary, index=False)
     write_json_atomic(docs / "expectations.json", report.to_dict())
+    undeclared = manifest.loc[manifest["reason"].map(reason_kind) == "undeclared label", "label"].value_counts()
+    if len(undeclared):
+        # Not an error (a source may hold classes this dataset leaves out), but never unsaid:
+        # a misspelt class folder loses every image this way.
+        named = ", ".join(f"{label} ({count})" for label, count in undeclared.head(5).items())
+        more = f" and {len(undeclared) - 5} more" if len(undeclared) > 5 else ""
+        print(
+            f"validate@{dataset}: note: {int(undeclared.sum())} files are set aside for labels that are not declared "
+            f"classes: {named}{more}; if they belong, add them to datasets.{dataset}.classes or map them with "
+            f"datasets.{dataset}.layout.class_map"
+        )
     if summary["multi_frame"]:
         print(
             f"validate@{dataset}: note: {summary['multi_frame']} accepted image(s) hold several frames "

@@ -341,3 +341,17 @@ def test_refused_entries_of_one_path_get_unique_manifest_rows(tmp_path):
     rows = refused_rows(provenance)
 
     assert list(rows["path"]) == ["fetch::../evil.png", "fetch::../evil.png #2", "fetch::../caf\\xe9.png"]
+
+
+def test_validate_names_the_undeclared_labels_it_set_aside(tmp_path, capsys):
+    """A class folder params does not declare (misspelt, or left out on purpose) is set aside,
+    and validate says so in one line naming it and the keys that would take it in."""
+    raw = clean_raw(tmp_path / "raw", {"a": 3, "b": 3, "c": 3, "zebra": 2})
+    params = write_params(tmp_path, validation={"min_per_class": 3, "min_side": 8, "max_side": 8})
+
+    _, _, _, summary = run_validate(tmp_path, raw, params)
+
+    assert not isinstance(summary, Exception), summary
+    assert summary["set_aside_by_reason"]["undeclared label"] == 2
+    assert ("validate@toy: note: 2 files are set aside for labels that are not declared classes: zebra (2); if they "
+            "belong, add them to datasets.toy.classes or map them with datasets.toy.layout.class_map") in capsys.readouterr().out
