@@ -12,6 +12,7 @@ import Keras: config validation reads the registry without paying for it.
 
 from __future__ import annotations
 
+import re
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -404,7 +405,8 @@ def split_at_features(model: Any) -> tuple[Any, Any]:
 
 
 def unfreeze_top(model: Any, count: int) -> int:
-    """Phase 2 of transfer learning: make the base's top `count` layers trainable (all when 0).
+    """Phase 2 of transfer learning: make the base's top `count` layers trainable (all when 0),
+    widened down to whole blocks (see tuned_layers).
 
     BatchNormalization layers stay frozen, and the base keeps running in inference mode (inside
     InferenceMode), so their statistics stay those of the pretrained weights.
@@ -418,12 +420,47 @@ def unfreeze_top(model: Any, count: int) -> int:
     return sum(1 for layer in base.layers if layer.trainable and layer.weights)
 
 
+# Phase 2 trains whole blocks: the cut `count` layers from the top moves down to the start of the
+# block it falls in, so that no residual, dense or inception block is trained in part. Blocks are
+# read from the layers' names, as keras.applications writes them: a run of layers sharing a key
+# (VGG16's block5, ResNetV2's and DenseNet's conv5_block3, MobileNetV2's block_16, EfficientNet's
+# block7a and top, ConvNeXt's stage_3_block_2), or, in a base without keys, the layers up to a
+# merge that ends a block (InceptionV3's mixed10, NASNet's normal_concat_12). Any other layer is a
+# block of its own.
+BLOCK_KEY = re.compile(r"^(block\d+[a-z]?|block_\d+|expanded_conv|conv\d+_block\d+|stem|top)_|_(stage_\d+_block_\d+)_")
+BLOCK_END = re.compile(r"^(mixed\d+|(normal|reduction)_concat_\d+)$")
+
+
+def block_starts(layers: list[Any]) -> list[int]:
+    """The index in `layers` (a base's, in order) where each block begins."""
+
+    def key(layer: Any) -> str | None:
+        found = BLOCK_KEY.search(layer.name)
+        return (found.group(1) or found.group(2)) if found else None
+
+    keys = [key(layer) for layer in layers]
+    ends = [bool(BLOCK_END.match(layer.name)) for layer in layers]
+    grouped_by_ends = any(ends)
+    starts = []
+    for i, this in enumerate(keys):
+        if i == 0:
+            starts.append(i)
+        elif this is not None:
+            if this != keys[i - 1]:
+                starts.append(i)
+        elif keys[i - 1] is not None or ends[i - 1] or not grouped_by_ends:
+            starts.append(i)
+    return starts
+
+
 def tuned_layers(base: Any, count: int) -> list[Any]:
-    """The layers of `base` that phase 2 trains: its top `count` (all when 0) but BatchNormalization."""
+    """The layers of `base` that phase 2 trains: its top `count` (all when 0), widened down to
+    the start of the block the cut falls in, but BatchNormalization."""
     from keras import layers
 
-    chosen = base.layers if count == 0 else base.layers[-count:]
-    return [layer for layer in chosen if not isinstance(layer, layers.BatchNormalization)]
+    start = 0 if count == 0 else max(len(base.layers) - count, 0)
+    start = max(i for i in block_starts(base.layers) if i <= start)
+    return [layer for layer in base.layers[start:] if not isinstance(layer, layers.BatchNormalization)]
 
 
 def preprocessing_layer(mode: Preprocessing) -> Any:

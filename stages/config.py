@@ -148,7 +148,7 @@ class FineTuneConfig:
 
     epochs: int = 0  # 0: no phase 2
     learning_rate: float = 1.0e-5
-    unfreeze: int = 20  # the base's top layers made trainable (0: all of them)
+    unfreeze: int = 20  # the base's top layers made trainable, widened to whole blocks (0: all of them)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ with Keras 3 `model.fit`, on whichever backend KERAS_BACKEND names:
 - phase 1 trains the whole model from scratch, or the head on a frozen pretrained base; with a
   frozen base and no augmentation, the base's features are computed once and the head trains on
   them (`training.feature_cache`);
-- phase 2 (`training.fine_tune`), for a pretrained base only, unfreezes the base's top layers,
+- phase 2 (`training.fine_tune`), for a pretrained base only, unfreezes the base's top blocks,
   keeps BatchNormalization frozen and in inference mode, recompiles at a low learning rate and
   trains on.
 
@@ -449,7 +449,9 @@ def _train(
         for phase in phases[state.phase_index :]:
             if phase.number == 2:
                 trainable_layers = unfreeze_top(model, phase.unfreeze or 0)
-                print(f"train@{experiment.name}: phase 2 fine-tunes {trainable_layers} base layers at lr {phase.learning_rate}")
+                first = next(layer.name for layer in base_of(model).layers if layer.trainable)
+                print(f"train@{experiment.name}: phase 2 fine-tunes {trainable_layers} base layers with weights, "
+                      f"whole blocks from {first}, at lr {phase.learning_rate}")
             cache = phase.number == 1 and _use_feature_cache(experiment, model, len(data.x["train"]) + len(data.x["val"]))
             if cache:
                 features, head = split_at_features(model)

@@ -123,6 +123,67 @@ def test_backbone_builds_trains_one_step_and_predicts_probabilities(keras, name,
 
 
 # --------------------------------------------------------------------------------------------
+# Phase 2 unfreezes whole blocks.
+
+# (backbone, unfreeze, where the trained range must begin: the first layer of the block the cut
+# falls in, or the layer after the merge ending the block below, how many trained layers hold weights)
+WHOLE_BLOCKS = [
+    ("vgg16", 2, ("block5_conv1", None), 3),  # block5's three convolutions
+    ("resnet50v2", 20, ("conv5_block2_preact_bn", None), 6),  # blocks 2 and 3 of conv5, three convolutions each
+    ("densenet121", 20, ("conv5_block14_0_bn", None), 6),  # dense layers 14 to 16, two convolutions each
+    ("mobilenetv2", 20, ("block_15_expand", None), 7),  # blocks 15 and 16, and Conv_1
+    ("efficientnetb0", 20, ("block6d_expand_conv", None), 11),  # block6d, block7a and top_conv
+    ("convnexttiny", 20, ("convnext_tiny_stage_3_block_0_depthwise_conv", None), 16),
+    ("inceptionv3", 20, (None, "mixed9"), 9),  # every branch of mixed10
+    ("nasnetmobile", 20, (None, "normal_concat_11"), 12),  # the whole last cell
+]
+
+
+@pytest.mark.parametrize(("name", "count", "start", "weighted"), WHOLE_BLOCKS, ids=[case[0] for case in WHOLE_BLOCKS])
+def test_phase_two_trains_whole_blocks(keras, name, count, start, weighted):
+    """`unfreeze` counts layers from the top, as the Keras guide does, and the cut moves down to
+    the start of the block it falls in: no residual, dense, inception or NASNet block is trained
+    in part (20 layers cut ResNet50V2's conv5_block2 after its first convolution)."""
+    spec = get_backbone(name)
+    size = max(spec.min_input_size, 32)
+    base = spec.build((size, size, 3), None, dict(SMALL_OPTIONS.get(name, {})), seed=0)
+    first, after = start
+    begin = base.layers.index(base.get_layer(first)) if first else base.layers.index(base.get_layer(after)) + 1
+
+    tuned = backbones.tuned_layers(base, count)
+
+    expected = [layer for layer in base.layers[begin:] if not isinstance(layer, keras.layers.BatchNormalization)]
+    assert tuned == expected
+    assert sum(1 for layer in tuned if layer.weights) == weighted
+    assert begin in backbones.block_starts(base.layers)
+
+
+def test_every_phase_two_in_params_fits_its_base(keras):
+    """Each experiment of params.yaml with a phase 2 asks to unfreeze no more layers than its base
+    has, and some with weights: train would refuse it before phase 1 (VGG16's base has 19 layers,
+    and the default `unfreeze: 20` once stopped all three VGG16 experiments)."""
+    from stages.config import load_params
+    from stages.train import _check_plan, plan_phases
+
+    params = load_params("params.yaml")
+    bases: dict[str, Any] = {}
+    checked = 0
+    for experiment in (params.experiment(name) for name in params.experiments):
+        phases = plan_phases(experiment)
+        if not any(phase.number == 2 and phase.unfreeze for phase in phases):
+            continue
+        model = experiment.backbone.model
+        if model not in bases:
+            spec = get_backbone(model)
+            size = max(spec.min_input_size, 32)
+            bases[model] = spec.build((size, size, 3), None, dict(experiment.backbone.options), seed=0)
+            keras.backend.clear_session()
+        _check_plan(experiment, phases, bases[model], train_images=10**6)  # raises UserError if it cannot run
+        checked += 1
+    assert checked >= 25 and {"vgg16", "nasnetlarge", "inceptionv3", "efn_b7"} <= set(bases)
+
+
+# --------------------------------------------------------------------------------------------
 # Freezing a pretrained base, without downloading weights.
 
 
