@@ -20,6 +20,11 @@ class UserError(Exception):
     """An error the user can fix; its message is the whole report."""
 
 
+# The modules each Keras backend imports: a stage run with a backend whose module is missing gets
+# one line saying how to install it (PyTorch is optional: `make env-torch`).
+BACKEND_MODULES = {"torch": ("torch",), "jax": ("jax", "jaxlib"), "tensorflow": ("tensorflow",)}
+
+
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Call a stage's `main`, turning a UserError, or a write refused for lack of room, into one
     line and exit status 1."""
@@ -27,6 +32,19 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
         main(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ModuleNotFoundError as error:
+        backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+        missing = (error.name or "").split(".")[0]
+        if missing not in BACKEND_MODULES.get(backend, ()):
+            raise
+        how = (
+            "run make env-torch (PyTorch is optional; a uv sync, which make runs when uv.lock changes, removes it again)"
+            if backend == "torch"
+            else "run make env, which installs the project's environment from uv.lock"
+        )
+        print(f"error: KERAS_BACKEND is {backend}, but {missing} is not installed in this environment; {how}; "
+              "or unset KERAS_BACKEND for TensorFlow", file=sys.stderr)
         raise SystemExit(1) from None
     except OSError as error:
         # Libraries that wrap the OS error (pyarrow, h5py) keep only its text.

@@ -34,3 +34,24 @@ def test_torch_auto_precision_follows_the_compute_capability(monkeypatch, name, 
 
 def test_auto_precision_on_a_cpu_is_float32() -> None:
     assert precision_policy("auto", Accelerator("cpu", "cpu", False)) == "float32"
+
+
+@pytest.mark.parametrize(("backend", "advice"), [("torch", "run make env-torch"), ("jax", "run make env,")])
+def test_a_backend_that_is_not_installed_is_one_line_saying_how_to_install_it(backend: str, advice: str) -> None:
+    """KERAS_BACKEND=torch without PyTorch in .venv (a uv sync removes it) ended a stage with
+    Keras's ModuleNotFoundError traceback; it is one line with the make target to run."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.modules[{backend!r}] = None  # as if not installed\n"
+            "from stages.errors import run_stage\n"
+            "def main(argv):\n    import keras\n"
+            "run_stage(main)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "KERAS_BACKEND": backend}, timeout=300)
+
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"error: KERAS_BACKEND is {backend}, but {backend} is not installed in this environment; {advice}")
