@@ -258,6 +258,14 @@ def validate(
     with atomic_path(summary_path.with_name("set_aside.csv")) as temporary:
         aside.to_csv(temporary, index=False)
     write_json_atomic(docs / "expectations.json", report.to_dict())
+    # The counts first, failure or not: when a hard rule fails, they say where the images went
+    # (every file a stray because of a split folder's case, say).
+    aside = ", ".join(f"{n} {r}" for r, n in summary["set_aside_by_reason"].items()) or "none"
+    print(
+        f"validate@{dataset}: {summary['files']} files = {summary['accepted']} accepted + "
+        f"{summary['set_aside']} set aside ({aside}); {summary['rules_passed']} of "
+        f"{summary['rules_passed'] + summary['rules_failed']} validation rules passed"
+    )
     undeclared = manifest.loc[manifest["reason"].map(reason_kind) == "undeclared label", "label"].value_counts()
     if len(undeclared):
         # Not an error (a source may hold classes this dataset leaves out), but never unsaid:
@@ -298,13 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--provenance", type=Path, help="fetch's provenance record: its refused entries get rows")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    summary = validate(args.dataset, args.params, args.raw, args.manifest, args.docs, args.summary, args.provenance)
-    aside = ", ".join(f"{n} {r}" for r, n in summary["set_aside_by_reason"].items()) or "none"
-    print(
-        f"validate@{args.dataset}: {summary['files']} files = {summary['accepted']} accepted + "
-        f"{summary['set_aside']} set aside ({aside}); {summary['rules_passed']} of "
-        f"{summary['rules_passed'] + summary['rules_failed']} validation rules passed"
-    )
+    validate(args.dataset, args.params, args.raw, args.manifest, args.docs, args.summary, args.provenance)
 
 
 if __name__ == "__main__":

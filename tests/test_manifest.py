@@ -247,12 +247,17 @@ def test_validate_writes_manifest_summary_and_data_docs(tmp_path):
     assert not list(manifest_path.parent.glob(".*.tmp*"))
 
 
-def test_validate_hard_rule_failure_names_rule_and_class_and_still_writes(tmp_path):
-    """A class below min_per_class fails the stage with the rule and class named, outputs kept."""
+def test_validate_hard_rule_failure_names_rule_and_class_and_still_writes(tmp_path, capsys):
+    """A class below min_per_class fails the stage with the rule and class named, outputs kept;
+    the counts line comes first, failure or not, saying where the files went."""
     raw = clean_raw(tmp_path / "raw", {"a": 3, "b": 3, "c": 1})
     params = write_params(tmp_path, validation={"min_per_class": 3})
 
     manifest_path, docs, summary_path, error = run_validate(tmp_path, raw, params)
+
+    assert capsys.readouterr().out.startswith(
+        "validate@toy: 8 files = 7 accepted + 1 set aside (1 stray file); 4 of 5 validation rules passed"
+    )
 
     assert isinstance(error, UserError)
     message = str(error)
