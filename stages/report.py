@@ -103,7 +103,7 @@ def to_markdown(table: pd.DataFrame, suite: str, description: str, rank_by: str)
         f"ours minus theirs. The champion is the registry's `{CHAMPION}` version for the dataset, chosen "
         "by the dataset's selection metric. ms/image is the latency at batch 1"
         + (f", timed with {' and '.join(timed_on)}" if timed_on else "")
-        + (": compare it only between rows timed with the same." if len(timed_on) > 1 else "."),
+        + (": compare it only between rows timed with the same (each such row names its own)." if len(timed_on) > 1 else "."),
         "",
         "| dataset | backbone | start | accuracy | 95% interval | balanced acc. | macro F1 | course | published "
         "| vs course | vs published | champion | test images | epochs | train s | train img/s | ms/image | parameters | MB |",
@@ -111,6 +111,9 @@ def to_markdown(table: pd.DataFrame, suite: str, description: str, rank_by: str)
     ]
     for row in table.itertuples(index=False):
         champion = f"yes (v{row.model_version}, by {row.selection_metric.replace('_', ' ')})" if row.champion else ""
+        latency = number(row.latency_ms_batch1, ".2f")
+        if len(timed_on) > 1 and isinstance(row.latency_measured_on, str):
+            latency += f" ({row.latency_measured_on})"
         lines.append(
             f"| {row.dataset} | {row.backbone} | {'' if row.start is None or pd.isna(row.start) else row.start} | "
             f"{percent(row.accuracy)} | "
@@ -118,7 +121,7 @@ def to_markdown(table: pd.DataFrame, suite: str, description: str, rank_by: str)
             f"{percent(row.macro_f1)} | {percent(row.reference_course)} | {percent(row.reference_published)} | "
             f"{signed(row.vs_course)} | {signed(row.vs_published)} | {champion} | {row.test_images} | "
             f"{row.epochs_run} | {number(row.train_seconds, '.1f')} | {number(row.train_images_per_second, ',.0f')} | "
-            f"{number(row.latency_ms_batch1, '.2f')} | {number(row.parameters, ',')} | {number(row.size_mb, '.1f')} |"
+            f"{latency} | {number(row.parameters, ',')} | {number(row.size_mb, '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 

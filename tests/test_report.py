@@ -337,7 +337,10 @@ def test_markdown_says_where_latency_was_timed_and_warns_when_rows_differ() -> N
     ]
     markdown = to_markdown(leaderboard(mixed, "accuracy"), "demo", "", "accuracy")
     assert ("timed with jax on NVIDIA H100 80GB HBM3 and tensorflow on cpu: compare it only between rows timed "
-            "with the same.") in markdown
+            "with the same (each such row names its own).") in markdown
+    # Each row's cell says where it was timed, once the rows differ.
+    assert "| 2.42 (tensorflow on cpu) |" in markdown and "| 2.42 (jax on NVIDIA H100 80GB HBM3) |" in markdown
+    assert "| 2.42 |" in one
     # A metrics file from before the field was recorded names no backend.
     older = record("digits", "small_cnn", 0.97)
     del older["latency_measured_on"]
