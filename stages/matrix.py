@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         to_github_output({key: json.dumps(jobs[key]) for key in ("prepare", "train")} | {"report": jobs["report"]})
     elif args.command == "run":
         remote = has_remote()
+        if not remote and not (args.no_pull and args.no_push):
+            print("matrix: no DVC remote (dvc remote add -d ...): nothing is pulled or pushed; the targets are made here")
         if remote and not args.no_pull:
             # What the remote lacks is simply made by repro; --allow-missing keeps pull from failing on it.
             dvc("pull", "--allow-missing", "--with-deps", *args.targets)
@@ -348,8 +350,11 @@ def main(argv: list[str] | None = None) -> None:
             # --single-item: the upstream stages are recorded in dvc.lock and their outputs are
             # on the remote; only the report itself needs its inputs here.
             dvc("repro", "--single-item", f"report@{args.suite}")
-            if has_remote() and not args.no_push:
-                dvc("push", f"report@{args.suite}")
+            if not args.no_push:
+                if has_remote():
+                    dvc("push", f"report@{args.suite}")
+                else:
+                    print("matrix: no DVC remote (dvc remote add -d ...): the report is not pushed")
     elif args.command == "local":
         if args.gpus is not None:
             slots = [gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()]

@@ -189,3 +189,23 @@ def test_a_queued_experiment_copy_logs_to_the_repository_database(monkeypatch: p
     assert tracking.tracking_uri() == "sqlite:////srv/classmatrix/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert tracking.tracking_uri() == "http://mlflow.internal:5000"
+
+
+def test_run_without_a_dvc_remote_says_it_pulls_and_pushes_nothing(tmp_path: Path) -> None:
+    """`matrix run` in a repository with no DVC remote (a laptop) makes the targets and says in one
+    line that nothing was pulled or pushed; it used to skip both without a word."""
+    import os
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, cwd=tmp_path, check=True, env=env)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > out.txt\n    outs: [out.txt]\n")
+
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "hello"], cwd=tmp_path, env={
+        **env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == ("matrix: no DVC remote (dvc remote add -d ...): nothing is pulled or pushed; "
+                                          "the targets are made here")
+    assert "$ dvc repro hello" in done.stdout and "$ dvc push" not in done.stdout and "$ dvc pull" not in done.stdout
+    assert (tmp_path / "out.txt").read_text().strip() == "hello"
