@@ -95,6 +95,13 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def tracked_inputs() -> list[str]:
+    """The `.dvc` files git tracks: inputs put under DVC with `dvc add` (a dataset downloaded by
+    hand), which no stage produces, so that `dvc pull --with-deps <stage>` alone would not fetch."""
+    result = subprocess.run(["git", "ls-files", "*.dvc"], capture_output=True, text=True)
+    return sorted(line for line in result.stdout.splitlines() if line.strip()) if result.returncode == 0 else []
+
+
 def has_remote() -> bool:
     result = subprocess.run(["dvc", "remote", "list"], capture_output=True, text=True)
     return result.returncode == 0 and bool(result.stdout.strip())
@@ -332,11 +339,17 @@ def main(argv: list[str] | None = None) -> None:
         to_github_output({key: json.dumps(jobs[key]) for key in ("prepare", "train")} | {"report": jobs["report"]})
     elif args.command == "run":
         remote = has_remote()
+        if not remote and os.environ.get("GITHUB_ACTIONS") == "true":
+            # CI's jobs hand each other their outputs through the remote; without one, each job
+            # would fetch again and the bundles would disagree when gathered.
+            raise UserError("matrix run: no DVC remote, which CI's jobs share their outputs through; "
+                            "dvc remote add -d storage s3://<bucket>/classmatrix and commit .dvc/config")
         if not remote and not (args.no_pull and args.no_push):
             print("matrix: no DVC remote (dvc remote add -d ...): nothing is pulled or pushed; the targets are made here")
         if remote and not args.no_pull:
             # What the remote lacks is simply made by repro; --allow-missing keeps pull from failing on it.
-            dvc("pull", "--allow-missing", "--with-deps", *args.targets)
+            # Inputs tracked with `dvc add` (a manual download under data/external) come too.
+            dvc("pull", "--allow-missing", "--with-deps", *args.targets, *tracked_inputs())
         dvc("repro", *args.targets)
         if remote and not args.no_push:
             dvc("push", "--with-deps", *args.targets)

@@ -209,3 +209,45 @@ def test_run_without_a_dvc_remote_says_it_pulls_and_pushes_nothing(tmp_path: Pat
                                           "the targets are made here")
     assert "$ dvc repro hello" in done.stdout and "$ dvc push" not in done.stdout and "$ dvc pull" not in done.stdout
     assert (tmp_path / "out.txt").read_text().strip() == "hello"
+
+
+def test_in_ci_run_without_a_dvc_remote_is_one_line(tmp_path: Path) -> None:
+    """On a CI runner (GITHUB_ACTIONS=true) the jobs share outputs through the remote: without one,
+    `run` stops at once, saying what to add, before anything is made."""
+    import os
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, cwd=tmp_path, check=True, env=env)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > out.txt\n    outs: [out.txt]\n")
+
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "hello"], cwd=tmp_path, env={
+        **env, "GITHUB_ACTIONS": "true", "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: matrix run: no DVC remote, which CI's jobs share their outputs through; "
+        "dvc remote add -d storage s3://<bucket>/classmatrix and commit .dvc/config"
+    ]
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_inputs_added_with_dvc_add_are_pulled_with_the_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dataset downloaded by hand (`dvc add data/external/Food-11.zip`, the .dvc file committed)
+    is no stage's output, so `dvc pull --with-deps <stage>` would leave it behind on a runner:
+    `run` names the tracked .dvc files in its pull."""
+    import os
+
+    from stages.matrix import tracked_inputs
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, cwd=tmp_path, check=True, env=env)
+    (tmp_path / "data" / "external").mkdir(parents=True)
+    (tmp_path / "data" / "external" / "Food-11.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    subprocess.run(["dvc", "add", "-q", "data/external/Food-11.zip"], cwd=tmp_path, check=True, env=env)
+    subprocess.run(["git", "add", "data/external/Food-11.zip.dvc"], cwd=tmp_path, check=True, env=env)
+    monkeypatch.chdir(tmp_path)
+
+    assert tracked_inputs() == ["data/external/Food-11.zip.dvc"]

@@ -245,7 +245,8 @@ def test_changing_one_experiments_training_param_reruns_only_it(project: tuple[P
 
 def test_the_demo_runs_end_to_end_on_the_jax_backend(tmp_path: Path) -> None:
     """`KERAS_BACKEND=jax dvc repro report@demo`: every stage runs on JAX (fewer epochs: Keras on
-    JAX compiles slowly on a CPU), the models are good, and they load on TensorFlow too."""
+    JAX compiles slowly on a CPU), the models are good, and they load on TensorFlow too, where they
+    predict the test split as evaluate on JAX did."""
     env = copy_repository(tmp_path)
     env["KERAS_BACKEND"] = "jax"
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
@@ -261,11 +262,18 @@ def test_the_demo_runs_end_to_end_on_the_jax_backend(tmp_path: Path) -> None:
     assert cnn["accuracy"] >= 0.9 and cnn["epochs_run"] == 8 and cnn["latency_measured_on"] == "jax on cpu"
     board = (tmp_path / "reports/leaderboard/demo.md").read_text()
     assert "| digits | small_cnn |" in board and "| digits | mobilenetv2 |" in board
+    # On TensorFlow, each model predicts the test split as evaluate did on JAX (its predictions CSV).
     load = (
-        "import keras, sys; from stages.backbones import custom_layers; "
-        "m = keras.saving.load_model(sys.argv[1], custom_objects=custom_layers(), safe_mode=True); "
-        "print(keras.backend.backend(), m.count_params())"
+        "import json, sys, keras, numpy as np, pandas as pd; from stages.backbones import custom_layers; "
+        "root, backbone = sys.argv[1:]; "
+        "m = keras.saving.load_model(f'{root}/models/digits/{backbone}/model.keras', custom_objects=custom_layers(), "
+        "safe_mode=True); classes = json.load(open(f'{root}/data/processed/digits/classes.json')); "
+        "x = np.load(f'{root}/data/processed/digits/test_x.npy'); "
+        "ours = [str(classes[i]) for i in np.argmax(m.predict(x, verbose=0), axis=1)]; "
+        "theirs = pd.read_csv(f'{root}/reports/predictions/digits/{backbone}.csv', dtype=str)['predicted'].tolist(); "
+        "print(keras.backend.backend(), len(ours) == len(theirs), np.mean([a == b for a, b in zip(ours, theirs)]))"
     )
     tf_env = {**env, "KERAS_BACKEND": "tensorflow"}
-    loaded = run([sys.executable, "-c", load, str(tmp_path / "models/digits/small_cnn/model.keras")], REPO, tf_env)
-    assert loaded.stdout.split()[0] == "tensorflow"
+    for backbone in ("small_cnn", "mobilenetv2"):
+        backend, same_length, agreement = run([sys.executable, "-c", load, str(tmp_path), backbone], REPO, tf_env).stdout.split()[-3:]
+        assert backend == "tensorflow" and same_length == "True" and float(agreement) >= 0.99, (backbone, agreement)

@@ -64,7 +64,8 @@ def test_tests_run_the_readme_command_on_every_pull_request() -> None:
 def test_retraining_triggers_on_pipeline_changes_schedule_and_dispatch() -> None:
     triggers = load("retrain.yml")["on"]
     assert triggers["push"]["branches"] == ["main"]
-    assert set(triggers["push"]["paths"]) == {"params.yaml", "dvc.yaml", "dvc.lock", "**.dvc", "stages/**"}
+    # Not dvc.lock: merging the retrain's own pull request changes only it, and must not start it again.
+    assert set(triggers["push"]["paths"]) == {"params.yaml", "dvc.yaml", "**.dvc", "stages/**"}
     assert triggers["schedule"][0]["cron"]
     assert {"suite", "pattern"} <= set(triggers["workflow_dispatch"]["inputs"])
 
@@ -101,3 +102,26 @@ def test_checkouts_do_not_persist_credentials(name: str) -> None:
         for step in job["steps"]:
             if step.get("uses", "").startswith("actions/checkout@"):
                 assert step["with"]["persist-credentials"] is False
+
+
+def test_the_pull_request_step_sees_a_new_dvc_lock_and_new_reports(tmp_path: Path) -> None:
+    """The step's own check, run in a repository where the retrain left dvc.lock and reports/
+    untracked (as in a fresh checkout, where neither is committed yet): it goes on to propose them.
+    `git diff --quiet`, which ignores untracked files, said "Nothing changed" there."""
+    [step] = [step for step in load("retrain.yml")["jobs"]["report"]["steps"] if "gh pr create" in step.get("run", "")]
+    script = step["run"].split('branch="')[0] + "echo CHANGED\n"  # up to where it would branch and push
+
+    def check(repo: Path) -> str:
+        return subprocess.run(["bash", "-e", "-c", script], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "README.md").write_text("x\n")
+    subprocess.run([*git, "add", "README.md"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "start"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    (tmp_path / "reports" / "metrics").mkdir(parents=True)
+    (tmp_path / "reports" / "metrics" / "a.json").write_text("{}\n")
+    assert check(tmp_path) == "CHANGED"
+    subprocess.run([*git, "commit", "-qm", "results"], cwd=tmp_path, check=True)  # what the step staged
+    assert check(tmp_path) == "Nothing changed: no pull request."
