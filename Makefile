@@ -66,5 +66,5 @@ plots: env
 	$(RUN) python -m stages.plots show
 
 clean-outputs:
-	rm -rf data/raw data/interim data/processed models reports/figures reports/predictions \
-	  reports/validation reports/metrics reports/leaderboard mlflow.db mlartifacts
+	rm -rf data/raw data/interim data/processed data/weights models reports/figures reports/predictions \
+	  reports/validation reports/metrics reports/leaderboard reports/evaluation mlflow.db mlartifacts
