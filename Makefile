@@ -10,7 +10,7 @@ VENV := .venv
 UV := $(TOOLS)/bin/uv
 RUN := PATH="$(CURDIR)/$(VENV)/bin:$$PATH"
 
-.PHONY: env env-torch demo test test-fast ui server plots clean-outputs
+.PHONY: env env-torch env-gpu demo test test-fast ui server plots clean-outputs
 
 env: $(VENV)/.synced
 
@@ -31,6 +31,14 @@ TORCH_FIND_LINKS ?=
 env-torch: env
 	$(UV) pip install --python $(VENV)/bin/python "torch==$(TORCH_VERSION)" \
 	  $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS),--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple)
+
+# On a machine with an NVIDIA GPU: the CUDA builds of JAX and TensorFlow, at the versions uv.lock
+# installed (PyPI's nvidia-* wheels, about 5 GB; the GPU's driver must be there already). Without
+# them JAX runs on the CPU only, and TensorFlow finds a GPU only where CUDA is installed system-wide.
+# A later `uv sync` puts the plain builds back: run `make env-gpu` once more.
+locked = $(shell $(VENV)/bin/python -c 'import importlib.metadata as m; print(m.version("$(1)"))' 2>/dev/null)
+env-gpu: env
+	$(UV) pip install --python $(VENV)/bin/python "jax[cuda12]==$(call locked,jax)" "tensorflow[and-cuda]==$(call locked,tensorflow)"
 
 demo: env
 	$(RUN) dvc repro report@demo

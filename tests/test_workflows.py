@@ -76,7 +76,10 @@ def test_retraining_steps_are_thin_calls_to_the_matrix_command() -> None:
     calls = [line.strip() for script in scripts for line in script.splitlines() if "stages.matrix" in line]
     assert {re.search(r"stages\.matrix (\w+)", call).group(1) for call in calls} == {"plan", "run", "gather", "summary"}
     assert not any("pip install" in script or "uv " in script for script in scripts)
-    assert sum(script.strip() == "make env" for script in scripts) == 4  # every job installs the README's way
+    # Every job installs the README's way; the GPU jobs with the CUDA builds of JAX and TensorFlow.
+    assert sum(script.strip() == "make env" for script in scripts) == 3
+    assert [step["run"].split("#")[0].strip() for step in workflow["jobs"]["train"]["steps"] if "make" in step.get("run", "")] == [
+        "make env-gpu"]
     # The fan-out: matrices from the plan job; GPU runners configurable; two retrainings never race.
     assert workflow["jobs"]["train"]["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.train) }}"
     assert "vars.GPU_RUNNER_LABELS" in workflow["jobs"]["train"]["runs-on"]
@@ -125,3 +128,16 @@ def test_the_pull_request_step_sees_a_new_dvc_lock_and_new_reports(tmp_path: Pat
     assert check(tmp_path) == "CHANGED"
     subprocess.run([*git, "commit", "-qm", "results"], cwd=tmp_path, check=True)  # what the step staged
     assert check(tmp_path) == "Nothing changed: no pull request."
+
+
+def test_make_env_gpu_installs_the_cuda_builds_at_the_locked_versions() -> None:
+    """`make env-gpu` (the GPU runners' install) asks for jax[cuda12] and tensorflow[and-cuda] at
+    the very versions uv.lock installed: a CUDA build of another version would replace the tested one."""
+    import importlib.metadata
+
+    dry = subprocess.run(["make", "-n", "env-gpu"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert (f'"jax[cuda12]=={importlib.metadata.version("jax")}" '
+            f'"tensorflow[and-cuda]=={importlib.metadata.version("tensorflow")}"') in dry
+    lock = (REPO / "uv.lock").read_text()
+    for name in ("jax", "tensorflow"):
+        assert f'name = "{name}"\nversion = "{importlib.metadata.version(name)}"' in lock
