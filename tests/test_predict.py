@@ -253,17 +253,35 @@ def test_main_with_unknown_alias_exits_1_with_one_error_line(
     assert "make ui" in lines[0]
 
 
+def register(registry: MlflowClient, tmp_path: Path, loaded: LoadedModel, name: str) -> None:
+    """`loaded`'s model logged and registered as evaluate logs one (MLflow's Keras flavour, with
+    the metadata predict reads), as version 1 of `name`, its champion."""
+    import mlflow
+
+    experiment = registry.create_experiment(name, artifact_location=(tmp_path / "artifacts").as_uri())
+    run = registry.create_run(experiment).info.run_id
+    local = tmp_path / "logged"
+    metadata = {"classes": loaded.classes, "image_size": loaded.image_size, "channels": loaded.channels}
+    mlflow.keras.save_model(loaded.model, str(local), metadata=metadata)
+    registry.log_artifacts(run, str(local), artifact_path="model")
+    registry.create_registered_model(name)
+    registry.create_model_version(name, source=f"runs:/{run}/model", run_id=run)
+    registry.set_registered_model_alias(name, "champion", "1")
+
+
 def test_main_names_the_files_of_a_folder_it_left_out(
-    registry: MlflowClient, tmp_path: Path, loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    registry: MlflowClient, tmp_path: Path, loaded: LoadedModel, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A folder's non-image files are not classified, but said: one line with their count and the
-    first three names. Not an error: the exit status stays 0 when every image was classified."""
+    first three names. Not an error: the exit status stays 0 when every image was classified.
+    The model is the registry's champion, downloaded and loaded the real way."""
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "black.png")
     for name in ("a.txt", "b.csv", "c.json", "d.md"):
         (folder / name).write_text("not an image")
-    monkeypatch.setattr(predict_stage, "load", lambda uri, scratch: loaded)
+    register(registry, tmp_path, loaded, "toy")
+    capsys.readouterr()  # MLflow's own words while logging
 
     run_stage(predict_stage.main, ["--dataset", "toy", str(folder)])
 
@@ -274,7 +292,7 @@ def test_main_names_the_files_of_a_folder_it_left_out(
     assert err[0].startswith("predict: left out 4 files of the folders given, not images by their name (hidden, or a "
                              "suffix other than .png, ")
     assert err[0].endswith(f"{folder / 'a.txt'}, {folder / 'b.csv'}, {folder / 'c.json'} and 1 more; name a file to try it anyway")
-    assert err[1] == "predict: 1 of 1 files classified with models:/toy/1"
+    assert err[1] == "predict: 1 of 1 files classified with models:/toy@champion"
 
 
 def test_main_rejects_alias_and_version_together(capsys: pytest.CaptureFixture[str]) -> None:
