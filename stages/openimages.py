@@ -86,8 +86,9 @@ CONNECT_TIMEOUT_S = 15.0
 READ_TIMEOUT_S = 60.0
 CHUNK = 1 << 16
 # Bytes of CSV parsed at a time. pyarrow's streaming reader holds a few dozen blocks in flight,
-# so this sets the memory of a scan (1 MiB: about 80 MiB over the imports; 16 MiB: about 500 MiB)
-# whatever the file's size; smaller blocks were not slower (benchmarks/openimages_labels.py).
+# so this sets the memory of a scan whatever the file's size: on 10 million rows the process
+# peaked at 292 MiB with 1 MiB blocks (86 of them the imports), at 927 MiB with 16 MiB blocks,
+# which were not faster (docs/benchmarks.md, benchmarks/openimages_labels.py).
 CSV_BLOCK = 1 << 20
 # Closest names offered for a class-name typo.
 SUGGESTIONS = 5
