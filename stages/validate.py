@@ -280,8 +280,8 @@ def validate(
     if summary["multi_frame"]:
         print(
             f"validate@{dataset}: note: {summary['multi_frame']} accepted image(s) hold several frames "
-            f"(an animation or a multi-page file); the first frame of each is used; see the manifest's "
-            f"frames column in {manifest_path}"
+            f"(an animation, a multi-page TIFF, a camera's MPO JPEG with its preview); the first frame of each is "
+            f"used; see the manifest's frames column in {manifest_path}"
         )
     for outcome in report.outcomes:
         if not outcome.success and not outcome.hard:
