@@ -95,6 +95,9 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+NO_REMOTE = "matrix: no DVC remote (dvc remote add -d ...):"
+
+
 def tracked_inputs() -> list[str]:
     """The `.dvc` files git tracks: inputs put under DVC with `dvc add` (a dataset downloaded by
     hand), which no stage produces, so that `dvc pull --with-deps <stage>` alone would not fetch."""
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("matrix run: no DVC remote, which CI's jobs share their outputs through; "
                             "dvc remote add -d storage s3://<bucket>/classmatrix and commit .dvc/config")
         if not remote and not (args.no_pull and args.no_push):
-            print("matrix: no DVC remote (dvc remote add -d ...): nothing is pulled or pushed; the targets are made here")
+            print(f"{NO_REMOTE} nothing is pulled or pushed; the targets are made here")
         if remote and not args.no_pull:
             # What the remote lacks is simply made by repro; --allow-missing keeps pull from failing on it.
             # Inputs tracked with `dvc add` (a manual download under data/external) come too.
@@ -367,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                 if has_remote():
                     dvc("push", f"report@{args.suite}")
                 else:
-                    print("matrix: no DVC remote (dvc remote add -d ...): the report is not pushed")
+                    print(f"{NO_REMOTE} the report is not pushed")
     elif args.command == "local":
         if args.gpus is not None:
             slots = [gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()]

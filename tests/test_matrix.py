@@ -191,14 +191,20 @@ def test_a_queued_experiment_copy_logs_to_the_repository_database(monkeypatch: p
     assert tracking.tracking_uri() == "http://mlflow.internal:5000"
 
 
-def test_run_without_a_dvc_remote_says_it_pulls_and_pushes_nothing(tmp_path: Path) -> None:
-    """`matrix run` in a repository with no DVC remote (a laptop) makes the targets and says in one
-    line that nothing was pulled or pushed; it used to skip both without a word."""
+def dvc_repository(folder: Path) -> dict[str, str]:
+    """`folder` made a git and DVC repository; the environment that finds this venv's dvc."""
     import os
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(command, cwd=tmp_path, check=True, env=env)
+        subprocess.run(command, cwd=folder, check=True, env=env)
+    return env
+
+
+def test_run_without_a_dvc_remote_says_it_pulls_and_pushes_nothing(tmp_path: Path) -> None:
+    """`matrix run` in a repository with no DVC remote (a laptop) makes the targets and says in one
+    line that nothing was pulled or pushed; it used to skip both without a word."""
+    env = dvc_repository(tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > out.txt\n    outs: [out.txt]\n")
 
     done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "hello"], cwd=tmp_path, env={
@@ -214,11 +220,7 @@ def test_run_without_a_dvc_remote_says_it_pulls_and_pushes_nothing(tmp_path: Pat
 def test_in_ci_run_without_a_dvc_remote_is_one_line(tmp_path: Path) -> None:
     """On a CI runner (GITHUB_ACTIONS=true) the jobs share outputs through the remote: without one,
     `run` stops at once, saying what to add, before anything is made."""
-    import os
-
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(command, cwd=tmp_path, check=True, env=env)
+    env = dvc_repository(tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > out.txt\n    outs: [out.txt]\n")
 
     done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "hello"], cwd=tmp_path, env={
@@ -237,13 +239,9 @@ def test_inputs_added_with_dvc_add_are_pulled_with_the_targets(tmp_path: Path, m
     """A dataset downloaded by hand (`dvc add data/external/Food-11.zip`, the .dvc file committed)
     is no stage's output, so `dvc pull --with-deps <stage>` would leave it behind on a runner:
     `run` names the tracked .dvc files in its pull."""
-    import os
-
     from stages.matrix import tracked_inputs
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(command, cwd=tmp_path, check=True, env=env)
+    env = dvc_repository(tmp_path)
     (tmp_path / "data" / "external").mkdir(parents=True)
     (tmp_path / "data" / "external" / "Food-11.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
     subprocess.run(["dvc", "add", "-q", "data/external/Food-11.zip"], cwd=tmp_path, check=True, env=env)
