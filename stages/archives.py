@@ -4,7 +4,7 @@ Downloaded archives are hostile until proven otherwise: an entry may try to writ
 dataset folder (`../x`, `/etc/x`), be a link or a device, or expand to far more than it weighs.
 Such entries are refused and reported, never silently skipped; so are entries
 that would overwrite a file already extracted (two entries of one path: the first is kept),
-encrypted entries, and entries compressed in a way Python cannot read (Deflate64). A zip entry that would expand
+entries whose names are not UTF-8 (an old tar's Latin-1: DVC cannot record them), encrypted entries, and entries compressed in a way Python cannot read (Deflate64). A zip entry that would expand
 past BOMB_MIN_BYTES at more than BOMB_RATIO times its compressed size (a zip bomb's signature;
 images barely compress) is refused before a byte of it is written. Extraction stops once the
 bytes really written would pass a bound: DEFAULT_MAX_BYTES, or the free space on the disk less
@@ -107,6 +107,18 @@ def _check_budget(result: Extraction, size: int, max_bytes: int, archive: Path, 
 ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 ZIP_METHOD_NAMES = {9: "Deflate64", 12: "bzip2", 14: "LZMA", 93: "Zstandard", 95: "xz", 96: "JPEG", 98: "PPMd", 99: "AES"}
 DUPLICATE = "duplicate: an earlier entry has the same path, and it is kept"
+NOT_UTF8_ENTRY = ("unusable name: not UTF-8 (DVC cannot record it); extract the archive yourself, rename its files "
+                  "(convmv -r -f latin1 -t utf8 --notest), and fetch the folder as a local source")
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name as Python read it from the file system or a tar holds only UTF-8: bytes
+    that are not come back as surrogates (os.fsdecode's surrogateescape)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _clashes(out: Path) -> bool:
@@ -172,6 +184,9 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extra
                 continue
             if member.issym() or member.islnk():
                 _refuse(result, member.name, "link")
+                continue
+            if not is_utf8(member.name):
+                _refuse(result, member.name, NOT_UTF8_ENTRY)
                 continue
             if member.isdir():
                 (dest / target).mkdir(parents=True, exist_ok=True)

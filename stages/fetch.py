@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a keras.datasets source imports TensorFlow
     record = fetch(args.dataset, args.params, args.out, args.provenance)
-    refused = f", {len(record['refused'])} archive entries refused (see {args.provenance})" if record["refused"] else ""
+    refused = f", {len(record['refused'])} entries refused (see {args.provenance})" if record["refused"] else ""
     print(f"fetch@{args.dataset}: {record['files']} files, {record['bytes']:,} bytes in {args.out}{refused}")
 
 

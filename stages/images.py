@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms
 
 # Refuse decompression bombs (a 30,000 x 30,000 image is 900 MP) before they are decoded.
 MAX_PIXELS = 12_000 * 12_000
@@ -46,13 +46,16 @@ def check_image(path: Path) -> ImageCheck:
                 frames = int(getattr(image, "n_frames", 1))
                 if width * height > MAX_PIXELS:
                     return ImageCheck(width, height, mode, f"too large: {width}x{height} pixels")
-                if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # turned a quarter
-                    width, height = height, width
                 image.load()
+                width, height = image.size
+                if _turn(image) in QUARTER_TURNS:
+                    width, height = height, width
                 if mode not in ("RGB", "L"):  # prove the conversion load_image will make works
                     _to_mode(image, "RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return ImageCheck(None, None, None, f"too large: {_without_path(error, path)}")
+    except UnusablePixels as error:
+        return ImageCheck(None, None, None, f"unusable pixels: {error}")
     except (OSError, SyntaxError, ValueError) as error:
         return ImageCheck(None, None, None, f"undecodable: {_without_path(error, path)}")
     except Exception as error:  # a decoder's own failure on a hostile file is still the file's fault
@@ -79,7 +82,32 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     """Decode `path` upright, convert to `channels` (1 or 3) and resize to size x size, uint8.
     Of an animated GIF or a multi-page TIFF, the first frame (as Keras's own loaders do)."""
     with Image.open(path) as image:
-        return _normalise(ImageOps.exif_transpose(image), size, channels)
+        image.load()
+        turn = _turn(image)
+        converted = _to_mode(image, "L" if channels == 1 else "RGB")  # before turning: it reads the file's format
+        return _normalise(converted.transpose(turn) if turn is not None else converted, size, channels)
+
+
+# EXIF orientation -> the turn that makes the image upright (as ImageOps.exif_transpose does).
+TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+QUARTER_TURNS = {TURNS[5], TURNS[6], TURNS[7], TURNS[8]}
+
+
+def _turn(image: Image.Image) -> Image.Transpose | None:
+    """The turn a loaded image needs to stand upright, from its EXIF orientation. (A TIFF turns
+    itself as it loads, and drops the tag.) Not ImageOps.exif_transpose: it also rewrites the
+    EXIF block, which fails on values some cameras write, such as a shutter speed of -1/0
+    (Pillow issue 8965), on an image that is otherwise fine."""
+    orientation = image.getexif().get(EXIF_ORIENTATION)
+    return TURNS.get(orientation) if isinstance(orientation, int) else None
 
 
 def load_pixels(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -97,9 +125,15 @@ def _normalise(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return array[..., None] if channels == 1 else array
 
 
+class UnusablePixels(ValueError):
+    """An image that decodes, but whose pixels cannot be shown (NaN in a float TIFF)."""
+
+
 def _to_mode(image: Image.Image, target: str) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        image = Image.fromarray(_to_8_bits(np.asarray(image, dtype=np.float64), image.mode), mode="L")
+        # A PGM/PPM of more than 8 bits opens as 32-bit "I", its values scaled to 0..65535.
+        sixteen = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM")
+        image = Image.fromarray(_to_8_bits(np.asarray(image), image.mode, sixteen), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
@@ -117,14 +151,28 @@ def _lab_to_srgb() -> ImageCms.ImageCmsTransform:
     return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
 
 
-def _to_8_bits(array: np.ndarray, mode: str) -> np.ndarray:
+def _to_8_bits(array: np.ndarray, mode: str, sixteen: bool) -> np.ndarray:
     """A 16-bit, 32-bit or float single-channel image as 8 bits, keeping its brightness: 16-bit
     values are divided by 257 (65535 becomes 255), values already in 0..255 stay, floats in 0..1
-    are scaled by 255. Only values outside every such range are stretched to 0..255."""
+    are scaled by 255. Only values outside every such range are stretched to 0..255. `sixteen`:
+    the file declares 16 bits, so even a dark image's values are divided."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise UnusablePixels(f"{bad} of {array.size} pixel values are NaN or infinite")
     low, high = float(array.min()), float(array.max())
-    if mode.startswith("I;16") or (mode == "I" and low >= 0 and 255 < high <= 65535):
-        scaled = array / 257.0
-    elif low >= 0 and high <= 255 and (mode == "I" or high > 1):
+    if sixteen or (mode == "I" and low >= 0 and 255 < high <= 65535):
+        # x / 257 rounded, in integers, 1,024 rows at a time: a 12,000 x 12,000 X-ray in float64
+        # would take gigabytes (a worker per core, each holding one).
+        out = np.empty(array.shape, np.uint8)
+        for start in range(0, len(array), 1024):
+            wide = array[start:start + 1024].astype(np.uint32)
+            wide *= 255
+            wide += 32767
+            wide //= 65535
+            out[start:start + 1024] = wide
+        return out
+    array = array.astype(np.float64)
+    if low >= 0 and high <= 255 and (mode == "I" or high > 1):
         scaled = array
     elif mode == "F" and low >= 0 and high <= 1:
         scaled = array * 255.0

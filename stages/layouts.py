@@ -105,11 +105,16 @@ def map_label(raw_label: str | None, class_map: Mapping[str, str]) -> str | None
 
 
 def not_an_image(path: str) -> str:
-    """The reason a file is not an image by its name, or "" when it may be one."""
-    name = PurePosixPath(path).name
-    suffix = PurePosixPath(path).suffix
-    if name.startswith(".") or suffix.lower() not in IMAGE_SUFFIXES:
-        return f"not an image file ('{suffix or name}')"
+    """The reason a file is not an image by its name, or "" when it may be one. Hidden files and
+    folders are a system's or a tool's, not data: macOS's `.DS_Store` and `._x.jpg` (its
+    metadata beside x.jpg), a notebook's `.ipynb_checkpoints/` copies."""
+    posix = PurePosixPath(path)
+    if posix.name.startswith("."):
+        return f"hidden file ('{posix.name}')"
+    if hidden := next((part for part in posix.parts[:-1] if part.startswith(".")), None):
+        return f"in a hidden folder ('{hidden}')"
+    if posix.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file ('{posix.suffix or posix.name}')"
     return ""
 
 

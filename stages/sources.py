@@ -199,10 +199,15 @@ def fetch_openimages(options: OpenImagesOptions, dest: Path, dataset: str) -> di
     return openimages.fetch(options, dest, dataset)
 
 
+NOT_UTF8_FILE = ("unusable name: not UTF-8 (DVC cannot record it); rename it (convmv -r -f latin1 -t utf8 --notest "
+                 "<folder>) and fetch again")
+
+
 def copy_regular_files(source: Path, dest: Path) -> list[dict[str, str]]:
     """Copy the regular files under `source` into `dest`; return the entries refused. Raw data
     holds only real files: a link could point anywhere on this machine, and reading a device
-    or a FIFO could block or never end."""
+    or a FIFO could block or never end. And only UTF-8 names: DVC fails on any other, at the
+    end of the fetch, in a line that names no file."""
     refused = []
 
     def unreadable(error: OSError) -> None:
@@ -219,7 +224,9 @@ def copy_regular_files(source: Path, dest: Path) -> list[dict[str, str]]:
             path = here / name
             entry = path.relative_to(source).as_posix()
             mode = path.lstat().st_mode
-            if stat.S_ISLNK(mode):
+            if not archives.is_utf8(entry):
+                refused.append({"entry": entry, "reason": NOT_UTF8_FILE})
+            elif stat.S_ISLNK(mode):
                 refused.append({"entry": entry, "reason": "symbolic link"})
             elif not stat.S_ISREG(mode):
                 refused.append({"entry": entry, "reason": "device, fifo or other special file"})

@@ -289,11 +289,25 @@ def validate(
     if report.hard_failures:
         failure = report.hard_failures[0]
         more = f" (and {len(report.hard_failures) - 1} more)" if len(report.hard_failures) > 1 else ""
+        key = f"datasets.{dataset}"
+        remedy = REMEDIES.get(failure.name, "").format(key=key)
         raise UserError(
             f"validate@{dataset}: expectation {failure.name} failed: {failure.observed}{more}; "
+            f"{remedy + ', or ' if remedy else ''}take {failure.name} out of {key}.validation.hard to only warn; "
             f"see {report.docs_index} and {manifest_path}"
         )
     return summary
+
+
+# What to do when a hard rule fails, beside making it a warning.
+REMEDIES = {
+    "labels_in_class_set": "declare the labels in {key}.classes or map them with {key}.layout.class_map",
+    "undecodable_fraction": "replace the broken files in the source, or raise {key}.validation.max_undecodable_fraction",
+    "min_per_class": "add images to the class, or lower {key}.validation.min_per_class",
+    "image_size_bounds": "remove those files from the source, or widen {key}.validation.min_side / max_side",
+    "no_conflicting_labels": "keep each image under one label in the source",
+    "expected_count": "if the source changed, set {key}.validation.expected_count to its new count",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -369,7 +369,7 @@ def pneumonia() -> Miniature:
     for store, reason in (
         ("chest_xray/.DS_Store", "stray file: in the layout root, not in a split folder"),
         ("chest_xray/train/.DS_Store", "stray file: not inside a class folder"),
-        ("chest_xray/train/NORMAL/.DS_Store", "not an image file ('.DS_Store')"),
+        ("chest_xray/train/NORMAL/.DS_Store", "hidden file ('.DS_Store')"),
         ("chest_xray/chest_xray/.DS_Store", "stray file: in folder 'chest_xray', not in a split folder"),
     ):
         mini.tree[store] = DS_STORE

@@ -77,6 +77,105 @@ def test_exif_rotated_jpeg_is_loaded_and_measured_upright(tmp_path: Path) -> Non
     assert upright[:10].reshape(-1, 3).mean(axis=0)[0] > 200 and upright[-10:].reshape(-1, 3).mean(axis=0)[2] > 200
 
 
+def exif_block(orientation: int, exif_ifd: list[tuple[int, int, bytes]]) -> bytes:
+    """An APP1 EXIF block written byte by byte, as a camera does: IFD0 with the orientation and a
+    pointer to an Exif IFD holding `exif_ifd`'s (tag, type, 4-byte value) entries. Pillow's own
+    writer would not write the values cameras do."""
+    ifd0 = [(0x0112, 3, struct.pack("<H", orientation)), (0x8769, 4, struct.pack("<I", 8 + 2 + 12 * 2 + 4))]
+
+    def ifd(entries: list[tuple[int, int, bytes]], values_at: int) -> tuple[bytes, bytes]:
+        table, values = struct.pack("<H", len(entries)), b""
+        for tag, kind, value in entries:
+            if len(value) <= 4:
+                table += struct.pack("<HHI", tag, kind, 1) + value.ljust(4, b"\0")
+            else:
+                table += struct.pack("<HHII", tag, kind, 1, values_at + len(values))
+                values += value
+        return table + b"\0\0\0\0", values
+
+    first, _ = ifd(ifd0, 0)
+    second_at = 8 + len(first)
+    second, values = ifd(exif_ifd, second_at + 2 + 12 * len(exif_ifd) + 4)
+    return b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + first + second + values
+
+
+def test_a_camera_exif_value_pillow_cannot_rewrite_does_not_stop_the_upright_load(tmp_path: Path) -> None:
+    """A shutter speed of -1/0 (a signed rational some phones write) beside orientation 6:
+    ImageOps.exif_transpose fails re-packing the EXIF (struct.error, Pillow issue 8965), so split
+    crashed on a file validate had accepted. The turn is read and made without rewriting it."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # left half red as stored: on top when upright
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif_block(6, [(0x9201, 10, struct.pack("<ii", -1, 0))]), quality=95)
+
+    check = check_image(path)
+    upright = load_image(path, 40, 3)
+
+    assert check.error == "" and (check.width, check.height) == (20, 40)
+    assert upright[:10].reshape(-1, 3).mean(axis=0)[0] > 200 and upright[-10:].reshape(-1, 3).mean(axis=0)[2] > 200
+
+
+def test_an_exif_rotated_tiff_is_measured_upright_once(tmp_path: Path) -> None:
+    """A TIFF turns itself as Pillow loads it; the check must not turn its size a second time."""
+    stored = Image.new("RGB", (60, 40), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 30, 40))  # left half red as stored
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "scan.tif", exif=exif)
+
+    check = check_image(tmp_path / "scan.tif")
+    upright = load_image(tmp_path / "scan.tif", 40, 3)
+
+    assert (check.width, check.height) == (40, 60)
+    assert upright[:10].reshape(-1, 3).mean(axis=0)[0] > 200 and upright[-10:].reshape(-1, 3).mean(axis=0)[2] > 200
+
+
+@pytest.mark.parametrize("maxval, stored, expected", [(65535, 200, 1), (65535, 51400, 200), (4095, 100, 6)])
+def test_a_sixteen_bit_pgm_keeps_its_brightness(tmp_path: Path, maxval: int, stored: int, expected: int) -> None:
+    """Pillow opens a PGM of more than 8 bits as 32-bit "I", scaled to 0..65535. A dark one (all
+    values under 256) was taken for 8 bits and brightened 257 times."""
+    path = tmp_path / "scan.pgm"
+    path.write_bytes(f"P5 4 4 {maxval}\n".encode() + np.full((4, 4), stored, ">u2").tobytes())
+    assert np.all(load_image(path, 4, 1) == expected)  # 4095: 100 / 4095 * 255 = 6.2
+
+
+def test_a_float_image_with_nan_is_set_aside_not_blackened(tmp_path: Path) -> None:
+    """One NaN made min() and max() NaN, and every pixel 0: an all-black image, accepted."""
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp).save(tmp_path / "ramp.tif")
+    ramp[0, 0] = np.nan
+    Image.fromarray(ramp).save(tmp_path / "nan.tif")
+
+    assert check_image(tmp_path / "ramp.tif").error == ""
+    assert load_image(tmp_path / "ramp.tif", 8, 1).max() == 255
+    assert check_image(tmp_path / "nan.tif").error == "unusable pixels: 1 of 64 pixel values are NaN or infinite"
+
+
+def test_a_sixteen_bit_image_is_converted_in_integers_exactly(tmp_path: Path) -> None:
+    """The integer conversion gives the float one's values (x / 257, rounded): all of 0..65535."""
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(every).save(tmp_path / "every.png")
+    assert np.array_equal(load_image(tmp_path / "every.png", 256, 1)[..., 0], np.rint(every / 257.0).astype(np.uint8))
+
+
+def test_checking_the_largest_sixteen_bit_image_takes_about_a_gigabyte(tmp_path: Path) -> None:
+    """A 12,000 x 12,000 16-bit X-ray (MAX_PIXELS; 0.3 MB of PNG) is checked in a child process
+    whose peak memory is measured: the conversion in float64 peaked at 4.8 GB, and split decodes
+    with one worker per core."""
+    Image.fromarray(np.full((12_000, 12_000), 30_000, np.uint16)).save(tmp_path / "xray.png")
+    probe = (
+        "import sys; from pathlib import Path; from stages.images import check_image; "
+        "print(check_image(Path(sys.argv[1])).error or 'ok'); "
+        "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "xray.png")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    verdict, peak_kib = result.stdout.splitlines()
+    assert verdict == "ok"
+    assert int(peak_kib) < 1536 * 1024  # 1.0 GB measured: the decoded image, its array, the 8-bit and RGB copies
+
+
 def test_gray_in_an_rgb_dataset_and_colour_in_a_gray_one(tmp_path: Path) -> None:
     Image.new("L", (8, 8), 100).save(tmp_path / "gray.png")
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")

@@ -265,6 +265,9 @@ def test_validate_hard_rule_failure_names_rule_and_class_and_still_writes(tmp_pa
     assert "min_per_class" in message
     assert "class 'c' has 1 image" in message
     assert "'a'" not in message and "'b'" not in message
+    # What to do: the key to change, or the rule to make a warning.
+    assert ("add images to the class, or lower datasets.toy.validation.min_per_class, or take min_per_class out "
+            "of datasets.toy.validation.hard to only warn") in message
     assert manifest_path.is_file() and summary_path.is_file()
     assert (docs / "index.html").is_file()
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -360,3 +363,11 @@ def test_validate_names_the_undeclared_labels_it_set_aside(tmp_path, capsys):
     assert summary["set_aside_by_reason"]["undeclared label"] == 2
     assert ("validate@toy: note: 2 files are set aside for labels that are not declared classes: zebra (2); if they "
             "belong, add them to datasets.toy.classes or map them with datasets.toy.layout.class_map") in capsys.readouterr().out
+
+
+def test_every_rule_a_dataset_can_make_hard_says_what_to_do() -> None:
+    """A hard failure's line names a remedy for each rule there is (and a rule added later must too)."""
+    from stages.expectations import RULES
+    from stages.validate import REMEDIES
+
+    assert set(REMEDIES) == set(RULES)

@@ -192,6 +192,34 @@ def test_local_folder_lists_its_refused_entries_in_name_order(tmp_path):
     assert entries == sorted(entries) and len(entries) == 6
 
 
+def test_names_that_are_not_utf8_are_refused_at_fetch_so_dvc_can_record_the_rest(tmp_path):
+    """An old folder's Latin-1 names (`caf\xe9.png`, a folder `\xe9t\xe9/`): DVC fails on them at
+    the end of the fetch, in a line that names no file. They are refused with what to do, and
+    `dvc add` of what was copied succeeds."""
+    import subprocess
+    import sys
+
+    source = class_folder_dataset(tmp_path / "source")
+    shutil.copy(source / "a" / "0.png", os.fsencode(source / "a") + b"/caf\xe9.png")
+    os.mkdir(os.fsencode(source / "b") + b"/\xe9t\xe9")
+    shutil.copy(source / "b" / "0.png", os.fsencode(source / "b") + b"/\xe9t\xe9/0.png")
+    project = tmp_path / "project"
+    project.mkdir()
+    dest = project / "raw"
+
+    details = get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    assert files_under(dest) == {"a/0.png", "a/1.png", "b/0.png", "b/1.png"}
+    reasons = reasons_by_entry(details["refused"])
+    assert sorted(reasons) == [os.fsdecode(b"a/caf\xe9.png"), os.fsdecode(b"b/\xe9t\xe9/0.png")]
+    assert set(reasons.values()) == {sources.NOT_UTF8_FILE}
+    assert sources.NOT_UTF8_FILE.startswith("unusable name: not UTF-8") and "convmv" in sources.NOT_UTF8_FILE
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=project, check=True)
+    added = subprocess.run([*dvc, "add", "raw"], cwd=project, capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr
+
+
 def test_an_unreadable_folder_of_a_local_source_is_one_line_not_skipped(tmp_path, monkeypatch):
     """A subfolder that cannot be listed (permissions) stops the fetch with its name: os.walk
     would otherwise skip it, and its images would be missing without a word."""
@@ -359,7 +387,7 @@ def add_tar_member(handle: tarfile.TarFile, name: str, kind: bytes = tarfile.REG
 def test_tar_refuses_escapes_links_and_devices_and_keeps_good_entries(tmp_path):
     """A hostile tar writes nothing outside the destination; each refused entry has a reason."""
     archive = tmp_path / "hostile.tar"
-    with tarfile.open(archive, "w") as handle:
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as handle:
         add_tar_member(handle, "good", tarfile.DIRTYPE)
         add_tar_member(handle, "good/one.txt", data=b"kept")
         add_tar_member(handle, "../x", data=b"escaped")
@@ -368,6 +396,7 @@ def test_tar_refuses_escapes_links_and_devices_and_keeps_good_entries(tmp_path):
         add_tar_member(handle, "good/hardlink", tarfile.LNKTYPE, linkname="good/one.txt")
         add_tar_member(handle, "good/device", tarfile.CHRTYPE)
         add_tar_member(handle, "good/fifo", tarfile.FIFOTYPE)
+        add_tar_member(handle, "good/caf\xe9.png", data=b"a Latin-1 name, as an old tar has")
     dest = tmp_path / "box" / "dest"
     dest.mkdir(parents=True)
 
@@ -384,6 +413,7 @@ def test_tar_refuses_escapes_links_and_devices_and_keeps_good_entries(tmp_path):
         "good/hardlink": "link",
         "good/device": "device, fifo or other special file",
         "good/fifo": "device, fifo or other special file",
+        os.fsdecode(b"good/caf\xe9.png"): archives.NOT_UTF8_ENTRY,
     }
     assert files_under(tmp_path / "box") == {"dest/good/one.txt"}
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
