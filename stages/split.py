@@ -14,7 +14,9 @@ image closest to train put there, so that every class can be learnt.
 
 Writes, in `--out`: `splits.parquet` (path, label, split, plus the manifest's columns),
 `classes.json`, and for each split `<split>_x.npy` (N, size, size, channels) uint8 and
-`<split>_y.npy` int32 class indices, ready to be memory-mapped by training.
+`<split>_y.npy` int32 class indices, ready to be memory-mapped by training. `meta.json` holds the
+arrays' sha256 (each split's images, then its labels, in train/val/test order), taken as they are
+written: training's data version, so that a change in decoding is a change of data.
 """
 
 from __future__ import annotations
@@ -146,8 +148,9 @@ def empty_cells(rows: pd.DataFrame, classes: list[str], dataset: str) -> list[st
     return notes
 
 
-def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig) -> dict[str, int]:
-    """Decode each image once into memory-mapped uint8 arrays, one pair per split."""
+def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig) -> tuple[dict[str, int], str]:
+    """Decode each image once into memory-mapped uint8 arrays, one pair per split; return the
+    counts and the arrays' sha256."""
     layout = get_layout(config.layout.kind)
     in_memory = {}
     if layout.in_memory:
@@ -156,6 +159,7 @@ def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig
     index = {name: i for i, name in enumerate(config.classes)}
     shape = (config.image_size, config.image_size, config.channels)
     counts = {}
+    digest = hashlib.sha256()
     for split in SPLITS:
         part = rows[rows["split"] == split]
         images = np.lib.format.open_memmap(out / f"{split}_x.npy", mode="w+", dtype=np.uint8, shape=(len(part), *shape))
@@ -166,15 +170,23 @@ def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig
             decoded = map_ordered(decode, part["path"].to_list(), desc=f"decoding {split}", unit="img")
         for i, image in enumerate(decoded):
             images[i] = image
+            digest.update(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
         images.flush()
         del images
-        np.save(out / f"{split}_y.npy", part["label"].map(index).to_numpy(np.int32), allow_pickle=False)
+        labels = part["label"].map(index).to_numpy(np.dtype("<i4"))
+        digest.update(labels.tobytes())
+        np.save(out / f"{split}_y.npy", labels, allow_pickle=False)
         counts[split] = int(len(part))
-    return counts
+    return counts, digest.hexdigest()
 
 
 def _decode_file(raw: Path, path: str, size: int, channels: int) -> np.ndarray:
-    return load_image(raw / path, size, channels)
+    try:
+        return load_image(raw / path, size, channels)
+    except Exception as error:  # validate decoded it: a file changed since, or a decoder's bug
+        raise UserError(f"{raw / path}: validate accepted this file, but it cannot be decoded now "
+                        f"({type(error).__name__}: {error}); run validate@<dataset> again, or move the file "
+                        "out of the source and fetch again") from None
 
 
 def split(dataset: str, params_path: str, manifest_path: Path, raw: Path, out: Path) -> dict[str, int]:
@@ -193,10 +205,11 @@ def split(dataset: str, params_path: str, manifest_path: Path, raw: Path, out: P
     try:
         rows.to_parquet(partial / "splits.parquet", index=False)
         (partial / "classes.json").write_text(json.dumps(config.classes, indent=2) + "\n", encoding="utf-8")
-        counts = write_arrays(rows, raw, partial, config)
+        counts, sha256 = write_arrays(rows, raw, partial, config)
         write_json_atomic(
             partial / "meta.json",
-            {"dataset": dataset, "image_size": config.image_size, "channels": config.channels, "counts": counts},
+            {"dataset": dataset, "image_size": config.image_size, "channels": config.channels, "counts": counts,
+             "sha256": sha256},
         )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

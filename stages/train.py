@@ -18,8 +18,10 @@ Each phase stops early on validation loss and keeps its best weights; phase 2 ke
 weights unless it beats them. After every epoch the whole training state (weights, optimizer,
 random generators, early-stopping state, history) is written to `<out>/checkpoint.npz` (a frozen
 base's variables once per phase, beside it: see Checkpoint), so a killed run resumes from its
-last completed epoch and ends with the weights an uninterrupted run would have had. On a GPU it
-trains in mixed precision with XLA.
+last completed epoch and ends with the weights an uninterrupted run would have had: only a run
+of the same params, prepared arrays, weights file, backend and dtype policy, code (CODE_MODULES)
+and library versions resumes; any other starts over. On a GPU it trains in mixed precision with
+XLA.
 
 Writes into `--out`: `model.keras`, `history.csv` (one row per epoch, a DVC plot) and
 `training.json` (the resolved configuration, the MLflow run id, phases, timings). Params and
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -47,6 +51,11 @@ from stages.files import atomic_path, write_json_atomic, write_text_atomic
 from stages.loader import PreparedData, check_prepared, load_prepared
 
 CHECKPOINT = "checkpoint.npz"
+# The modules whose code decides the weights training ends with: train's `stages/` deps in
+# dvc.yaml (a test checks they agree). A checkpoint resumes only under the same code.
+CODE_MODULES = ("train", "augmentation", "backbones", "config", "loader", "runtime", "tracking", "weights")
+# The libraries under it, by Keras backend.
+LIBRARIES = {"tensorflow": ("tensorflow",), "jax": ("jax", "jaxlib"), "torch": ("torch",)}
 # Cached features may take this many bytes; beyond it the frozen base runs every epoch.
 FEATURE_CACHE_BYTES = 4 << 30
 
@@ -115,6 +124,22 @@ class TrainingState:
     done: bool = False  # this phase stopped (early or at its last epoch)
     logged_epochs: int = 0  # rows of `history` the MLflow run has
     setup: str = ""  # the Keras backend and dtype policy it trains with: a checkpoint resumes on the same
+    code: str = ""  # code_version() of the process that wrote it: a checkpoint resumes under the same
+
+
+def code_version(backend: str) -> str:
+    """A hash of the code that trains (CODE_MODULES' source) and the versions of the libraries it
+    trains with. A checkpoint written under other code would go on under this code's rules (a
+    changed preprocessing, say) and end as a model neither would make."""
+    digest = hashlib.sha256()
+    for name in CODE_MODULES:
+        digest.update((Path(__file__).with_name(f"{name}.py")).read_bytes())
+    for library in ("keras", "numpy", "efficientnet", *LIBRARIES.get(backend, ())):
+        try:
+            digest.update(f"{library}=={importlib.metadata.version(library)};".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{library} absent;".encode())
+    return digest.hexdigest()[:16]
 
 
 def _numpy(variable: Any) -> np.ndarray:
@@ -233,6 +258,9 @@ class RunLog:
     def __init__(self, experiment: Experiment, config: dict, params_hash: str, tags: dict[str, str]) -> None:
         self.experiment, self.config, self.params_hash, self.tags = experiment, config, params_hash, tags
         self.online = True
+        # The last epoch the run has: a process killed after logging an epoch but before its
+        # checkpoint trains that epoch again, and it is not logged twice.
+        self.logged_through = -1
 
     def _offline(self, error: tracking.TrackingUnavailable) -> None:
         self.online = False
@@ -245,10 +273,16 @@ class RunLog:
             with tracking.unavailable("open the run", consequence):
                 if state.run_id and tracking.run_exists(state.run_id):
                     tracking.reopen_run(state.run_id)
+                    self.logged_through = self._last_step(state.run_id)
                 else:
                     state.run_id, state.logged_epochs = self._create(state.run_key), 0
         except tracking.TrackingUnavailable as error:
             self._offline(error)
+
+    @staticmethod
+    def _last_step(run_id: str) -> int:
+        history = tracking.mlflow_client().tracking.MlflowClient().get_metric_history(run_id, "loss")
+        return max((metric.step for metric in history), default=-1)
 
     def epoch(self, state: TrainingState) -> None:
         if self.online:
@@ -267,6 +301,9 @@ class RunLog:
         with tracking.unavailable("log the run", consequence):
             if not state.run_id or not tracking.run_exists(state.run_id):
                 state.run_id, state.logged_epochs = self._create(state.run_key), 0
+                self.logged_through = -1
+            elif not self.online:  # the run was there all along: what has it got?
+                self.logged_through = self._last_step(state.run_id)
             self._log_epochs(state)
             tracking.mlflow_client().tracking.MlflowClient().set_terminated(state.run_id)
 
@@ -280,6 +317,7 @@ class RunLog:
         metrics = [
             Metric(key, float(value), now, row["epoch"])
             for row in state.history[state.logged_epochs :]
+            if row["epoch"] > self.logged_through
             for key, value in row.items()
             if key not in NOT_METRICS
         ]
@@ -406,6 +444,11 @@ def _train(
             print(f"train@{experiment.name}: the checkpoint was written with {resumed[0].setup or 'an older version'}, "
                   f"this run has {setup} (KERAS_BACKEND, training.mixed_precision); starting over")
             resumed = None
+        code = code_version(keras.backend.backend())
+        if resumed is not None and resumed[0].code != code:
+            print(f"train@{experiment.name}: the checkpoint was written by other code (the stages/ modules train "
+                  "runs) or other versions of Keras and its backend; starting over")
+            resumed = None
         if resumed is not None:
             state, arrays = resumed
             if state.phase_index >= len(plan_phases(experiment)):
@@ -415,7 +458,7 @@ def _train(
                 print(f"train@{experiment.name}: resuming after epoch {state.epoch} (phase {state.phase_index + 1})")
         else:
             arrays = {}
-            state = TrainingState(run_key=run_key, run_id="", setup=setup)
+            state = TrainingState(run_key=run_key, run_id="", setup=setup, code=code)
         tags = {
             "data_version": data.version,
             "keras_backend": keras.backend.backend(),

@@ -303,7 +303,9 @@ def check_split(out: Path, counts: dict[str, int], mini: Miniature, entry: dict)
         assert labels.tolist() == [classes.index(label) for label in frame.loc[frame["split"] == part, "label"]]
         assert images.max() > 0
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    assert meta == {"dataset": mini.dataset, "image_size": size, "channels": channels, "counts": counts}
+    assert meta == {"dataset": mini.dataset, "image_size": size, "channels": channels, "counts": counts,
+                    "sha256": meta["sha256"]}
+    assert len(meta["sha256"]) == 64
 
 
 # --------------------------------------------------------------------------------------------

@@ -129,3 +129,13 @@ def test_every_stage_depends_on_the_code_that_decides_its_outputs() -> None:
         if listed != needed:
             wrong[name] = {"missing": sorted(needed - listed), "not run": sorted(listed - needed)}
     assert wrong == {}
+
+
+def test_the_code_a_train_checkpoint_is_bound_to_is_the_code_dvc_reruns_train_for() -> None:
+    """train resumes a checkpoint only under the same CODE_MODULES: exactly train's `stages/` deps,
+    so that a change that reruns train@ in DVC never goes on from the old code's epochs."""
+    from stages.train import CODE_MODULES
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    deps = {dep for dep in stages["train"]["do"]["deps"] if dep.startswith("stages/")}
+    assert deps == {f"stages/{name}.py" for name in CODE_MODULES}

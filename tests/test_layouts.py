@@ -625,7 +625,7 @@ def test_fer2013_manifest_and_arrays_hold_the_csv_pixels(fer2013, tmp_path):
 
     out = tmp_path / "arrays"
     out.mkdir()
-    counts = write_arrays(split, raw, out, cfg)
+    counts, _ = write_arrays(split, raw, out, cfg)
     assert counts == {"train": 7, "val": 3, "test": 3}
     for name in ("train", "val", "test"):
         images = np.load(out / f"{name}_x.npy")
@@ -915,3 +915,19 @@ def test_course_layout_entries_parse(name):
     assert isinstance(cfg.layout.options, layouts.get_layout(cfg.layout.kind).options)
     # YAML's bare numbers in class maps are names, keyed as text like the raw labels.
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.layout.options.class_map.items())
+
+
+def test_hidden_files_and_files_in_hidden_folders_are_set_aside_as_hidden(tmp_path):
+    """A notebook's `.ipynb_checkpoints/` copies were taken as images of the class they sat in;
+    macOS's `._x.png` (its metadata beside x.png) was "not an image file ('.png')"."""
+    raw = tmp_path / "raw"
+    write_image(raw / "a" / "0.png")
+    write_image(raw / "a" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    (raw / "a" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    write_image(raw / "b" / "0.png")
+
+    found = run_layout(config({"kind": "folders"}, ["a", "b"]), raw)
+
+    assert found["a/.ipynb_checkpoints/0-checkpoint.png"].reason == "in a hidden folder ('.ipynb_checkpoints')"
+    assert found["a/._0.png"].reason == "hidden file ('._0.png')"
+    assert found["a/0.png"].reason == found["b/0.png"].reason == ""

@@ -380,7 +380,12 @@ def test_split_writes_uint8_arrays_that_match_splits_parquet(tmp_path):
     assert not out.with_name("toy.partial").exists()
     assert json.loads((out / "classes.json").read_text(encoding="utf-8")) == classes
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    assert meta == {"dataset": "toy", "image_size": 16, "channels": 1, "counts": counts}
+    # The arrays' sha256: each split's images, then its labels, train, val, test.
+    digest = hashlib.sha256()
+    for name in ("train", "val", "test"):
+        digest.update(np.load(out / f"{name}_x.npy").tobytes())
+        digest.update(np.load(out / f"{name}_y.npy").astype("<i4").tobytes())
+    assert meta == {"dataset": "toy", "image_size": 16, "channels": 1, "counts": counts, "sha256": digest.hexdigest()}
     table = pd.read_parquet(out / "splits.parquet")
     assert len(table) == 45 and "README.txt" not in set(table["path"])
     assert counts == {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")}
@@ -455,3 +460,42 @@ def test_split_without_a_manifest_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="no manifest; run validate@toy first"):
         split("toy", str(params), tmp_path / "absent.parquet", tmp_path / "raw", tmp_path / "out")
+
+
+def test_a_file_that_no_longer_decodes_at_split_is_one_line_naming_it(tmp_path: Path) -> None:
+    """validate decoded every accepted file; if one fails at split all the same (changed since, or
+    a decoder's bug), the stage names it instead of ending in a worker's traceback."""
+    from stages.errors import UserError
+    from stages.split import _decode_file
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated since validate")
+
+    with pytest.raises(UserError) as caught:
+        _decode_file(tmp_path, "a/0.png", size=8, channels=3)
+
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'a' / '0.png'}: validate accepted this file, but it cannot be decoded now (")
+    assert "\n" not in message
+
+
+def test_a_change_in_decoding_alone_is_a_new_data_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same files split the same way, decoded differently (a changed images.py, a new Pillow):
+    training's data version changes, so that a checkpoint of the old pixels is not resumed and
+    MLflow's data_version tag tells the two apart. It hashed splits.parquet and meta.json only."""
+    import stages.split as split_module
+    from stages.loader import load_prepared
+
+    raw = tmp_path / "raw"
+    for label, seed in (("a", 1), ("a", 2), ("b", 3), ("b", 4), ("c", 5), ("c", 6)):
+        write_png(raw / label / f"{seed}.png", seed)
+    (tmp_path / "before").mkdir()
+    (tmp_path / "after").mkdir()
+    before, _ = run_split(tmp_path / "before", raw, channels=1, classes=["a", "b", "c"])
+    decode = split_module.load_image
+    monkeypatch.setattr(split_module, "load_image", lambda *args, **kwargs: 255 - decode(*args, **kwargs))
+    after, _ = run_split(tmp_path / "after", raw, channels=1, classes=["a", "b", "c"])
+
+    assert (before / "splits.parquet").read_bytes() == (after / "splits.parquet").read_bytes()
+    assert not np.array_equal(np.load(before / "train_x.npy"), np.load(after / "train_x.npy"))
+    assert load_prepared(before).version != load_prepared(after).version

@@ -400,7 +400,71 @@ def test_a_killed_train_stage_resumes_and_ends_with_the_uninterrupted_weights(tm
     run = MlflowClient(tracking).get_run(records[1]["run_id"])
     assert run.info.status == "FINISHED"
     steps = [m.step for m in MlflowClient(tracking).get_metric_history(run.info.run_id, "val_loss")]
-    assert sorted(set(steps)) == list(range(8)), "every epoch logged once into the one run"
+    assert sorted(steps) == list(range(8)), "every epoch logged once into the one run"
+
+
+def test_an_epoch_logged_before_the_kill_is_not_logged_again(tmp_path: Path, tracking: str, monkeypatch) -> None:
+    """The process dies after an epoch reached MLflow but before its checkpoint did: the rerun
+    trains that epoch again, and the run still has each epoch once (it had step 1 twice)."""
+    from mlflow.tracking import MlflowClient
+
+    from stages import train as train_module
+
+    save = train_module.Checkpoint.save
+    writes = []
+
+    def die_before_the_second_save(self, state, model, optimizer, best, static=()):
+        writes.append(state.epoch)
+        if len(writes) == 2:
+            raise Interrupted  # epoch 2 is in MLflow, not in the checkpoint
+        save(self, state, model, optimizer, best, static)
+
+    train = {"epochs": 4, "early_stopping_patience": 10, "batch_size": 64}
+    monkeypatch.setattr(train_module.Checkpoint, "save", die_before_the_second_save)
+    with pytest.raises(Interrupted):
+        train_toy(tmp_path, "cut", SMALL_CNN, train)
+    monkeypatch.setattr(train_module.Checkpoint, "save", save)
+    _, record = train_toy(tmp_path, "cut", SMALL_CNN, train)
+
+    for key in ("loss", "val_loss", "accuracy"):
+        steps = [m.step for m in MlflowClient(tracking).get_metric_history(record["run_id"], key)]
+        assert sorted(steps) == [0, 1, 2, 3], key
+
+
+def test_a_checkpoint_written_by_other_code_is_not_resumed(tmp_path: Path, tracking: str, monkeypatch) -> None:
+    """A changed module of train's (here a comment in augmentation.py; in life a changed
+    preprocessing) reruns train@ in DVC: its checkpoint of the old code starts over rather than
+    going on under the new code. The same code resumes it (the other resume tests)."""
+    import shutil
+
+    from stages import train as train_module
+
+    save = train_module.Checkpoint.save
+
+    def save_then_die(self, state, model, optimizer, best, static=()):
+        save(self, state, model, optimizer, best, static)
+        raise Interrupted
+
+    train = {"epochs": 2, "early_stopping_patience": 10, "batch_size": 64}
+    monkeypatch.setattr(train_module.Checkpoint, "save", save_then_die)
+    with pytest.raises(Interrupted):
+        train_toy(tmp_path, "cut", SMALL_CNN, train)
+    assert (tmp_path / "cut" / "checkpoint.npz").exists()
+
+    code = tmp_path / "code"
+    shutil.copytree(REPO / "stages", code / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(code / "stages" / "augmentation.py", "a", encoding="utf-8") as module:
+        module.write("\n# changed since the checkpoint\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "PYTHONPATH": str(code)}
+    rerun = subprocess.run(
+        [sys.executable, "-m", "stages.train", "--experiment", "toy-net", "--data", str(tmp_path / "data"),
+         "--out", str(tmp_path / "cut"), "--params", str(tmp_path / "cut.yaml")],
+        cwd=code, env=env, capture_output=True, text=True, timeout=900,
+    )
+
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "the checkpoint was written by other code" in rerun.stdout and "resuming" not in rerun.stdout
+    assert json.loads((tmp_path / "cut" / "training.json").read_text())["epochs_run"] == 2
 
 
 class Interrupted(Exception):
