@@ -73,6 +73,10 @@ server: env
 plots: env
 	$(RUN) python -m stages.plots show
 
+# Everything the pipeline wrote, MLflow's store included, and DVC's run cache: left, it would
+# bring the outputs back on the next `dvc repro` without running a stage, so without their
+# MLflow runs (report then stops: the registered versions are missing). DVC's file cache stays.
 clean-outputs:
 	rm -rf data/raw data/interim data/processed data/weights models reports/figures reports/predictions \
-	  reports/validation reports/metrics reports/leaderboard reports/evaluation mlflow.db mlartifacts
+	  reports/validation reports/metrics reports/leaderboard reports/evaluation mlflow.db mlartifacts \
+	  .dvc/cache/runs

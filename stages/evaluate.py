@@ -79,6 +79,15 @@ def evaluate(
     training_record = json.loads((model_dir / "training.json").read_text(encoding="utf-8"))
     data = load_prepared(data_dir, splits=("train", "test"))
     check_prepared(data, data_dir, experiment.dataset_name, experiment.dataset)
+    trained_on = training_record.get("data_version")
+    if trained_on and trained_on != data.version:
+        # Split ran again since (evaluate run by hand, or with --single-item): the test split may
+        # now hold images the model trained on, and its score would go to the registry.
+        raise UserError(
+            f"evaluate@{experiment.name}: the model was trained on prepared data {trained_on}, but {data_dir} is now "
+            f"{data.version} (split@{experiment.dataset_name} ran again since); its test split may hold training "
+            f"images: retrain it first, dvc repro train@{experiment.name}"
+        )
     if len(data.y["test"]) == 0:
         raise UserError(f"{data_dir}: the test split is empty; check split@{experiment.dataset_name}")
 

@@ -194,9 +194,13 @@ def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
         by_number = {int(v.version): v for v in versions}
         missing = sorted(int(n) for n in rows["model_version"] if int(n) not in by_number)
         if missing:
+            lost = rows[rows["model_version"].astype(int).isin(missing)]
+            which = f" ({dataset} with {', '.join(sorted(lost['backbone']))})" if "backbone" in lost else ""
             raise UserError(
-                f"report: the registered versions {missing} of {dataset} are missing from "
-                f"{tracking.shown_uri()}; re-run their evaluate stages there (dvc repro --force)"
+                f"report: the registered versions {missing} of {dataset} are missing from {tracking.shown_uri()} "
+                "(a cleared store, or outputs DVC brought back from its run cache without running a stage); point "
+                "MLFLOW_TRACKING_URI at the store that has them, or train and evaluate again there: "
+                f"dvc repro --force --downstream train@<experiment> ..., naming the train stage of each{which}"
             )
         # The data the suite's evaluations saw: the data_version tag of their registered versions.
         data_versions = {by_number[int(n)].tags.get("data_version", "") for n in rows["model_version"]}

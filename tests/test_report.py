@@ -218,8 +218,11 @@ def test_mixed_selection_metrics_within_a_dataset_are_a_user_error(registry: Mlf
 def test_version_missing_from_the_registry_is_a_user_error(registry: MlflowClient) -> None:
     """A row naming a version the registry does not hold (another tracking URI, say) fails clearly."""
     register(registry, 0.95)
-    with pytest.raises(UserError, match=r"registered versions \[7\] of digits are missing from sqlite:///"):
-        update_champions(table([7]))
+    with pytest.raises(UserError, match=r"registered versions \[7\] of digits are missing from sqlite:///") as error:
+        update_champions(table([7]).assign(backbone="small_cnn"))
+    assert str(error.value).endswith(
+        "dvc repro --force --downstream train@<experiment> ..., naming the train stage of each (digits with small_cnn)"
+    )
 
 
 def test_versions_evaluated_on_different_data_are_a_user_error(registry: MlflowClient) -> None:

@@ -1074,3 +1074,26 @@ def test_prepared_data_unlike_params_is_one_line_saying_to_split_again(tmp_path,
     assert "\n" not in text and text.startswith(f"{data}: ") and message in text
     assert text.endswith("run split@toy again (dvc repro split@toy)")
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluating_a_model_on_data_split_again_since_it_trained_is_refused(tmp_path, tracking) -> None:
+    """evaluate run by hand (or with --single-item) after split ran again (a new seed): the test
+    split may hold images the model trained on, and the inflated score went to the registry. The
+    model's training record names the data version it trained on; evaluate refuses any other."""
+    from stages.errors import UserError
+    from stages.evaluate import evaluate
+
+    train_toy(tmp_path, "net", SMALL_CNN, {"epochs": 1})
+    trained_on = json.loads((tmp_path / "net" / "training.json").read_text())["data_version"]
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "sha256": "split again with another seed"}))
+    out = tmp_path / "reports"
+
+    with pytest.raises(UserError) as error:
+        evaluate("toy-net", str(tmp_path / "net.yaml"), tmp_path / "data", tmp_path / "net", out / "metrics.json",
+                 out / "predictions.csv", out / "figures", out / "evaluation")
+
+    text = str(error.value)
+    assert "\n" not in text and text.startswith(f"evaluate@toy-net: the model was trained on prepared data {trained_on}, but ")
+    assert text.endswith("retrain it first, dvc repro train@toy-net")
+    assert not out.exists()
