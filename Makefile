@@ -73,10 +73,11 @@ server: env
 plots: env
 	$(RUN) python -m stages.plots show
 
-# Everything the pipeline wrote, MLflow's store included, and DVC's run cache: left, it would
-# bring the outputs back on the next `dvc repro` without running a stage, so without their
-# MLflow runs (report then stops: the registered versions are missing). DVC's file cache stays.
+# A fresh start: everything the pipeline wrote, MLflow's store included, and what would let DVC
+# bring the outputs back without running a stage (dvc.lock, and its run cache): brought back so,
+# they would have no MLflow runs, and report would stop on the missing registered versions. The
+# next `dvc repro` runs every stage again. DVC's file cache stays (`dvc gc` empties it).
 clean-outputs:
 	rm -rf data/raw data/interim data/processed data/weights models reports/figures reports/predictions \
 	  reports/validation reports/metrics reports/leaderboard reports/evaluation mlflow.db mlartifacts \
-	  .dvc/cache/runs
+	  dvc.lock .dvc/cache/runs
