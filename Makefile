@@ -76,8 +76,9 @@ plots: env
 # A fresh start: everything the pipeline wrote, MLflow's store included, and what would let DVC
 # bring the outputs back without running a stage (dvc.lock, and its run cache): brought back so,
 # they would have no MLflow runs, and report would stop on the missing registered versions. The
-# next `dvc repro` runs every stage again. DVC's file cache stays (`dvc gc` empties it).
+# next `dvc repro` runs every stage again. DVC's file cache stays (`dvc gc` empties it). A
+# committed dvc.lock comes back with `git checkout dvc.lock`.
 clean-outputs:
 	rm -rf data/raw data/interim data/processed data/weights models reports/figures reports/predictions \
-	  reports/validation reports/metrics reports/leaderboard reports/evaluation mlflow.db mlartifacts \
-	  dvc.lock .dvc/cache/runs
+	  reports/validation reports/metrics reports/leaderboard reports/evaluation mlflow.db mlartifacts dvc.lock
+	cache="$$($(RUN) dvc cache dir 2>/dev/null)"; rm -rf "$${cache:-.dvc/cache}/runs"

@@ -209,7 +209,8 @@ def _file_records(manifest: pd.DataFrame) -> pd.DataFrame:
     files["label"] = files["label"].astype("object").where(files["label"].notna(), NO_LABEL)
     # 0/1 rather than bool so that the column's mean is the undecodable fraction.
     reasons = files["reason"].fillna("").astype(str)
-    files["undecodable"] = reasons.str.startswith("undecodable").astype("int64")
+    # An image whose pixels cannot be shown (NaN in a float TIFF) counts as undecodable.
+    files["undecodable"] = reasons.str.startswith(("undecodable", "unusable pixels")).astype("int64")
     # "<path>: <reason>" for each set-aside file, null for the rest: the Data Docs record that
     # names every file set aside (see _set_aside_record).
     aside = files["status"] != "ok"

@@ -10,6 +10,7 @@ manifest says which files had more.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,8 @@ def _turn(image: Image.Image) -> Image.Transpose | None:
     EXIF block, which fails on values some cameras write, such as a shutter speed of -1/0
     (Pillow issue 8965), on an image that is otherwise fine."""
     orientation = image.getexif().get(EXIF_ORIENTATION)
-    return TURNS.get(orientation) if isinstance(orientation, int) else None
+    # A whole number, however stored (a SHORT, or a RATIONAL 6/1); anything else is no turn.
+    return TURNS.get(orientation) if isinstance(orientation, numbers.Real) else None
 
 
 def load_pixels(pixels: np.ndarray, size: int, channels: int) -> np.ndarray:

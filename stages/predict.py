@@ -98,11 +98,12 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
     for path in paths:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file())
-            images = [p for p in found if not not_an_image(p.name)]
+            # As validate judges them: by the path within the folder (hidden folders included).
+            images = [p for p in found if not not_an_image(p.relative_to(path).as_posix())]
             if not images:
                 problems.append(f"{path}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
             files.extend(images)
-            left_out.extend(p for p in found if not_an_image(p.name))
+            left_out.extend(p for p in found if not_an_image(p.relative_to(path).as_posix()))
         elif path.is_file():
             files.append(path)
         else:

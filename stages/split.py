@@ -148,7 +148,8 @@ def empty_cells(rows: pd.DataFrame, classes: list[str], dataset: str) -> list[st
     return notes
 
 
-def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig) -> tuple[dict[str, int], str]:
+def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig,
+                 dataset: str = "<dataset>") -> tuple[dict[str, int], str]:
     """Decode each image once into memory-mapped uint8 arrays, one pair per split; return the
     counts and the arrays' sha256."""
     layout = get_layout(config.layout.kind)
@@ -166,7 +167,8 @@ def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig
         if in_memory:
             decoded = (load_pixels(in_memory[p], config.image_size, config.channels) for p in part["path"])
         else:
-            decode = functools.partial(_decode_file, raw, size=config.image_size, channels=config.channels)
+            decode = functools.partial(_decode_file, raw, size=config.image_size, channels=config.channels,
+                                       dataset=dataset)
             decoded = map_ordered(decode, part["path"].to_list(), desc=f"decoding {split}", unit="img")
         for i, image in enumerate(decoded):
             images[i] = image
@@ -180,12 +182,14 @@ def write_arrays(rows: pd.DataFrame, raw: Path, out: Path, config: DatasetConfig
     return counts, digest.hexdigest()
 
 
-def _decode_file(raw: Path, path: str, size: int, channels: int) -> np.ndarray:
+def _decode_file(raw: Path, path: str, size: int, channels: int, dataset: str) -> np.ndarray:
     try:
         return load_image(raw / path, size, channels)
+    except MemoryError:
+        raise
     except Exception as error:  # validate decoded it: a file changed since, or a decoder's bug
         raise UserError(f"{raw / path}: validate accepted this file, but it cannot be decoded now "
-                        f"({type(error).__name__}: {error}); run validate@<dataset> again, or move the file "
+                        f"({type(error).__name__}: {error}); run validate@{dataset} again, or move the file "
                         "out of the source and fetch again") from None
 
 
@@ -205,7 +209,7 @@ def split(dataset: str, params_path: str, manifest_path: Path, raw: Path, out: P
     try:
         rows.to_parquet(partial / "splits.parquet", index=False)
         (partial / "classes.json").write_text(json.dumps(config.classes, indent=2) + "\n", encoding="utf-8")
-        counts, sha256 = write_arrays(rows, raw, partial, config)
+        counts, sha256 = write_arrays(rows, raw, partial, config, dataset)
         write_json_atomic(
             partial / "meta.json",
             {"dataset": dataset, "image_size": config.image_size, "channels": config.channels, "counts": counts,

@@ -296,7 +296,7 @@ class RunLog:
         """Log whatever the run lacks and close it; fail in one line if the server is away."""
         consequence = (
             f"the trained model is kept in {checkpoint}: run the stage again when the server answers, "
-            "and it logs the run without training again"
+            "and it logs the run without training again (under the same code)"
         )
         with tracking.unavailable("log the run", consequence):
             if not state.run_id or not tracking.run_exists(state.run_id):

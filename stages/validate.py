@@ -172,9 +172,10 @@ REFUSED_PREFIX = "fetch::"
 
 def reason_kind(reason: str) -> str:
     """The kind of a set-aside reason, for counting: the text before its colon, with the
-    reasons that name a suffix or a label folded into one kind each."""
-    if reason.startswith("not an image file"):
-        return "not an image file"
+    reasons that name a suffix, a hidden name or a label folded into one kind each."""
+    for kind in ("not an image file", "hidden file", "in a hidden folder"):
+        if reason.startswith(kind):
+            return kind
     if reason.startswith("label '") and reason.endswith("is not among the declared classes"):
         return "undeclared label"
     return reason.split(":")[0]

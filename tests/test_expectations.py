@@ -220,6 +220,17 @@ def test_only_undecodable_reasons_count_towards_the_fraction(tmp_path):
     assert fraction.success and fraction.observed.startswith("8.33% undecodable (1 of 12")
 
 
+def test_images_with_unusable_pixels_count_as_undecodable(tmp_path):
+    """A float TIFF holding NaN decodes but cannot be shown: a source of such files fails the
+    fraction as one of broken files does."""
+    nan = [row(f"nan{i}.tif", None, width=None, height=None, mode=None, status="set_aside",
+               reason="unusable pixels: 1 of 64 pixel values are NaN or infinite") for i in range(3)]
+
+    report = check(clean_rows() + nan, tmp_path)
+
+    assert outcome(report, "undecodable_fraction").observed == "40% undecodable (4 of 10 files; max 25%)"
+
+
 @pytest.mark.parametrize(
     ("classes", "drop", "named"),
     [

@@ -371,3 +371,19 @@ def test_every_rule_a_dataset_can_make_hard_says_what_to_do() -> None:
     from stages.validate import REMEDIES
 
     assert set(REMEDIES) == set(RULES)
+
+
+def test_hidden_files_are_counted_as_one_kind_in_the_summary(tmp_path):
+    """`._x.png` beside every image of a macOS tar: one "hidden file" count in the summary (a
+    DVC metric) and validate's line, not one key per file name."""
+    raw = clean_raw(tmp_path / "raw", {"a": 2, "b": 2, "c": 2})
+    for name in ("a/._0.png", "a/._1.png", "b/._0.png"):
+        (raw / name).write_bytes(b"\0\5\26\7 AppleDouble")
+    write_png(raw / "a" / ".ipynb_checkpoints" / "0-checkpoint.png", seed=99)
+    params = write_params(tmp_path, validation={"min_per_class": 2})
+
+    _, _, summary_path, summary = run_validate(tmp_path, raw, params)
+
+    assert not isinstance(summary, Exception), summary
+    written = json.loads(summary_path.read_text(encoding="utf-8"))
+    assert written["set_aside_by_reason"] == {"hidden file": 3, "in a hidden folder": 1, "stray file": 1}

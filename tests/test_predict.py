@@ -61,16 +61,18 @@ def test_named_files_are_kept_as_given_even_without_an_image_suffix(tmp_path: Pa
 
 
 def test_hidden_files_are_left_out_and_each_image_is_classified_once(tmp_path: Path) -> None:
-    """As validate: `._b.png` (macOS's metadata beside b.png) is not an image. A file named and
-    also inside a folder given is classified once."""
+    """As validate: `._b.png` (macOS's metadata beside b.png) is not an image, nor is a copy in a
+    notebook's hidden `.ipynb_checkpoints/`. A file named and also inside a folder given is
+    classified once."""
     folder = tmp_path / "photos"
     image = write_png(folder / "b.png")
     (folder / "._b.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    checkpoint = write_png(folder / ".ipynb_checkpoints" / "b-checkpoint.png")
 
     files, problems, left_out = image_files([image, folder, folder / ".." / "photos" / "b.png"])
 
     assert files == [image]
-    assert problems == [] and left_out == [folder / "._b.png"]
+    assert problems == [] and left_out == [folder / "._b.png", checkpoint]
 
 
 def test_missing_path_and_empty_folder_are_reported_with_their_paths(tmp_path: Path) -> None:

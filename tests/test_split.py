@@ -472,10 +472,11 @@ def test_a_file_that_no_longer_decodes_at_split_is_one_line_naming_it(tmp_path: 
     (tmp_path / "a" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated since validate")
 
     with pytest.raises(UserError) as caught:
-        _decode_file(tmp_path, "a/0.png", size=8, channels=3)
+        _decode_file(tmp_path, "a/0.png", size=8, channels=3, dataset="toy")
 
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / 'a' / '0.png'}: validate accepted this file, but it cannot be decoded now (")
+    assert message.endswith("; run validate@toy again, or move the file out of the source and fetch again")
     assert "\n" not in message
 
 
