@@ -257,6 +257,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged, its keys overridable
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -271,6 +273,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """YAML 1.1's integers, less the spellings YAML 1.2 (DVC's reading) reads otherwise: 010 is
+    8 to PyYAML and 10 to DVC, 1:04 is 64 to PyYAML and text to DVC. Those are refused: the
+    stages would train on one value while DVC tracks another."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    if ":" in text or re.fullmatch(r"[-+]?0[0-7]+", text):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is a different number in YAML 1.1 and in YAML 1.2 (DVC's reading); write it "
+            "without leading zeros or colons, or quote it if it is a name", node.start_mark,
+        )
+    return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def _load_yaml(text: str) -> Any:
@@ -319,11 +337,28 @@ def _check_references(params: Params, source: str) -> None:
     """Names that must point at other entries, and component kinds that must be registered."""
     from stages import backbones, layouts, sources  # registries; cheap to import
 
+    for kind, names in (("datasets", params.datasets), ("backbones", params.backbones), ("suites", params.suites)):
+        for name in names:
+            if not NAME.fullmatch(name):
+                raise ConfigError(
+                    f"{source}: {kind}.{name}: {name!r} cannot name DVC stages and folders (fetch@<dataset>, "
+                    "models/<dataset>/<backbone>, report@<suite>); use letters, digits, _ and ., starting with a "
+                    "letter or digit"
+                )
+    for name in params.suites:
+        if not any(spec.suite == name for spec in params.experiments.values()):
+            raise ConfigError(
+                f"{source}: suites.{name}: no experiment is in this suite, so report@{name} has nothing to rank; "
+                f"give an experiment suite: {name}, or remove the suite"
+            )
     for name, dataset in params.datasets.items():
         if len(set(dataset.classes)) != len(dataset.classes):
             raise ConfigError(f"{source}: datasets.{name}.classes: class names repeat; list each once")
-        if not dataset.classes:
-            raise ConfigError(f"{source}: datasets.{name}.classes: list at least one class")
+        if len(dataset.classes) < 2:
+            raise ConfigError(
+                f"{source}: datasets.{name}.classes: {dataset.classes} has fewer than two classes, and a classifier "
+                "needs two or more to choose between"
+            )
         if dataset.image_size < 1:
             raise ConfigError(
                 f"{source}: datasets.{name}.image_size: {dataset.image_size} is out of range; use the side in "
@@ -400,6 +435,16 @@ def _check_references(params: Params, source: str) -> None:
                 experiment.backbone.model, backbones.REGISTRY, "backbone model", source,
                 f"{where}.backbone_overrides.model",
             )
+        if experiment.backbone.model == "cnn":
+            # Each block halves the side: past log2 of it, a pooling layer gets nothing to pool.
+            side = experiment.backbone.input_size or experiment.dataset.image_size
+            blocks = len(experiment.backbone.options.get("filters", [32, 64]))
+            if 2**blocks > side:
+                raise ConfigError(
+                    f"{source}: {where}: backbone {spec.backbone} has {blocks} pooling blocks (options.filters), each "
+                    f"halving the side, and its input is {side} px; use at most {max(side.bit_length() - 1, 0)} blocks, "
+                    f"or a larger input_size"
+                )
         if spec.backbone_overrides:  # the backbone as the experiment has it (the entry itself is checked above)
             _check_backbone(experiment.backbone, f"{where}.backbone_overrides", _override_keys(spec.backbone_overrides),
                             f"backbones.{spec.backbone}", source)
@@ -407,6 +452,8 @@ def _check_references(params: Params, source: str) -> None:
     del sources, layouts
 
 
+# A dataset, backbone or suite name: part of DVC stage names (fetch@<dataset>) and of paths.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*")
 SEED_OFFSETS = 1000  # augmentation.py uses seed + 200..202; backbones.py seed + 1.. and seed + 100..
 MAX_SEED = 2**31 - 1 - SEED_OFFSETS
 
@@ -544,6 +591,14 @@ def _parse(tp: Any, value: Any, where: str, source: str) -> Any:
             return {}
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {where}: expected a mapping, got {_kind(value)}")
+        for k in value:
+            if k is None or isinstance(k, bool):
+                # A folder named yes/no (a brain-MRI dataset's) mapped by class_map: YAML 1.1 reads
+                # the bare key as a boolean, and its str() would match no folder.
+                raise ConfigError(
+                    f"{source}: {where}: the key {k!r} was read as {'null' if k is None else 'a boolean'} (YAML reads "
+                    "bare yes/no/on/off/true/false/null so); quote it, e.g. 'yes':"
+                )
         return {str(k): _parse(args[1], v, f"{where}.{k}", source) for k, v in value.items()}
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -562,7 +617,9 @@ def _parse(tp: Any, value: Any, where: str, source: str) -> Any:
             return str(value)
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported schema type {tp!r}")
-    raise ConfigError(f"{source}: {where}: expected {tp.__name__}, got {_kind(value)} {value!r}")
+    quote = ("; YAML reads bare yes/no/on/off/true/false/null so: quote it if it is a name"
+             if tp is str and (value is None or isinstance(value, bool)) else "")
+    raise ConfigError(f"{source}: {where}: expected {tp.__name__}, got {_kind(value)} {value!r}{quote}")
 
 
 def _parse_dataclass(tp: type, value: Any, where: str, source: str) -> Any:

@@ -329,6 +329,30 @@ MISTAKES = {
         set_key(["experiments", "digits-small_cnn", "backbone_overrides"], {"weights": "imagenet"}),
         ["experiments.digits-small_cnn.backbone_overrides.weights: cnn has no pretrained weights; set weights: null"],
     ),
+    "a dataset name DVC stages cannot hold": (
+        lambda raw: raw["datasets"].__setitem__("my digits", copy.deepcopy(raw["datasets"]["digits"])),
+        ["datasets.my digits: 'my digits' cannot name DVC stages and folders", "use letters, digits, _ and ."],
+    ),
+    "a suite no experiment is in": (
+        set_key(["suites", "empty"], {"rank_by": "accuracy"}),
+        ["suites.empty: no experiment is in this suite", "give an experiment suite: empty, or remove the suite"],
+    ),
+    "a single class": (
+        set_key(["datasets", "digits", "classes"], ["0"]),
+        ["datasets.digits.classes: ['0'] has fewer than two classes"],
+    ),
+    "a cnn with more pooling blocks than its input has halvings": (
+        set_key(["backbones", "small_cnn", "options", "filters"], [32, 64, 64, 64, 64]),
+        ["experiments.digits-small_cnn: backbone small_cnn has 5 pooling blocks", "its input is 16 px; use at most 4"],
+    ),
+    "a class_map key yaml read as a boolean": (
+        set_key(["datasets", "digits", "layout", "class_map"], {True: "0"}),
+        ["datasets.digits.layout.class_map: the key True was read as a boolean", "quote it, e.g. 'yes':"],
+    ),
+    "a class yaml read as a boolean": (
+        set_key(["datasets", "digits", "classes"], [False, "1"]),
+        ["datasets.digits.classes[0]: expected str, got a boolean False; YAML reads bare yes/no", "quote it if it is a name"],
+    ),
     "a weights_url that is a local file": (
         set_key(["backbones", "mobilenetv2", "weights_url"], "file:///tmp/w.h5"),
         ["backbones.mobilenetv2.weights_url: 'file:///tmp/w.h5' is not an http(s) URL", "where the weights stage says"],
@@ -542,3 +566,48 @@ def test_a_number_written_1e_3_is_read_as_dvc_reads_it(tmp_path, raw):
     (tmp_path / "params.yaml").write_text(text.replace("learning_rate: 1e-3", "learning_rate: '1e-3'", 1))
     with pytest.raises(ConfigError, match="training.learning_rate: expected float, got a string '1e-3'"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_yaml_merge_keys_are_read_and_their_keys_can_be_overridden(tmp_path, raw):
+    """`<<: *anchor` (a backbone entry built on another): DVC reads it, and so do the stages. It
+    was refused as "not valid YAML"; a key given beside the merge overrides the merged one."""
+    text = yaml.safe_dump(raw, sort_keys=False)
+    text = text.replace("  small_cnn:\n", "  small_cnn: &small\n", 1)
+    text = text.replace("\nexperiments:\n", "\n  tiny_cnn:\n    <<: *small\n    head: {pool: avg}\nexperiments:\n", 1)
+    (tmp_path / "params.yaml").write_text(text)
+
+    params = load_params(tmp_path / "params.yaml")
+
+    assert params.backbones["tiny_cnn"].options == params.backbones["small_cnn"].options
+    assert params.backbones["tiny_cnn"].head.pool == "avg" and params.backbones["small_cnn"].head.pool == "flatten"
+
+
+@pytest.mark.parametrize(("written", "dvc_reads"), [("010", "10"), ("1:04", "'1:04' (text)")])
+def test_an_integer_yaml_1_1_and_dvc_read_differently_is_refused(tmp_path, raw, written, dvc_reads):
+    """PyYAML reads 010 as 8 and 1:04 as 64; DVC (YAML 1.2) reads {dvc_reads}. The stages would
+    train on one value while DVC tracks the other."""
+    text = yaml.safe_dump(raw, sort_keys=False).replace("batch_size: 64", f"batch_size: {written}", 1)
+    assert f"batch_size: {written}" in text
+    (tmp_path / "params.yaml").write_text(text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_params(tmp_path / "params.yaml")
+
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'params.yaml'}: line ")
+    assert f"'{written}' is a different number in YAML 1.1 and in YAML 1.2 (DVC's reading)" in message
+
+
+def test_a_bare_yes_key_in_a_class_map_is_refused_with_how_to_quote_it(tmp_path, raw):
+    """Folders named yes/ and no/ (a brain-MRI dataset) mapped with `class_map: {yes: tumor}`: the
+    bare key was read as True, became 'True', and matched no folder: every image set aside."""
+    text = yaml.safe_dump(raw, sort_keys=False).replace(
+        "kind: folders\n", "kind: folders\n      class_map: {yes: '0', no: '1'}\n", 1
+    )
+    assert "class_map: {yes: '0'" in text
+    (tmp_path / "params.yaml").write_text(text)
+
+    with pytest.raises(ConfigError, match=r"layout.class_map: the key True was read as a boolean .*quote it"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(text.replace("{yes: '0', no: '1'}", "{'yes': '0', 'no': '1'}"))
+    assert load_params(tmp_path / "params.yaml").datasets["digits"].layout.options.class_map == {"yes": "0", "no": "1"}
