@@ -41,6 +41,7 @@ class BackboneSpec:
     rgb: bool = True  # needs three channels
     pretrained: bool = True  # has ImageNet weights
     tensorflow_only: bool = False  # imports TensorFlow itself (KERAS_BACKEND must be tensorflow)
+    options: tuple[str, ...] = ()  # the option names params may give its build (the cnn's: CNN_OPTIONS)
 
 
 REGISTRY: Registry[BackboneSpec] = Registry("backbone model")
@@ -55,10 +56,16 @@ def register_backbone(
     rgb: bool = True,
     pretrained: bool = True,
     tensorflow_only: bool = False,
+    options: tuple[str, ...] = (),
 ) -> Callable:
+    """Register `build(input_shape, weights_file or None, options, seed=0)` as backbone model
+    `name`: the base without a top, taking raw input after the `preprocessing` named (the model
+    applies it). `options`: the names a params entry's `options:` may give it; any other is
+    refused when params are read."""
+
     def decorate(build: Callable) -> Callable:
         REGISTRY[name] = BackboneSpec(
-            name, build, preprocessing, native_input_size, min_input_size, rgb, pretrained, tensorflow_only
+            name, build, preprocessing, native_input_size, min_input_size, rgb, pretrained, tensorflow_only, options
         )
         return build
 
@@ -91,7 +98,7 @@ def options_problem(model: str, options: dict[str, Any]) -> tuple[str, str] | No
     model's option names are checked here, and the values of ours (the custom CNN's, and
     MobileNetV2's alpha), before Keras sees them."""
     if model != "cnn":
-        allowed = APPLICATION_OPTIONS.get(model, ())
+        allowed = REGISTRY[model].options if model in REGISTRY else ()
         for option in sorted(options):
             if option in PIPELINE_ARGUMENTS:
                 return option, "is set by the pipeline, not an option; remove it"
@@ -120,7 +127,7 @@ def options_problem(model: str, options: dict[str, Any]) -> tuple[str, str] | No
     return None
 
 
-@register_backbone("cnn", preprocessing="unit", native_input_size=None, rgb=False, pretrained=False)
+@register_backbone("cnn", preprocessing="unit", native_input_size=None, rgb=False, pretrained=False, options=CNN_OPTIONS)
 def build_cnn(input_shape: tuple[int, int, int], weights: str | None, options: dict[str, Any], seed: int = 0) -> Any:
     """The course's custom CNNs: blocks of `convs_per_block` 3x3 convolutions, then pooling.
 
@@ -238,9 +245,8 @@ APPLICATIONS = {
     "convnexttiny": ("ConvNeXtTiny", "none", 224, 32),
 }
 for _name, (_factory, _preprocessing, _native, _minimum) in APPLICATIONS.items():
-    register_backbone(_name, preprocessing=_preprocessing, native_input_size=_native, min_input_size=_minimum)(
-        _application(_factory)
-    )
+    register_backbone(_name, preprocessing=_preprocessing, native_input_size=_native, min_input_size=_minimum,
+                      options=APPLICATION_OPTIONS.get(_name, ()))(_application(_factory))
 
 
 def _efficientnet_package(factory_name: str) -> Callable:

@@ -18,6 +18,7 @@ import argparse
 import functools
 import hashlib
 import json
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -273,10 +274,14 @@ def validate(
         # a misspelt class folder loses every image this way.
         named = ", ".join(f"{label} ({count})" for label, count in undeclared.head(5).items())
         more = f" and {len(undeclared) - 5} more" if len(undeclared) > 5 else ""
+        advice = (f"if they belong, add them to datasets.{dataset}.classes or map them with "
+                  f"datasets.{dataset}.layout.class_map")
+        if root := _folder_above_the_classes(manifest, config):
+            advice = (f"the class folders sit one level down, in '{root}' (an archive's top folder): set "
+                      f"datasets.{dataset}.layout.root: '{root}'")
         print(
             f"validate@{dataset}: note: {int(undeclared.sum())} files are set aside for labels that are not declared "
-            f"classes: {named}{more}; if they belong, add them to datasets.{dataset}.classes or map them with "
-            f"datasets.{dataset}.layout.class_map"
+            f"classes: {named}{more}; {advice}"
         )
     if summary["multi_frame"]:
         print(
@@ -298,6 +303,22 @@ def validate(
             f"see {report.docs_index} and {manifest_path}"
         )
     return summary
+
+
+def _folder_above_the_classes(manifest: pd.DataFrame, config: DatasetConfig) -> str:
+    """For a `folders` layout whose files are set aside under one undeclared label, the folder to
+    name as layout.root when the declared class folders sit inside it (a zip of `shapes/<class>/`
+    read without a root); else ""."""
+    if config.layout.kind != "folders":
+        return ""
+    undeclared = manifest[manifest["reason"].map(reason_kind) == "undeclared label"]
+    if undeclared["label"].nunique() != 1:
+        return ""
+    root = config.layout.options.root.strip("/")
+    parts = undeclared["path"].str.slice(len(root) + 1 if root else 0).str.split("/")
+    within = parts.map(lambda p: len(p) >= 3 and unicodedata.normalize("NFC", p[1]) in set(config.classes))
+    label = undeclared["label"].iloc[0]
+    return f"{root}/{label}" if root and within.all() else (label if within.all() else "")
 
 
 # What to do when a hard rule fails, beside making it a warning.

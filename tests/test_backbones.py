@@ -313,6 +313,33 @@ def test_bad_application_option_is_a_user_error(keras):
         build(small_backbone("resnet50v2", options={"pooling": "max"}))
 
 
+def test_a_family_registered_with_options_takes_them_from_params_and_refuses_others(keras, monkeypatch):
+    """A new family, as docs/extending.md registers one: the options it names reach its build,
+    any other is refused naming the valid ones (it could take none before)."""
+    from stages.config import parse_params
+    from tests.toy import toy_params
+
+    seen = []
+
+    def build_tiny(input_shape, weights, options, seed=0):
+        seen.append(dict(options))
+        inputs = keras.Input(input_shape)
+        return keras.Model(inputs, keras.layers.Conv2D(options.get("width", 4), 3)(inputs), name="tiny")
+
+    monkeypatch.setitem(backbones.REGISTRY, "tiny", None)  # removed again after the test
+    backbones.register_backbone("tiny", preprocessing="unit", native_input_size=None, pretrained=False,
+                                options=("width",))(build_tiny)
+
+    model = build(small_backbone("tiny", options={"width": 6}))
+    assert seen == [{"width": 6}] and base_of(model).output.shape[-1] == 6
+    with pytest.raises(UserError, match="backbone tiny: options.depth: unknown option; valid: width"):
+        build(small_backbone("tiny", options={"depth": 2}))
+    raw = toy_params(["a", "b"])
+    raw["backbones"] = {"mine": {"model": "tiny", "options": {"depth": 2}}}
+    with pytest.raises(UserError, match=r"backbones.mine.options.depth: unknown option; valid: width"):
+        parse_params(raw, "params.yaml")
+
+
 # --------------------------------------------------------------------------------------------
 # Saving, augmentation and preprocessing.
 

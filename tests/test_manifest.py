@@ -387,3 +387,17 @@ def test_hidden_files_are_counted_as_one_kind_in_the_summary(tmp_path):
     assert not isinstance(summary, Exception), summary
     written = json.loads(summary_path.read_text(encoding="utf-8"))
     assert written["set_aside_by_reason"] == {"hidden file": 3, "in a hidden folder": 1, "stray file": 1}
+
+
+def test_class_folders_one_level_down_get_the_layout_root_as_the_advice(tmp_path, capsys):
+    """A zip of `shapes/<class>/...` read without layout.root: every file is under the undeclared
+    label 'shapes', and the note said to declare it as a class. It now names the root to set."""
+    clean_raw(tmp_path / "raw" / "shapes", {"a": 3, "b": 3, "c": 3})
+    params = write_params(tmp_path, validation={"min_per_class": 0})
+
+    _, _, _, summary = run_validate(tmp_path, tmp_path / "raw", params)
+
+    assert not isinstance(summary, Exception), summary
+    assert ("validate@toy: note: 9 files are set aside for labels that are not declared classes: shapes (9); the "
+            "class folders sit one level down, in 'shapes' (an archive's top folder): set "
+            "datasets.toy.layout.root: 'shapes'") in capsys.readouterr().out
