@@ -256,8 +256,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
+        merges = 0
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged, its keys overridable
+                merges += 1
+                if merges > 1:  # DVC refuses a second one
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "the merge key << is given twice in one mapping; merge several as <<: [*a, *b]",
+                        key_node.start_mark,
+                    )
                 continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
@@ -342,8 +349,8 @@ def _check_references(params: Params, source: str) -> None:
             if not NAME.fullmatch(name):
                 raise ConfigError(
                     f"{source}: {kind}.{name}: {name!r} cannot name DVC stages and folders (fetch@<dataset>, "
-                    "models/<dataset>/<backbone>, report@<suite>); use letters, digits, _ and ., starting with a "
-                    "letter or digit"
+                    "models/<dataset>/<backbone>, report@<suite>, the param datasets.<dataset>.source); use letters, "
+                    "digits and _, starting with a letter or digit"
                 )
     for name in params.suites:
         if not any(spec.suite == name for spec in params.experiments.values()):
@@ -354,11 +361,8 @@ def _check_references(params: Params, source: str) -> None:
     for name, dataset in params.datasets.items():
         if len(set(dataset.classes)) != len(dataset.classes):
             raise ConfigError(f"{source}: datasets.{name}.classes: class names repeat; list each once")
-        if len(dataset.classes) < 2:
-            raise ConfigError(
-                f"{source}: datasets.{name}.classes: {dataset.classes} has fewer than two classes, and a classifier "
-                "needs two or more to choose between"
-            )
+        if not dataset.classes:
+            raise ConfigError(f"{source}: datasets.{name}.classes: list at least one class")
         if dataset.image_size < 1:
             raise ConfigError(
                 f"{source}: datasets.{name}.image_size: {dataset.image_size} is out of range; use the side in "
@@ -419,6 +423,12 @@ def _check_references(params: Params, source: str) -> None:
         expected = f"{spec.dataset}-{spec.backbone}"
         if name != expected:
             raise ConfigError(f"{source}: {where}: an experiment is named <dataset>-<backbone>; rename it {expected!r}")
+        classes = params.datasets[spec.dataset].classes
+        if len(classes) < 2:
+            raise ConfigError(
+                f"{source}: datasets.{spec.dataset}.classes: {classes} has fewer than two classes, and {where} "
+                "trains a classifier, which needs two or more to choose between"
+            )
         experiment = params.experiment(name)  # validates the overrides
         _check_training(experiment.training, f"{where}.train", _override_keys(spec.train), source)
         tune = experiment.training.fine_tune
@@ -435,25 +445,26 @@ def _check_references(params: Params, source: str) -> None:
                 experiment.backbone.model, backbones.REGISTRY, "backbone model", source,
                 f"{where}.backbone_overrides.model",
             )
+        if spec.backbone_overrides:  # the backbone as the experiment has it (the entry itself is checked above)
+            _check_backbone(experiment.backbone, f"{where}.backbone_overrides", _override_keys(spec.backbone_overrides),
+                            f"backbones.{spec.backbone}", source)
         if experiment.backbone.model == "cnn":
             # Each block halves the side: past log2 of it, a pooling layer gets nothing to pool.
             side = experiment.backbone.input_size or experiment.dataset.image_size
-            blocks = len(experiment.backbone.options.get("filters", [32, 64]))
+            filters = experiment.backbone.options.get("filters", [32, 64])
+            blocks = len(filters)  # a list of numbers: _check_backbone saw to it
             if 2**blocks > side:
                 raise ConfigError(
                     f"{source}: {where}: backbone {spec.backbone} has {blocks} pooling blocks (options.filters), each "
                     f"halving the side, and its input is {side} px; use at most {max(side.bit_length() - 1, 0)} blocks, "
                     f"or a larger input_size"
                 )
-        if spec.backbone_overrides:  # the backbone as the experiment has it (the entry itself is checked above)
-            _check_backbone(experiment.backbone, f"{where}.backbone_overrides", _override_keys(spec.backbone_overrides),
-                            f"backbones.{spec.backbone}", source)
     # Component options were parsed against their registries in _parse_component.
     del sources, layouts
 
 
 # A dataset, backbone or suite name: part of DVC stage names (fetch@<dataset>) and of paths.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")  # no dots: DVC reads datasets.<name>.source as a path
 SEED_OFFSETS = 1000  # augmentation.py uses seed + 200..202; backbones.py seed + 1.. and seed + 100..
 MAX_SEED = 2**31 - 1 - SEED_OFFSETS
 

@@ -30,7 +30,7 @@ from stages.config import DatasetConfig, load_params
 from stages.errors import UserError, run_stage
 from stages.files import atomic_path, write_json_atomic
 from stages.images import check_image, check_pixels
-from stages.layouts import Candidate, get_layout
+from stages.layouts import Candidate, get_layout, map_label
 from stages.workers import map_ordered
 
 # The rules' columns, plus `frames`: how many an image file holds (the first is used), so that
@@ -309,14 +309,17 @@ def _folder_above_the_classes(manifest: pd.DataFrame, config: DatasetConfig) -> 
     """For a `folders` layout whose files are set aside under one undeclared label, the folder to
     name as layout.root when the declared class folders sit inside it (a zip of `shapes/<class>/`
     read without a root); else ""."""
-    if config.layout.kind != "folders":
-        return ""
+    if config.layout.kind != "folders" or manifest["label"].isin(config.classes).any():
+        return ""  # some files are where the classes are: the root is right for them
     undeclared = manifest[manifest["reason"].map(reason_kind) == "undeclared label"]
     if undeclared["label"].nunique() != 1:
         return ""
-    root = config.layout.options.root.strip("/")
+    options = config.layout.options
+    root = options.root.strip("/")
     parts = undeclared["path"].str.slice(len(root) + 1 if root else 0).str.split("/")
-    within = parts.map(lambda p: len(p) >= 3 and unicodedata.normalize("NFC", p[1]) in set(config.classes))
+    declared = set(config.classes)
+    within = parts.map(lambda p: len(p) >= 3
+                       and unicodedata.normalize("NFC", map_label(p[1], options.class_map)) in declared)
     label = undeclared["label"].iloc[0]
     return f"{root}/{label}" if root and within.all() else (label if within.all() else "")
 

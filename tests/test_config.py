@@ -331,7 +331,11 @@ MISTAKES = {
     ),
     "a dataset name DVC stages cannot hold": (
         lambda raw: raw["datasets"].__setitem__("my digits", copy.deepcopy(raw["datasets"]["digits"])),
-        ["datasets.my digits: 'my digits' cannot name DVC stages and folders", "use letters, digits, _ and ."],
+        ["datasets.my digits: 'my digits' cannot name DVC stages and folders", "use letters, digits and _"],
+    ),
+    "a dotted dataset name (DVC reads datasets.my.digits.source as a path)": (
+        lambda raw: raw["datasets"].__setitem__("my.digits", copy.deepcopy(raw["datasets"]["digits"])),
+        ["datasets.my.digits: 'my.digits' cannot name DVC stages and folders"],
     ),
     "a suite no experiment is in": (
         set_key(["suites", "empty"], {"rank_by": "accuracy"}),
@@ -580,6 +584,15 @@ def test_yaml_merge_keys_are_read_and_their_keys_can_be_overridden(tmp_path, raw
 
     assert params.backbones["tiny_cnn"].options == params.backbones["small_cnn"].options
     assert params.backbones["tiny_cnn"].head.pool == "avg" and params.backbones["small_cnn"].head.pool == "flatten"
+
+
+def test_two_merge_keys_in_one_mapping_are_refused_as_dvc_refuses_them(tmp_path, raw):
+    text = yaml.safe_dump(raw, sort_keys=False).replace("  small_cnn:\n", "  small_cnn: &small\n", 1)
+    text = text.replace("\nexperiments:\n", "\n  tiny_cnn:\n    <<: *small\n    <<: *small\nexperiments:\n", 1)
+    (tmp_path / "params.yaml").write_text(text)
+
+    with pytest.raises(ConfigError, match=r"line \d+: not valid YAML \(the merge key << is given twice .*<<: \[\*a, \*b\]\)"):
+        load_params(tmp_path / "params.yaml")
 
 
 @pytest.mark.parametrize(("written", "dvc_reads"), [("010", "10"), ("1:04", "'1:04' (text)")])

@@ -401,3 +401,16 @@ def test_class_folders_one_level_down_get_the_layout_root_as_the_advice(tmp_path
     assert ("validate@toy: note: 9 files are set aside for labels that are not declared classes: shapes (9); the "
             "class folders sit one level down, in 'shapes' (an archive's top folder): set "
             "datasets.toy.layout.root: 'shapes'") in capsys.readouterr().out
+
+
+def test_the_root_advice_is_not_given_when_some_class_folders_are_already_in_place(tmp_path, capsys):
+    """cat/ and dog/ where they belong, and a copy under backup/: a root of 'backup' would lose
+    the good ones, so the note keeps its usual advice."""
+    clean_raw(tmp_path / "raw", {"a": 3, "b": 3, "c": 3})
+    clean_raw(tmp_path / "raw" / "backup", {"a": 1})
+
+    _, _, _, summary = run_validate(tmp_path, tmp_path / "raw", write_params(tmp_path, validation={"min_per_class": 0}))
+
+    assert not isinstance(summary, Exception), summary
+    out = capsys.readouterr().out
+    assert "backup (1); if they belong, add them to datasets.toy.classes" in out and "layout.root" not in out
