@@ -320,8 +320,10 @@ def _folder_above_the_classes(manifest: pd.DataFrame, config: DatasetConfig) -> 
     declared = set(config.classes)
     within = parts.map(lambda p: len(p) >= 3
                        and unicodedata.normalize("NFC", map_label(p[1], options.class_map)) in declared)
+    if not within.all():
+        return ""
     label = undeclared["label"].iloc[0]
-    return f"{root}/{label}" if root and within.all() else (label if within.all() else "")
+    return f"{root}/{label}" if root else label
 
 
 # What to do when a hard rule fails, beside making it a warning.
