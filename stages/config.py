@@ -663,8 +663,12 @@ def _parse_component(value: Any, where: str, source: str) -> ComponentConfig:
     if not isinstance(value, dict) or "kind" not in value:
         raise ConfigError(f"{source}: {where}.kind: required key is missing; valid: {', '.join(sorted(registry))}")
     kind = _choose(value["kind"], registry, what, source, f"{where}.kind")
-    options = {k: v for k, v in value.items() if k != "kind"}
-    return ComponentConfig(kind=kind, options=_parse(registry[kind].options, options, where, source))
+    options = _parse(registry[kind].options, {k: v for k, v in value.items() if k != "kind"}, where, source)
+    try:
+        registry[kind].check(options, where)  # what needs no data: a reference's form, a regex, a sha256
+    except UserError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return ComponentConfig(kind=kind, options=options)
 
 
 def _join(where: str, key: str) -> str:

@@ -233,11 +233,9 @@ def _reason(error: BaseException) -> str:
 # The `url` source kind.
 
 
-def fetch_url(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
-    """Download `options.url` into the download cache, verify it, and extract or copy it to `dest`."""
-    key = f"datasets.{dataset}.source"
-    pinned = (options.sha256 or "").strip()
-    if not SHA256.fullmatch(pinned):
+def check_url(options: Any, key: str) -> None:
+    """The URL and its pinned sha256, checked without downloading; `key` is the source's key."""
+    if not SHA256.fullmatch((options.sha256 or "").strip()):
         raise UserError(
             f"{key}.sha256: {options.sha256!r} is not a sha256 (64 hexadecimal characters); "
             f"pin the file's checksum (`sha256sum <file>`) in params.yaml"
@@ -245,6 +243,14 @@ def fetch_url(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     parts = urlsplit(options.url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise UserError(f"{key}.url: {options.url!r} is not an http(s) URL")
+
+
+def fetch_url(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
+    """Download `options.url` into the download cache, verify it, and extract or copy it to `dest`."""
+    key = f"datasets.{dataset}.source"
+    check_url(options, key)
+    pinned = options.sha256.strip()
+    parts = urlsplit(options.url)
     name = unquote(parts.path.rsplit("/", 1)[-1])
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         name = f"{dataset}.download"

@@ -87,7 +87,7 @@ class _Target:
 
 def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     """Fill the empty folder `dest` with the Kaggle dataset or competition `options` names."""
-    target, files = _validate(options, dataset)
+    target, files = check(options, f"datasets.{dataset}.source")
     session = _Session(dataset)
     if target.kind == "dataset" and target.version is None:
         target = _Target("dataset", target.ref, session.current_version(target))
@@ -128,8 +128,8 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     }
 
 
-def _validate(options: Any, dataset: str) -> tuple[_Target, list[str]]:
-    where = f"datasets.{dataset}.source"
+def check(options: Any, where: str) -> tuple[_Target, list[str]]:
+    """The target and files `options` name, checked without asking Kaggle; `where` is their key."""
     ref, competition = options.dataset, options.competition
     if bool(ref) == bool(competition):
         raise UserError(

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping
 
 import numpy as np
 
+from stages.archives import safe_member_path
 from stages.errors import UserError
 from stages.registry import Registry
 
@@ -70,14 +71,21 @@ class LayoutKind:
     candidates: Callable[[Any, Path], list[Candidate]]
     # True when candidates carry pixels rather than naming image files.
     in_memory: bool = False
+    # The checks that need no data (regular expressions, split names, keys that exclude each
+    # other), given the options and the params key to name (`datasets.<name>.layout`). params.yaml
+    # runs them as it is read, so `python -m stages.config` finds these mistakes before any fetch;
+    # `candidates` runs them too, naming the key `layout`.
+    check: Callable[[Any, str], None] = lambda options, key: None
 
 
 REGISTRY: Registry[LayoutKind] = Registry("layout kind")
 
 
-def register_layout(name: str, options: type, in_memory: bool = False) -> Callable:
+def register_layout(
+    name: str, options: type, in_memory: bool = False, check: Callable[[Any, str], None] | None = None
+) -> Callable:
     def decorate(fn: Callable[[Any, Path], list[Candidate]]) -> Callable:
-        REGISTRY[name] = LayoutKind(name, options, fn, in_memory)
+        REGISTRY[name] = LayoutKind(name, options, fn, in_memory, check or (lambda options, key: None))
         return fn
 
     return decorate
@@ -131,6 +139,12 @@ def _check_splits(splits: Mapping[str, str], key: str) -> None:
             raise UserError(f"{key}.{name}: {split!r} is not a split; valid: {', '.join(SPLITS)}")
 
 
+def _check_root(root: str, key: str) -> None:
+    if root and safe_member_path(root) is None:
+        raise UserError(f"{key}.root: {root!r} is not a folder inside the raw folder; give a relative path such as "
+                        "'Garbage classification', or '' for the raw folder itself")
+
+
 def _root(raw: Path, root: str) -> PurePosixPath:
     if root and not (raw / root).is_dir():
         raise UserError(f"{raw / root}: the layout root does not exist; check layout.root in params.yaml")
@@ -170,9 +184,14 @@ class FoldersOptions:
     class_map: dict[str, str] = field(default_factory=dict)
 
 
-@register_layout("folders", FoldersOptions)
+def check_folders(options: FoldersOptions, key: str) -> None:
+    _check_root(options.root, key)
+    _check_splits(options.splits, f"{key}.splits")
+
+
+@register_layout("folders", FoldersOptions, check=check_folders)
 def folders(options: FoldersOptions, raw: Path) -> list[Candidate]:
-    _check_splits(options.splits, "layout.splits")
+    check_folders(options, "layout")
     root = _root(raw, options.root)
     return [_place(PurePosixPath(path), root, options.splits, options.class_map) for path in all_files(raw)]
 
@@ -207,15 +226,26 @@ class FilenamePatternOptions:
     class_map: dict[str, str] = field(default_factory=dict)
 
 
-@register_layout("filename_pattern", FilenamePatternOptions)
-def filename_pattern(options: FilenamePatternOptions, raw: Path) -> list[Candidate]:
-    _check_splits(options.splits, "layout.splits")
+def _label_regex(options: FilenamePatternOptions, key: str) -> re.Pattern:
     try:
         pattern = re.compile(options.pattern)
     except re.error as error:
-        raise UserError(f"layout.pattern: {options.pattern!r} is not a regular expression ({error})") from None
+        raise UserError(f"{key}.pattern: {options.pattern!r} is not a regular expression ({error})") from None
     if "label" not in pattern.groupindex:
-        raise UserError(f"layout.pattern: {options.pattern!r} has no named group for the label; write (?P<label>...)")
+        raise UserError(f"{key}.pattern: {options.pattern!r} has no named group for the label; write (?P<label>...)")
+    return pattern
+
+
+def check_filename_pattern(options: FilenamePatternOptions, key: str) -> None:
+    _check_root(options.root, key)
+    _check_splits(options.splits, f"{key}.splits")
+    _label_regex(options, key)
+
+
+@register_layout("filename_pattern", FilenamePatternOptions, check=check_filename_pattern)
+def filename_pattern(options: FilenamePatternOptions, raw: Path) -> list[Candidate]:
+    check_filename_pattern(options, "layout")
+    pattern = _label_regex(options, "layout")
     root = _root(raw, options.root)
     result = []
     for text in all_files(raw):
@@ -375,44 +405,50 @@ class _Row:
     reason: str
 
 
-def _csv_files(options: CsvOptions | PixelsCsvOptions) -> list[Any]:
+def _csv_files(options: CsvOptions | PixelsCsvOptions, key: str) -> list[Any]:
+    """The CSV files the options name, each with its fixed split; checked without reading them."""
     if bool(options.file) == bool(options.files):
-        raise UserError("layout: set exactly one of layout.file (one CSV) and layout.files (a list of CSVs)")
+        raise UserError(f"{key}: set exactly one of {key}.file (one CSV) and {key}.files (a list of CSVs)")
     specs = options.files or [CsvFile(options.file) if isinstance(options, CsvOptions) else PixelsFile(options.file)]
     for i, spec in enumerate(specs):
+        where = f"{key}.files[{i}]" if options.files else key
+        inside = safe_member_path(spec.file)
+        if inside is None or inside == PurePosixPath("."):
+            raise UserError(f"{where}.file: {spec.file!r} is not a file inside the raw folder; give its path "
+                            "relative to the raw folder")
         if spec.split is not None and spec.split not in SPLITS:
-            raise UserError(f"layout.files[{i}].split: {spec.split!r} is not a split; valid: {', '.join(SPLITS)}")
+            raise UserError(f"{where}.split: {spec.split!r} is not a split; valid: {', '.join(SPLITS)}")
         if spec.split is not None and options.split_column:
-            raise UserError(f"layout.files[{i}].split: give a file a fixed split or layout.split_column, not both")
-    _check_splits(options.split_map, "layout.split_map")
+            raise UserError(f"{where}.split: give a file a fixed split or {key}.split_column, not both")
+    _check_splits(options.split_map, f"{key}.split_map")
     return specs
 
 
-def _template(template: str) -> list[tuple[str, str | None]]:
+def _template(template: str, key: str) -> list[tuple[str, str | None]]:
     """A path template as (literal text, column or None) pieces."""
     try:
         pieces = list(string.Formatter().parse(template))
     except ValueError as error:
         raise UserError(
-            f"layout.path_template: {template!r} is not a template ({error}); write e.g. '{{image_id}}.jpg'"
+            f"{key}.path_template: {template!r} is not a template ({error}); write e.g. '{{image_id}}.jpg'"
         ) from None
     result = []
     for literal, name, spec, conversion in pieces:
         if name is not None and (not name or spec or conversion):
-            raise UserError(f"layout.path_template: {template!r}: write plain {{column}} placeholders, without formats")
+            raise UserError(f"{key}.path_template: {template!r}: write plain {{column}} placeholders, without formats")
         result.append((literal, name))
     return result
 
 
-def _group_regex(pattern: str) -> re.Pattern | None:
+def _group_regex(pattern: str, key: str) -> re.Pattern | None:
     if not pattern:
         return None
     try:
         regex = re.compile(pattern)
     except re.error as error:
-        raise UserError(f"layout.group_pattern: {pattern!r} is not a regular expression ({error})") from None
+        raise UserError(f"{key}.group_pattern: {pattern!r} is not a regular expression ({error})") from None
     if "group" not in regex.groupindex:
-        raise UserError(f"layout.group_pattern: {pattern!r} has no named group; write (?P<group>...)")
+        raise UserError(f"{key}.group_pattern: {pattern!r} has no named group; write (?P<group>...)")
     return regex
 
 
@@ -431,17 +467,28 @@ def _resolve(name: str, base: str, search: list[str], files: Mapping[str, str]) 
     return None, tried
 
 
-@register_layout("csv", CsvOptions)
-def csv_layout(options: CsvOptions, raw: Path) -> list[Candidate]:
-    specs = _csv_files(options)
+def check_csv(options: CsvOptions, key: str) -> None:
+    specs = _csv_files(options, key)
     if bool(options.path_column) == bool(options.path_template):
         raise UserError(
-            "layout: set exactly one of layout.path_column and layout.path_template (where each row's image is)"
+            f"{key}: set exactly one of {key}.path_column and {key}.path_template (where each row's image is)"
         )
-    template = _template(options.path_template) if options.path_template else []
-    group_regex = _group_regex(options.group_pattern)
-    if options.group_column and group_regex:
-        raise UserError("layout: take the group from layout.group_column or layout.group_pattern, not both")
+    if options.path_template:
+        _template(options.path_template, key)
+    if _group_regex(options.group_pattern, key) and options.group_column:
+        raise UserError(f"{key}: take the group from {key}.group_column or {key}.group_pattern, not both")
+    for i, spec in enumerate(specs):
+        if not (spec.search if spec.search is not None else options.search):
+            where = f"{key}.files[{i}].search" if spec.search is not None else f"{key}.search"
+            raise UserError(f"{where}: list at least one folder where {spec.file}'s images are (\"\" is the CSV's folder)")
+
+
+@register_layout("csv", CsvOptions, check=check_csv)
+def csv_layout(options: CsvOptions, raw: Path) -> list[Candidate]:
+    check_csv(options, "layout")
+    specs = _csv_files(options, "layout")
+    template = _template(options.path_template, "layout") if options.path_template else []
+    group_regex = _group_regex(options.group_pattern, "layout")
     files = all_files(raw)
     # Each file by its path, and by its NFC form where that differs (the path itself wins a clash).
     file_index = {unicodedata.normalize("NFC", f): f for f in files} | {f: f for f in files}
@@ -463,10 +510,6 @@ def csv_layout(options: CsvOptions, raw: Path) -> list[Candidate]:
         require_columns(path, columns, wanted)
         base = posixpath.dirname(csv_name)
         search = spec.search if spec.search is not None else options.search
-        if not search:
-            raise UserError(
-                f"layout.search: list at least one folder where {csv_name}'s images are (\"\" is the CSV's folder)"
-            )
         if options.path_column:
             names = frame[options.path_column].tolist()
             what = f"column {options.path_column!r}"
@@ -669,8 +712,6 @@ def _split_cells(column: Any) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarr
 def _pixel_shape(options: PixelsCsvOptions, count: int, path: Path) -> tuple[int, ...]:
     """(H, W) or (H, W, C) for rows of `count` values."""
     channels, width, height = options.channels, options.width, options.height
-    if width < 0 or height < 0:
-        raise UserError("layout.width and layout.height: give a positive size, or 0 to infer it")
     if not width and not height:
         side = math.isqrt(count // channels) if count > 0 else 0
         if side == 0 or side * side * channels != count:
@@ -691,13 +732,20 @@ def _pixel_shape(options: PixelsCsvOptions, count: int, path: Path) -> tuple[int
     return (height, width) if channels == 1 else (height, width, channels)
 
 
-@register_layout("pixels_csv", PixelsCsvOptions, in_memory=True)
-def pixels_csv(options: PixelsCsvOptions, raw: Path) -> list[Candidate]:
-    specs = _csv_files(options)
+def check_pixels_csv(options: PixelsCsvOptions, key: str) -> None:
+    _csv_files(options, key)
     if bool(options.pixels_column) == bool(options.pixel_columns_prefix):
         raise UserError(
-            "layout: set exactly one of layout.pixels_column and layout.pixel_columns_prefix (where the pixels are)"
+            f"{key}: set exactly one of {key}.pixels_column and {key}.pixel_columns_prefix (where the pixels are)"
         )
+    if options.width < 0 or options.height < 0:
+        raise UserError(f"{key}.width and {key}.height: give a positive size, or 0 to infer it")
+
+
+@register_layout("pixels_csv", PixelsCsvOptions, in_memory=True, check=check_pixels_csv)
+def pixels_csv(options: PixelsCsvOptions, raw: Path) -> list[Candidate]:
+    check_pixels_csv(options, "layout")
+    specs = _csv_files(options, "layout")
     result: list[Candidate] = []
     read = []
     for spec in specs:

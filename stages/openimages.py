@@ -632,13 +632,24 @@ def place(source: Path, target: Path) -> None:
 # The source kind.
 
 
-def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
-    """Fill `dest` with `<class folder>/<ImageID>.jpg` and return the provenance details."""
-    key = f"datasets.{dataset}.source"
+def check(options: Any, key: str) -> None:
+    """The options that need no metadata to check; `key` is the source's key."""
+    if not options.classes:
+        raise UserError(f"{key}.classes: list at least one Open Images class, e.g. [Cat, Dog]")
     if options.per_class < 1:
         raise UserError(f"{key}.per_class: {options.per_class} images per class; ask for at least 1")
     if options.workers < 1:
         raise UserError(f"{key}.workers: {options.workers}; use at least 1")
+    if not re.match(r"https?://[^/]", options.metadata_url):
+        raise UserError(f"{key}.metadata_url: {options.metadata_url!r} is not an http(s) URL")
+    if not options.bucket.strip():
+        raise UserError(f"{key}.bucket: give the S3 bucket the images are in (open-images-dataset)")
+
+
+def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
+    """Fill `dest` with `<class folder>/<ImageID>.jpg` and return the provenance details."""
+    key = f"datasets.{dataset}.source"
+    check(options, key)
     split = options.split
     urls = metadata_urls(options.metadata_url, split)
     files = {role: fetch_metadata(url, f"{key}.metadata_url") for role, url in urls.items()}

@@ -25,14 +25,19 @@ class SourceKind:
     name: str
     options: type
     fetch: Callable[[Any, Path, str], dict[str, Any]]
+    # The checks that need nothing fetched (a Kaggle reference's form, a sha256's, a URL's), given
+    # the options and the params key to name (`datasets.<name>.source`). params.yaml runs them as
+    # it is read, so `python -m stages.config` finds these mistakes before any download; `fetch`
+    # runs them too.
+    check: Callable[[Any, str], Any] = lambda options, key: None
 
 
 REGISTRY: Registry[SourceKind] = Registry("source kind")
 
 
-def register_source(name: str, options: type) -> Callable:
+def register_source(name: str, options: type, check: Callable[[Any, str], Any] | None = None) -> Callable:
     def decorate(fetch: Callable[[Any, Path, str], dict[str, Any]]) -> Callable:
-        REGISTRY[name] = SourceKind(name, options, fetch)
+        REGISTRY[name] = SourceKind(name, options, fetch, check or (lambda options, key: None))
         return fetch
 
     return decorate
@@ -92,9 +97,16 @@ class LocalOptions:
     instructions: str = ""
 
 
-@register_source("local", LocalOptions)
+def check_local(options: LocalOptions, key: str) -> None:
+    if not options.path.strip():
+        raise UserError(f"{key}.path: empty; give the dataset's folder or archive (a relative path is from the "
+                        "repository root)")
+
+
+@register_source("local", LocalOptions, check=check_local)
 def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, Any]:
     """Copy a local folder, or safely extract a local archive, into the raw folder."""
+    check_local(options, f"datasets.{dataset}.source")
     source = Path(options.path).expanduser()
     if not source.exists():
         text = options.instructions.strip()
@@ -134,7 +146,13 @@ class KaggleOptions:
     files: list[str] = field(default_factory=list)
 
 
-@register_source("kaggle", KaggleOptions)
+def check_kaggle(options: KaggleOptions, key: str) -> None:
+    from stages import kaggle_api
+
+    kaggle_api.check(options, key)
+
+
+@register_source("kaggle", KaggleOptions, check=check_kaggle)
 def fetch_kaggle(options: KaggleOptions, dest: Path, dataset: str) -> dict[str, Any]:
     """A Kaggle dataset or competition, through the `kaggle` package's API."""
     from stages import kaggle_api
@@ -151,7 +169,13 @@ class UrlOptions:
     extract: bool = True
 
 
-@register_source("url", UrlOptions)
+def check_url(options: UrlOptions, key: str) -> None:
+    from stages import downloads
+
+    downloads.check_url(options, key)
+
+
+@register_source("url", UrlOptions, check=check_url)
 def fetch_url(options: UrlOptions, dest: Path, dataset: str) -> dict[str, Any]:
     """A file from a URL: downloaded with resume, verified against its sha256, extracted safely."""
     from stages import downloads
@@ -191,7 +215,13 @@ class OpenImagesOptions:
     workers: int = 16
 
 
-@register_source("openimages", OpenImagesOptions)
+def check_openimages(options: OpenImagesOptions, key: str) -> None:
+    from stages import openimages
+
+    openimages.check(options, key)
+
+
+@register_source("openimages", OpenImagesOptions, check=check_openimages)
 def fetch_openimages(options: OpenImagesOptions, dest: Path, dataset: str) -> dict[str, Any]:
     """A class-balanced sample of Open Images' human-verified image-level labels."""
     from stages import openimages

@@ -361,6 +361,57 @@ MISTAKES = {
         set_key(["backbones", "mobilenetv2", "weights_url"], "file:///tmp/w.h5"),
         ["backbones.mobilenetv2.weights_url: 'file:///tmp/w.h5' is not an http(s) URL", "where the weights stage says"],
     ),
+    # What a source or layout can check with nothing fetched, checked as params.yaml is read.
+    "a kaggle reference pasted as a URL": (
+        set_key(["datasets", "gtsrb", "source", "dataset"], "https://www.kaggle.com/datasets/a/b"),
+        ["params.yaml: datasets.gtsrb.source.dataset: 'https://www.kaggle.com/datasets/a/b' is not an <owner>/<slug>",
+         "use the part after kaggle.com/datasets/"],
+    ),
+    "a kaggle source with both a dataset and a competition": (
+        set_key(["datasets", "gtsrb", "source", "competition"], "gtsrb"),
+        ["datasets.gtsrb.source: a kaggle source needs exactly one of"],
+    ),
+    "a url source whose sha256 is an md5": (
+        set_key(["datasets", "digits", "source"],
+                {"kind": "url", "url": "https://example.org/d.zip", "sha256": "d41d8cd98f00b204e9800998ecf8427e"}),
+        ["datasets.digits.source.sha256: 'd41d8cd98f00b204e9800998ecf8427e' is not a sha256", "sha256sum <file>"],
+    ),
+    "a local source with no path": (
+        set_key(["datasets", "mango", "source", "path"], ""),
+        ["datasets.mango.source.path: empty; give the dataset's folder or archive"],
+    ),
+    "an open images source asking for no images": (
+        set_key(["datasets", "openimages_animals", "source", "per_class"], 0),
+        ["datasets.openimages_animals.source.per_class: 0 images per class; ask for at least 1"],
+    ),
+    "a file name pattern that does not compile": (
+        set_key(["datasets", "food11", "layout", "pattern"], "(?P<label>\\d+_\\d+\\.jpg"),
+        ["datasets.food11.layout.pattern:", "is not a regular expression (missing ), unterminated subpattern"],
+    ),
+    "a file name pattern without the label group": (
+        set_key(["datasets", "food11", "layout", "pattern"], "(\\d+)_\\d+\\.jpg"),
+        ["datasets.food11.layout.pattern:", "has no named group for the label; write (?P<label>...)"],
+    ),
+    "a group pattern without the group": (
+        set_key(["datasets", "gtsrb", "layout", "group_pattern"], "Train/(\\d+)_"),
+        ["datasets.gtsrb.layout.group_pattern: 'Train/(\\\\d+)_' has no named group; write (?P<group>...)"],
+    ),
+    "a csv layout with a path column and a template": (
+        set_key(["datasets", "ham10000", "layout", "path_column"], "image_id"),
+        ["datasets.ham10000.layout: set exactly one of datasets.ham10000.layout.path_column and"],
+    ),
+    "a layout root outside the raw folder": (
+        set_key(["datasets", "garbage", "layout", "root"], "../elsewhere"),
+        ["datasets.garbage.layout.root: '../elsewhere' is not a folder inside the raw folder"],
+    ),
+    "a csv file outside the raw folder": (
+        set_key(["datasets", "covid19", "layout", "file"], "/home/me/metadata.csv"),
+        ["datasets.covid19.layout.file: '/home/me/metadata.csv' is not a file inside the raw folder"],
+    ),
+    "a pixels csv split map to no split": (
+        set_key(["datasets", "fer2013_csv", "layout", "split_map", "PublicTest"], "validation"),
+        ["datasets.fer2013_csv.layout.split_map.PublicTest: 'validation' is not a split; valid: train, val, test"],
+    ),
 }
 
 

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from stages import layouts
-from stages.config import DatasetConfig
+from stages.config import ConfigError, DatasetConfig
 from stages.errors import UserError
 from stages.split import assign_splits, write_arrays
 from stages.validate import COLUMNS, build_manifest
@@ -516,28 +516,10 @@ def test_csv_missing_column_is_one_line_naming_file_and_column(tmp_path, change,
     ("layout", "expected"),
     [
         ({"file": "absent.csv", "path_column": "Path"}, "absent.csv: the layout's CSV file does not exist"),
-        (
-            {"file": "Train.csv", "path_column": "Path", "path_template": "{Path}"},
-            "exactly one of layout.path_column and layout.path_template",
-        ),
-        ({"file": "Train.csv"}, "exactly one of layout.path_column and layout.path_template"),
-        ({"path_column": "Path"}, "exactly one of layout.file (one CSV) and layout.files"),
-        ({"file": "Train.csv", "path_column": "Path", "search": []}, "layout.search: list at least one folder"),
-        (
-            {"file": "Train.csv", "files": [{"file": "Test.csv"}], "path_column": "Path"},
-            "exactly one of layout.file (one CSV) and layout.files",
-        ),
-        ({"files": [{"file": "Train.csv", "split": "training"}], "path_column": "Path"}, "'training' is not a split"),
-        (
-            {"file": "Train.csv", "path_column": "Path", "split_map": {"x": "dev"}},
-            "layout.split_map.x: 'dev' is not a split",
-        ),
-        ({"file": "Train.csv", "path_template": "{Path:>5}"}, "plain {column} placeholders"),
-        ({"file": "Train.csv", "path_column": "Path", "group_pattern": "(\\d+)"}, "has no named group"),
         ({"file": "broken.csv", "path_column": "Path"}, "broken.csv: cannot be read as a CSV file"),
     ],
 )
-def test_csv_option_and_file_errors_are_one_line(tmp_path, layout, expected):
+def test_csv_file_errors_are_one_line(tmp_path, layout, expected):
     raw = tmp_path / "raw"
     write_image(raw / "0.png")
     write_csv(raw / "Train.csv", ["ClassId", "Path"], [[0, "0.png"]])
@@ -548,6 +530,72 @@ def test_csv_option_and_file_errors_are_one_line(tmp_path, layout, expected):
         layouts.get_layout("csv").candidates(cfg.layout.options, raw)
     assert expected in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+# Mistakes that need no data are found as params.yaml is read (`python -m stages.config`, and
+# every stage), naming the dataset's key; the toy dataset is `toy`.
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        (
+            {"file": "Train.csv", "path_column": "Path", "path_template": "{Path}"},
+            "datasets.toy.layout: set exactly one of datasets.toy.layout.path_column and "
+            "datasets.toy.layout.path_template",
+        ),
+        ({"file": "Train.csv"}, "exactly one of datasets.toy.layout.path_column and datasets.toy.layout.path_template"),
+        ({"path_column": "Path"}, "exactly one of datasets.toy.layout.file (one CSV) and datasets.toy.layout.files"),
+        (
+            {"file": "Train.csv", "path_column": "Path", "search": []},
+            "datasets.toy.layout.search: list at least one folder where Train.csv's images are",
+        ),
+        (
+            {"files": [{"file": "Train.csv", "search": []}, {"file": "Test.csv"}], "path_column": "Path"},
+            "datasets.toy.layout.files[0].search: list at least one folder where Train.csv's images are",
+        ),
+        (
+            {"file": "Train.csv", "files": [{"file": "Test.csv"}], "path_column": "Path"},
+            "exactly one of datasets.toy.layout.file (one CSV) and datasets.toy.layout.files",
+        ),
+        (
+            {"files": [{"file": "Train.csv", "split": "training"}], "path_column": "Path"},
+            "datasets.toy.layout.files[0].split: 'training' is not a split",
+        ),
+        (
+            {"files": [{"file": "../Train.csv"}], "path_column": "Path"},
+            "datasets.toy.layout.files[0].file: '../Train.csv' is not a file inside the raw folder",
+        ),
+        (
+            {"file": "Train.csv", "path_column": "Path", "split_map": {"x": "dev"}},
+            "datasets.toy.layout.split_map.x: 'dev' is not a split",
+        ),
+        ({"file": "Train.csv", "path_template": "{Path:>5}"}, "datasets.toy.layout.path_template: '{Path:>5}': write "
+         "plain {column} placeholders"),
+        (
+            {"file": "Train.csv", "path_column": "Path", "group_pattern": "(\\d+)"},
+            "datasets.toy.layout.group_pattern: '(\\\\d+)' has no named group",
+        ),
+        (
+            {"file": "Train.csv", "path_column": "Path", "group_pattern": "(?P<group>x)", "group_column": "g"},
+            "take the group from datasets.toy.layout.group_column or datasets.toy.layout.group_pattern, not both",
+        ),
+    ],
+)
+def test_csv_option_errors_are_found_as_params_are_read(layout, expected):
+    with pytest.raises(ConfigError) as caught:
+        config({"kind": "csv", "label_column": "ClassId", **layout}, ["0"])
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_layout_given_options_directly_checks_them_too(tmp_path):
+    """`candidates` runs the same checks for options that never went through params.yaml,
+    naming the key `layout`."""
+    raw = tmp_path / "raw"
+    write_image(raw / "0.png")
+    options = layouts.CsvOptions(label_column="ClassId", file="Train.csv")
+
+    with pytest.raises(UserError, match=r"^layout: set exactly one of layout.path_column and layout.path_template"):
+        layouts.get_layout("csv").candidates(options, raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -720,10 +768,6 @@ def test_pixel_columns_in_rgb_with_a_given_width(tmp_path):
             {"pixels_column": "pixels", "channels": 3},
             "fer2013.csv: 4 pixel values a row is not a square image of 3 channel(s)",
         ),
-        (
-            {"pixels_column": "pixels", "pixel_columns_prefix": "px"},
-            "exactly one of layout.pixels_column and layout.pixel_columns_prefix",
-        ),
     ],
 )
 def test_pixels_csv_errors_are_one_line_naming_file_and_column(tmp_path, layout, expected):
@@ -735,6 +779,24 @@ def test_pixels_csv_errors_are_one_line_naming_file_and_column(tmp_path, layout,
         layouts.get_layout("pixels_csv").candidates(cfg.layout.options, raw)
     assert expected in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        (
+            {"pixels_column": "pixels", "pixel_columns_prefix": "px"},
+            "datasets.toy.layout: set exactly one of datasets.toy.layout.pixels_column and "
+            "datasets.toy.layout.pixel_columns_prefix",
+        ),
+        ({"pixels_column": "pixels", "width": -48}, "datasets.toy.layout.width and datasets.toy.layout.height: give a "
+         "positive size, or 0 to infer it"),
+    ],
+)
+def test_pixels_csv_option_errors_are_found_as_params_are_read(layout, expected):
+    with pytest.raises(ConfigError) as caught:
+        config({"kind": "pixels_csv", "file": "fer2013.csv", "label_column": "emotion", **layout}, ["0"])
+    assert expected in str(caught.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,9 +854,10 @@ def test_filename_pattern_group_and_bad_patterns(tmp_path):
         ("(?P<label>[", "is not a regular expression"),
     )
     for pattern, expected in bad_patterns:
-        cfg = config({"kind": "filename_pattern", "pattern": pattern}, ["cat"])
-        with pytest.raises(UserError, match=r"layout\.pattern: .*" + expected):
-            layouts.get_layout("filename_pattern").candidates(cfg.layout.options, raw)
+        with pytest.raises(ConfigError, match=r"datasets\.toy\.layout\.pattern: .*" + expected):
+            config({"kind": "filename_pattern", "pattern": pattern}, ["cat"])
+        with pytest.raises(UserError, match=r"^layout\.pattern: .*" + expected):
+            layouts.get_layout("filename_pattern").candidates(layouts.FilenamePatternOptions(pattern), raw)
 
 
 # --------------------------------------------------------------------------------------------
