@@ -266,5 +266,5 @@ def fetch_url(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
         "origin": options.url,
         "archives": [{"name": fetched["name"], "sha256": fetched["sha256"], "bytes": fetched["bytes"]}],
         "refused": refused,
-        "downloaded": fetched["downloaded"],
+        "this_run": {"downloaded": fetched["downloaded"]},
     }

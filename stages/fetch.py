@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +19,13 @@ from stages.sources import get_source
 
 
 def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
-    """Fill `out` from the dataset's source and write the provenance record; return it."""
+    """Fill `out` from the dataset's source, write the provenance record and return it; print a
+    summary line, with how this run got the data (downloaded or from a cache), which the record
+    leaves out.
+
+    The record holds what was obtained and nothing about when or how: fetching the same data
+    again writes the same bytes, so DVC sees an unchanged dependency and validate does not rerun
+    (after a change to a fetch module, say), and two machines write the same dvc.lock."""
     config = load_params(params_path).dataset(dataset)
     source = get_source(config.source.kind)
     # Work in a sibling folder and rename at the end, so a killed fetch never looks complete.
@@ -35,10 +40,10 @@ def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     files = all_files(out)
+    this_run = details.pop("this_run", {})
     record = {
         "dataset": dataset,
         "source": {"kind": config.source.kind, **dataclasses.asdict(config.source.options)},
-        "obtained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "files": len(files),
         "bytes": sum((out / f).stat().st_size for f in files),
         "archives": [],
@@ -46,6 +51,9 @@ def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
         **details,
     }
     write_json_atomic(provenance, record)
+    refused = f", {len(record['refused'])} entries refused (see {provenance})" if record["refused"] else ""
+    how = "".join(f"; {key.replace('_', ' ')}: {value}" for key, value in this_run.items())
+    print(f"fetch@{dataset}: {record['files']} files, {record['bytes']:,} bytes in {out}{refused}{how}")
     return record
 
 
@@ -57,9 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a keras.datasets source imports TensorFlow
-    record = fetch(args.dataset, args.params, args.out, args.provenance)
-    refused = f", {len(record['refused'])} entries refused (see {args.provenance})" if record["refused"] else ""
-    print(f"fetch@{args.dataset}: {record['files']} files, {record['bytes']:,} bytes in {args.out}{refused}")
+    fetch(args.dataset, args.params, args.out, args.provenance)
 
 
 if __name__ == "__main__":

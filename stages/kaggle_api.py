@@ -124,7 +124,7 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
             for file, path, _ in obtained
         ],
         "refused": refused,
-        "downloaded": any(downloaded for _, _, downloaded in obtained),
+        "this_run": {"downloaded": any(downloaded for _, _, downloaded in obtained)},
     }
 
 

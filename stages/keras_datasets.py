@@ -187,8 +187,7 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     record: dict[str, Any] = {
         "origin": f"keras.datasets.{name} (keras {keras.__version__})",
         "version": keras.__version__,
-        "downloaded": downloaded,
-        "keras_cache": str(cache),
+        "this_run": {"downloaded": downloaded, "keras_cache": str(cache)},
         "archives": [
             {"name": f.path, "sha256": archives.sha256_file(cache / f.path), "bytes": (cache / f.path).stat().st_size}
             for f in files

@@ -692,17 +692,16 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     missing: list[dict[str, str]] = []
     classes: list[dict[str, Any]] = []
     for item in chosen:
-        counts = dict(selection.counts[item.label], downloaded=0, cached=0, missing=0)
+        counts = dict(selection.counts[item.label], images=0, missing=0)
         for image_id in selection.chosen[item.label]:
             image_key = f"{split}/{image_id}.jpg"
             status = outcome.status[image_key]
-            counts[status] += 1
+            counts["missing" if status == "missing" else "images"] += 1
             entry = {"image_id": image_id, "class": item.folder, "url": public_url(endpoint, options.bucket, image_key)}
             if status == "missing":
                 missing.append({**entry, "reason": outcome.reasons[image_key]})
             else:
                 images.append(entry)
-        counts["images"] = counts["downloaded"] + counts["cached"]
         classes.append({
             "name": item.name, "label_name": item.label, "display_name": item.display, "folder": item.folder, **counts,
         })
@@ -746,6 +745,8 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
         },
         "images": images,
         "missing": missing,
+        # How this run got the images (fetch prints it; the record is the same either way).
+        "this_run": {status: sum(1 for s in outcome.status.values() if s == status) for status in ("downloaded", "cached")},
     }
 
 

@@ -116,14 +116,14 @@ def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, An
             f"Put the dataset folder or archive there, or change the path in params.yaml"
         )
     if source.is_dir():
-        return {"origin": f"local folder {source.resolve()}", "refused": copy_regular_files(source, dest)}
+        return {"origin": f"local folder {options.path}", "refused": copy_regular_files(source, dest)}
     if not archives.is_archive(source):
         raise UserError(
             f"datasets.{dataset}.source.path: {source} is neither a folder nor a zip/tar archive"
         )
     extraction = archives.extract(source, dest)
     return {
-        "origin": f"local archive {source.resolve()}",
+        "origin": f"local archive {options.path}",
         "archives": [
             {"name": source.name, "sha256": archives.sha256_file(source), "bytes": source.stat().st_size}
         ],

@@ -222,12 +222,12 @@ def check_provenance(record: dict, mini: Miniature, entry: dict, project: Path, 
     elif mini.source == "local-zip":
         path = (project / source["path"]).resolve()
         assert path.name == mini.ref, f"the real download is named {mini.ref}"
-        assert record["origin"] == f"local archive {path}"
+        assert record["origin"] == f"local archive {source['path']}"
         assert record["archives"] == [{"name": path.name, "sha256": sha256(mini.archive), "bytes": len(mini.archive)}]
     elif mini.source == "local-folder":
         path = (project / source["path"]).resolve()
         assert path.name == mini.ref, f"the real folder is named {mini.ref}"
-        assert record["origin"] == f"local folder {path}"
+        assert record["origin"] == f"local folder {source['path']}"
         assert record["archives"] == []
     else:
         assert source["name"] == mini.ref

@@ -298,12 +298,12 @@ def test_fetch_url_extracts_a_zip_and_reports_refused_entries(server, cache, tmp
     assert not (tmp_path / "x").exists()
     assert details["refused"] == [{"entry": "../x", "reason": "path outside the dataset folder"}]
     assert details["archives"] == [{"name": "pets.zip", "sha256": sha(data), "bytes": len(data)}]
-    assert details["origin"] == options.url and details["downloaded"] is True
+    assert details["origin"] == options.url and details["this_run"]["downloaded"] is True
 
     again = tmp_path / "raw2"
     again.mkdir()
     details = get_source("url").fetch(options, again, "pets")
-    assert details["downloaded"] is False
+    assert details["this_run"]["downloaded"] is False
     assert len(server.requests) == 1
     assert (again / "cats" / "1.png").exists()
 
@@ -383,3 +383,30 @@ def test_a_fetch_killed_mid_download_resumes_on_the_rerun_with_the_same_checksum
     record = json.loads((tmp_path / "raw.provenance.json").read_text())
     assert record["archives"] == [{"name": "pets.zip", "sha256": sha(data), "bytes": len(data)}]
     assert sorted(p.name for p in (tmp_path / "raw" / "cats").iterdir()) == sorted(f"{i}.png" for i in range(40))
+
+
+def test_fetching_the_same_file_again_writes_the_same_provenance(server, tmp_path, monkeypatch, capsys):
+    """The record holds what was obtained, not when or how: the second fetch, from the download
+    cache, writes the same bytes (DVC then sees validate's dependency unchanged), and only the
+    printed line says which run downloaded."""
+    import yaml
+
+    from stages.fetch import fetch
+    from tests.toy import toy_params
+
+    data = zip_bytes({f"cats/{i}.png": payload(1_000, seed=i) for i in range(3)})
+    server.files["/pets.zip"] = data
+    params = toy_params(["cats"], source={"kind": "url", "url": server.url("/pets.zip"), "sha256": sha(data)})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "downloads"))
+    provenance = tmp_path / "raw.provenance.json"
+
+    fetch("toy", str(tmp_path / "params.yaml"), tmp_path / "raw", provenance)
+    first, said_first = provenance.read_bytes(), capsys.readouterr().out
+    fetch("toy", str(tmp_path / "params.yaml"), tmp_path / "raw", provenance)
+    second, said_second = provenance.read_bytes(), capsys.readouterr().out
+
+    assert second == first
+    assert len(server.ranges("/pets.zip")) == 1  # the second came from the cache
+    assert "; downloaded: True" in said_first and "; downloaded: False" in said_second
+    assert "this_run" not in json.loads(first) and "obtained_at" not in json.loads(first)

@@ -103,7 +103,7 @@ def test_dataset_fetch_resolves_the_current_version_and_fills_dest(fake, tmp_pat
     assert details["origin"] == "kaggle dataset own/pets version 2"
     assert details["version"] == 2
     assert details["archives"] == [{"name": "pets.zip", "sha256": sha256(new), "bytes": len(new)}]
-    assert details["refused"] == [] and details["downloaded"] is True
+    assert details["refused"] == [] and details["this_run"]["downloaded"] is True
     assert len(fake.rpc("GetDataset")) == 1
     assert [s.body.get("datasetVersionNumber") for s in fake.rpc("DownloadDataset")] == [2]
     assert fake.count("GET", DS_PATH.format(2)) == 1
@@ -183,7 +183,7 @@ def test_rerun_with_the_archive_cached_downloads_nothing(fake, tmp_path):
 
     again, dest = run(tmp_path, dataset="own/pets", version=1)
 
-    assert again["downloaded"] is False and first["downloaded"] is True
+    assert again["this_run"]["downloaded"] is False and first["this_run"]["downloaded"] is True
     assert gets == 1 and fake.count("GET", DS_PATH.format(1)) == 1
     assert fake.count() == everything  # a pinned version, verified in the cache: no request at all
     assert files_under(dest) == class_images(0)
@@ -197,14 +197,14 @@ def test_unpinned_rerun_only_asks_for_the_current_version(fake, tmp_path):
 
     again, dest = run(tmp_path, dataset="own/pets")
 
-    assert again["downloaded"] is False and again["version"] == 1
+    assert again["this_run"]["downloaded"] is False and again["version"] == 1
     assert fake.count("GET") == gets and len(fake.rpc("DownloadDataset")) == 1
     assert len(fake.rpc("GetDataset")) == 2
     # A new version on Kaggle is a new download.
     newer = zip_bytes(class_images(50))
     fake.add_dataset("own/pets", newer, version=2)
     latest, dest = run(tmp_path, dataset="own/pets")
-    assert latest["downloaded"] is True and latest["version"] == 2
+    assert latest["this_run"]["downloaded"] is True and latest["version"] == 2
     assert files_under(dest) == class_images(50)
 
 
@@ -217,7 +217,7 @@ def test_a_damaged_cached_archive_is_downloaded_again(fake, tmp_path):
 
     again, dest = run(tmp_path, dataset="own/pets", version=1)
 
-    assert again["downloaded"] is True
+    assert again["this_run"]["downloaded"] is True
     assert cached.read_bytes() == archive
     assert files_under(dest) == class_images(0)
 
@@ -232,12 +232,12 @@ def test_competition_rerun_checks_the_server_but_reads_no_body_unless_it_changed
 
     again, dest = run(tmp_path, competition="pets-challenge")
 
-    assert again["downloaded"] is False
+    assert again["this_run"]["downloaded"] is False
     assert cached.stat().st_mtime_ns == stamp and files_under(dest) == class_images(0)
     changed = zip_bytes(class_images(30))
     fake.add_competition("pets-challenge", changed)
     third, dest = run(tmp_path, competition="pets-challenge")
-    assert third["downloaded"] is True and cached.read_bytes() == changed
+    assert third["this_run"]["downloaded"] is True and cached.read_bytes() == changed
     assert files_under(dest) == class_images(30)
 
 
@@ -261,7 +261,7 @@ def test_an_interrupted_download_resumes_on_the_next_run(fake, tmp_path, monkeyp
     details, dest = run(tmp_path, dataset="own/pets", version=1)
     ranges = [s.headers.get("range") for s in fake.requests("GET", DS_PATH.format(1))]
     assert f"bytes={kept}-" in ranges
-    assert details["downloaded"] is True
+    assert details["this_run"]["downloaded"] is True
     assert details["archives"][0]["sha256"] == sha256(archive) == sha256(partial.read_bytes())
     assert (dest / "cat" / "0.png").read_bytes() == png(0)
 

@@ -292,8 +292,8 @@ def test_grayscale_datasets_come_from_the_cache_as_mode_l_pngs(keras_run, datase
 
     assert result["attempts"] == []
     details = result["details"]
-    assert details["downloaded"] is False
-    assert details["keras_cache"] == str(keras_run["cache"])
+    assert details["this_run"]["downloaded"] is False
+    assert details["this_run"]["keras_cache"] == str(keras_run["cache"])
     assert re.fullmatch(rf"keras\.datasets\.{dataset} \(keras 3\.\d+\.\d+\)", details["origin"])
     assert details["counts"] == {"train": N_TRAIN, "test": N_TEST}
     labels = {"train": arrays["y_train"].tolist(), "test": arrays["y_test"].tolist()}
@@ -319,7 +319,7 @@ def test_cifar100_comes_from_the_cached_archive_as_rgb_pngs(keras_run, mode):
 
     assert result["attempts"] == []
     details = result["details"]
-    assert details["downloaded"] is False and details["label_mode"] == mode
+    assert details["this_run"]["downloaded"] is False and details["label_mode"] == mode
     archive = keras_run["cache"] / "cifar-100-python-target_archive"
     assert details["archives"] == [
         {"name": archive.name, "sha256": sha256(archive), "bytes": archive.stat().st_size}
@@ -354,7 +354,7 @@ def test_a_missing_cache_file_is_downloaded_and_reported(keras_run):
     result = keras_run["results"]["fashion_downloaded"]
 
     assert result["attempts"] == [KERAS_FILES["fashion_mnist"][0].origin]
-    assert result["details"]["downloaded"] is True
+    assert result["details"]["this_run"]["downloaded"] is True
     assert result["details"]["counts"] == {"train": N_TRAIN, "test": N_TEST}
 
 
