@@ -50,8 +50,26 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def archive_format(path: Path) -> str | None:
+    """"zip" or "tar" (compressed or not) for an archive file, else None. By the name's suffix; a
+    name with no suffix at all (Figshare's /ndownloader/files/<id>, Google Drive's /uc?id=...) by
+    its content. A name with another suffix is not an archive, whatever it holds (.xlsx and .jar
+    files are zips)."""
+    name = path.name.lower()
+    if name.endswith(ARCHIVE_SUFFIXES):
+        return "zip" if name.endswith(".zip") else "tar"
+    if PurePosixPath(name).suffix or not path.is_file():
+        return None
+    if zipfile.is_zipfile(path):
+        return "zip"
+    try:
+        return "tar" if tarfile.is_tarfile(path) else None
+    except (OSError, tarfile.TarError, EOFError, zlib.error):
+        return None
+
+
 def is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+    return path.is_file() and archive_format(path) is not None
 
 
 def safe_member_path(name: str) -> PurePosixPath | None:
@@ -70,7 +88,6 @@ def safe_member_path(name: str) -> PurePosixPath | None:
 
 def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Extraction:
     """Extract `archive` into `dest`, refusing unsafe entries; raise UserError on a bad archive."""
-    name = archive.name.lower()
     dest.mkdir(parents=True, exist_ok=True)
     room = shutil.disk_usage(dest).free - FREE_MARGIN_BYTES
     if room < max_bytes:
@@ -79,7 +96,7 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Ex
     else:
         bound = f"{max_bytes:,}-byte limit"
     try:
-        if name.endswith(".zip"):
+        if archive_format(archive) == "zip":
             return _extract_zip(archive, dest, max_bytes, bound)
         return _extract_tar(archive, dest, max_bytes, bound)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:

@@ -12,6 +12,8 @@ multi-gigabyte archive should not be fetched twice because a later step failed.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import os
 import re
 import shutil
@@ -22,6 +24,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import requests
+import urllib3
 from tqdm.auto import tqdm
 
 from stages import archives
@@ -39,6 +42,9 @@ SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 # Statuses worth another try; anything else in 4xx is the URL's fault and fails at once.
 TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+# A server's Retry-After (429, 503) is honoured up to this many seconds; a longer one stops the
+# download with the wait it asks for.
+MAX_RETRY_AFTER_S = 120.0
 
 
 def download_cache(dataset: str) -> Path:
@@ -47,7 +53,12 @@ def download_cache(dataset: str) -> Path:
 
 
 class _Transient(Exception):
-    """A failure worth retrying (dropped connection, timeout, 5xx); its message is the reason."""
+    """A failure worth retrying (dropped connection, timeout, 5xx); its message is the reason.
+    `wait`: the seconds the server asked for (Retry-After), if it did."""
+
+    def __init__(self, reason: str, wait: float | None = None) -> None:
+        super().__init__(reason)
+        self.wait = wait
 
 
 def download(
@@ -79,6 +90,11 @@ def download(
             return _result(target, actual, downloaded=False)
         # A stale file from an earlier pin: fetch the file the pin names.
         target.unlink()
+    kept = _mismatched(target, expected) if expected else None
+    if kept is not None and kept.is_file() and archives.sha256_file(kept) == expected:
+        # An earlier download that failed its old pin, and the pin now names it: no download.
+        os.replace(kept, target)
+        return _result(target, expected, downloaded=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
 
@@ -93,25 +109,41 @@ def download(
                 progressed = (part.stat().st_size if part.exists() else 0) > before
                 # A connection that keeps delivering bytes between drops is allowed to go on.
                 failures = 0 if progressed else failures + 1
+                have = part.stat().st_size if part.exists() else 0
+                again = f"run again (it resumes from the {have:,} bytes in {part})" if have else "run again"
+                if error.wait is not None and error.wait > MAX_RETRY_AFTER_S:
+                    raise UserError(
+                        f"{what}: {url} asks to wait {error.wait:,.0f} s before the next request ({error}); "
+                        f"{again} after that, or download the file yourself to {target}"
+                    ) from None
                 if failures > retries:
-                    kept = part.stat().st_size if part.exists() else 0
-                    again = f"run again (it resumes from the {kept:,} bytes in {part})" if kept else "run again"
+                    advice = ("the server is limiting requests: wait a few minutes and " if error.wait is not None
+                              or str(error).startswith("HTTP 429") else "check the network connection (or proxy) and ")
                     raise UserError(
                         f"{what}: downloading {url} failed after {retries + 1} tries ({error}); "
-                        f"check the network connection (or proxy) and {again}, "
-                        f"or download the file yourself to {target}"
+                        f"{advice}{again}, or download the file yourself to {target}"
                     ) from None
-                time.sleep(backoff * 2 ** max(failures - 1, 0))
+                time.sleep(error.wait if error.wait is not None else backoff * 2 ** max(failures - 1, 0))
 
     actual = archives.sha256_file(part)
     if expected is not None and actual != expected:
-        part.unlink()
+        # Kept under its own checksum: if it is the right file after all (the pin was mistyped,
+        # or upstream changed it on purpose), pinning `actual` uses it with no second download.
+        kept = _mismatched(target, actual)
+        os.replace(part, kept)
         raise UserError(
             f"{what}: sha256 mismatch for {url}: expected {expected}, got {actual}; "
-            f"the upstream file changed or the download is corrupt; check the pinned sha256 in params.yaml"
+            f"the upstream file changed or the download is corrupt. The file is kept as {kept}: if it is "
+            f"the right one, pin sha256 {actual} in params.yaml and run again (no second download); "
+            f"otherwise run again to download it afresh"
         )
     os.replace(part, target)
     return _result(target, actual, downloaded=True)
+
+
+def _mismatched(target: Path, digest: str) -> Path:
+    """Where a download whose sha256 is `digest` waits when it failed its pin."""
+    return target.with_name(f"{target.name}.sha256-{digest}")
 
 
 def _result(target: Path, digest: str, downloaded: bool) -> dict[str, Any]:
@@ -146,7 +178,7 @@ def _attempt(session: Any, url: str, part: Path, what: str, timeout: tuple[float
             part.unlink()
             raise _Transient("the server refused to resume the partial download; starting again")
         if status in TRANSIENT_STATUSES:
-            raise _Transient(f"HTTP {status} {response.reason}")
+            raise _Transient(f"HTTP {status} {response.reason}", _retry_after(response.headers.get("Retry-After")))
         if status >= 400:
             raise UserError(_http_error(what, url, status, response.reason, target))
         if status == 206:
@@ -167,17 +199,39 @@ def _attempt(session: Any, url: str, part: Path, what: str, timeout: tuple[float
         )
         try:
             with open(part, mode) as sink:
-                for block in response.iter_content(CHUNK):
-                    sink.write(block)
+                # The bytes as sent, never decoded: a .tar.gz that a server labels Content-Encoding:
+                # gzip (Apache's AddEncoding, nginx's gzip_static) is the file whose sha256 is pinned,
+                # as curl and wget save it, and Range offsets count these bytes.
+                for block in response.raw.stream(CHUNK, decode_content=False):
+                    try:
+                        sink.write(block)
+                    except OSError as error:  # a full disk: name the file, keep what is written
+                        raise OSError(error.errno, error.strerror, str(part)) from None
                     received += len(block)
                     bar.update(len(block))
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.Timeout) as error:
+                requests.exceptions.Timeout, urllib3.exceptions.HTTPError) as error:
             raise _Transient(_reason(error)) from None
         finally:
             bar.close()
         if total is not None and offset + received < total:
             raise _Transient(f"the connection closed after {offset + received:,} of {total:,} bytes")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A Retry-After header's wait in seconds (it is a number of seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def _content_range_start(value: str) -> int | None:
@@ -253,7 +307,7 @@ def fetch_url(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     parts = urlsplit(options.url)
     name = unquote(parts.path.rsplit("/", 1)[-1])
     if not name or name in (".", "..") or "/" in name or "\\" in name:
-        name = f"{dataset}.download"
+        name = f"{dataset}-download"  # no suffix: extract tells an archive by its content
 
     target = download_cache(dataset) / name
     fetched = download(options.url, target, sha256=pinned, what=f"{key}.url")

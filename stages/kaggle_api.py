@@ -378,7 +378,8 @@ def _map_error(error: Exception, target: _Target | None, file: str | None, datas
             check = ", ".join(checks[:-1]) + " and " + checks[-1] if len(checks) > 1 else checks[0]
             return UserError(f"{where}: {what} was not found on Kaggle (HTTP 404{detail}); check {check}")
         if status == 429:
-            return UserError(f"{where}: Kaggle rate-limited the request for {what} (HTTP 429); wait a while and run again")
+            return UserError(f"{where}: Kaggle rate-limited the request for {what} (HTTP 429{detail}); wait a while and "
+                             "run again")
         if status is not None and status >= 500:
             return UserError(f"{where}: Kaggle failed to serve {what} (HTTP {status}); a problem on Kaggle's side, try again later")
         return UserError(f"{where}: Kaggle answered HTTP {status}{detail} for {what}")
@@ -618,6 +619,7 @@ def _obtain(
                 if record["items"].pop(key, None) is not None:
                     write_json_atomic(folder / CACHE_RECORD, record)
                 path.parent.mkdir(parents=True, exist_ok=True)
+                _check_room(path, announced["bytes"], target, file)
                 size = f" ({announced['bytes']:,} bytes)" if announced["bytes"] is not None else ""
                 print(f"kaggle: downloading {target.describe(file)}{size} to {path}", file=sys.stderr)
                 _download(api, kaggle, response, path, target, file)
@@ -645,6 +647,19 @@ def _obtain(
     return path, True
 
 
+def _check_room(path: Path, size: int | None, target: _Target, file: str | None) -> None:
+    """Refuse a download the disk cannot hold (the client would retry a full disk for a minute)."""
+    if size is None:
+        return
+    have = path.stat().st_size if path.is_file() else 0  # a partial download resumes
+    free = shutil.disk_usage(path.parent).free
+    if size - have > free:
+        raise UserError(
+            f"{path.parent}: no room for {target.describe(file)} ({size - have:,} bytes to download, {free:,} "
+            f"free); free some space, or set CLASSMATRIX_DOWNLOADS to a folder on a bigger disk, and run again"
+        )
+
+
 def _download(api: Any, kaggle: Any, response: Any, path: Path, target: _Target, file: str | None) -> None:
     """Stream the response into `path` with the client's resumable download_file."""
     import requests
@@ -662,8 +677,19 @@ def _download(api: Any, kaggle: Any, response: Any, path: Path, target: _Target,
             max_retries=DOWNLOAD_RETRIES,
             timeout=TIMEOUT[1],
         )
-    except requests.exceptions.HTTPError:
-        raise  # an error status (an expired signed URL, say): mapped like any other API error
+    except requests.exceptions.HTTPError as error:
+        failed = error.response
+        host = urllib.parse.urlsplit(getattr(failed, "url", "") or "").hostname
+        if failed is None or host in (None, API_HOST):
+            raise  # the API's own answer: mapped like any other API error
+        # The storage host refused the signed link the API gave (it expires, and the client
+        # retries a dropped download with the same link): a new run asks for a new link.
+        have = path.stat().st_size if path.exists() else 0
+        raise UserError(
+            f"the download link for {target.describe(file)} stopped working after {have:,} bytes (HTTP "
+            f"{failed.status_code} from {host}; Kaggle's signed links expire); run again: it asks Kaggle for a "
+            f"new link and resumes from the partial file in {path.parent}"
+        ) from None
     except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, ConnectionError, ValueError) as error:
         # Cut off, and still cut off after the client's own retries (or a size mismatch).
         have = path.stat().st_size if path.exists() else 0

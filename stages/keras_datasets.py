@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.errors import UserError
+from stages.errors import NO_ROOM, UserError
 from stages.progress import progress
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -238,8 +238,11 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 
 def keras_error(name: str, error: BaseException, cache: Path) -> UserError | None:
-    """The one-line UserError for a keras loader failure, or None for an unexpected error (a bug)."""
+    """The one-line UserError for a keras loader failure, or None for an error another handler
+    words better (a full disk) or an unexpected one (a bug)."""
+    import http.client
     import pickle
+    import urllib.error
     import tarfile
     import zipfile
 
@@ -256,6 +259,15 @@ def keras_error(name: str, error: BaseException, cache: Path) -> UserError | Non
         )
     if isinstance(error, PermissionError):
         return UserError(f"{where}: no permission for keras' cache ({text}); set KERAS_HOME to a writable folder")
+    if isinstance(error, OSError) and error.errno in NO_ROOM:
+        return None  # run_stage's "no room left" line says what to do
+    if isinstance(error, (TimeoutError, ConnectionError, http.client.HTTPException, urllib.error.URLError)):
+        # Keras re-raises what urlretrieve raised, having deleted the partial file.
+        missing = [f for f in files if not (cache / f.path).is_file()] or files
+        return UserError(
+            f"{where}: keras' download was cut off ({type(error).__name__}: {text or 'no detail'}); run again "
+            f"(keras starts the file again), or {offline_hint(missing, cache)}"
+        )
     unreadable = (EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile, tarfile.TarError, pickle.UnpicklingError)
     if isinstance(error, unreadable):
         paths = ", ".join(str(cache / f.path) for f in files)

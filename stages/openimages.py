@@ -117,33 +117,48 @@ def fetch_metadata(url: str, what: str) -> dict[str, Any]:
     """Download `url` into the metadata cache unless it is there; return {name, url, path, sha256, bytes}.
 
     The sha256 of a cached file is remembered in `<file>.sha256.json` beside it (with the size and
-    modification time it was computed for), so the 2.7 GB labels file is not hashed on every run.
+    modification time it was computed for, and the URL it came from), so the 2.7 GB labels file is
+    not hashed on every run. A file from another URL (a mirror in `metadata_url`) is fetched again.
     """
     name = url.rstrip("/").rsplit("/", 1)[-1]
     target = cache_root() / "metadata" / name
     memo = target.with_name(name + ".sha256.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.with_name(name + ".lock")):
-        digest = _remembered_sha256(target, memo)
+        digest = _remembered_sha256(target, memo, url)
         if digest is None:
+            if target.is_file() and _remembered_url(memo) not in (None, url):
+                target.unlink()  # from another URL: the provenance must name the file it has
             fetched = downloads.download(url, target, sha256=None, what=what)
             digest = fetched["sha256"]
             stat = target.stat()
-            write_text_atomic(memo, json.dumps({"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}))
+            write_text_atomic(memo, json.dumps(
+                {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest, "url": url}
+            ))
     return {"name": name, "url": url, "path": target, "sha256": digest, "bytes": target.stat().st_size}
 
 
-def _remembered_sha256(target: Path, memo: Path) -> str | None:
+def _remembered_sha256(target: Path, memo: Path, url: str) -> str | None:
     if not target.is_file() or not memo.is_file():
         return None
     try:
         recorded = json.loads(memo.read_text())
         stat = target.stat()
+        # A memo written before URLs were remembered has none: its file is taken as this URL's.
+        if recorded.get("url", url) != url:
+            return None
         if recorded["bytes"] == stat.st_size and recorded["mtime_ns"] == stat.st_mtime_ns:
             return str(recorded["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return None
+
+
+def _remembered_url(memo: Path) -> str | None:
+    try:
+        return str(json.loads(memo.read_text())["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @contextlib.contextmanager

@@ -165,7 +165,8 @@ class UrlOptions:
     # An HTTP(S) file, usually an archive, and its pinned sha256.
     url: str
     sha256: str
-    # Extract a zip/tar archive into the dataset folder (else keep the file as downloaded).
+    # Extract a zip/tar archive into the dataset folder (else keep the file as downloaded). An
+    # archive is told by its suffix, or by its content when the URL's file name has no suffix.
     extract: bool = True
 
 

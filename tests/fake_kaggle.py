@@ -190,6 +190,12 @@ class FakeKaggle:
         self.seen: list[Seen] = []
         self._cuts: dict[str, int] = {}
         self._stalls: dict[str, float] = {}
+        # True: the signed link of a download that `cut_once` cuts has expired by the time the
+        # client retries with it (a long download outliving the link's lifetime), and answers as
+        # an expired V4 signed URL does on Google Cloud Storage (400, ExpiredToken). Links the
+        # API hands out later work.
+        self.links_expire_on_cut = False
+        self._expired_links: set[str] = set()
         self._lock = threading.Lock()
         self.ca, cert, key = _certificates(self.root / "tls")
         self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -500,6 +506,17 @@ class _Handler(BaseHTTPRequestHandler):
         if blob is None:
             self._send_json(404, {"code": 404, "message": "No such object"}, seen)
             return
+        signature = self.path.partition("?")[2]
+        if signature in self.fake._expired_links:
+            body = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ExpiredToken</Code>"
+                    b"<Message>Invalid argument.</Message></Error>")
+            seen.status = 400
+            self.send_response(400)
+            self.send_header("Content-Type", "application/xml; charset=UTF-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         data, start = blob.data, 0
         status = 200
         wanted = self.headers.get("Range", "")
@@ -531,6 +548,8 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is None:
             self.wfile.write(data)
             return
+        if self.fake.links_expire_on_cut:
+            self.fake._expired_links.add(signature)
         self.wfile.write(data[:cut])
         self.wfile.flush()
         # Hang up mid-body, as a dropped connection does.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import socket
 import threading
 import zipfile
@@ -28,7 +29,9 @@ class FileServer:
     whole file whatever the Range header says. status: path -> an error status to answer.
     requests: (path, Range header or None) for every request received. stall_once: path -> N, send
     N bytes of the next response for that path, then hold the connection open until `release` is
-    set (a download caught mid-way, for a test to kill).
+    set (a download caught mid-way, for a test to kill). headers: path -> extra response headers
+    (Content-Encoding, Retry-After, ...). status_once: path -> [status, ...], answered (with the
+    path's headers) before the file is served.
     """
 
     def __init__(self) -> None:
@@ -38,6 +41,8 @@ class FileServer:
         self.status: dict[str, int] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.stall_once: dict[str, int] = {}
+        self.headers: dict[str, dict[str, str]] = {}
+        self.status_once: dict[str, list[int]] = {}
         self.release = threading.Event()
         self.lock = threading.Lock()
         server = self
@@ -53,8 +58,15 @@ class FileServer:
                     status = server.status.get(path)
                     cut = server.cut_once.pop(path, None)
                     stall = server.stall_once.pop(path, None)
+                    if status is None and server.status_once.get(path):
+                        status = server.status_once[path].pop(0)
+                extra = server.headers.get(path, {})
                 if status is not None:
-                    self.send_error(status)
+                    self.send_response(status)
+                    for name, value in extra.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 if path not in server.files:
                     self.send_error(404)
@@ -75,6 +87,8 @@ class FileServer:
                 else:
                     self.send_response(200)
                 body = data[start:]
+                for name, value in extra.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -211,8 +225,9 @@ def test_a_server_that_ignores_range_restarts_the_file_from_zero(server, tmp_pat
     assert target.read_bytes() == data and result["downloaded"] is True
 
 
-def test_a_sha256_mismatch_is_one_line_and_leaves_no_file(server, tmp_path):
-    """The wrong bytes are deleted, and the message gives both checksums, the URL and what to do."""
+def test_a_sha256_mismatch_is_one_line_and_keeps_the_file_for_a_corrected_pin(server, tmp_path):
+    """No verified file appears, the message gives both checksums, the URL and what to do, and the
+    bytes wait under their own checksum: pinning that checksum uses them, with no second download."""
     data = payload(2000, seed=4)
     server.files["/f.bin"] = data
     target = tmp_path / "f.bin"
@@ -222,10 +237,17 @@ def test_a_sha256_mismatch_is_one_line_and_leaves_no_file(server, tmp_path):
         download(server.url("/f.bin"), target, sha256=wrong, what="datasets.x.source.url")
 
     message = str(caught.value)
+    kept = tmp_path / f"f.bin.sha256-{sha(data)}"
     assert "\n" not in message
     assert wrong in message and sha(data) in message and server.url("/f.bin") in message
-    assert "pinned sha256 in params.yaml" in message
+    assert f"The file is kept as {kept}: if it is the right one, pin sha256 {sha(data)} in params.yaml" in message
     assert not target.exists() and not target.with_name("f.bin.part").exists()
+    assert kept.read_bytes() == data
+
+    result = download(server.url("/f.bin"), target, sha256=sha(data), what="datasets.x.source.url")
+
+    assert result["downloaded"] is False and target.read_bytes() == data and not kept.exists()
+    assert len(server.ranges("/f.bin")) == 1
 
 
 def test_404_is_one_line_naming_the_url_and_not_retried(server, tmp_path):
@@ -410,3 +432,118 @@ def test_fetching_the_same_file_again_writes_the_same_provenance(server, tmp_pat
     assert len(server.ranges("/pets.zip")) == 1  # the second came from the cache
     assert "; downloaded: True" in said_first and "; downloaded: False" in said_second
     assert "this_run" not in json.loads(first) and "obtained_at" not in json.loads(first)
+
+
+def test_a_tar_gz_labelled_content_encoding_gzip_is_kept_as_sent(server, tmp_path, monkeypatch):
+    """Apache's `AddEncoding x-gzip .gz` (or nginx's gzip_static) labels a .tar.gz Content-Encoding:
+    gzip, whatever the request accepts. The file is the bytes sent, as curl and wget save them: the
+    pinned sha256 matches, and the archive extracts."""
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("cat/0.png", "dog/0.png"):
+            content = name.encode() * 100
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    data = buffer.getvalue()
+    server.files["/pets.tar.gz"] = data
+    server.headers["/pets.tar.gz"] = {"Content-Encoding": "gzip"}
+    monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "downloads"))
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("url").fetch(UrlOptions(url=server.url("/pets.tar.gz"), sha256=sha(data)), dest, "toy")
+
+    assert details["archives"][0]["sha256"] == sha(data)
+    assert (dest / "cat" / "0.png").read_bytes() == b"cat/0.png" * 100
+
+
+def test_an_archive_behind_a_url_without_a_suffix_is_extracted(server, tmp_path, monkeypatch):
+    """Figshare's /ndownloader/files/<id>, Google Drive's /uc?id=...: a name with no suffix is
+    told by its content; a name with another suffix is kept as it is (an .xlsx is a zip too)."""
+    data = zip_bytes({"cat/0.png": b"c" * 10, "dog/0.png": b"d" * 10})
+    server.files["/ndownloader/files/12345"] = data
+    server.files["/labels.xlsx"] = data
+    monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "downloads"))
+    fetch = get_source("url").fetch
+
+    (tmp_path / "a").mkdir()
+    fetch(UrlOptions(url=server.url("/ndownloader/files/12345"), sha256=sha(data)), tmp_path / "a", "toy")
+    (tmp_path / "b").mkdir()
+    fetch(UrlOptions(url=server.url("/labels.xlsx"), sha256=sha(data)), tmp_path / "b", "toy")
+
+    assert sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*.png")) == [
+        "cat/0.png", "dog/0.png"]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["labels.xlsx"]
+
+
+def test_retry_after_is_waited_for_and_a_long_one_stops_at_once(server, tmp_path, monkeypatch):
+    """A 429 or 503 with Retry-After waits what the server asks, not the back-off; a wait beyond
+    MAX_RETRY_AFTER_S stops the download with the wait in the message, after one request."""
+    data = payload(3000, seed=7)
+    server.files["/f.bin"] = data
+    server.status_once["/f.bin"] = [429, 503]
+    server.headers["/f.bin"] = {"Retry-After": "7"}
+    waits: list[float] = []
+    monkeypatch.setattr(downloads.time, "sleep", waits.append)
+
+    result = download(server.url("/f.bin"), tmp_path / "f.bin", sha256=sha(data), what="datasets.x.source.url")
+
+    assert waits == [7.0, 7.0] and result["downloaded"] is True
+
+    server.files["/g.bin"] = data
+    server.status["/g.bin"] = 429
+    server.headers["/g.bin"] = {"Retry-After": "3600"}
+    with pytest.raises(UserError) as caught:
+        download(server.url("/g.bin"), tmp_path / "g.bin", sha256=sha(data), what="datasets.x.source.url")
+    assert str(caught.value).startswith(
+        f"datasets.x.source.url: {server.url('/g.bin')} asks to wait 3,600 s before the next request (HTTP 429 "
+    )
+    assert len(server.ranges("/g.bin")) == 1 and waits == [7.0, 7.0]
+
+
+def test_a_rate_limit_that_outlasts_the_retries_says_so(server, tmp_path):
+    server.status["/f.bin"] = 429
+
+    with pytest.raises(UserError) as caught:
+        download(server.url("/f.bin"), tmp_path / "f.bin", sha256=None, what="datasets.x.source.url", retries=1)
+
+    assert "(HTTP 429 Too Many Requests); the server is limiting requests: wait a few minutes and run again" in str(
+        caught.value)
+
+
+def test_a_full_disk_names_the_partial_file_and_keeps_it(server, tmp_path):
+    """The real fetch stage with a file-size limit (EFBIG, as a full disk gives ENOSPC): one line
+    naming the file being written, and the bytes written so far kept for the rerun to resume."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.toy import toy_params
+
+    data = payload(1_000_000, seed=9)
+    server.files["/big.zip"] = data
+    params = toy_params(["cats"], source={"kind": "url", "url": server.url("/big.zip"), "sha256": sha(data)})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    part = tmp_path / "downloads" / "toy" / "big.zip.part"
+    finished = subprocess.run(
+        [sys.executable, "-m", "stages.fetch", "--dataset", "toy", "--out", str(tmp_path / "raw"),
+         "--provenance", str(tmp_path / "raw.provenance.json"), "--params", str(tmp_path / "params.yaml")],
+        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "CLASSMATRIX_DOWNLOADS": str(tmp_path / "downloads")},
+        capture_output=True, text=True, timeout=300, preexec_fn=limit,
+    )
+
+    assert finished.returncode != 0
+    last = finished.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: no room left writing {part} (File too large)"), finished.stderr[-2000:]
+    assert 0 < part.stat().st_size <= 200_000

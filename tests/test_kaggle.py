@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import uuid
 import zipfile
 from pathlib import Path
@@ -279,6 +280,61 @@ def test_a_download_cut_off_once_resumes_within_the_run(fake, tmp_path):
     offset = int(gets[1].headers["range"].removeprefix("bytes=").removesuffix("-"))
     assert 0 < offset <= MIB + 200_000  # from where the cut left the file, not from scratch
     assert details["archives"][0]["sha256"] == sha256(archive)
+
+
+def test_a_signed_link_that_expires_mid_download_says_run_again_and_the_rerun_resumes(fake, tmp_path, monkeypatch):
+    """The client retries a dropped download with the same signed link; once that link has
+    expired, storage answers 400 ExpiredToken. That is no "no access" of the API: the message
+    says to run again, and the run asks for a new link and resumes."""
+    archive = big_archive()
+    fake.add_dataset("own/pets", archive, version=1)
+    fake.links_expire_on_cut = True
+    monkeypatch.setattr(kaggle_api, "DOWNLOAD_RETRIES", 1)  # one retry with the old link
+    fake.cut_once(DS_PATH.format(1), MIB + 200_000)
+
+    message = fails(tmp_path, dataset="own/pets", version=1)
+
+    partial = fake.downloads / "demo" / "kaggle" / "datasets" / "own" / "pets" / "v1" / "pets.zip"
+    kept = partial.stat().st_size
+    assert message == (
+        f"the download link for dataset own/pets version 1 stopped working after {kept:,} bytes (HTTP 400 from "
+        f"storage.googleapis.com; Kaggle's signed links expire); run again: it asks Kaggle for a new link and "
+        f"resumes from the partial file in {partial.parent}"
+    )
+    details, dest = run(tmp_path, dataset="own/pets", version=1)
+    gets = fake.requests("GET", DS_PATH.format(1))
+    assert [(s.status, s.headers.get("range")) for s in gets][-1] == (206, f"bytes={kept}-")
+    assert details["archives"][0]["sha256"] == sha256(archive)
+    assert (dest / "cat" / "0.png").read_bytes() == png(0)
+
+
+def test_a_download_the_disk_cannot_hold_is_refused_before_it_starts(fake, tmp_path, monkeypatch):
+    """Else the client retries a full disk for a minute and the message names no folder."""
+    fake.add_dataset("own/pets", big_archive(), version=1)
+    monkeypatch.setattr(kaggle_api.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
+
+    message = fails(tmp_path, dataset="own/pets", version=1)
+
+    folder = fake.downloads / "demo" / "kaggle" / "datasets" / "own" / "pets" / "v1"
+    assert message.startswith(f"{folder}: no room for dataset own/pets version 1 (")
+    assert "5,000 free); free some space, or set CLASSMATRIX_DOWNLOADS" in message
+    assert not (folder / "pets.zip").exists()  # the response was opened, its body never read
+
+
+def test_a_rate_limit_keeps_kaggles_own_words(fake, tmp_path, monkeypatch):
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
+    answer = fake._api
+
+    def limited(method, body, headers):
+        if method == "DownloadDataset":
+            return 429, {"code": 429, "message": "Too many requests. Please try again in 57 seconds."}
+        return answer(method, body, headers)
+
+    monkeypatch.setattr(fake, "_api", limited)
+
+    message = fails(tmp_path, dataset="own/pets", version=1)
+
+    assert "(HTTP 429: Too many requests. Please try again in 57 seconds.); wait a while and run again" in message
 
 
 # --------------------------------------------------------------------------------------------

@@ -430,6 +430,23 @@ def test_other_loader_errors_are_left_alone_as_bugs(tmp_path):
     assert str(tmp_path / "cifar-10-batches-py-target_archive") in str(mapped)
 
 
+@pytest.mark.parametrize("error", [TimeoutError("timed out"), ConnectionResetError(104, "Connection reset by peer")])
+def test_a_download_cut_off_is_not_called_an_unreadable_cache(tmp_path, error):
+    """keras re-raises what urlretrieve raised (having deleted the partial file): a cut-off
+    download says to run again, or where to put the file, never to delete cached files."""
+    mapped = keras_datasets.keras_error("cifar10", error, tmp_path)
+
+    assert str(mapped).startswith(f"keras.datasets.cifar10: keras' download was cut off ({type(error).__name__}: ")
+    assert "run again (keras starts the file again), or to work offline, put the file from" in str(mapped)
+    assert "delete" not in str(mapped)
+
+
+def test_a_full_disk_is_left_to_the_no_room_line(tmp_path):
+    import errno
+
+    assert keras_datasets.keras_error("mnist", OSError(errno.ENOSPC, "No space left on device"), tmp_path) is None
+
+
 def test_a_cifar_pickle_that_would_run_code_is_refused_in_one_line(keras_run):
     """keras reads CIFAR's pickles with a restricted unpickler: the payload's call is refused, its
     code never runs, and the stage says which cached files to delete."""

@@ -265,6 +265,24 @@ def test_a_wrong_bucket_fails_with_one_line(oi):
 # Caching, interruption and resume.
 
 
+def test_a_new_metadata_url_fetches_its_own_files(oi):
+    """Switching `metadata_url` to a mirror fetches the mirror's CSVs: the cache is per file name,
+    and the provenance must name the file it used, with that file's sha256."""
+    _, first = run(oi, "a")
+    for path, data in list(oi.host.files.items()):
+        if path.startswith("/openimages/"):
+            mirrored = "/mirror/" + path.removeprefix("/openimages/")
+            oi.host.files[mirrored] = data + b"/m/0mirror,Mirror only\n" if "class-descriptions" in path else data
+
+    _, second = run(oi, "b", metadata_url=oi.host.url("/mirror/v7"))
+
+    assert sorted(p for p in oi.host.requests if p.startswith("/mirror/")) == sorted(
+        p.replace("/openimages/", "/mirror/", 1) for p in oi.world.files())
+    assert [entry["url"] for entry in second["metadata"]] == [
+        entry["url"].replace("/openimages/", "/mirror/", 1) for entry in first["metadata"]]
+    assert second["metadata"][0]["sha256"] != first["metadata"][0]["sha256"]
+
+
 def test_metadata_is_downloaded_once_and_its_sha256_recorded(oi):
     """Two fetches: each CSV is requested once; the provenance names it with its sha256 and URL."""
     _, first = run(oi, "a")
