@@ -110,6 +110,29 @@ def has_remote() -> bool:
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
+def missing_ci_settings() -> list[str]:
+    """What a CI run needs before it starts its jobs, and lacks: checked by `plan` on a runner,
+    so that a repository without them fails in one job, not in fifty (or with GPU jobs queued for
+    a day waiting for a runner label nobody has, or runs logged to each runner's own database)."""
+    missing = []
+    if not has_remote():
+        missing.append("a DVC remote, which the jobs share their outputs through (dvc remote add -d storage "
+                       "s3://<bucket>/classmatrix, and commit .dvc/config)")
+    if not os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        missing.append("the repository variable MLFLOW_TRACKING_URI (the shared MLflow server's URL: without it "
+                       "each job logs to a database on its own runner, which is thrown away)")
+    labels = os.environ.get("GPU_RUNNER_LABELS", "").strip()
+    try:
+        valid = isinstance(json.loads(labels), list) and all(isinstance(label, str) for label in json.loads(labels))
+    except ValueError:
+        valid = False
+    if not valid:
+        shown = f" (it is {labels!r}, not a JSON list of strings)" if labels else ""
+        missing.append(f"the repository variable GPU_RUNNER_LABELS{shown}: the training jobs' runner labels as JSON, "
+                       "e.g. [\"self-hosted\", \"gpu\"], or [\"ubuntu-24.04\"] to train on GitHub's CPU runners")
+    return missing
+
+
 def upstream_stages(targets: list[str]) -> list[Any]:
     """The stages of `targets` and every stage they depend on, dependencies first."""
     import networkx as nx
@@ -338,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "plan":
         jobs = plan(args.params, args.suite, args.pattern, args.per_job)
+        if os.environ.get("GITHUB_ACTIONS") == "true" and (missing := missing_ci_settings()):
+            raise UserError("matrix plan: this repository lacks what the retrain jobs need: " + "; ".join(missing))
         print(json.dumps(jobs, indent=2))
         to_github_output({key: json.dumps(jobs[key]) for key in ("prepare", "train")} | {"report": jobs["report"]})
     elif args.command == "run":

@@ -139,3 +139,26 @@ def test_the_code_a_train_checkpoint_is_bound_to_is_the_code_dvc_reruns_train_fo
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     deps = {dep for dep in stages["train"]["do"]["deps"] if dep.startswith("stages/")}
     assert deps == {f"stages/{name}.py" for name in CODE_MODULES}
+
+
+def test_every_cached_output_is_ignored_by_the_root_gitignore() -> None:
+    """DVC writes a .gitignore beside each cached output as it commits it, but CI's bundles carry
+    dvc.lock and uncached files only: a cached output the root .gitignore misses turns up
+    untracked after `dvc pull` in a clone, and `git add reports` then commits it (after which DVC
+    refuses to commit the stage: "already tracked by SCM")."""
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    missed = []
+    for name, stage in pipeline["stages"].items():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage["do"].get(kind) or []:
+                path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, None)
+                if (options or {}).get("cache", True) is False:
+                    continue
+                concrete = (path.replace("${key}", "digits").replace("${item.dataset}", "digits")
+                            .replace("${item.backbone}", "small_cnn").replace("${item.suite}", "demo"))
+                # A path with no suffix is a folder, which a pattern ending in / matches only as one.
+                probe = concrete if Path(concrete).suffix else concrete + "/"
+                ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", probe], cwd=REPO)
+                if ignored.returncode != 0:
+                    missed.append(f"{name}: {path}")
+    assert not missed, missed

@@ -54,6 +54,8 @@ def test_jobs_share_one_remote_and_a_fresh_clone_reproduces_nothing(endpoint: st
         AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
         # The team's shared tracking store (a server in real life): every job logs to it.
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'shared-mlflow.db'}",
+        # As on a runner: `plan` checks the remote and the repository variables, `run` the remote.
+        GITHUB_ACTIONS="true", GPU_RUNNER_LABELS='["ubuntu-24.04"]',
     )
     run(["dvc", "remote", "add", "-d", "shared", f"s3://{BUCKET}/dvc"], origin, env)
     run(["dvc", "remote", "modify", "shared", "endpointurl", endpoint], origin, env)

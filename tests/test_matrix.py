@@ -57,7 +57,8 @@ def test_plan_command_writes_github_outputs(tmp_path: Path) -> None:
     output = tmp_path / "github_output"
     result = subprocess.run(
         [sys.executable, "-m", "stages.matrix", "plan", "--suite", "demo"],
-        cwd=REPO, env={**_env(), "GITHUB_OUTPUT": str(output)}, capture_output=True, text=True, check=True,
+        cwd=REPO, env={**_env(), "GITHUB_OUTPUT": str(output), "GITHUB_ACTIONS": ""}, capture_output=True, text=True,
+        check=True,
     )
     assert json.loads(result.stdout)["suite"] == "demo"
     lines = dict(line.split("=", 1) for line in output.read_text().splitlines())
@@ -199,6 +200,40 @@ def dvc_repository(folder: Path) -> dict[str, str]:
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(command, cwd=folder, check=True, env=env)
     return env
+
+
+def test_in_ci_plan_stops_in_one_line_on_the_settings_the_jobs_need(tmp_path: Path) -> None:
+    """On a runner, `plan` checks what every later job needs (a DVC remote, the shared MLflow URI,
+    the training runners' labels), so a repository without them fails in one job: not in fifty,
+    with GPU jobs queued for a day on a label no runner has, or runs logged to throwaway databases."""
+    env = dvc_repository(tmp_path)
+    env = {**env, "GITHUB_ACTIONS": "true", "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "", "GPU_RUNNER_LABELS": ""}
+    command = [sys.executable, "-m", "stages.matrix", "plan", "--suite", "demo", "--params", PARAMS]
+
+    bare = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    assert bare.returncode == 1 and bare.stdout == ""
+    [line] = bare.stderr.strip().splitlines()
+    assert line.startswith("error: matrix plan: this repository lacks what the retrain jobs need: a DVC remote, ")
+    assert "; the repository variable MLFLOW_TRACKING_URI (the shared MLflow server's URL" in line
+    assert '; the repository variable GPU_RUNNER_LABELS: the training jobs\' runner labels as JSON, e.g. ["self-hosted", "gpu"]' in line
+
+    subprocess.run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], cwd=tmp_path, env=env, check=True)
+    env.update(MLFLOW_TRACKING_URI="http://mlflow.internal:5000", GPU_RUNNER_LABELS="gpu")
+    labels = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    assert labels.returncode == 1
+    assert labels.stderr.strip() == (
+        "error: matrix plan: this repository lacks what the retrain jobs need: the repository variable "
+        "GPU_RUNNER_LABELS (it is 'gpu', not a JSON list of strings): the training jobs' runner labels as JSON, "
+        'e.g. ["self-hosted", "gpu"], or ["ubuntu-24.04"] to train on GitHub\'s CPU runners'
+    )
+
+    env.update(GPU_RUNNER_LABELS='["self-hosted", "gpu"]')
+    ready = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    assert ready.returncode == 0, ready.stderr
+    assert json.loads(ready.stdout)["suite"] == "demo"
 
 
 def test_run_without_a_dvc_remote_says_it_pulls_and_pushes_nothing(tmp_path: Path) -> None:
