@@ -615,10 +615,12 @@ def download_images(
         if isinstance(error, UserError):
             raise error
         kept = sum(1 for status in outcome.status.values() if status != "missing")
+        throttled = any(word in str(error) for word in ("SlowDown", "Throttling", "HTTP 429", "HTTP 503"))
+        advice = (f"S3 is limiting requests: lower {key_name}.workers (now {workers}) or wait a few minutes, and run "
+                  "again" if throttled else "check the network connection and run again")
         raise UserError(
             f"{key_name}: downloading s3://{bucket}/{key} failed after {RETRIES + 1} tries ({error}); "
-            f"check the network connection and run again: the {kept:,} images fetched so far are kept "
-            f"in {cache} and not downloaded again"
+            f"{advice}: the {kept:,} images fetched so far are kept in {cache} and not downloaded again"
         )
     return outcome
 

@@ -60,8 +60,10 @@ class FakeBucket:
                 self.requests.append((environ["REQUEST_METHOD"], path))
                 status = self.fail.get(path)
             if status is not None:
+                # S3's own codes: 503 is its throttling answer, SlowDown.
+                code = "SlowDown" if status == 503 else "InternalError"
                 body = (
-                    "<?xml version='1.0' encoding='UTF-8'?><Error><Code>InternalError</Code>"
+                    f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
                     "<Message>injected by the test</Message></Error>"
                 ).encode()
                 start_response(f"{status} Injected", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])

@@ -309,6 +309,20 @@ def test_metadata_is_downloaded_once_and_its_sha256_recorded(oi):
     assert len(gets) == 14 and gets[13] == f"train/{next(iter(oi.world.absent))}.jpg"
 
 
+def test_s3_throttling_that_outlasts_the_retries_says_to_lower_the_workers(oi):
+    """S3's 503 SlowDown is a rate limit, not a network failure: the line says so, and names the
+    `workers` key to lower."""
+    broken = f"train/{openimages.sample(oi.world.ids(CAT, [CAT, DOG, HORSE]), 5, 7)[0]}.jpg"
+    oi.bucket.fail[f"/{BUCKET}/{broken}"] = 503
+
+    with pytest.raises(UserError) as caught:
+        run(oi, workers=1)
+
+    message = str(caught.value)
+    assert "\n" not in message and "(HTTP 503 SlowDown)" in message
+    assert "S3 is limiting requests: lower datasets.pets.source.workers (now 1) or wait a few minutes" in message
+
+
 def test_a_failing_download_stops_the_fetch_and_the_rerun_resumes(oi):
     """A server error on one image outlasts the retries: the fetch fails with one line, keeps what
     it finished (whole files only), and the next run asks only for what is still missing."""
