@@ -63,8 +63,11 @@ def archive_format(path: Path) -> str | None:
     if zipfile.is_zipfile(path):
         return "zip"
     try:
-        return "tar" if tarfile.is_tarfile(path) else None
-    except (OSError, tarfile.TarError, EOFError, zlib.error):
+        # A tar with a first member: is_tarfile alone takes any file that starts with 512 zero
+        # bytes (an ISO image, say) for an empty tar.
+        with tarfile.open(path) as handle:
+            return "tar" if handle.next() is not None else None
+    except (OSError, tarfile.TarError, EOFError, zlib.error, ValueError):
         return None
 
 

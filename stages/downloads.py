@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import time
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -94,6 +95,8 @@ def download(
     if kept is not None and kept.is_file() and archives.sha256_file(kept) == expected:
         # An earlier download that failed its old pin, and the pin now names it: no download.
         os.replace(kept, target)
+        part = target.with_name(target.name + ".part")
+        part.unlink(missing_ok=True)  # a download of the same file begun since: not needed now
         return _result(target, expected, downloaded=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
@@ -138,6 +141,8 @@ def download(
             f"otherwise run again to download it afresh"
         )
     os.replace(part, target)
+    for stale in target.parent.glob(f"{glob_escape(target.name)}.sha256-*"):
+        stale.unlink(missing_ok=True)  # earlier downloads that failed a pin: this one is the file
     return _result(target, actual, downloaded=True)
 
 
@@ -198,20 +203,24 @@ def _attempt(session: Any, url: str, part: Path, what: str, timeout: tuple[float
             unit_divisor=1024, disable=None, leave=False,
         )
         try:
-            with open(part, mode) as sink:
+            sink = open(part, mode)
+            try:
                 # The bytes as sent, never decoded: a .tar.gz that a server labels Content-Encoding:
                 # gzip (Apache's AddEncoding, nginx's gzip_static) is the file whose sha256 is pinned,
                 # as curl and wget save it, and Range offsets count these bytes.
                 for block in response.raw.stream(CHUNK, decode_content=False):
-                    try:
-                        sink.write(block)
-                    except OSError as error:  # a full disk: name the file, keep what is written
-                        raise OSError(error.errno, error.strerror, str(part)) from None
+                    sink.write(block)
                     received += len(block)
                     bar.update(len(block))
+            finally:
+                sink.close()  # flushes what is buffered: a full disk can show here too
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
                 requests.exceptions.Timeout, urllib3.exceptions.HTTPError) as error:
             raise _Transient(_reason(error)) from None
+        except OSError as error:
+            if error.filename is None and error.errno is not None:  # a full disk: name the file; what is written stays
+                raise OSError(error.errno, error.strerror, str(part)) from None
+            raise
         finally:
             bar.close()
         if total is not None and offset + received < total:

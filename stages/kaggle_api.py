@@ -680,8 +680,8 @@ def _download(api: Any, kaggle: Any, response: Any, path: Path, target: _Target,
     except requests.exceptions.HTTPError as error:
         failed = error.response
         host = urllib.parse.urlsplit(getattr(failed, "url", "") or "").hostname
-        if failed is None or host in (None, API_HOST):
-            raise  # the API's own answer: mapped like any other API error
+        if failed is None or host in (None, API_HOST) or failed.status_code not in (400, 401, 403):
+            raise  # the API's own answer, or a storage error no new link cures: mapped like any other
         # The storage host refused the signed link the API gave (it expires, and the client
         # retries a dropped download with the same link): a new run asks for a new link.
         have = path.stat().st_size if path.exists() else 0

@@ -38,7 +38,6 @@ from typing import Any, Callable, Iterator, Literal, Mapping
 
 import numpy as np
 
-from stages.archives import safe_member_path
 from stages.errors import UserError
 from stages.registry import Registry
 
@@ -139,8 +138,15 @@ def _check_splits(splits: Mapping[str, str], key: str) -> None:
             raise UserError(f"{key}.{name}: {split!r} is not a split; valid: {', '.join(SPLITS)}")
 
 
+def _inside_raw(path: str) -> bool:
+    """Whether `path` names something inside the raw folder: relative, and never `..`. (A colon
+    is fine here: a local folder may hold `Photos: 2019/`, which no archive entry may.)"""
+    posix = PurePosixPath(path.replace("\\", "/"))
+    return bool(path.strip()) and not posix.is_absolute() and ".." not in posix.parts
+
+
 def _check_root(root: str, key: str) -> None:
-    if root and safe_member_path(root) is None:
+    if root and not _inside_raw(root):
         raise UserError(f"{key}.root: {root!r} is not a folder inside the raw folder; give a relative path such as "
                         "'Garbage classification', or '' for the raw folder itself")
 
@@ -412,8 +418,7 @@ def _csv_files(options: CsvOptions | PixelsCsvOptions, key: str) -> list[Any]:
     specs = options.files or [CsvFile(options.file) if isinstance(options, CsvOptions) else PixelsFile(options.file)]
     for i, spec in enumerate(specs):
         where = f"{key}.files[{i}]" if options.files else key
-        inside = safe_member_path(spec.file)
-        if inside is None or inside == PurePosixPath("."):
+        if not _inside_raw(spec.file) or PurePosixPath(spec.file) == PurePosixPath("."):
             raise UserError(f"{where}.file: {spec.file!r} is not a file inside the raw folder; give its path "
                             "relative to the raw folder")
         if spec.split is not None and spec.split not in SPLITS:

@@ -123,11 +123,12 @@ def missing_ci_settings() -> list[str]:
                        "each job logs to a database on its own runner, which is thrown away)")
     labels = os.environ.get("GPU_RUNNER_LABELS", "").strip()
     try:
-        valid = isinstance(json.loads(labels), list) and all(isinstance(label, str) for label in json.loads(labels))
+        parsed = json.loads(labels)
+        valid = isinstance(parsed, list) and bool(parsed) and all(isinstance(x, str) and x.strip() for x in parsed)
     except ValueError:
         valid = False
     if not valid:
-        shown = f" (it is {labels!r}, not a JSON list of strings)" if labels else ""
+        shown = f" (it is {labels!r}, not a JSON list of runner labels)" if labels else ""
         missing.append(f"the repository variable GPU_RUNNER_LABELS{shown}: the training jobs' runner labels as JSON, "
                        "e.g. [\"self-hosted\", \"gpu\"], or [\"ubuntu-24.04\"] to train on GitHub's CPU runners")
     return missing
@@ -331,6 +332,8 @@ def to_github_output(values: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # The DVC beside this Python (the workflow runs .venv/bin/python without .venv/bin on PATH).
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("plan", help="the jobs, as JSON for a GitHub Actions matrix")

@@ -103,6 +103,10 @@ def cache_root() -> Path:
 # Metadata: download once, hash once.
 
 
+# Where Open Images publishes its metadata; the default `metadata_url` is under it.
+OPEN_IMAGES_HOST = "https://storage.googleapis.com/openimages/"
+
+
 def metadata_urls(metadata_url: str, split: str) -> dict[str, str]:
     """The three metadata files for `split`: role -> URL."""
     base = metadata_url.rstrip("/") + "/"
@@ -118,10 +122,15 @@ def fetch_metadata(url: str, what: str) -> dict[str, Any]:
 
     The sha256 of a cached file is remembered in `<file>.sha256.json` beside it (with the size and
     modification time it was computed for, and the URL it came from), so the 2.7 GB labels file is
-    not hashed on every run. A file from another URL (a mirror in `metadata_url`) is fetched again.
+    not hashed on every run. Files from Open Images' own host are kept under `metadata/`, those of
+    another `metadata_url` (a mirror) under `metadata/mirrors/<hash of the URL>/`, so two datasets
+    on two hosts never replace each other's files; the memo's URL guards the rest.
     """
     name = url.rstrip("/").rsplit("/", 1)[-1]
-    target = cache_root() / "metadata" / name
+    folder = cache_root() / "metadata"
+    if not url.startswith(OPEN_IMAGES_HOST):
+        folder = folder / "mirrors" / hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    target = folder / name
     memo = target.with_name(name + ".sha256.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.with_name(name + ".lock")):
@@ -657,7 +666,7 @@ def check(options: Any, key: str) -> None:
         raise UserError(f"{key}.per_class: {options.per_class} images per class; ask for at least 1")
     if options.workers < 1:
         raise UserError(f"{key}.workers: {options.workers}; use at least 1")
-    if not re.match(r"https?://[^/]", options.metadata_url):
+    if not re.match(r"https?://[^/]", options.metadata_url, re.IGNORECASE):
         raise UserError(f"{key}.metadata_url: {options.metadata_url!r} is not an http(s) URL")
     if not options.bucket.strip():
         raise UserError(f"{key}.bucket: give the S3 bucket the images are in (open-images-dataset)")

@@ -27,7 +27,8 @@ class FileServer:
     files: path -> bytes. cut_once: path -> N, send only N bytes of the next response for that path
     (with the full Content-Length) and drop the connection. ignore_range: paths answered 200 with the
     whole file whatever the Range header says. status: path -> an error status to answer.
-    requests: (path, Range header or None) for every request received. stall_once: path -> N, send
+    requests: (path, Range header or None) for every request received. chunked: paths sent with
+    Transfer-Encoding: chunked, in 1,000-byte chunks, with no Content-Length. stall_once: path -> N, send
     N bytes of the next response for that path, then hold the connection open until `release` is
     set (a download caught mid-way, for a test to kill). headers: path -> extra response headers
     (Content-Encoding, Retry-After, ...). status_once: path -> [status, ...], answered (with the
@@ -43,6 +44,7 @@ class FileServer:
         self.stall_once: dict[str, int] = {}
         self.headers: dict[str, dict[str, str]] = {}
         self.status_once: dict[str, list[int]] = {}
+        self.chunked: set[str] = set()
         self.release = threading.Event()
         self.lock = threading.Lock()
         server = self
@@ -90,6 +92,14 @@ class FileServer:
                 for name, value in extra.items():
                     self.send_header(name, value)
                 self.send_header("Content-Type", "application/octet-stream")
+                if path in server.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for at in range(0, len(body), 1000):
+                        piece = body[at : at + 1000]
+                        self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if stall is not None:
@@ -466,6 +476,9 @@ def test_an_archive_behind_a_url_without_a_suffix_is_extracted(server, tmp_path,
     data = zip_bytes({"cat/0.png": b"c" * 10, "dog/0.png": b"d" * 10})
     server.files["/ndownloader/files/12345"] = data
     server.files["/labels.xlsx"] = data
+    # An ISO image starts with 32 KiB of zeros: tarfile.is_tarfile takes that for an empty tar.
+    disk = bytes(32768) + b"CD001" + bytes(1000)
+    server.files["/files/disk"] = disk
     monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "downloads"))
     fetch = get_source("url").fetch
 
@@ -477,6 +490,9 @@ def test_an_archive_behind_a_url_without_a_suffix_is_extracted(server, tmp_path,
     assert sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*.png")) == [
         "cat/0.png", "dog/0.png"]
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["labels.xlsx"]
+    (tmp_path / "c").mkdir()
+    fetch(UrlOptions(url=server.url("/files/disk"), sha256=sha(disk)), tmp_path / "c", "toy")
+    assert [p.read_bytes() for p in (tmp_path / "c").iterdir()] == [disk]
 
 
 def test_retry_after_is_waited_for_and_a_long_one_stops_at_once(server, tmp_path, monkeypatch):
@@ -514,9 +530,11 @@ def test_a_rate_limit_that_outlasts_the_retries_says_so(server, tmp_path):
         caught.value)
 
 
-def test_a_full_disk_names_the_partial_file_and_keeps_it(server, tmp_path):
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_full_disk_names_the_partial_file_and_keeps_it(server, tmp_path, chunked):
     """The real fetch stage with a file-size limit (EFBIG, as a full disk gives ENOSPC): one line
-    naming the file being written, and the bytes written so far kept for the rerun to resume."""
+    naming the file being written, and the bytes written so far kept for the rerun to resume.
+    Chunked: small blocks wait in the file's buffer, and the error comes when it is closed."""
     import resource
     import signal
     import subprocess
@@ -528,6 +546,8 @@ def test_a_full_disk_names_the_partial_file_and_keeps_it(server, tmp_path):
 
     data = payload(1_000_000, seed=9)
     server.files["/big.zip"] = data
+    if chunked:
+        server.chunked.add("/big.zip")
     params = toy_params(["cats"], source={"kind": "url", "url": server.url("/big.zip"), "sha256": sha(data)})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 

@@ -994,3 +994,15 @@ def test_hidden_files_and_files_in_hidden_folders_are_set_aside_as_hidden(tmp_pa
     assert found["a/.ipynb_checkpoints/0-checkpoint.png"].reason == "in a hidden folder ('.ipynb_checkpoints')"
     assert found["a/._0.png"].reason == "hidden file ('._0.png')"
     assert found["a/0.png"].reason == found["b/0.png"].reason == ""
+
+
+def test_a_layout_root_may_hold_a_colon(tmp_path):
+    """A local folder may hold `Photos: 2019/` (no archive entry may): the root check refuses only
+    what leaves the raw folder."""
+    raw = tmp_path / "raw"
+    write_image(raw / "Photos: 2019" / "cat" / "0.png")
+    cfg = config({"kind": "folders", "root": "Photos: 2019"}, ["cat"])
+
+    found = run_layout(cfg, raw)
+
+    assert found["Photos: 2019/cat/0.png"].label == "cat"

@@ -206,8 +206,10 @@ def test_in_ci_plan_stops_in_one_line_on_the_settings_the_jobs_need(tmp_path: Pa
     """On a runner, `plan` checks what every later job needs (a DVC remote, the shared MLflow URI,
     the training runners' labels), so a repository without them fails in one job: not in fifty,
     with GPU jobs queued for a day on a label no runner has, or runs logged to throwaway databases."""
-    env = dvc_repository(tmp_path)
-    env = {**env, "GITHUB_ACTIONS": "true", "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "", "GPU_RUNNER_LABELS": ""}
+    setup = dvc_repository(tmp_path)
+    # As the workflow runs it: .venv/bin/python, with .venv/bin not on PATH (dvc is found beside it).
+    env = {**setup, "PATH": "/usr/bin:/bin", "GITHUB_ACTIONS": "true", "PYTHONPATH": str(REPO),
+           "MLFLOW_TRACKING_URI": "", "GPU_RUNNER_LABELS": ""}
     command = [sys.executable, "-m", "stages.matrix", "plan", "--suite", "demo", "--params", PARAMS]
 
     bare = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -218,16 +220,18 @@ def test_in_ci_plan_stops_in_one_line_on_the_settings_the_jobs_need(tmp_path: Pa
     assert "; the repository variable MLFLOW_TRACKING_URI (the shared MLflow server's URL" in line
     assert '; the repository variable GPU_RUNNER_LABELS: the training jobs\' runner labels as JSON, e.g. ["self-hosted", "gpu"]' in line
 
-    subprocess.run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], cwd=tmp_path, env=env, check=True)
-    env.update(MLFLOW_TRACKING_URI="http://mlflow.internal:5000", GPU_RUNNER_LABELS="gpu")
-    labels = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    subprocess.run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], cwd=tmp_path, env=setup, check=True)
+    env.update(MLFLOW_TRACKING_URI="http://mlflow.internal:5000")
+    for wrong in ("gpu", "[]", '[""]'):
+        env.update(GPU_RUNNER_LABELS=wrong)
+        labels = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
-    assert labels.returncode == 1
-    assert labels.stderr.strip() == (
-        "error: matrix plan: this repository lacks what the retrain jobs need: the repository variable "
-        "GPU_RUNNER_LABELS (it is 'gpu', not a JSON list of strings): the training jobs' runner labels as JSON, "
-        'e.g. ["self-hosted", "gpu"], or ["ubuntu-24.04"] to train on GitHub\'s CPU runners'
-    )
+        assert labels.returncode == 1
+        assert labels.stderr.strip() == (
+            "error: matrix plan: this repository lacks what the retrain jobs need: the repository variable "
+            f"GPU_RUNNER_LABELS (it is {wrong!r}, not a JSON list of runner labels): the training jobs' runner labels "
+            'as JSON, e.g. ["self-hosted", "gpu"], or ["ubuntu-24.04"] to train on GitHub\'s CPU runners'
+        )
 
     env.update(GPU_RUNNER_LABELS='["self-hosted", "gpu"]')
     ready = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
