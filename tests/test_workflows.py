@@ -57,7 +57,9 @@ def test_zizmor_would_catch_an_injection(tmp_path: Path) -> None:
 def test_tests_run_the_readme_command_on_every_pull_request() -> None:
     workflow = load("tests.yml")
     assert "pull_request" in workflow["on"]
-    assert any(script.strip() == "make test" for script in run_scripts(workflow))
+    scripts = [script.strip() for script in run_scripts(workflow)]
+    # PyTorch first: the other-backend tests are skipped where it is missing.
+    assert scripts.index("make env-torch") < scripts.index("make test")
     assert "make test" in (REPO / "README.md").read_text()
 
 
@@ -141,3 +143,50 @@ def test_make_env_gpu_installs_the_cuda_builds_at_the_locked_versions() -> None:
     lock = (REPO / "uv.lock").read_text()
     for name in ("jax", "tensorflow"):
         assert f'name = "{name}"\nversion = "{importlib.metadata.version(name)}"' in lock
+
+
+def test_retrain_wiring_is_consistent() -> None:
+    """What GitHub checks only when a run starts, and the schema cannot: each `needs.<job>.outputs.<x>`
+    names a job the job needs and an output that job declares; each job output names a step of
+    that job by its id; each artifact download matches an upload; each secret is one the header
+    documents; and the jobs wait for the ones whose work they use."""
+    import fnmatch
+
+    text = (WORKFLOWS / "retrain.yml").read_text()
+    workflow = load("retrain.yml")
+    jobs = workflow["jobs"]
+    for name, job in jobs.items():
+        needs = job.get("needs", [])
+        needs = [needs] if isinstance(needs, str) else needs
+        body = yaml.safe_dump(job)
+        for needed, output in re.findall(r"needs\.(\w+)\.outputs\.(\w+)", body):
+            assert needed in needs, f"{name} reads needs.{needed} without needing it"
+            assert output in jobs[needed].get("outputs", {}), f"{name} reads {needed}'s undeclared output {output}"
+        for needed in re.findall(r"needs\.(\w+)\.result", body):
+            assert needed in needs, f"{name} reads needs.{needed}.result without needing it"
+        ids = {step.get("id") for step in job.get("steps", [])}
+        for output, value in job.get("outputs", {}).items():
+            step = re.search(r"steps\.([\w-]+)\.outputs\.", value).group(1)
+            assert step in ids, f"{name}'s output {output} reads step {step!r}, which it does not have"
+    assert set(jobs["train"]["needs"]) >= {"plan", "prepare"} and "train" in jobs["report"]["needs"]
+    # A failed job must not stop the others (train after a failed prepare; report after a failed train).
+    for name in ("train", "report"):
+        assert jobs[name]["if"] == "${{ !cancelled() && needs.plan.result == 'success' }}", name
+
+    uploads = [re.sub(r"\$\{\{[^}]*\}\}", "*", step["with"]["name"]) for job in jobs.values()
+               for step in job["steps"] if step.get("uses", "").startswith("actions/upload-artifact@")]
+    for name, job in jobs.items():
+        for step in job["steps"]:
+            if step.get("uses", "").startswith("actions/download-artifact@"):
+                pattern = step["with"]["pattern"]
+                assert any(fnmatch.fnmatch(upload.replace("*", "x"), pattern) for upload in uploads), (name, pattern)
+                assert "merge-multiple" not in step["with"]  # gather wants one folder per bundle
+
+    header = text.split("\nname:", 1)[0]
+    for secret in set(re.findall(r"secrets\.(\w+)", text)):
+        assert secret in header, f"secret {secret} is not one the header documents"
+    # The plan checks the variables the later jobs rely on; the report gathers the suite's report.
+    plan_env = next(step for step in jobs["plan"]["steps"] if step.get("id") == "plan")["env"]
+    assert plan_env == {"GPU_RUNNER_LABELS": "${{ vars.GPU_RUNNER_LABELS }}"}
+    assert "MLFLOW_TRACKING_URI" in workflow["env"]
+    assert any('gather bundles/* --suite "$SUITE"' in script for script in run_scripts({"jobs": {"r": jobs["report"]}}))
