@@ -144,6 +144,14 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     keras.utils.set_random_seed(1)
     base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3), alpha=0.35)
+    # The file must carry BatchNormalization statistics that fit the trained weights, since the
+    # frozen base runs in inference mode. At MobileNetV2's momentum (0.999) the ~110 steps here
+    # move them a tenth of the way: in inference mode every image then gave the same features (a
+    # spread of 1e-9 across images, measured), the head stayed at chance, and whether phase 2 beat
+    # phase 1 was down to noise, which one machine's numerics lost.
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype("float32")[..., None]
     images = np.repeat(keras.ops.convert_to_numpy(keras.ops.image.resize(images, (32, 32))), 3, axis=-1)
@@ -694,10 +702,12 @@ def test_feature_caching_trains_the_same_model_as_running_the_frozen_base(
     fast_p, slow_p = fast.predict(x, verbose=0), slow.predict(x, verbose=0)
     assert np.abs(fast_p - slow_p).max() < 1e-4
     # The head itself: were the base's dropout to run in training (Keras 3 overrides training=False
-    # inside a functional model), EfficientNet's would differ here (by up to 7e-3 in dense_1).
+    # inside a functional model), EfficientNet's would differ here (by up to 7e-3 in dense_1). The
+    # features summed in another order (computed once, or in the graph) drift the head by up to
+    # 5e-5 over four epochs of a head that learns (measured on MobileNetV2's features).
     for name in ("dense_1", "predictions"):
         for a, b in zip(fast.get_layer(name).get_weights(), slow.get_layer(name).get_weights()):
-            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(a, b, atol=2e-4, err_msg=name)
     assert np.array_equal(fast_p.argmax(1), slow_p.argmax(1))
     assert fast_record["best_epoch"] == slow_record["best_epoch"]
 
