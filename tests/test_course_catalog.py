@@ -367,7 +367,9 @@ def test_fetch_cli_fetches_a_catalog_kaggle_dataset_in_a_subprocess(tmp_path, mo
     raw = project / "data" / "raw" / "birds"
     assert files_under(raw) == mini.tree
     size = sum(len(data) for data in mini.tree.values())
-    assert completed.stdout.strip() == f"fetch@birds: {len(mini.tree)} files, {size:,} bytes in data/raw/birds"
+    assert completed.stdout.strip() == (
+        f"fetch@birds: {len(mini.tree)} files, {size:,} bytes in data/raw/birds; downloaded: True"
+    )
     record = json.loads((project / "data" / "raw" / "birds.provenance.json").read_text(encoding="utf-8"))
     assert record["origin"] == f"kaggle dataset rkuo2000/birds2 version {source['version']}"
     assert record["archives"][0]["sha256"] == sha256(mini.archive)
