@@ -32,7 +32,7 @@ import re
 import string
 import unicodedata
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Literal, Mapping
 
@@ -74,17 +74,18 @@ class LayoutKind:
     # other), given the options and the params key to name (`datasets.<name>.layout`). params.yaml
     # runs them as it is read, so `python -m stages.config` finds these mistakes before any fetch;
     # `candidates` runs them too, naming the key `layout`.
-    check: Callable[[Any, str], None] = lambda options, key: None
+    check: Callable[[Any, str], Any] = lambda options, key: None
 
 
 REGISTRY: Registry[LayoutKind] = Registry("layout kind")
 
 
 def register_layout(
-    name: str, options: type, in_memory: bool = False, check: Callable[[Any, str], None] | None = None
+    name: str, options: type, in_memory: bool = False, check: Callable[[Any, str], Any] | None = None
 ) -> Callable:
     def decorate(fn: Callable[[Any, Path], list[Candidate]]) -> Callable:
-        REGISTRY[name] = LayoutKind(name, options, fn, in_memory, check or (lambda options, key: None))
+        kind = LayoutKind(name, options, fn, in_memory)
+        REGISTRY[name] = replace(kind, check=check) if check else kind
         return fn
 
     return decorate
@@ -242,16 +243,15 @@ def _label_regex(options: FilenamePatternOptions, key: str) -> re.Pattern:
     return pattern
 
 
-def check_filename_pattern(options: FilenamePatternOptions, key: str) -> None:
+def check_filename_pattern(options: FilenamePatternOptions, key: str) -> re.Pattern:
     _check_root(options.root, key)
     _check_splits(options.splits, f"{key}.splits")
-    _label_regex(options, key)
+    return _label_regex(options, key)
 
 
 @register_layout("filename_pattern", FilenamePatternOptions, check=check_filename_pattern)
 def filename_pattern(options: FilenamePatternOptions, raw: Path) -> list[Candidate]:
-    check_filename_pattern(options, "layout")
-    pattern = _label_regex(options, "layout")
+    pattern = check_filename_pattern(options, "layout")
     root = _root(raw, options.root)
     result = []
     for text in all_files(raw):
@@ -472,28 +472,28 @@ def _resolve(name: str, base: str, search: list[str], files: Mapping[str, str]) 
     return None, tried
 
 
-def check_csv(options: CsvOptions, key: str) -> None:
+def check_csv(options: CsvOptions, key: str) -> tuple[list[CsvFile], list[tuple[str, str | None]], re.Pattern | None]:
+    """The checks that need no data; returns the CSV files, the path template's pieces and the
+    group regex, for `csv_layout`."""
     specs = _csv_files(options, key)
     if bool(options.path_column) == bool(options.path_template):
         raise UserError(
             f"{key}: set exactly one of {key}.path_column and {key}.path_template (where each row's image is)"
         )
-    if options.path_template:
-        _template(options.path_template, key)
-    if _group_regex(options.group_pattern, key) and options.group_column:
+    template = _template(options.path_template, key) if options.path_template else []
+    group_regex = _group_regex(options.group_pattern, key)
+    if group_regex and options.group_column:
         raise UserError(f"{key}: take the group from {key}.group_column or {key}.group_pattern, not both")
     for i, spec in enumerate(specs):
         if not (spec.search if spec.search is not None else options.search):
             where = f"{key}.files[{i}].search" if spec.search is not None else f"{key}.search"
             raise UserError(f"{where}: list at least one folder where {spec.file}'s images are (\"\" is the CSV's folder)")
+    return specs, template, group_regex
 
 
 @register_layout("csv", CsvOptions, check=check_csv)
 def csv_layout(options: CsvOptions, raw: Path) -> list[Candidate]:
-    check_csv(options, "layout")
-    specs = _csv_files(options, "layout")
-    template = _template(options.path_template, "layout") if options.path_template else []
-    group_regex = _group_regex(options.group_pattern, "layout")
+    specs, template, group_regex = check_csv(options, "layout")
     files = all_files(raw)
     # Each file by its path, and by its NFC form where that differs (the path itself wins a clash).
     file_index = {unicodedata.normalize("NFC", f): f for f in files} | {f: f for f in files}
@@ -737,20 +737,21 @@ def _pixel_shape(options: PixelsCsvOptions, count: int, path: Path) -> tuple[int
     return (height, width) if channels == 1 else (height, width, channels)
 
 
-def check_pixels_csv(options: PixelsCsvOptions, key: str) -> None:
-    _csv_files(options, key)
+def check_pixels_csv(options: PixelsCsvOptions, key: str) -> list[PixelsFile]:
+    """The checks that need no data; returns the CSV files, for `pixels_csv`."""
+    specs = _csv_files(options, key)
     if bool(options.pixels_column) == bool(options.pixel_columns_prefix):
         raise UserError(
             f"{key}: set exactly one of {key}.pixels_column and {key}.pixel_columns_prefix (where the pixels are)"
         )
     if options.width < 0 or options.height < 0:
         raise UserError(f"{key}.width and {key}.height: give a positive size, or 0 to infer it")
+    return specs
 
 
 @register_layout("pixels_csv", PixelsCsvOptions, in_memory=True, check=check_pixels_csv)
 def pixels_csv(options: PixelsCsvOptions, raw: Path) -> list[Candidate]:
-    check_pixels_csv(options, "layout")
-    specs = _csv_files(options, "layout")
+    specs = check_pixels_csv(options, "layout")
     result: list[Candidate] = []
     read = []
     for spec in specs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -37,7 +37,8 @@ REGISTRY: Registry[SourceKind] = Registry("source kind")
 
 def register_source(name: str, options: type, check: Callable[[Any, str], Any] | None = None) -> Callable:
     def decorate(fetch: Callable[[Any, Path, str], dict[str, Any]]) -> Callable:
-        REGISTRY[name] = SourceKind(name, options, fetch, check or (lambda options, key: None))
+        kind = SourceKind(name, options, fetch)
+        REGISTRY[name] = replace(kind, check=check) if check else kind
         return fetch
 
     return decorate
