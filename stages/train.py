@@ -467,9 +467,14 @@ def _train(
         run_log = RunLog(experiment, config, params_hash, tags)
         run_log.open(state)
 
-        sample_weight = None
+        sample_weight = val_weight = None
         if training.class_weight == "balanced":
-            sample_weight = class_weights(data.y["train"], len(data.classes))[data.y["train"]]
+            weights = class_weights(data.y["train"], len(data.classes))
+            sample_weight = weights[data.y["train"]]
+            # Validation is weighed the same way, so val_loss, which early stopping and the best
+            # epoch follow, is the loss training minimises: unweighted, it would mostly measure
+            # the largest class, which the weights exist to stop favouring.
+            val_weight = weights[data.y["val"]]
         workers = 4 if device.kind == "gpu" else 1
         jit = runtime.jit_compile(training.jit_compile)
         if jit is True and (refused := runtime.xla_refused(model)):
@@ -519,7 +524,7 @@ def _train(
             # and scores the predictions itself (a padded batch would bias Keras's val_loss).
             val_batches = array_batches(
                 val_x, data.y["val"], batch_size=training.batch_size, seed=training.seed, shuffle=False, workers=workers,
-                multiple=replicas.count, remainder="pad",
+                sample_weight=val_weight, multiple=replicas.count, remainder="pad",
             )
             fit_batches, fit_val_batches = keras_input(batches), keras_input(val_batches)
             if arrays and state.phase_epoch > 0:
@@ -542,7 +547,7 @@ def _train(
                 )
                 logs = {key: float(values[-1]) for key, values in history.history.items()}
                 if replicas.count > 1:
-                    logs.update(_validate(fit_model, fit_val_batches, data.y["val"]))
+                    logs.update(_validate(fit_model, fit_val_batches, data.y["val"], val_weight))
                 seconds = time.perf_counter() - started
                 state.phase_seconds += seconds
                 state.history.append({"epoch": state.epoch, "phase": phase.number, **logs, "seconds": round(seconds, 3)})
@@ -697,13 +702,15 @@ def _constant_forward(model: Any) -> Any:
     return forward
 
 
-def _validate(model: Any, batches: Any, y: np.ndarray) -> dict[str, float]:
+def _validate(model: Any, batches: Any, y: np.ndarray, weight: np.ndarray | None = None) -> dict[str, float]:
     """val_loss and val_accuracy of `model`, as Keras computes them, from padded batches: the
-    predictions for the padding are cut off before scoring."""
+    predictions for the padding are cut off before scoring. With `weight`, the loss is weighted
+    as Keras weighs it (the mean of weight x loss); accuracy, a plain metric, is not."""
     probabilities = np.asarray(model.predict(batches, verbose=0), dtype="float64")[: len(y)]
     epsilon = 1e-7  # keras.config.epsilon(): Keras clips probabilities the same way
     picked = np.clip(probabilities[np.arange(len(y)), y], epsilon, 1 - epsilon)
-    return {"val_accuracy": float(np.mean(probabilities.argmax(axis=1) == y)), "val_loss": float(-np.log(picked).mean())}
+    losses = -np.log(picked) * (1.0 if weight is None else np.asarray(weight, dtype="float64"))
+    return {"val_accuracy": float(np.mean(probabilities.argmax(axis=1) == y)), "val_loss": float(losses.mean())}
 
 
 def _write_outputs(

@@ -358,6 +358,33 @@ def test_balanced_class_weights_match_scikit_learn_and_ride_in_the_batches() -> 
 # Resume.
 
 
+def test_with_balanced_class_weights_val_loss_is_the_weighted_loss_training_minimises(tmp_path: Path, tracking: str) -> None:
+    """Early stopping and the best epoch follow val_loss. With class_weight balanced it weighs each
+    validation image by its class's weight from the training split, as training weighs its loss;
+    the plain mean would mostly measure the largest class. Accuracy stays unweighted."""
+    import keras
+
+    data = write_prepared(tmp_path / "data")
+    for split in ("train", "val"):  # class 0 keeps every image, classes 1-9 about one in six
+        x, y = np.load(data / f"{split}_x.npy"), np.load(data / f"{split}_y.npy")
+        keep = (y == 0) | (np.arange(len(y)) % 6 == 0)
+        np.save(data / f"{split}_x.npy", x[keep])
+        np.save(data / f"{split}_y.npy", y[keep])
+    train = {"epochs": 1, "batch_size": 32, "class_weight": "balanced", "fine_tune": {"epochs": 0}}
+    model, record = train_toy(tmp_path, "weighted", SMALL_CNN, train)
+    logged = pd.read_csv(tmp_path / "weighted" / "history.csv").iloc[0]
+    x, y = np.load(data / "val_x.npy"), np.load(data / "val_y.npy")
+    weights = class_weights(np.load(data / "train_y.npy"), 10)
+    assert weights[0] < 0.5 and weights[1:].min() > 1  # imbalanced enough to tell the two apart
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    weighted, accuracy = model.evaluate(x, y, sample_weight=weights[y], verbose=0)
+    plain, _ = model.evaluate(x, y, verbose=0)
+    assert logged["val_loss"] == pytest.approx(weighted, rel=1e-3)
+    assert logged["val_loss"] != pytest.approx(plain, rel=0.05)
+    assert logged["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert record["best_epoch"] == 0 and keras.backend.backend() == "tensorflow"
+
+
 def test_a_killed_train_stage_resumes_and_ends_with_the_uninterrupted_weights(tmp_path: Path, tracking: str) -> None:
     """Kill the stage (SIGKILL) after some epochs, run it again: it resumes from its checkpoint
     and the model, history and best epoch are exactly those of a run that was never killed."""
@@ -947,24 +974,28 @@ def test_loader_splits_every_batch_evenly_for_data_parallel() -> None:
     assert [len(plain[i][1]) for i in range(len(plain))] == [16, 16, 5]
 
 
-def test_validation_scored_from_padded_batches_matches_keras(tmp_path: Path) -> None:
+@pytest.mark.parametrize("weighted", [False, True])
+def test_validation_scored_from_padded_batches_matches_keras(tmp_path: Path, weighted: bool) -> None:
     import keras
 
     from stages.train import _validate
 
     data = write_prepared(tmp_path / "data")
     x, y = np.load(data / "val_x.npy")[:269], np.load(data / "val_y.npy")[:269]
+    weight = class_weights(y[y < 5], 10)[y] if weighted else None  # classes 5-9 weigh nothing
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten(),
                               keras.layers.Dense(10, activation="softmax")])
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x, y, epochs=3, verbose=0)
-    padded = array_batches(x, y, batch_size=64, seed=0, shuffle=False, multiple=4, remainder="pad")
+    padded = array_batches(x, y, batch_size=64, seed=0, shuffle=False, multiple=4, remainder="pad", sample_weight=weight)
     assert len(padded[len(padded) - 1][1]) == 16  # the last 13 images, padded to 16
-    ours = _validate(model, padded, y)
-    loss, accuracy = model.evaluate(x, y, batch_size=64, verbose=0)
+    ours = _validate(model, padded, y, weight)
+    loss, accuracy = model.evaluate(x, y, batch_size=64, verbose=0, sample_weight=weight)
     assert ours["val_loss"] == pytest.approx(loss, rel=1e-4)
     assert ours["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    if weighted:
+        assert ours["val_loss"] != pytest.approx(_validate(model, padded, y)["val_loss"], rel=0.05)
 
 
 TWO_TENSORFLOW_CPUS = """
