@@ -546,7 +546,11 @@ def custom_layers() -> dict[str, type]:
 
 def load_saved_model(path: Any, what: str) -> Any:
     """A `.keras` model this pipeline saved, loaded in Keras's safe mode: a file holding code
-    (a Lambda layer's pickled function) is refused with one line, never run."""
+    (a Lambda layer's pickled function) is refused with one line, never run.
+
+    Loaded for inference, without its optimizer (compile=False): a model trained under
+    mixed_float16 saved Keras's loss-scaling wrapper's variables, which a plain optimizer
+    rebuilt in a float32 process does not have, and loading them warned and skipped them."""
     import keras
 
     if not zipfile.is_zipfile(path):
@@ -565,7 +569,7 @@ def load_saved_model(path: Any, what: str) -> Any:
         import efficientnet.tfkeras  # noqa: F401
 
     try:
-        return keras.saving.load_model(path, custom_objects=custom_layers(), safe_mode=True)
+        return keras.saving.load_model(path, custom_objects=custom_layers(), compile=False, safe_mode=True)
     except ValueError as error:
         if "safe_mode" not in str(error):
             raise

@@ -180,15 +180,13 @@ def pretrained_efficientnet(tmp_path_factory: pytest.TempPathFactory) -> dict[st
 def train_toy(tmp_path: Path, name: str, backbone: dict, train: dict, weights_dir: Path | None = None,
               augmentation: dict | None = None) -> tuple[Any, dict]:
     """Train experiment toy-net into tmp_path/name and return (model, training.json)."""
-    import keras
-
-    from stages.backbones import custom_layers
+    from stages.backbones import load_saved_model
     from stages.train import train as run_train
 
     data = tmp_path / "data" if (tmp_path / "data").exists() else write_prepared(tmp_path / "data")
     params = write_params(tmp_path / f"{name}.yaml", backbone, train, augmentation)
     record = run_train("toy-net", str(params), data, tmp_path / name, weights_dir)
-    model = keras.saving.load_model(tmp_path / name / "model.keras", custom_objects=custom_layers(), safe_mode=True)
+    model = load_saved_model(tmp_path / name / "model.keras", name)
     return model, record
 
 
@@ -604,6 +602,28 @@ def test_train_leaves_the_dtype_policy_and_op_determinism_as_it_found_them(tmp_p
     finally:
         if tensorflow and was_on:
             config.enable_op_determinism()
+
+
+def test_a_model_trained_in_float16_loads_for_inference_without_warnings(tmp_path: Path, tracking: str) -> None:
+    """Under mixed_float16 Keras wraps the optimizer to scale the loss, and model.keras holds the
+    wrapper's variables; evaluate and predict load the model without an optimizer, quietly, and
+    it still computes in float16 as it trained."""
+    import warnings
+
+    import keras
+
+    from stages.backbones import load_saved_model
+
+    train = {"epochs": 1, "mixed_precision": "float16", "fine_tune": {"epochs": 0}}
+    trained, record = train_toy(tmp_path, "half", SMALL_CNN, train)
+    assert record["dtype_policy"] == "mixed_float16" and keras.config.dtype_policy().name == "float32"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_saved_model(tmp_path / "half" / "model.keras", "evaluate@toy-net")
+    assert not [str(w.message) for w in caught if "optimizer" in str(w.message)]
+    assert "mixed_float16" in {layer.dtype_policy.name for layer in model.layers if layer.weights}
+    x = np.load(tmp_path / "data" / "test_x.npy")[:32]
+    np.testing.assert_array_equal(model.predict(x, verbose=0), trained.predict(x, verbose=0))
 
 
 def _npz_bytes() -> bytes:
