@@ -1,6 +1,6 @@
 """Fan the pipeline out over CI jobs (or shells), and gather what they made.
 
-    python -m stages.matrix plan --suite course [--pattern 'ham10000-*'] [--per-job 4]
+    python -m stages.matrix plan --suite course [--pattern 'ham10000-*'] [--per-job 4] [--changed]
     python -m stages.matrix run split@digits --bundle out/prepare-digits
     python -m stages.matrix run evaluate@digits-small_cnn evaluate@digits-mobilenetv2 --bundle out/train-1
     python -m stages.matrix gather out/* --suite demo
@@ -11,6 +11,8 @@
 $GITHUB_OUTPUT when set): `prepare`, one job per dataset of the chosen experiments, running its
 fetch, validate and split stages; `train`, the experiments in groups of `--per-job` (one dataset
 per group, so a job never fetches data another job prepared), running weights, train and evaluate.
+With `--changed` it keeps only what `dvc repro` would run, judged from dvc.lock without the data
+(stale_stages), and says on stderr why each kept experiment runs.
 
 `run` is one job: `dvc pull` what the targets need from the DVC remote (what is missing there is
 made), `dvc repro` the targets, `dvc push` everything they and their upstream stages made. With
@@ -70,19 +72,35 @@ def select(params_path: str, suite: str, patterns: list[str]) -> dict[str, list[
     return by_dataset
 
 
-def plan(params_path: str, suite: str, patterns: list[str], per_job: int) -> dict[str, Any]:
-    """The jobs for `suite`'s experiments that match any of `patterns` (all if none)."""
+def plan(params_path: str, suite: str, patterns: list[str], per_job: int, changed: bool = False) -> dict[str, Any]:
+    """The jobs for `suite`'s experiments that match any of `patterns` (all if none); with
+    `changed`, only those `dvc repro` would run (see stale_stages), and the report if it would."""
     if per_job < 1:
         raise UserError(f"--per-job must be at least 1, got {per_job}")
     by_dataset = select(params_path, suite, patterns)
-    prepare = [{"name": dataset, "targets": " ".join(f"{stage}@{dataset}" for stage in PREPARE)} for dataset in by_dataset]
+    report = f"report@{suite}"
+    stale = None
+    if changed:
+        names = [name for members in by_dataset.values() for name in members]
+        stale = stale_stages([*(f"evaluate@{name}" for name in names), report])
+        kept = {dataset: [n for n in members if f"evaluate@{n}" in stale] for dataset, members in by_dataset.items()}
+        print(f"matrix plan: {sum(map(len, kept.values()))} of {len(names)} experiments to run"
+              + "".join(f"\n  {n} {first_cause(stale, f'evaluate@{n}')}" for members in kept.values() for n in members)
+              + f"\n  {report} {first_cause(stale, report) if report in stale else 'is up to date'}", file=sys.stderr)
+        by_dataset = {dataset: members for dataset, members in kept.items() if members}
+    prepare = [{"name": dataset, "targets": " ".join(f"{stage}@{dataset}" for stage in PREPARE)} for dataset in by_dataset
+               if stale is None or any(f"{stage}@{dataset}" in stale for stage in PREPARE)]
     train = []
     for dataset, members in by_dataset.items():
         for start in range(0, len(members), per_job):
             group = members[start : start + per_job]
             name = group[0] if len(group) == 1 else f"{dataset} ({start // per_job + 1})"
             train.append({"name": name, "experiments": " ".join(group), "targets": " ".join(f"evaluate@{e}" for e in group)})
-    return {"suite": suite, "prepare": {"include": prepare}, "train": {"include": train}, "report": f"report@{suite}"}
+    return {
+        "suite": suite, "prepare": {"include": prepare}, "train": {"include": train}, "report": report,
+        # What the workflow's `if:`s read: GitHub refuses a matrix with nothing to include.
+        "counts": {"prepare": len(prepare), "train": len(train), "report": int(stale is None or report in stale)},
+    }
 
 
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -134,12 +152,12 @@ def missing_ci_settings() -> list[str]:
     return missing
 
 
-def upstream_stages(targets: list[str]) -> list[Any]:
+def upstream_stages(targets: list[str], repo: Any = None) -> list[Any]:
     """The stages of `targets` and every stage they depend on, dependencies first."""
     import networkx as nx
     from dvc.repo import Repo
 
-    repo = Repo(".")
+    repo = repo or Repo(".")
     graph = repo.index.graph
     seen: dict[str, Any] = {}
     for target in targets:
@@ -147,6 +165,73 @@ def upstream_stages(targets: list[str]) -> list[Any]:
             for node in nx.dfs_postorder_nodes(graph, stage):
                 seen.setdefault(node.addressing, node)
     return list(seen.values())
+
+
+def stale_stages(targets: list[str]) -> dict[str, str]:
+    """The stages of `targets` and upstream that `dvc repro` would run, each with why, judged
+    without the data, as a CI runner has none: from dvc.lock, params.yaml and the files git has.
+
+    A stage runs when it has no dvc.lock entry, its command, a param or a file it depends on
+    changed, or a stage it depends on runs. Data that is not here counts as what dvc.lock records
+    (it is on the DVC remote), as `dvc repro --allow-missing` counts it, unless the stage that
+    makes it recorded other content. Data that is here is compared as DVC compares it."""
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    repo = Repo(".")
+    recorded = read_lock(Path(LOCK))["stages"]
+    stale: dict[str, str] = {}
+    with repo.lock:
+        for stage in upstream_stages(targets, repo):
+            if not isinstance(stage, PipelineStage):
+                continue  # a .dvc file (`dvc add`): an input, never run
+            upstream = list(repo.index.graph.successors(stage))
+            why = _why_stale(stage, upstream, stale, recorded)
+            if why:
+                stale[stage.addressing] = why
+    return stale
+
+
+def first_cause(stale: dict[str, str], stage: str) -> str:
+    """Why `stage` runs, from the first stage of its chain that runs for a reason of its own:
+    "(from weights@x) params.yaml: experiments.x modified"."""
+    why, origin = stale[stage], stage
+    while why.endswith(RUNS) and why[: -len(RUNS)] in stale:
+        origin = why[: -len(RUNS)]
+        why = stale[origin]
+    return f"{'' if origin == stage else f'(from {origin}) '}{why}"
+
+
+RUNS = " runs"
+
+
+def _why_stale(stage: Any, upstream: list[Any], stale: dict[str, str], recorded: dict[str, Any]) -> str | None:
+    if stage.frozen:
+        return None
+    if stage.addressing not in recorded:
+        return f"no {LOCK} entry"
+    rerun = [u.addressing for u in upstream if u.addressing in stale]
+    if rerun:
+        return f"{rerun[0]}{RUNS}"
+    if stage.is_callback or stage.always_changed:
+        return "always changed"
+    if stage.changed_stage():
+        return "its command changed"
+    for dep in stage.deps:
+        status = dep.status().get(str(dep))
+        if status == "deleted":
+            made = [out for u in upstream for out in u.outs if out.fs_path == dep.fs_path]
+            if not any(out.hash_info != dep.hash_info for out in made):
+                continue  # not here, and as recorded
+            status = "modified"
+        if status:
+            detail = ", ".join(f"{key} {value}" for key, value in status.items()) if isinstance(status, dict) else status
+            return f"{dep}: {detail}"
+    for out in stage.outs:
+        status = out.status().get(str(out))
+        if status and status not in ("not in cache", "deleted"):
+            return f"{out}: {status}"
+    return None
 
 
 # dvc.lock is read and written with DVC's own YAML (ruamel, YAML 1.2), never PyYAML's 1.1: a
@@ -220,6 +305,8 @@ def merge_locks(base: dict[str, Any], bundles: list[tuple[str, dict[str, Any]]])
 
 def gather(folders: list[Path]) -> list[str]:
     """Merge the bundles in `folders` into dvc.lock and the workspace; returns the stages merged."""
+    if not folders:
+        return []  # nothing ran before (a report-only run): dvc.lock stays as git has it
     bundles = []
     for folder in folders:
         lock_path = folder / BUNDLE_LOCK
@@ -340,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--suite", required=True)
     p.add_argument("--pattern", action="append", default=[], help="experiment name glob (repeatable); default all")
     p.add_argument("--per-job", type=int, default=1, help="experiments per training job (default 1)")
+    p.add_argument("--changed", action="store_true",
+                   help="only the experiments (and datasets) that dvc.lock says `dvc repro` would run; needs no data")
     p.add_argument("--params", default="params.yaml")
     r = commands.add_parser("run", help="pull, reproduce and push some targets")
     r.add_argument("targets", nargs="+")
@@ -347,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--no-pull", action="store_true")
     r.add_argument("--no-push", action="store_true")
     g = commands.add_parser("gather", help="merge bundles into dvc.lock and the workspace")
-    g.add_argument("bundles", nargs="+", type=Path)
+    g.add_argument("bundles", nargs="*", type=Path, help="bundle folders (none: dvc.lock stays as it is)")
     g.add_argument("--suite", help="then reproduce and push this suite's report")
     g.add_argument("--no-push", action="store_true")
     local_ = commands.add_parser("local", help="run experiments at once on this machine, one per GPU")
@@ -363,11 +452,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "plan":
-        jobs = plan(args.params, args.suite, args.pattern, args.per_job)
         if os.environ.get("GITHUB_ACTIONS") == "true" and (missing := missing_ci_settings()):
             raise UserError("matrix plan: this repository lacks what the retrain jobs need: " + "; ".join(missing))
+        jobs = plan(args.params, args.suite, args.pattern, args.per_job, changed=args.changed)
         print(json.dumps(jobs, indent=2))
-        to_github_output({key: json.dumps(jobs[key]) for key in ("prepare", "train")} | {"report": jobs["report"]})
+        to_github_output({key: json.dumps(jobs[key]) for key in ("prepare", "train")} | {"report": jobs["report"]}
+                         | {f"{key}_jobs": str(count) for key, count in jobs["counts"].items()})
     elif args.command == "run":
         remote = has_remote()
         if not remote and os.environ.get("GITHUB_ACTIONS") == "true":

@@ -87,6 +87,12 @@ def test_jobs_share_one_remote_and_a_fresh_clone_reproduces_nothing(endpoint: st
     run([*GIT, "commit", "-qm", "retrain demo"], final, env)
     run(["git", "pull", "-q", str(final), "HEAD"], origin, env)
 
+    # The next run's plan job, on a runner with no data: dvc.lock says nothing would run.
+    planner = clone(origin, tmp_path / "planner", env)
+    planned = matrix("plan", "--suite", "demo", "--changed", cwd=planner, env=env)
+    assert json.loads(planned.stdout)["counts"] == {"prepare": 0, "train": 0, "report": 0}
+    assert planned.stderr.splitlines()[0] == "matrix plan: 0 of 2 experiments to run", planned.stderr
+
     fresh = clone(origin, tmp_path / "fresh", env)
     run(["dvc", "pull", "--with-deps", "report@demo"], fresh, env)
     again = run(["dvc", "repro", "report@demo"], fresh, env)
@@ -94,7 +100,15 @@ def test_jobs_share_one_remote_and_a_fresh_clone_reproduces_nothing(endpoint: st
 
     params = yaml.safe_load((fresh / "params.yaml").read_text())
     params["experiments"]["digits-small_cnn"]["train"]["epochs"] = 3
-    (fresh / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for workspace in (fresh, planner):
+        (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    replanned = matrix("plan", "--suite", "demo", "--changed", cwd=planner, env=env)
+    jobs = json.loads(replanned.stdout)
+    assert [job["targets"] for job in jobs["train"]["include"]] == ["evaluate@digits-small_cnn"]
+    assert jobs["counts"] == {"prepare": 0, "train": 1, "report": 1}
+    assert replanned.stderr.splitlines()[:2] == [
+        "matrix plan: 1 of 2 experiments to run", "  digits-small_cnn (from weights@digits-small_cnn) params.yaml: experiments.digits-small_cnn modified"
+    ], replanned.stderr
     changed = run(["dvc", "repro", "report@demo"], fresh, env)
     assert sorted(stages_run(changed.stdout)) == [
         "evaluate@digits-small_cnn", "report@demo", "train@digits-small_cnn", "weights@digits-small_cnn"

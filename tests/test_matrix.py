@@ -106,6 +106,19 @@ def test_gather_merges_locks_and_restores_uncached_files(tmp_path: Path, monkeyp
         gather([tmp_path / "bundles"])
 
 
+def test_gather_of_no_bundles_leaves_the_workspace_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run where no dataset needed preparing (train jobs) or nothing trained (the report job):
+    the workflow's `bundles/*` expands to nothing, and gather changes nothing, dvc.lock included."""
+    monkeypatch.chdir(tmp_path)
+    assert gather([]) == []
+    assert not (tmp_path / "dvc.lock").exists()
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "gather"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**_env(), "PYTHONPATH": str(REPO)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "matrix: 0 stages from 0 bundles merged into dvc.lock"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_gather_keeps_lock_values_as_dvc_reads_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A param DVC recorded as `off` (a string to DVC's YAML 1.2) stays `off` through a merge:
     rewritten as `false` (YAML 1.1), DVC would see a changed param and retrain."""
@@ -288,3 +301,90 @@ def test_inputs_added_with_dvc_add_are_pulled_with_the_targets(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
 
     assert tracked_inputs() == ["data/external/Food-11.zip.dvc"]
+
+
+STALE_PIPELINE = """\
+stages:
+  prepare:
+    cmd: grep "^n:" params.yaml > prepared.txt
+    params: [n]
+    outs: [prepared.txt]
+  train:
+    foreach: [a, b]
+    do:
+      cmd: cat prepared.txt code.txt > model-${item}.txt
+      deps: [prepared.txt, code.txt]
+      params:
+        - lr.${item}
+      outs:
+        - model-${item}.txt
+"""
+
+
+def test_stale_stages_are_found_without_the_data_from_dvc_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`plan --changed` keeps what `dvc repro` would run, judged where the data is not (a CI
+    runner's plan job): from dvc.lock, the params and the files git has. Each case is then checked
+    against what the real `dvc repro` runs in the same clone once it has pulled the data."""
+    from stages.matrix import stale_stages
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    env = dvc_repository(origin)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    (origin / "dvc.yaml").write_text(STALE_PIPELINE)
+    (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2}\n")
+    (origin / "code.txt").write_text("code 1\n")
+    for command in (["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")], ["dvc", "repro", "-q"],
+                    ["dvc", "push", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "ran"]):
+        subprocess.run(command, cwd=origin, env=env, check=True)
+    targets = ["train@a", "train@b"]
+
+    def runner(name: str) -> Path:
+        """A clone with no data and an empty cache, as a runner's checkout."""
+        folder = tmp_path / name
+        subprocess.run(["git", "clone", "-q", str(origin), str(folder)], env=env, check=True)
+        assert not (folder / "prepared.txt").exists()
+        monkeypatch.chdir(folder)
+        return folder
+
+    def repro_runs(folder: Path) -> list[str]:
+        """The stages the real DVC runs there, after pulling the data."""
+        subprocess.run(["dvc", "pull", "-q", "--allow-missing"], cwd=folder, env=env, check=True)
+        done = subprocess.run(["dvc", "repro", *targets], cwd=folder, env=env, capture_output=True, text=True, check=True)
+        return sorted(line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage"))
+
+    clean = runner("clean")
+    assert stale_stages(targets) == {}
+    assert repro_runs(clean) == []
+
+    one_param = runner("lr")
+    (one_param / "params.yaml").write_text("n: 1\nlr: {a: 0.5, b: 0.2}\n")
+    assert stale_stages(targets) == {"train@a": "params.yaml: lr.a modified"}
+    assert repro_runs(one_param) == ["train@a"]
+
+    code = runner("code")
+    (code / "code.txt").write_text("code 2\n")
+    assert stale_stages(targets) == {"train@a": "code.txt: modified", "train@b": "code.txt: modified"}
+    assert repro_runs(code) == ["train@a", "train@b"]
+
+    upstream = runner("n")
+    (upstream / "params.yaml").write_text("n: 2\nlr: {a: 0.1, b: 0.2}\n")
+    assert stale_stages(targets) == {"prepare": "params.yaml: n modified", "train@a": "prepare runs", "train@b": "prepare runs"}
+    assert repro_runs(upstream) == ["prepare", "train@a", "train@b"]
+
+    # train@b's entry recorded from another prepared.txt than prepare's (two jobs' bundles, say).
+    mixed = runner("mixed")
+    text = (mixed / "dvc.lock").read_text()
+    b = text.index("path: prepared.txt", text.index("train@b:"))
+    recorded = text[b:].split("md5: ", 1)[1].split("\n", 1)[0]
+    (mixed / "dvc.lock").write_text(text[:b] + text[b:].replace(recorded, "d41d8cd98f00b204e9800998ecf8427e", 1))
+    assert stale_stages(targets) == {"train@b": "prepared.txt: modified"}
+    assert repro_runs(mixed) == ["train@b"]
+
+    # Where the data is here, it is compared as DVC compares it; a stage never run has no entry.
+    monkeypatch.chdir(origin)
+    (origin / "model-a.txt").write_text("edited by hand\n")
+    assert stale_stages(targets) == {"train@a": "model-a.txt: modified"}
+    (origin / "dvc.yaml").write_text(STALE_PIPELINE.replace("foreach: [a, b]", "foreach: [a, b, c]"))
+    (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2, c: 0.3}\n")
+    assert stale_stages([*targets, "train@c"]) == {"train@a": "model-a.txt: modified", "train@c": "no dvc.lock entry"}

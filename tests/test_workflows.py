@@ -169,9 +169,24 @@ def test_retrain_wiring_is_consistent() -> None:
             step = re.search(r"steps\.([\w-]+)\.outputs\.", value).group(1)
             assert step in ids, f"{name}'s output {output} reads step {step!r}, which it does not have"
     assert set(jobs["train"]["needs"]) >= {"plan", "prepare"} and "train" in jobs["report"]["needs"]
-    # A failed job must not stop the others (train after a failed prepare; report after a failed train).
+    # A failed job must not stop the others (train after a failed prepare; report after a failed
+    # train); a job with nothing planned is skipped (GitHub refuses an empty matrix), and the jobs
+    # after it still run.
+    assert jobs["prepare"]["if"] == "${{ needs.plan.outputs.prepare_jobs != '0' }}"
+    for name, count in (("train", "train_jobs"), ("report", "report_jobs")):
+        assert jobs[name]["if"] == f"${{{{ !cancelled() && needs.plan.result == 'success' && needs.plan.outputs.{count} != '0' }}}}", name
+    assert set(jobs["plan"]["outputs"]) == {"prepare", "train", "prepare_jobs", "train_jobs", "report_jobs"}
+    plan_script = next(step for step in jobs["plan"]["steps"] if step.get("id") == "plan")["run"]
+    assert 'if [ "$EVERYTHING" != true ]; then args+=(--changed); fi' in plan_script
+    assert workflow["on"]["workflow_dispatch"]["inputs"]["everything"]["default"] is False
+    # Where no bundle came, `bundles/*` must expand to nothing, not to itself.
     for name in ("train", "report"):
-        assert jobs[name]["if"] == "${{ !cancelled() && needs.plan.result == 'success' }}", name
+        gathers = [script for script in run_scripts({"jobs": {name: jobs[name]}}) if "matrix gather" in script]
+        assert gathers and all(script.lstrip().startswith("shopt -s nullglob") for script in gathers), name
+    # No run without train jobs counts as partial: its report is whole.
+    for step in jobs["report"]["steps"]:
+        if "COMPLETE" in step.get("env", {}):
+            assert step["env"]["COMPLETE"] == "${{ needs.train.result == 'success' || needs.train.result == 'skipped' }}"
 
     uploads = [re.sub(r"\$\{\{[^}]*\}\}", "*", step["with"]["name"]) for job in jobs.values()
                for step in job["steps"] if step.get("uses", "").startswith("actions/upload-artifact@")]
