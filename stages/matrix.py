@@ -208,11 +208,11 @@ RUNS = " runs"
 def _why_stale(stage: Any, upstream: list[Any], stale: dict[str, str], recorded: dict[str, Any]) -> str | None:
     if stage.frozen:
         return None
-    if stage.addressing not in recorded:
-        return f"no {LOCK} entry"
     rerun = [u.addressing for u in upstream if u.addressing in stale]
     if rerun:
         return f"{rerun[0]}{RUNS}"
+    if stage.addressing not in recorded:
+        return f"no {LOCK} entry"
     if stage.is_callback or stage.always_changed:
         return "always changed"
     if stage.changed_stage():
