@@ -15,7 +15,9 @@ With `--changed` it keeps only what `dvc repro` would run, judged from dvc.lock 
 (stale_stages), and says on stderr why each kept experiment runs.
 
 `run` is one job: `dvc pull` what the targets need from the DVC remote (what is missing there is
-made), `dvc repro` the targets, `dvc push` everything they and their upstream stages made. With
+made), `dvc repro --pull` the targets (a stage run before from the same inputs, whose dvc.lock
+entry never reached main, is restored from DVC's run cache on the remote), `dvc push --run-cache`
+everything they and their upstream stages made. With
 `--bundle` it also writes the job's part of dvc.lock and the outputs DVC does not cache (metrics,
 plot data) into a folder for the next job. `gather` merges such folders back into the workspace:
 their dvc.lock entries (two jobs that recorded the same stage differently stop it), their files,
@@ -471,9 +473,11 @@ def main(argv: list[str] | None = None) -> None:
             # What the remote lacks is simply made by repro; --allow-missing keeps pull from failing on it.
             # Inputs tracked with `dvc add` (a manual download under data/external) come too.
             dvc("pull", "--allow-missing", "--with-deps", *args.targets, *tracked_inputs())
-        dvc("repro", *args.targets)
+        # --pull: a stage already run from the same command, deps and params (by a job whose
+        # dvc.lock was never merged, say) is restored from DVC's run cache on the remote, not run.
+        dvc("repro", *(["--pull"] if remote and not args.no_pull else []), *args.targets)
         if remote and not args.no_push:
-            dvc("push", "--with-deps", *args.targets)
+            dvc("push", "--run-cache", "--with-deps", *args.targets)
         if args.bundle:
             stages = bundle(args.targets, args.bundle)
             print(f"matrix: {len(stages)} stages bundled in {args.bundle}")
@@ -486,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
             dvc("repro", "--single-item", f"report@{args.suite}")
             if not args.no_push:
                 if has_remote():
-                    dvc("push", f"report@{args.suite}")
+                    dvc("push", "--run-cache", f"report@{args.suite}")
                 else:
                     print(f"{NO_REMOTE} the report is not pushed")
     elif args.command == "local":

@@ -388,3 +388,33 @@ def test_stale_stages_are_found_without_the_data_from_dvc_lock(tmp_path: Path, m
     (origin / "dvc.yaml").write_text(STALE_PIPELINE.replace("foreach: [a, b]", "foreach: [a, b, c]"))
     (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2, c: 0.3}\n")
     assert stale_stages([*targets, "train@c"]) == {"train@a": "model-a.txt: modified", "train@c": "no dvc.lock entry"}
+
+
+def test_a_job_whose_lock_was_never_merged_is_restored_from_the_run_cache_not_run_again(tmp_path: Path) -> None:
+    """`matrix run` pushes DVC's run cache and reproduces with --pull: a later job from the same
+    commit (the first job's dvc.lock went to a pull request nobody merged) restores the stages
+    from the remote instead of training them again, and records the same dvc.lock entries."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    env = {**dvc_repository(origin), "PYTHONPATH": str(REPO)}
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    (origin / "dvc.yaml").write_text(STALE_PIPELINE)
+    (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2}\n")
+    (origin / "code.txt").write_text("code 1\n")
+    for command in (["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")], ["git", "add", "-A"],
+                    [*git, "commit", "-qm", "pipeline"]):
+        subprocess.run(command, cwd=origin, env=env, check=True)
+    runs = {}
+    for job in ("first", "second"):
+        folder = tmp_path / job
+        subprocess.run(["git", "clone", "-q", str(origin), str(folder)], env=env, check=True)
+        done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "train@a", "--bundle", "bundle"], cwd=folder,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[job] = done.stdout
+    assert "Running stage 'train@a'" in runs["first"] and "Running stage 'prepare'" in runs["first"]
+    assert "Running stage" not in runs["second"], runs["second"]
+    assert "Stage 'train@a' is cached - skipping run, checking out outputs" in runs["second"]
+    assert (tmp_path / "second" / "model-a.txt").read_text() == (tmp_path / "first" / "model-a.txt").read_text()
+    first, second = ((tmp_path / job / "bundle" / "dvc.lock").read_text() for job in ("first", "second"))
+    assert first == second
