@@ -473,14 +473,25 @@ def main(argv: list[str] | None = None) -> None:
             # What the remote lacks is simply made by repro; --allow-missing keeps pull from failing on it.
             # Inputs tracked with `dvc add` (a manual download under data/external) come too.
             dvc("pull", "--allow-missing", "--with-deps", *args.targets, *tracked_inputs())
-        # --pull: a stage already run from the same command, deps and params (by a job whose
-        # dvc.lock was never merged, say) is restored from DVC's run cache on the remote, not run.
-        dvc("repro", *(["--pull"] if remote and not args.no_pull else []), *args.targets)
-        if remote and not args.no_push:
-            dvc("push", "--run-cache", "--with-deps", *args.targets)
-        if args.bundle:
-            stages = bundle(args.targets, args.bundle)
+        # One target at a time, each pushed once made: a target that fails (one experiment of a
+        # job's group diverging, say) leaves the others pushed and bundled.
+        done, failed = [], []
+        for target in args.targets:
+            # --pull: a stage already run from the same command, deps and params (by a job whose
+            # dvc.lock was never merged, say) is restored from DVC's run cache on the remote, not run.
+            if dvc("repro", *(["--pull"] if remote and not args.no_pull else []), target, check=False).returncode:
+                failed.append(target)
+                continue
+            done.append(target)
+            if remote and not args.no_push:
+                dvc("push", "--run-cache", "--with-deps", target)
+        if args.bundle and done:
+            stages = bundle(done, args.bundle)
             print(f"matrix: {len(stages)} stages bundled in {args.bundle}")
+        if failed:
+            kept = f"; {', '.join(done)} {'are' if len(done) > 1 else 'is'} made" if done else ""
+            kept += (" and pushed" if remote and not args.no_push else "") + (" and bundled" if args.bundle else "") if done else ""
+            raise UserError(f"matrix run: `dvc repro` failed for {', '.join(failed)} (its output is above){kept}")
     elif args.command == "gather":
         stages = gather(args.bundles)
         print(f"matrix: {len(stages)} stages from {len(args.bundles)} bundles merged into {LOCK}")

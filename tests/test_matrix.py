@@ -312,7 +312,7 @@ stages:
   train:
     foreach: [a, b]
     do:
-      cmd: cat prepared.txt code.txt > model-${item}.txt
+      cmd: test ! -e fail-${item} && cat prepared.txt code.txt > model-${item}.txt
       deps: [prepared.txt, code.txt]
       params:
         - lr.${item}
@@ -418,3 +418,37 @@ def test_a_job_whose_lock_was_never_merged_is_restored_from_the_run_cache_not_ru
     assert (tmp_path / "second" / "model-a.txt").read_text() == (tmp_path / "first" / "model-a.txt").read_text()
     first, second = ((tmp_path / job / "bundle" / "dvc.lock").read_text() for job in ("first", "second"))
     assert first == second
+
+
+def test_a_job_whose_target_fails_still_pushes_and_bundles_the_others(tmp_path: Path) -> None:
+    """A training job of several experiments in which one fails: the ones that finished are on the
+    remote and in the bundle (the report job proposes them), and the job fails naming the one."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    env = {**dvc_repository(origin), "PYTHONPATH": str(REPO)}
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    (origin / "dvc.yaml").write_text(STALE_PIPELINE)
+    (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2}\n")
+    (origin / "code.txt").write_text("code 1\n")
+    for command in (["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")], ["git", "add", "-A"],
+                    [*git, "commit", "-qm", "pipeline"]):
+        subprocess.run(command, cwd=origin, env=env, check=True)
+    job = tmp_path / "job"
+    subprocess.run(["git", "clone", "-q", str(origin), str(job)], env=env, check=True)
+    (job / "fail-a").write_text("")  # train@a's command fails here
+
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "train@a", "train@b", "--bundle", "bundle"],
+                          cwd=job, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: matrix run: `dvc repro` failed for train@a (its output is above); train@b is made and pushed and bundled"
+    )
+    assert "$ dvc push --run-cache --with-deps train@b" in done.stdout
+    bundled = yaml.safe_load((job / "bundle" / "dvc.lock").read_text())["stages"]
+    assert set(bundled) == {"prepare", "train@b"}
+    later = tmp_path / "later"
+    subprocess.run(["git", "clone", "-q", str(origin), str(later)], env=env, check=True)
+    for command in (["-m", "stages.matrix", "gather", str(job / "bundle")], ["-m", "dvc", "pull", "-q", "--with-deps", "train@b"]):
+        subprocess.run([sys.executable, *command], cwd=later, env=env, check=True, capture_output=True)
+    assert (later / "model-b.txt").read_text() == "n: 1\ncode 1\n"
