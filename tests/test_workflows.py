@@ -132,6 +132,56 @@ def test_the_pull_request_step_sees_a_new_dvc_lock_and_new_reports(tmp_path: Pat
     assert check(tmp_path) == "Nothing changed: no pull request."
 
 
+@pytest.mark.parametrize("complete", ["true", "false"])
+def test_the_pull_request_step_proposes_a_whole_or_a_partial_retrain(tmp_path: Path, complete: str) -> None:
+    """The whole step, with `git push` and `gh` stood in for (they would reach GitHub): one commit
+    on a branch of its own, pushed there, never to main, and a pull request whose title and body
+    say whether every train job succeeded."""
+    import shutil
+
+    [step] = [step for step in load("retrain.yml")["jobs"]["report"]["steps"] if "gh pr create" in step.get("run", "")]
+    calls = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real_git = shutil.which("git")
+    (bin_dir / "git").write_text(
+        f'#!/bin/bash\nif [ "$1" = push ]; then echo "git $*" >> {calls}; exit 0; fi\nexec {real_git} "$@"\n')
+    (bin_dir / "gh").write_text(
+        f'#!/bin/bash\necho "gh $*" >> {calls}\nwhile [ $# -gt 0 ]; do [ "$1" = --body-file ] && cp "$2" {tmp_path}/body.md; shift; done\n')
+    for tool in ("git", "gh"):
+        (bin_dir / tool).chmod(0o755)
+    repo = tmp_path / "repo"
+    git = [real_git, "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([real_git, "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "README.md").write_text("x\n")
+    subprocess.run([*git, "add", "README.md"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "start"], cwd=repo, check=True)
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / "reports" / "metrics").mkdir(parents=True)
+    (repo / "reports" / "metrics" / "a.json").write_text("{}\n")
+    (repo / "summary.md").write_text("### Metrics against `abc`\n\n| accuracy |\n")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "SUITE": "course", "RUN_ID": "42",
+           "RUN_URL": "https://github.com/o/r/actions/runs/42", "GH_TOKEN": "token", "GITHUB_REPOSITORY": "o/r",
+           "COMPLETE": complete}
+
+    subprocess.run(["bash", "-e", "-c", step["run"]], cwd=repo, env=env, check=True, capture_output=True, text=True)
+
+    title = "Retrain course (run 42)" if complete == "true" else "Retrain course, partial (run 42)"
+    assert calls.read_text().splitlines() == [
+        "git push https://x-access-token:token@github.com/o/r.git retrain/course-42",
+        f"gh pr create --base main --head retrain/course-42 --title {title} --body-file summary.md",
+    ]
+    log = subprocess.run([real_git, "log", "--format=%s", "retrain/course-42"], cwd=repo, capture_output=True, text=True)
+    assert log.stdout.splitlines() == [title, "start"]
+    files = subprocess.run([real_git, "show", "--name-only", "--format=", "retrain/course-42"], cwd=repo,
+                           capture_output=True, text=True)
+    assert files.stdout.split() == ["dvc.lock", "reports/metrics/a.json"]
+    body = (tmp_path / "body.md").read_text()
+    assert body.endswith("### Metrics against `abc`\n\n| accuracy |\n")
+    partial = body.startswith("Some train jobs failed (https://github.com/o/r/actions/runs/42): this records the stages")
+    assert partial == (complete == "false")
+
+
 def test_make_env_gpu_installs_the_cuda_builds_at_the_locked_versions() -> None:
     """`make env-gpu` (the GPU runners' install) asks for jax[cuda12] and tensorflow[and-cuda] at
     the very versions uv.lock installed: a CUDA build of another version would replace the tested one."""
