@@ -489,8 +489,11 @@ def main(argv: list[str] | None = None) -> None:
             stages = bundle(done, args.bundle)
             print(f"matrix: {len(stages)} stages bundled in {args.bundle}")
         if failed:
-            kept = f"; {', '.join(done)} {'are' if len(done) > 1 else 'is'} made" if done else ""
-            kept += (" and pushed" if remote and not args.no_push else "") + (" and bundled" if args.bundle else "") if done else ""
+            kept = ""
+            if done:
+                what = ["made", *(["pushed"] if remote and not args.no_push else []), *(["bundled"] if args.bundle else [])]
+                what_text = what[0] if len(what) == 1 else f"{', '.join(what[:-1])} and {what[-1]}"
+                kept = f"; {', '.join(done)} {'are' if len(done) > 1 else 'is'} {what_text}"
             raise UserError(f"matrix run: `dvc repro` failed for {', '.join(failed)} (its output is above){kept}")
     elif args.command == "gather":
         stages = gather(args.bundles)

@@ -442,7 +442,7 @@ def test_a_job_whose_target_fails_still_pushes_and_bundles_the_others(tmp_path: 
 
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "error: matrix run: `dvc repro` failed for train@a (its output is above); train@b is made and pushed and bundled"
+        "error: matrix run: `dvc repro` failed for train@a (its output is above); train@b is made, pushed and bundled"
     )
     assert "$ dvc push --run-cache --with-deps train@b" in done.stdout
     bundled = yaml.safe_load((job / "bundle" / "dvc.lock").read_text())["stages"]
