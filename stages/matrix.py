@@ -15,9 +15,10 @@ With `--changed` it keeps only what `dvc repro` would run, judged from dvc.lock 
 (stale_stages), and says on stderr why each kept experiment runs.
 
 `run` is one job: `dvc pull` what the targets need from the DVC remote (what is missing there is
-made), `dvc repro --pull` the targets (a stage run before from the same inputs, whose dvc.lock
-entry never reached main, is restored from DVC's run cache on the remote), `dvc push --run-cache`
-everything they and their upstream stages made. With
+made), `dvc repro --keep-going --pull` the targets (a stage run before from the same inputs,
+whose dvc.lock entry never reached main, is restored from DVC's run cache on the remote), `dvc
+push` everything they and their upstream stages made, and the run-cache entries the job made
+with the objects of their outputs. With
 `--bundle` it also writes the job's part of dvc.lock and the outputs DVC does not cache (metrics,
 plot data) into a folder for the next job. `gather` merges such folders back into the workspace:
 their dvc.lock entries (two jobs that recorded the same stage differently stop it), their files,
@@ -101,7 +102,8 @@ def plan(params_path: str, suite: str, patterns: list[str], per_job: int, change
     return {
         "suite": suite, "prepare": {"include": prepare}, "train": {"include": train}, "report": report,
         # What the workflow's `if:`s read: GitHub refuses a matrix with nothing to include.
-        "counts": {"prepare": len(prepare), "train": len(train), "report": int(stale is None or report in stale)},
+        # The report job also gathers the train jobs' dvc.lock entries, so it runs whenever they do.
+        "counts": {"prepare": len(prepare), "train": len(train), "report": int(stale is None or bool(train) or report in stale)},
     }
 
 
@@ -174,9 +176,12 @@ def stale_stages(targets: list[str]) -> dict[str, str]:
     without the data, as a CI runner has none: from dvc.lock, params.yaml and the files git has.
 
     A stage runs when it has no dvc.lock entry, its command, a param or a file it depends on
-    changed, or a stage it depends on runs. Data that is not here counts as what dvc.lock records
-    (it is on the DVC remote), as `dvc repro --allow-missing` counts it, unless the stage that
-    makes it recorded other content. Data that is here is compared as DVC compares it."""
+    changed, an output is new or (not cached by DVC) missing from git, or a stage it depends on
+    runs. That last is an over-estimate: DVC reruns a stage below one that ran only if what the
+    upper one made differs, which cannot be known before it runs. Data that is not here counts as
+    what dvc.lock records (it is on the DVC remote), as `dvc repro --allow-missing` counts it,
+    unless the stage that makes it recorded other content. Data that is here is compared as DVC
+    compares it."""
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
@@ -222,6 +227,10 @@ def _why_stale(stage: Any, upstream: list[Any], stale: dict[str, str], recorded:
     for dep in stage.deps:
         status = dep.status().get(str(dep))
         if status == "deleted":
+            if not dep.hash_info:
+                return f"{dep}: not in {LOCK}"  # a dependency new to dvc.yaml
+            # As `dvc repro --allow-missing` judges it: only a path another stage makes is compared
+            # (a file inside another stage's folder is taken as recorded).
             made = [out for u in upstream for out in u.outs if out.fs_path == dep.fs_path]
             if not any(out.hash_info != dep.hash_info for out in made):
                 continue  # not here, and as recorded
@@ -230,9 +239,14 @@ def _why_stale(stage: Any, upstream: list[Any], stale: dict[str, str], recorded:
             detail = ", ".join(f"{key} {value}" for key, value in status.items()) if isinstance(status, dict) else status
             return f"{dep}: {detail}"
     for out in stage.outs:
+        if not out.hash_info:
+            return f"{out}: not in {LOCK}"  # an output new to dvc.yaml: the remote cannot have it
         status = out.status().get(str(out))
-        if status and status not in ("not in cache", "deleted"):
-            return f"{out}: {status}"
+        if status in ("not in cache", "deleted") and out.use_cache:
+            continue  # on the remote
+        if status:
+            # An output DVC does not cache (metrics) lives in git only: missing there, it is remade.
+            return f"{out}: {status}{'' if out.use_cache else ' (not cached by DVC, and not in git)'}"
     return None
 
 
@@ -411,6 +425,63 @@ def local(params_path: str, suite: str, patterns: list[str], slots: list[str | N
     return results
 
 
+def run_cache_files() -> set[str]:
+    """The files of DVC's run cache here (one per stage run: its command, deps, params and outputs)."""
+    from dvc.repo import Repo
+
+    runs = Path(Repo(".").stage_cache.cache_dir)
+    return {str(path) for path in runs.rglob("*") if path.is_file()} if runs.is_dir() else set()
+
+
+def pull_run_cache() -> None:
+    """The remote's run-cache entries (not the outputs they name: `dvc repro --pull` fetches those
+    of the stages it restores)."""
+    from dvc.repo import Repo
+
+    from dvc.stage.cache import RunCacheNotSupported
+
+    repo = Repo(".")
+    with repo.lock:
+        try:
+            repo.stage_cache.pull(None)
+        except RunCacheNotSupported as error:  # an http remote
+            print(f"matrix: {error}; stages run again rather than being restored")
+
+
+def push_run_cache(before: set[str]) -> int:
+    """Push the run-cache entries made since `before` (run_cache_files()), after the objects of
+    their outputs; returns how many entries.
+
+    Not `dvc push --run-cache`, which sends every entry of the local cache on each call (those
+    pulled from the remote too, one file at a time) and none of the objects of the outputs DVC
+    does not cache (metrics, which the entry holds in the cache): no other runner could restore
+    a stage with such an output."""
+    from dvc import fs
+    from dvc.repo import Repo
+    from dvc.stage.cache import RunCacheNotSupported
+
+    repo = Repo(".")
+    new = sorted(run_cache_files() - before)
+    if not new:
+        return 0
+    try:
+        repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
+    except RunCacheNotSupported:
+        return 0
+    with repo.lock:
+        used = [(Path(path).parent.name, Path(path).name) for path in new]
+        objects = set().union(*repo.stage_cache.get_used_objs(used).values())
+        result = repo.cloud.push(objects)
+        if result.failed:
+            raise UserError(f"matrix: {len(result.failed)} objects of the run cache's outputs could not be pushed; run again")
+        local = repo.cache.legacy
+        remote = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
+        for path in new:
+            target = remote.fs.join(remote.path, local.fs.as_posix(local.fs.relpath(path, local.path)))
+            fs.generic.copy(local.fs, path, remote.fs, target)
+    return len(new)
+
+
 def to_github_output(values: dict[str, str]) -> None:
     """Append `name=value` lines to the file GitHub Actions names in GITHUB_OUTPUT, if any."""
     path = os.environ.get("GITHUB_OUTPUT")
@@ -473,18 +544,22 @@ def main(argv: list[str] | None = None) -> None:
             # What the remote lacks is simply made by repro; --allow-missing keeps pull from failing on it.
             # Inputs tracked with `dvc add` (a manual download under data/external) come too.
             dvc("pull", "--allow-missing", "--with-deps", *args.targets, *tracked_inputs())
-        # One target at a time, each pushed once made: a target that fails (one experiment of a
-        # job's group diverging, say) leaves the others pushed and bundled.
-        done, failed = [], []
-        for target in args.targets:
-            # --pull: a stage already run from the same command, deps and params (by a job whose
-            # dvc.lock was never merged, say) is restored from DVC's run cache on the remote, not run.
-            if dvc("repro", *(["--pull"] if remote and not args.no_pull else []), target, check=False).returncode:
-                failed.append(target)
-                continue
-            done.append(target)
-            if remote and not args.no_push:
-                dvc("push", "--run-cache", "--with-deps", target)
+        pull, push = remote and not args.no_pull, remote and not args.no_push
+        if pull:
+            pull_run_cache()
+        before = run_cache_files()
+        # --keep-going: a target that fails (one experiment of a job's group diverging, say) leaves
+        # the others made, pushed and bundled. --pull: a stage already run from the same command,
+        # deps and params (by a job whose dvc.lock was never merged, say) is restored from DVC's
+        # run cache on the remote, not run again.
+        repro = dvc("repro", "--keep-going", *(["--pull"] if pull else []), *args.targets, check=False)
+        failed = [target for target in args.targets if stale_stages([target])] if repro.returncode else []
+        if repro.returncode and not failed:
+            raise UserError(f"`dvc repro {' '.join(args.targets)}` failed with exit status {repro.returncode} (its output is above)")
+        done = [target for target in args.targets if target not in failed]
+        if push and done:
+            dvc("push", "--with-deps", *done)
+            print(f"matrix: {push_run_cache(before)} run-cache entries pushed")
         if args.bundle and done:
             stages = bundle(done, args.bundle)
             print(f"matrix: {len(stages)} stages bundled in {args.bundle}")
@@ -504,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
             dvc("repro", "--single-item", f"report@{args.suite}")
             if not args.no_push:
                 if has_remote():
-                    dvc("push", "--run-cache", f"report@{args.suite}")
+                    dvc("push", f"report@{args.suite}")
                 else:
                     print(f"{NO_REMOTE} the report is not pushed")
     elif args.command == "local":

@@ -312,12 +312,16 @@ stages:
   train:
     foreach: [a, b]
     do:
-      cmd: test ! -e fail-${item} && cat prepared.txt code.txt > model-${item}.txt
+      cmd: test ! -e fail-${item} && cat prepared.txt code.txt > model-${item}.txt && wc -c < model-${item}.txt > metrics-${item}.json
       deps: [prepared.txt, code.txt]
       params:
         - lr.${item}
       outs:
         - model-${item}.txt
+      metrics:
+        # Not cached by DVC: in git, as the pipeline's metrics are.
+        - metrics-${item}.json:
+            cache: false
 """
 
 
@@ -372,6 +376,12 @@ def test_stale_stages_are_found_without_the_data_from_dvc_lock(tmp_path: Path, m
     assert stale_stages(targets) == {"prepare": "params.yaml: n modified", "train@a": "prepare runs", "train@b": "prepare runs"}
     assert repro_runs(upstream) == ["prepare", "train@a", "train@b"]
 
+    # An output DVC does not cache is only in git: gone from it, it must be made again.
+    untracked = runner("untracked")
+    subprocess.run(["git", "rm", "-q", "metrics-a.json"], cwd=untracked, env=env, check=True)
+    assert stale_stages(targets) == {"train@a": "metrics-a.json: deleted (not cached by DVC, and not in git)"}
+    assert repro_runs(untracked) == ["train@a"]
+
     # train@b's entry recorded from another prepared.txt than prepare's (two jobs' bundles, say).
     mixed = runner("mixed")
     text = (mixed / "dvc.lock").read_text()
@@ -414,8 +424,12 @@ def test_a_job_whose_lock_was_never_merged_is_restored_from_the_run_cache_not_ru
         runs[job] = done.stdout
     assert "Running stage 'train@a'" in runs["first"] and "Running stage 'prepare'" in runs["first"]
     assert "Running stage" not in runs["second"], runs["second"]
+    # Its metrics, which DVC does not cache, came back too: their object went up with the entry.
     assert "Stage 'train@a' is cached - skipping run, checking out outputs" in runs["second"]
-    assert (tmp_path / "second" / "model-a.txt").read_text() == (tmp_path / "first" / "model-a.txt").read_text()
+    for made in ("model-a.txt", "metrics-a.json"):
+        assert (tmp_path / "second" / made).read_text() == (tmp_path / "first" / made).read_text()
+    # Each job pushes the entries it made, not those it pulled.
+    assert "matrix: 2 run-cache entries pushed" in runs["first"] and "matrix: 0 run-cache entries pushed" in runs["second"]
     first, second = ((tmp_path / job / "bundle" / "dvc.lock").read_text() for job in ("first", "second"))
     assert first == second
 
@@ -444,7 +458,7 @@ def test_a_job_whose_target_fails_still_pushes_and_bundles_the_others(tmp_path: 
     assert done.stderr.strip().splitlines()[-1] == (
         "error: matrix run: `dvc repro` failed for train@a (its output is above); train@b is made, pushed and bundled"
     )
-    assert "$ dvc push --run-cache --with-deps train@b" in done.stdout
+    assert "$ dvc push --with-deps train@b" in done.stdout
     bundled = yaml.safe_load((job / "bundle" / "dvc.lock").read_text())["stages"]
     assert set(bundled) == {"prepare", "train@b"}
     later = tmp_path / "later"
