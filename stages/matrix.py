@@ -206,7 +206,7 @@ def first_cause(stale: dict[str, str], stage: str) -> str:
     while why.endswith(RUNS) and why[: -len(RUNS)] in stale:
         origin = why[: -len(RUNS)]
         why = stale[origin]
-    return f"{'' if origin == stage else f'(from {origin}) '}{why}"
+    return f"(from {origin}) {why}"
 
 
 RUNS = " runs"
