@@ -265,7 +265,7 @@ def test_run_without_a_dvc_remote_says_it_pulls_and_pushes_nothing(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == ("matrix: no DVC remote (dvc remote add -d ...): nothing is pulled or pushed; "
                                           "the targets are made here")
-    assert "$ dvc repro hello" in done.stdout and "$ dvc push" not in done.stdout and "$ dvc pull" not in done.stdout
+    assert "$ dvc repro --keep-going hello" in done.stdout and "$ dvc push" not in done.stdout and "$ dvc pull" not in done.stdout
     assert (tmp_path / "out.txt").read_text().strip() == "hello"
 
 
