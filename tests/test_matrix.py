@@ -325,22 +325,31 @@ stages:
 """
 
 
+def stale_origin(tmp_path: Path, ran: bool) -> tuple[Path, dict[str, str]]:
+    """STALE_PIPELINE committed in tmp_path/origin, with a DVC remote in tmp_path/remote; with
+    `ran`, reproduced and pushed first (dvc.lock and the metrics committed). Returns the origin
+    and the environment, which finds this venv's dvc and this checkout's stages."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    env = {**dvc_repository(origin), "PYTHONPATH": str(REPO)}
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    (origin / "dvc.yaml").write_text(STALE_PIPELINE)
+    (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2}\n")
+    (origin / "code.txt").write_text("code 1\n")
+    steps = [["dvc", "repro", "-q"], ["dvc", "push", "-q"]] if ran else []
+    for command in (["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")], *steps,
+                    ["git", "add", "-A"], [*git, "commit", "-qm", "pipeline"]):
+        subprocess.run(command, cwd=origin, env=env, check=True)
+    return origin, env
+
+
 def test_stale_stages_are_found_without_the_data_from_dvc_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`plan --changed` keeps what `dvc repro` would run, judged where the data is not (a CI
     runner's plan job): from dvc.lock, the params and the files git has. Each case is then checked
     against what the real `dvc repro` runs in the same clone once it has pulled the data."""
     from stages.matrix import stale_stages
 
-    origin = tmp_path / "origin"
-    origin.mkdir()
-    env = dvc_repository(origin)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    (origin / "dvc.yaml").write_text(STALE_PIPELINE)
-    (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2}\n")
-    (origin / "code.txt").write_text("code 1\n")
-    for command in (["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")], ["dvc", "repro", "-q"],
-                    ["dvc", "push", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "ran"]):
-        subprocess.run(command, cwd=origin, env=env, check=True)
+    origin, env = stale_origin(tmp_path, ran=True)
     targets = ["train@a", "train@b"]
 
     def runner(name: str) -> Path:
@@ -404,16 +413,7 @@ def test_a_job_whose_lock_was_never_merged_is_restored_from_the_run_cache_not_ru
     """`matrix run` pushes DVC's run cache and reproduces with --pull: a later job from the same
     commit (the first job's dvc.lock went to a pull request nobody merged) restores the stages
     from the remote instead of training them again, and records the same dvc.lock entries."""
-    origin = tmp_path / "origin"
-    origin.mkdir()
-    env = {**dvc_repository(origin), "PYTHONPATH": str(REPO)}
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    (origin / "dvc.yaml").write_text(STALE_PIPELINE)
-    (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2}\n")
-    (origin / "code.txt").write_text("code 1\n")
-    for command in (["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")], ["git", "add", "-A"],
-                    [*git, "commit", "-qm", "pipeline"]):
-        subprocess.run(command, cwd=origin, env=env, check=True)
+    origin, env = stale_origin(tmp_path, ran=False)
     runs = {}
     for job in ("first", "second"):
         folder = tmp_path / job
@@ -437,16 +437,7 @@ def test_a_job_whose_lock_was_never_merged_is_restored_from_the_run_cache_not_ru
 def test_a_job_whose_target_fails_still_pushes_and_bundles_the_others(tmp_path: Path) -> None:
     """A training job of several experiments in which one fails: the ones that finished are on the
     remote and in the bundle (the report job proposes them), and the job fails naming the one."""
-    origin = tmp_path / "origin"
-    origin.mkdir()
-    env = {**dvc_repository(origin), "PYTHONPATH": str(REPO)}
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    (origin / "dvc.yaml").write_text(STALE_PIPELINE)
-    (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2}\n")
-    (origin / "code.txt").write_text("code 1\n")
-    for command in (["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")], ["git", "add", "-A"],
-                    [*git, "commit", "-qm", "pipeline"]):
-        subprocess.run(command, cwd=origin, env=env, check=True)
+    origin, env = stale_origin(tmp_path, ran=False)
     job = tmp_path / "job"
     subprocess.run(["git", "clone", "-q", str(origin), str(job)], env=env, check=True)
     (job / "fail-a").write_text("")  # train@a's command fails here
