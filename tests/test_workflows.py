@@ -109,6 +109,20 @@ def test_checkouts_do_not_persist_credentials(name: str) -> None:
                 assert step["with"]["persist-credentials"] is False
 
 
+def retrained_repository(folder: Path) -> list[str]:
+    """A git repository on main with one commit, where a retrain has left dvc.lock and a report
+    untracked, as the report job's checkout has them; returns the git command to commit with."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(folder)], check=True)
+    (folder / "README.md").write_text("x\n")
+    subprocess.run([*git, "add", "README.md"], cwd=folder, check=True)
+    subprocess.run([*git, "commit", "-qm", "start"], cwd=folder, check=True)
+    (folder / "dvc.lock").write_text("schema: '2.0'\n")
+    (folder / "reports" / "metrics").mkdir(parents=True)
+    (folder / "reports" / "metrics" / "a.json").write_text("{}\n")
+    return git
+
+
 def test_the_pull_request_step_sees_a_new_dvc_lock_and_new_reports(tmp_path: Path) -> None:
     """The step's own check, run in a repository where the retrain left dvc.lock and reports/
     untracked (as in a fresh checkout, where neither is committed yet): it goes on to propose them.
@@ -119,14 +133,7 @@ def test_the_pull_request_step_sees_a_new_dvc_lock_and_new_reports(tmp_path: Pat
     def check(repo: Path) -> str:
         return subprocess.run(["bash", "-e", "-c", script], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
 
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    (tmp_path / "README.md").write_text("x\n")
-    subprocess.run([*git, "add", "README.md"], cwd=tmp_path, check=True)
-    subprocess.run([*git, "commit", "-qm", "start"], cwd=tmp_path, check=True)
-    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
-    (tmp_path / "reports" / "metrics").mkdir(parents=True)
-    (tmp_path / "reports" / "metrics" / "a.json").write_text("{}\n")
+    git = retrained_repository(tmp_path)
     assert check(tmp_path) == "CHANGED"
     subprocess.run([*git, "commit", "-qm", "results"], cwd=tmp_path, check=True)  # what the step staged
     assert check(tmp_path) == "Nothing changed: no pull request."
@@ -151,14 +158,7 @@ def test_the_pull_request_step_proposes_a_whole_or_a_partial_retrain(tmp_path: P
     for tool in ("git", "gh"):
         (bin_dir / tool).chmod(0o755)
     repo = tmp_path / "repo"
-    git = [real_git, "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([real_git, "init", "-q", "-b", "main", str(repo)], check=True)
-    (repo / "README.md").write_text("x\n")
-    subprocess.run([*git, "add", "README.md"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "start"], cwd=repo, check=True)
-    (repo / "dvc.lock").write_text("schema: '2.0'\n")
-    (repo / "reports" / "metrics").mkdir(parents=True)
-    (repo / "reports" / "metrics" / "a.json").write_text("{}\n")
+    retrained_repository(repo)
     (repo / "summary.md").write_text("### Metrics against `abc`\n\n| accuracy |\n")
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "SUITE": "course", "RUN_ID": "42",
            "RUN_URL": "https://github.com/o/r/actions/runs/42", "GH_TOKEN": "token", "GITHUB_REPOSITORY": "o/r",
