@@ -433,40 +433,36 @@ def run_cache_files() -> set[str]:
     return {str(path) for path in runs.rglob("*") if path.is_file()} if runs.is_dir() else set()
 
 
-def pull_run_cache() -> None:
-    """The remote's run-cache entries (not the outputs they name: `dvc repro --pull` fetches those
-    of the stages it restores)."""
-    from dvc.repo import Repo
-
-    from dvc.stage.cache import RunCacheNotSupported
-
-    repo = Repo(".")
-    with repo.lock:
-        try:
-            repo.stage_cache.pull(None)
-        except RunCacheNotSupported as error:  # an http remote
-            print(f"matrix: {error}; stages run again rather than being restored")
-
-
 def push_run_cache(before: set[str]) -> int:
-    """Push the run-cache entries made since `before` (run_cache_files()), after the objects of
-    their outputs; returns how many entries.
+    """Push the run-cache entries made since `before` (run_cache_files()) that the remote lacks,
+    after the objects of their outputs; returns how many entries.
 
     Not `dvc push --run-cache`, which sends every entry of the local cache on each call (those
-    pulled from the remote too, one file at a time) and none of the objects of the outputs DVC
-    does not cache (metrics, which the entry holds in the cache): no other runner could restore
-    a stage with such an output."""
+    `dvc repro --pull` brought from the remote too, one file at a time) and none of the objects of
+    the outputs DVC does not cache (metrics, which the entry holds in the cache): no other runner
+    could restore a stage with such an output."""
     from dvc import fs
     from dvc.repo import Repo
     from dvc.stage.cache import RunCacheNotSupported
 
     repo = Repo(".")
-    new = sorted(run_cache_files() - before)
-    if not new:
+    local = repo.cache.legacy
+    made = run_cache_files() - before
+    if not made:
         return 0
     try:
-        repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
+        remote = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
     except RunCacheNotSupported:
+        return 0
+
+    def relative(path: str) -> str:
+        return local.fs.as_posix(local.fs.relpath(path, local.path))
+
+    runs = remote.fs.join(remote.path, "runs")
+    # `dvc repro --pull` brought the remote's entries here: made since `before` too, not new.
+    there = {remote.fs.as_posix(remote.fs.relpath(path, remote.path)) for path in remote.fs.find(runs)} if remote.fs.exists(runs) else set()
+    new = sorted(path for path in made if relative(path) not in there)
+    if not new:
         return 0
     with repo.lock:
         used = [(Path(path).parent.name, Path(path).name) for path in new]
@@ -474,11 +470,8 @@ def push_run_cache(before: set[str]) -> int:
         result = repo.cloud.push(objects)
         if result.failed:
             raise UserError(f"matrix: {len(result.failed)} objects of the run cache's outputs could not be pushed; run again")
-        local = repo.cache.legacy
-        remote = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
         for path in new:
-            target = remote.fs.join(remote.path, local.fs.as_posix(local.fs.relpath(path, local.path)))
-            fs.generic.copy(local.fs, path, remote.fs, target)
+            fs.generic.copy(local.fs, path, remote.fs, remote.fs.join(remote.path, relative(path)))
     return len(new)
 
 
@@ -545,8 +538,6 @@ def main(argv: list[str] | None = None) -> None:
             # Inputs tracked with `dvc add` (a manual download under data/external) come too.
             dvc("pull", "--allow-missing", "--with-deps", *args.targets, *tracked_inputs())
         pull, push = remote and not args.no_pull, remote and not args.no_push
-        if pull:
-            pull_run_cache()
         before = run_cache_files()
         # --keep-going: a target that fails (one experiment of a job's group diverging, say) leaves
         # the others made, pushed and bundled. --pull: a stage already run from the same command,

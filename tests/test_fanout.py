@@ -11,30 +11,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import yaml
-from moto.server import ThreadedMotoServer
+from conftest import S3_BUCKET, S3_KEYS
 from test_pipeline import copy_repository, run, stages_run
 
 pytestmark = pytest.mark.slow
-BUCKET = "classmatrix-remote"
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-
-
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield url
-    server.stop()
 
 
 def matrix(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -51,13 +36,13 @@ def test_jobs_share_one_remote_and_a_fresh_clone_reproduces_nothing(endpoint: st
     origin.mkdir()
     env = copy_repository(origin)
     env.update(
-        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+        **S3_KEYS,
         # The team's shared tracking store (a server in real life): every job logs to it.
         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'shared-mlflow.db'}",
         # As on a runner: `plan` checks the remote and the repository variables, `run` the remote.
         GITHUB_ACTIONS="true", GPU_RUNNER_LABELS='["ubuntu-24.04"]',
     )
-    run(["dvc", "remote", "add", "-d", "shared", f"s3://{BUCKET}/dvc"], origin, env)
+    run(["dvc", "remote", "add", "-d", "shared", f"s3://{S3_BUCKET}/dvc"], origin, env)
     run(["dvc", "remote", "modify", "shared", "endpointurl", endpoint], origin, env)
     run([*GIT, "commit", "-qam", "the shared remote"], origin, env)
 

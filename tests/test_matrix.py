@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import S3_BUCKET, S3_KEYS
 
 from stages.errors import UserError
 from stages.matrix import gather, merge_locks, plan, run_pool, summary
@@ -325,19 +326,23 @@ stages:
 """
 
 
-def stale_origin(tmp_path: Path, ran: bool) -> tuple[Path, dict[str, str]]:
-    """STALE_PIPELINE committed in tmp_path/origin, with a DVC remote in tmp_path/remote; with
-    `ran`, reproduced and pushed first (dvc.lock and the metrics committed). Returns the origin
-    and the environment, which finds this venv's dvc and this checkout's stages."""
+def stale_origin(tmp_path: Path, ran: bool, s3: str | None = None) -> tuple[Path, dict[str, str]]:
+    """STALE_PIPELINE committed in tmp_path/origin, with a DVC remote in tmp_path/remote (or in
+    the bucket of the S3 endpoint `s3`); with `ran`, reproduced and pushed first (dvc.lock and the
+    metrics committed). Returns the origin and the environment, which finds this venv's dvc and
+    this checkout's stages."""
     origin = tmp_path / "origin"
     origin.mkdir()
-    env = {**dvc_repository(origin), "PYTHONPATH": str(REPO)}
+    env = {**dvc_repository(origin), "PYTHONPATH": str(REPO), **S3_KEYS}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
     (origin / "dvc.yaml").write_text(STALE_PIPELINE)
     (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2}\n")
     (origin / "code.txt").write_text("code 1\n")
     steps = [["dvc", "repro", "-q"], ["dvc", "push", "-q"]] if ran else []
-    for command in (["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")], *steps,
+    remote = [["dvc", "remote", "add", "-q", "-d", "shared", f"s3://{S3_BUCKET}/{tmp_path.name}"],
+              ["dvc", "remote", "modify", "shared", "endpointurl", s3]] if s3 else [
+              ["dvc", "remote", "add", "-q", "-d", "shared", str(tmp_path / "remote")]]
+    for command in (*remote, *steps,
                     ["git", "add", "-A"], [*git, "commit", "-qm", "pipeline"]):
         subprocess.run(command, cwd=origin, env=env, check=True)
     return origin, env
@@ -409,11 +414,15 @@ def test_stale_stages_are_found_without_the_data_from_dvc_lock(tmp_path: Path, m
     assert stale_stages([*targets, "train@c"]) == {"train@a": "model-a.txt: modified", "train@c": "no dvc.lock entry"}
 
 
-def test_a_job_whose_lock_was_never_merged_is_restored_from_the_run_cache_not_run_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("remote", ["folder", "s3"])
+def test_a_job_whose_lock_was_never_merged_is_restored_from_the_run_cache_not_run_again(
+    remote: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """`matrix run` pushes DVC's run cache and reproduces with --pull: a later job from the same
     commit (the first job's dvc.lock went to a pull request nobody merged) restores the stages
-    from the remote instead of training them again, and records the same dvc.lock entries."""
-    origin, env = stale_origin(tmp_path, ran=False)
+    from the remote instead of training them again, and records the same dvc.lock entries. The
+    remote is a folder, or a bucket of an S3 server (moto's) as the team's is."""
+    origin, env = stale_origin(tmp_path, ran=False, s3=request.getfixturevalue("endpoint") if remote == "s3" else None)
     runs = {}
     for job in ("first", "second"):
         folder = tmp_path / job
