@@ -157,12 +157,14 @@ def missing_ci_settings() -> list[str]:
 
 
 def upstream_stages(targets: list[str], repo: Any = None) -> list[Any]:
-    """The stages of `targets` and every stage they depend on, dependencies first."""
+    """The stages of `targets` and every stage they depend on, dependencies first; as `dvc repro`
+    walks them, a frozen stage's own dependencies left out."""
     import networkx as nx
     from dvc.repo import Repo
+    from dvc.repo.reproduce import get_active_graph
 
     repo = repo or Repo(".")
-    graph = repo.index.graph
+    graph = get_active_graph(repo.index.graph)
     seen: dict[str, Any] = {}
     for target in targets:
         for stage in repo.stage.collect(target):
@@ -197,6 +199,21 @@ def stale_stages(targets: list[str]) -> dict[str, str]:
             if why:
                 stale[stage.addressing] = why
     return stale
+
+
+def unfinished(targets: list[str]) -> list[str]:
+    """The targets a failed `dvc repro` left undone, judged with the data it left here: it pulled
+    or made the outputs of every stage of their chains, so a stage whose outputs are missing (DVC
+    removed them before running it, and it failed) or whose deps are not what dvc.lock records
+    (below one that failed) has not run. Not stale_stages, which counts missing outputs as on
+    the remote, and would call done a stage that ran because the remote lacked them, then failed."""
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    repo = Repo(".")
+    with repo.lock:
+        return [target for target in targets
+                if any(isinstance(stage, PipelineStage) and stage.changed() for stage in upstream_stages([target], repo))]
 
 
 def first_cause(stale: dict[str, str], stage: str) -> str:
@@ -544,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
         # deps and params (by a job whose dvc.lock was never merged, say) is restored from DVC's
         # run cache on the remote, not run again.
         repro = dvc("repro", "--keep-going", *(["--pull"] if pull else []), *args.targets, check=False)
-        failed = [target for target in args.targets if stale_stages([target])] if repro.returncode else []
+        failed = unfinished(args.targets) if repro.returncode else []
         if repro.returncode and not failed:
             raise UserError(f"`dvc repro {' '.join(args.targets)}` failed with exit status {repro.returncode} (its output is above)")
         done = [target for target in args.targets if target not in failed]

@@ -326,8 +326,8 @@ stages:
 """
 
 
-def stale_origin(tmp_path: Path, ran: bool, s3: str | None = None) -> tuple[Path, dict[str, str]]:
-    """STALE_PIPELINE committed in tmp_path/origin, with a DVC remote in tmp_path/remote (or in
+def stale_origin(tmp_path: Path, ran: bool, s3: str | None = None, pipeline: str = STALE_PIPELINE) -> tuple[Path, dict[str, str]]:
+    """STALE_PIPELINE (or `pipeline`) committed in tmp_path/origin, with a DVC remote in tmp_path/remote (or in
     the bucket of the S3 endpoint `s3`); with `ran`, reproduced and pushed first (dvc.lock and the
     metrics committed). Returns the origin and the environment, which finds this venv's dvc and
     this checkout's stages."""
@@ -335,7 +335,7 @@ def stale_origin(tmp_path: Path, ran: bool, s3: str | None = None) -> tuple[Path
     origin.mkdir()
     env = {**dvc_repository(origin), "PYTHONPATH": str(REPO), **S3_KEYS}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    (origin / "dvc.yaml").write_text(STALE_PIPELINE)
+    (origin / "dvc.yaml").write_text(pipeline)
     (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2}\n")
     (origin / "code.txt").write_text("code 1\n")
     steps = [["dvc", "repro", "-q"], ["dvc", "push", "-q"]] if ran else []
@@ -466,3 +466,80 @@ def test_a_job_whose_target_fails_still_pushes_and_bundles_the_others(tmp_path: 
     for command in (["-m", "stages.matrix", "gather", str(job / "bundle")], ["-m", "dvc", "pull", "-q", "--with-deps", "train@b"]):
         subprocess.run([sys.executable, *command], cwd=later, env=env, check=True, capture_output=True)
     assert (later / "model-b.txt").read_text() == "n: 1\ncode 1\n"
+
+def test_a_frozen_stage_cuts_off_what_it_depends_on_as_dvc_repro_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc repro` does not reproduce the dependencies of a frozen stage; the plan neither plans
+    them nor, after a run, calls a target failed for them."""
+    from stages.matrix import stale_stages, unfinished
+
+    frozen = STALE_PIPELINE.replace("    do:\n      cmd: test", "    do:\n      frozen: true\n      cmd: test")
+    assert frozen != STALE_PIPELINE
+    origin, env = stale_origin(tmp_path, ran=True)
+    monkeypatch.chdir(origin)
+    (origin / "dvc.yaml").write_text(frozen)
+    (origin / "params.yaml").write_text("n: 2\nlr: {a: 0.1, b: 0.2}\n")  # prepare's param
+    assert stale_stages(["train@a"]) == {} and unfinished(["train@a"]) == []
+    assert stale_stages(["prepare"]) == {"prepare": "params.yaml: n modified"} and unfinished(["prepare"]) == ["prepare"]
+    done = subprocess.run(["dvc", "repro", "train@a"], cwd=origin, env=env, capture_output=True, text=True, check=True)
+    assert "Running stage" not in done.stdout, done.stdout
+
+
+# As the course's pipeline is: training's outputs all cached by DVC, evaluation's metrics in git.
+CHAIN_PIPELINE = STALE_PIPELINE.split("  train:")[0] + """\
+  train:
+    foreach: [a, b]
+    do:
+      cmd: test ! -e fail-${item} && cat prepared.txt code.txt > model-${item}.txt
+      deps: [prepared.txt, code.txt]
+      params:
+        - lr.${item}
+      outs:
+        - model-${item}.txt
+  evaluate:
+    foreach: [a, b]
+    do:
+      cmd: wc -c < model-${item}.txt > metrics-${item}.json
+      deps:
+        - model-${item}.txt
+      metrics:
+        - metrics-${item}.json:
+            cache: false
+"""
+
+
+@pytest.mark.parametrize("b_fails", [False, True], ids=["b retrains", "b fails too"])
+def test_a_stage_run_because_the_remote_lacks_its_output_that_fails_is_reported_failed(b_fails: bool, tmp_path: Path) -> None:
+    """train@a's model is not on the remote, so `dvc repro --pull` runs it, and it fails; train@b
+    retrains (a param changed), or fails too. The job names exactly what failed, and pushes and
+    bundles what finished. Before, judging from dvc.lock alone, a failed stage whose outputs were
+    missing looked "on the remote": the job failed naming nothing and pushed nothing (b's new
+    model was lost), or called evaluate@a made and pushed."""
+    origin, env = stale_origin(tmp_path, ran=True, pipeline=CHAIN_PIPELINE)
+    model_a = yaml.safe_load((origin / "dvc.lock").read_text())["stages"]["train@a"]["outs"][0]["md5"]
+    (tmp_path / "remote" / "files" / "md5" / model_a[:2] / model_a[2:]).unlink()
+    job = tmp_path / "job"
+    subprocess.run(["git", "clone", "-q", str(origin), str(job)], env=env, check=True)
+    (job / "fail-a").write_text("")
+    (job / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.3}\n")
+    if b_fails:
+        (job / "fail-b").write_text("")
+
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "evaluate@a", "evaluate@b", "--bundle", "bundle"],
+                          cwd=job, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    if b_fails:
+        assert last == "error: matrix run: `dvc repro` failed for evaluate@a, evaluate@b (its output is above)"
+        assert "$ dvc push" not in done.stdout and not (job / "bundle").exists()
+        return
+    assert last == ("error: matrix run: `dvc repro` failed for evaluate@a (its output is above); "
+                    "evaluate@b is made, pushed and bundled")
+    assert set(yaml.safe_load((job / "bundle" / "dvc.lock").read_text())["stages"]) == {"prepare", "train@b", "evaluate@b"}
+    later = tmp_path / "later"
+    subprocess.run(["git", "clone", "-q", str(origin), str(later)], env=env, check=True)
+    for command in (["-m", "stages.matrix", "gather", str(job / "bundle")], ["-m", "dvc", "pull", "-q", "train@b"]):
+        subprocess.run([sys.executable, *command], cwd=later, env=env, check=True, capture_output=True)
+    assert (later / "model-b.txt").read_text() == "n: 1\ncode 1\n"
+    assert (later / "metrics-b.json").read_text().strip() == "12"
+
