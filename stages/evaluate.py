@@ -100,6 +100,10 @@ def evaluate(
 
     model_file = model_dir / "model.keras"
     model = load_saved_model(model_file, f"evaluate@{experiment.name}")
+    # Loaded for inference, uncompiled, it would pick XLA by Keras's "auto" (on with JAX, and with
+    # TensorFlow on a GPU); it predicts without XLA where training ran without it (jit_compile off).
+    if training_record["phases"] and training_record["phases"][-1]["xla"] is False:
+        model.jit_compile = False
     x_test, y_test = np.asarray(data.x["test"]), data.y["test"]
     test_batches = array_batches(x_test, y_test, batch_size=256, seed=0, shuffle=False)
     probabilities = np.asarray(model.predict(keras_input(test_batches), verbose=0), dtype="float64")

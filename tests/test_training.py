@@ -955,6 +955,35 @@ def test_train_and_evaluate_on_other_backends_never_import_tensorflow(backend: s
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] > 0.2, "better than chance (0.1)"
 
 
+INFERENCE_XLA = """
+import sys
+from pathlib import Path
+from stages import backbones
+from stages.evaluate import evaluate
+from stages.train import train
+
+loaded = []
+load = backbones.load_saved_model
+backbones.load_saved_model = lambda *args, **kwargs: loaded.append(load(*args, **kwargs)) or loaded[-1]
+params, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+train("toy-net", params, data, out)
+evaluate("toy-net", params, data, out, out / "metrics.json", out / "predictions.csv", out / "figures", out / "evaluation")
+print("xla", loaded[0].jit_compile)
+"""
+
+
+@pytest.mark.parametrize("setting", ["off", "auto"])
+def test_evaluate_predicts_with_xla_only_where_training_used_it(setting: str, tmp_path: Path, tracking: str) -> None:
+    """The model is loaded uncompiled, for inference, and Keras's "auto" would turn XLA on (with
+    JAX here); with training.jit_compile off it predicts without XLA, as training ran."""
+    params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 1, "jit_compile": setting})
+    env = {**os.environ, "KERAS_BACKEND": "jax", "MLFLOW_TRACKING_URI": tracking}
+    result = subprocess.run([sys.executable, "-c", INFERENCE_XLA, str(params), str(write_prepared(tmp_path / "data")),
+                             str(tmp_path / "model")], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == f"xla {setting != 'off'}"
+
+
 def test_the_efficientnet_package_refuses_other_backends_in_one_line(tmp_path: Path) -> None:
     code = (
         "from stages.backbones import get_backbone\n"
