@@ -11,8 +11,9 @@
 $GITHUB_OUTPUT when set): `prepare`, one job per dataset of the chosen experiments, running its
 fetch, validate and split stages; `train`, the experiments in groups of `--per-job` (one dataset
 per group, so a job never fetches data another job prepared), running weights, train and evaluate.
-With `--changed` it keeps only what `dvc repro` would run, judged from dvc.lock without the data
-(stale_stages), and says on stderr why each kept experiment runs.
+With `--changed` it keeps only what `dvc repro` would run, judged from dvc.lock without the data,
+asking the remote whether it holds the outputs (stale_stages), and says on stderr why each kept
+experiment runs.
 
 `run` is one job: `dvc pull` what the targets need from the DVC remote (what is missing there is
 made), `dvc repro --keep-going --pull` the targets (a stage run before from the same inputs,
@@ -178,12 +179,12 @@ def stale_stages(targets: list[str]) -> dict[str, str]:
     without the data, as a CI runner has none: from dvc.lock, params.yaml and the files git has.
 
     A stage runs when it has no dvc.lock entry, its command, a param or a file it depends on
-    changed, an output is new or (not cached by DVC) missing from git, or a stage it depends on
-    runs. That last is an over-estimate: DVC reruns a stage below one that ran only if what the
-    upper one made differs, which cannot be known before it runs. Data that is not here counts as
-    what dvc.lock records (it is on the DVC remote), as `dvc repro --allow-missing` counts it,
-    unless the stage that makes it recorded other content. Data that is here is compared as DVC
-    compares it."""
+    changed, an output is new, missing from the DVC remote or (not cached by DVC) from git, or a
+    stage it depends on runs. That last is an over-estimate: DVC reruns a stage below one that ran
+    only if what the upper one made differs, which cannot be known before it runs. Data that is
+    not here counts as what dvc.lock records, as `dvc repro --allow-missing` counts it, unless the
+    stage that makes it recorded other content; the remote is asked whether it holds the outputs
+    (absent_from_remote). Data that is here is compared as DVC compares it."""
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
@@ -191,11 +192,11 @@ def stale_stages(targets: list[str]) -> dict[str, str]:
     recorded = read_lock(Path(LOCK))["stages"]
     stale: dict[str, str] = {}
     with repo.lock:
-        for stage in upstream_stages(targets, repo):
-            if not isinstance(stage, PipelineStage):
-                continue  # a .dvc file (`dvc add`): an input, never run
+        stages = [stage for stage in upstream_stages(targets, repo) if isinstance(stage, PipelineStage)]
+        absent = absent_from_remote(repo, stages)  # a .dvc file (`dvc add`) is an input, never run
+        for stage in stages:
             upstream = list(repo.index.graph.successors(stage))
-            why = _why_stale(stage, upstream, stale, recorded)
+            why = _why_stale(stage, upstream, stale, recorded, absent)
             if why:
                 stale[stage.addressing] = why
     return stale
@@ -229,7 +230,38 @@ def first_cause(stale: dict[str, str], stage: str) -> str:
 RUNS = " runs"
 
 
-def _why_stale(stage: Any, upstream: list[Any], stale: dict[str, str], recorded: dict[str, Any]) -> str | None:
+def absent_from_remote(repo: Any, stages: list[Any]) -> set[str]:
+    """The objects of the DVC-cached outputs dvc.lock records for `stages` that neither this cache
+    nor the default DVC remote holds (for a folder, its listing): `dvc repro --pull` runs their
+    stages again. A stage's job pushed them, unless it never ran in CI, or its output was in git
+    then (`cache: false`, since changed). Without a remote nothing is asked. A remote that cannot
+    be read stops a CI runner in one line; elsewhere one line says the outputs are taken to be on it."""
+    from dvc.config import NoRemoteError
+
+    wanted: dict[str, set[str]] = {}
+    for stage in stages:
+        for out in stage.outs:
+            info = out.hash_info
+            if out.use_cache and info and info.value and not out.cache.exists(info.value):
+                wanted.setdefault(info.name, set()).add(info.value)
+    absent: set[str] = set()
+    try:
+        for name, values in wanted.items():
+            there = set(repo.cloud.get_remote_odb(None, "plan --changed", hash_name=name).list_oids_exists(sorted(values), jobs=16))
+            absent |= values - there
+    except NoRemoteError:
+        return set()
+    except Exception as error:  # noqa: BLE001 - credentials, network, a versioned remote: each its own type
+        why = f"the DVC remote could not be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        if os.environ.get("GITHUB_ACTIONS") == "true":
+            raise UserError(f"matrix: {why}; check its URL in .dvc/config and its credentials (the plan job gets "
+                            "the retrain environment's secrets AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from error
+        print(f"matrix: {why}; the outputs dvc.lock records are taken to be on it", file=sys.stderr)
+        return set()
+    return absent
+
+
+def _why_stale(stage: Any, upstream: list[Any], stale: dict[str, str], recorded: dict[str, Any], absent: set[str]) -> str | None:
     if stage.frozen:
         return None
     rerun = [u.addressing for u in upstream if u.addressing in stale]
@@ -260,6 +292,8 @@ def _why_stale(stage: Any, upstream: list[Any], stale: dict[str, str], recorded:
             return f"{out}: not in {LOCK}"  # an output new to dvc.yaml: the remote cannot have it
         status = out.status().get(str(out))
         if status in ("not in cache", "deleted") and out.use_cache:
+            if out.hash_info.value in absent:
+                return f"{out}: not on the DVC remote"
             continue  # on the remote
         if status:
             # An output DVC does not cache (metrics) lives in git only: missing there, it is remade.

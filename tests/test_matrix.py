@@ -313,7 +313,7 @@ stages:
   train:
     foreach: [a, b]
     do:
-      cmd: test ! -e fail-${item} && cat prepared.txt code.txt > model-${item}.txt && wc -c < model-${item}.txt > metrics-${item}.json
+      cmd: test ! -e fail-${item} && (cat prepared.txt code.txt; echo ${item}) > model-${item}.txt && printf '{"%s":%s}' ${item} $(wc -c < model-${item}.txt) > metrics-${item}.json
       deps: [prepared.txt, code.txt]
       params:
         - lr.${item}
@@ -405,6 +405,25 @@ def test_stale_stages_are_found_without_the_data_from_dvc_lock(tmp_path: Path, m
     assert stale_stages(targets) == {"train@b": "prepared.txt: modified"}
     assert repro_runs(mixed) == ["train@b"]
 
+    # An output the remote lacks (the job that made it did not push it): the stage runs again.
+    lock = yaml.safe_load((origin / "dvc.lock").read_text())["stages"]
+    model_a = next(out["md5"] for out in lock["train@a"]["outs"] if out["path"] == "model-a.txt")
+    stored, aside = tmp_path / "remote" / "files" / "md5" / model_a[:2] / model_a[2:], tmp_path / "model-a.object"
+    stored.rename(aside)
+    lacking = runner("lacking")
+    assert stale_stages(targets) == {"train@a": "model-a.txt: not on the DVC remote"}
+    assert repro_runs(lacking) == ["train@a"]
+    aside.rename(stored)
+
+    # Metrics that were in git (cache: false) and are now cached by DVC: dvc.lock records them,
+    # but no job pushed them, so the remote lacks them.
+    switched = runner("switched")
+    (switched / "dvc.yaml").write_text(STALE_PIPELINE.replace("- metrics-${item}.json:\n            cache: false", "- metrics-${item}.json"))
+    subprocess.run(["git", "rm", "-q", "metrics-a.json", "metrics-b.json"], cwd=switched, env=env, check=True)
+    assert stale_stages(targets) == {"train@a": "metrics-a.json: not on the DVC remote",
+                                     "train@b": "metrics-b.json: not on the DVC remote"}
+    assert repro_runs(switched) == ["train@a", "train@b"]
+
     # Where the data is here, it is compared as DVC compares it; a stage never run has no entry.
     monkeypatch.chdir(origin)
     (origin / "model-a.txt").write_text("edited by hand\n")
@@ -412,6 +431,35 @@ def test_stale_stages_are_found_without_the_data_from_dvc_lock(tmp_path: Path, m
     (origin / "dvc.yaml").write_text(STALE_PIPELINE.replace("foreach: [a, b]", "foreach: [a, b, c]"))
     (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.2, c: 0.3}\n")
     assert stale_stages([*targets, "train@c"]) == {"train@a": "model-a.txt: modified", "train@c": "no dvc.lock entry"}
+
+
+def test_a_remote_that_cannot_be_read_stops_a_ci_plan_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The plan asks the remote whether it holds the outputs dvc.lock records. An S3 endpoint
+    nobody answers on: on a runner, one line saying what to check; on a workstation, one line
+    saying the outputs are taken to be there, and the plan goes on."""
+    from stages.matrix import stale_stages
+
+    origin, env = stale_origin(tmp_path, ran=True)
+    runner = tmp_path / "runner"
+    subprocess.run(["git", "clone", "-q", str(origin), str(runner)], env=env, check=True)
+    for command in (["dvc", "remote", "add", "-f", "-d", "shared", "s3://nobody/dvc"],
+                    ["dvc", "remote", "modify", "shared", "endpointurl", "http://127.0.0.1:9"]):
+        subprocess.run(command, cwd=runner, env=env, check=True)
+    monkeypatch.chdir(runner)
+    for key, value in {**S3_KEYS, "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    assert stale_stages(["train@a"]) == {}
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("matrix: the DVC remote could not be read (EndpointConnectionError: ")
+    assert said[0].endswith("; the outputs dvc.lock records are taken to be on it")
+
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    with pytest.raises(UserError, match=r"^matrix: the DVC remote could not be read \(EndpointConnectionError: .*\); check its "
+                       r"URL in .dvc/config and its credentials \(the plan job gets the retrain environment's secrets "
+                       r"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY\)$"):
+        stale_stages(["train@a"])
 
 
 @pytest.mark.parametrize("remote", ["folder", "s3"])
@@ -465,7 +513,7 @@ def test_a_job_whose_target_fails_still_pushes_and_bundles_the_others(tmp_path: 
     subprocess.run(["git", "clone", "-q", str(origin), str(later)], env=env, check=True)
     for command in (["-m", "stages.matrix", "gather", str(job / "bundle")], ["-m", "dvc", "pull", "-q", "--with-deps", "train@b"]):
         subprocess.run([sys.executable, *command], cwd=later, env=env, check=True, capture_output=True)
-    assert (later / "model-b.txt").read_text() == "n: 1\ncode 1\n"
+    assert (later / "model-b.txt").read_text() == "n: 1\ncode 1\nb\n"
 
 def test_a_frozen_stage_cuts_off_what_it_depends_on_as_dvc_repro_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`dvc repro` does not reproduce the dependencies of a frozen stage; the plan neither plans

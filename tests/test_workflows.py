@@ -253,8 +253,10 @@ def test_retrain_wiring_is_consistent() -> None:
     header = text.split("\nname:", 1)[0]
     for secret in set(re.findall(r"secrets\.(\w+)", text)):
         assert secret in header, f"secret {secret} is not one the header documents"
-    # The plan checks the variables the later jobs rely on; the report gathers the suite's report.
+    # The plan checks the variables the later jobs rely on, and asks the DVC remote what it holds;
+    # the report gathers the suite's report.
     plan_env = next(step for step in jobs["plan"]["steps"] if step.get("id") == "plan")["env"]
-    assert plan_env == {"GPU_RUNNER_LABELS": "${{ vars.GPU_RUNNER_LABELS }}"}
+    assert plan_env == {"GPU_RUNNER_LABELS": "${{ vars.GPU_RUNNER_LABELS }}", **{
+        key: f"${{{{ secrets.{key} }}}}" for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
     assert "MLFLOW_TRACKING_URI" in workflow["env"]
     assert any('gather bundles/* --suite "$SUITE"' in script for script in run_scripts({"jobs": {"r": jobs["report"]}}))
