@@ -102,7 +102,7 @@ def evaluate(
     model = load_saved_model(model_file, f"evaluate@{experiment.name}")
     # Loaded for inference, uncompiled, it would pick XLA by Keras's "auto" (on with JAX, and with
     # TensorFlow on a GPU); it predicts without XLA where training ran without it (jit_compile off).
-    if training_record["phases"] and training_record["phases"][-1]["xla"] is False:
+    if (training_record.get("phases") or [{}])[-1].get("xla") is False:
         model.jit_compile = False
     x_test, y_test = np.asarray(data.x["test"]), data.y["test"]
     test_batches = array_batches(x_test, y_test, batch_size=256, seed=0, shuffle=False)

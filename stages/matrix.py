@@ -211,10 +211,29 @@ def unfinished(targets: list[str]) -> list[str]:
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
+    def undone(stage: Any) -> bool:
+        if not isinstance(stage, PipelineStage):
+            return False
+        if stage.always_changed or stage.is_callback:
+            return stage.changed_outs()  # it runs every time, and is "changed" after it has run too
+        return stage.changed()
+
     repo = Repo(".")
     with repo.lock:
-        return [target for target in targets
-                if any(isinstance(stage, PipelineStage) and stage.changed() for stage in upstream_stages([target], repo))]
+        return [target for target in targets if any(undone(stage) for stage in upstream_stages([target], repo))]
+
+
+def uncached_missing(targets: list[str]) -> list[str]:
+    """The stages of `targets` and upstream with an output DVC does not cache (metrics, in git)
+    missing here. `dvc repro --pull` takes such a stage, whose dvc.lock entry records the output,
+    as pulled and does not run it (DVC's --allow-missing), though the output stays missing."""
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    repo = Repo(".")
+    with repo.lock:
+        return [stage.addressing for stage in upstream_stages(targets, repo) if isinstance(stage, PipelineStage)
+                and not stage.frozen and any(not out.use_cache and not out.exists for out in stage.outs)]
 
 
 def first_cause(stale: dict[str, str], stage: str) -> str:
@@ -234,8 +253,11 @@ def absent_from_remote(repo: Any, stages: list[Any]) -> set[str]:
     """The objects of the DVC-cached outputs dvc.lock records for `stages` that neither this cache
     nor the default DVC remote holds (for a folder, its listing): `dvc repro --pull` runs their
     stages again. A stage's job pushed them, unless it never ran in CI, or its output was in git
-    then (`cache: false`, since changed). Without a remote nothing is asked. A remote that cannot
-    be read stops a CI runner in one line; elsewhere one line says the outputs are taken to be on it."""
+    then (`cache: false`, since changed). Without a remote nothing is asked.
+
+    A remote that cannot be read, or that holds none of them (a mistyped bucket reads as an empty
+    one), stops a CI runner in one line, rather than planning the whole suite; elsewhere one line
+    says so, and the outputs are taken to be on a remote that cannot be read."""
     from dvc.config import NoRemoteError
 
     wanted: dict[str, set[str]] = {}
@@ -252,12 +274,21 @@ def absent_from_remote(repo: Any, stages: list[Any]) -> set[str]:
     except NoRemoteError:
         return set()
     except Exception as error:  # noqa: BLE001 - credentials, network, a versioned remote: each its own type
-        why = f"the DVC remote could not be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        first = str(error).splitlines()[0] if str(error) else ""
         if os.environ.get("GITHUB_ACTIONS") == "true":
-            raise UserError(f"matrix: {why}; check its URL in .dvc/config and its credentials (the plan job gets "
-                            "the retrain environment's secrets AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from error
-        print(f"matrix: {why}; the outputs dvc.lock records are taken to be on it", file=sys.stderr)
+            raise UserError(f"matrix: the DVC remote could not be read ({type(error).__name__}: {first}); check its URL in "
+                            ".dvc/config and its credentials (the plan job gets the retrain environment's secrets "
+                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from error
+        print(f"matrix: the DVC remote could not be read ({type(error).__name__}: {first}); the outputs dvc.lock records "
+              "are taken to be on it", file=sys.stderr)
         return set()
+    total = sum(map(len, wanted.values()))
+    if total and len(absent) == total:
+        none = f"the DVC remote holds none of the {total} outputs dvc.lock records that are not here"
+        if os.environ.get("GITHUB_ACTIONS") == "true":
+            raise UserError(f"matrix: {none}; check its URL in .dvc/config (a mistyped bucket or path reads as empty), "
+                            "`dvc push` from the workstation that made them, or dispatch the workflow with everything")
+        print(f"matrix: {none}; their stages are planned", file=sys.stderr)
     return absent
 
 
@@ -493,8 +524,9 @@ def push_run_cache(before: set[str]) -> int:
     the outputs DVC does not cache (metrics, which the entry holds in the cache): no other runner
     could restore a stage with such an output."""
     from dvc import fs
+    from dvc.config import RemoteConfigError
+    from dvc.fs import HTTPFileSystem
     from dvc.repo import Repo
-    from dvc.stage.cache import RunCacheNotSupported
 
     repo = Repo(".")
     local = repo.cache.legacy
@@ -503,7 +535,11 @@ def push_run_cache(before: set[str]) -> int:
         return 0
     try:
         remote = repo.cloud.get_remote_odb(None, "push --run-cache", hash_name="md5-dos2unix")
-    except RunCacheNotSupported:
+    except RemoteConfigError as error:  # a cloud-versioned or worktree remote
+        print(f"matrix: run-cache entries are not pushed: {error}")
+        return 0
+    if isinstance(remote.fs, HTTPFileSystem):
+        print("matrix: run-cache entries are not pushed: an http remote cannot hold them")
         return 0
 
     def relative(path: str) -> str:
@@ -594,7 +630,12 @@ def main(argv: list[str] | None = None) -> None:
         # the others made, pushed and bundled. --pull: a stage already run from the same command,
         # deps and params (by a job whose dvc.lock was never merged, say) is restored from DVC's
         # run cache on the remote, not run again.
+        lost = uncached_missing(args.targets) if pull else []
         repro = dvc("repro", "--keep-going", *(["--pull"] if pull else []), *args.targets, check=False)
+        if lost := [stage for stage in uncached_missing(args.targets) if stage in lost]:
+            # --pull took these as pulled (their other outputs were on the remote) and did not run them.
+            dvc("repro", "--force", "--single-item", *lost, check=False)
+            repro = dvc("repro", "--keep-going", *args.targets, check=False)
         failed = unfinished(args.targets) if repro.returncode else []
         if repro.returncode and not failed:
             raise UserError(f"`dvc repro {' '.join(args.targets)}` failed with exit status {repro.returncode} (its output is above)")

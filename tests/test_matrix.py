@@ -433,10 +433,11 @@ def test_stale_stages_are_found_without_the_data_from_dvc_lock(tmp_path: Path, m
     assert stale_stages([*targets, "train@c"]) == {"train@a": "model-a.txt: modified", "train@c": "no dvc.lock entry"}
 
 
-def test_a_remote_that_cannot_be_read_stops_a_ci_plan_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_a_remote_that_cannot_be_read_or_holds_nothing_stops_a_ci_plan_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """The plan asks the remote whether it holds the outputs dvc.lock records. An S3 endpoint
     nobody answers on: on a runner, one line saying what to check; on a workstation, one line
-    saying the outputs are taken to be there, and the plan goes on."""
+    saying the outputs are taken to be there, and the plan goes on. A remote holding none of them
+    (a mistyped path): on a runner, one line; on a workstation, one line, and they are planned."""
     from stages.matrix import stale_stages
 
     origin, env = stale_origin(tmp_path, ran=True)
@@ -460,6 +461,17 @@ def test_a_remote_that_cannot_be_read_stops_a_ci_plan_in_one_line(tmp_path: Path
                        r"URL in .dvc/config and its credentials \(the plan job gets the retrain environment's secrets "
                        r"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY\)$"):
         stale_stages(["train@a"])
+
+    # A mistyped path (or bucket) reads as a remote that holds nothing: not a plan of everything.
+    subprocess.run(["dvc", "remote", "add", "-f", "-d", "shared", str(tmp_path / "remote-typo")], cwd=runner, env=env, check=True)
+    with pytest.raises(UserError, match=r"^matrix: the DVC remote holds none of the 2 outputs dvc.lock records that are not here; "
+                       r"check its URL in .dvc/config \(a mistyped bucket or path reads as empty\), `dvc push` from the "
+                       r"workstation that made them, or dispatch the workflow with everything$"):
+        stale_stages(["train@a"])
+    monkeypatch.delenv("GITHUB_ACTIONS")
+    assert stale_stages(["train@a"]) == {"prepare": "prepared.txt: not on the DVC remote", "train@a": "prepare runs"}
+    assert capsys.readouterr().err == ("matrix: the DVC remote holds none of the 2 outputs dvc.lock records that are not here; "
+                                       "their stages are planned\n")
 
 
 @pytest.mark.parametrize("remote", ["folder", "s3"])
@@ -530,6 +542,39 @@ def test_a_frozen_stage_cuts_off_what_it_depends_on_as_dvc_repro_does(tmp_path: 
     assert stale_stages(["prepare"]) == {"prepare": "params.yaml: n modified"} and unfinished(["prepare"]) == ["prepare"]
     done = subprocess.run(["dvc", "repro", "train@a"], cwd=origin, env=env, capture_output=True, text=True, check=True)
     assert "Running stage" not in done.stdout, done.stdout
+
+
+def test_an_always_changed_stage_that_ran_leaves_its_targets_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage DVC runs every time (always_changed) is "changed" after it ran too: a repro that
+    failed elsewhere does not count the targets below it as undone for that."""
+    from stages.matrix import unfinished
+
+    origin, env = stale_origin(tmp_path, ran=True)
+    monkeypatch.chdir(origin)
+    (origin / "dvc.yaml").write_text(STALE_PIPELINE.replace("    params: [n]\n", "    params: [n]\n    always_changed: true\n"))
+    (origin / "fail-b").write_text("")
+    (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.3}\n")
+    done = subprocess.run(["dvc", "repro", "--keep-going", "train@a", "train@b"], cwd=origin, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "Running stage 'prepare'" in done.stdout, done.stdout + done.stderr
+    assert unfinished(["train@a", "train@b"]) == ["train@b"]
+
+
+def test_a_stage_whose_uncached_output_left_git_is_run_again_by_the_job(tmp_path: Path) -> None:
+    """metrics-a.json (not cached by DVC) deleted from git: the plan runs train@a, and its job
+    makes it again. `dvc repro --pull` alone took the stage as pulled, ran nothing, and the job
+    failed bundling ("metrics-a.json: an output of train@a is missing")."""
+    origin, env = stale_origin(tmp_path, ran=True)
+    job = tmp_path / "job"
+    subprocess.run(["git", "clone", "-q", str(origin), str(job)], env=env, check=True)
+    subprocess.run(["git", "rm", "-q", "metrics-a.json"], cwd=job, env=env, check=True)
+
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "train@a", "train@b", "--bundle", "bundle"],
+                          cwd=job, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "$ dvc repro --force --single-item train@a" in done.stdout
+    assert (job / "metrics-a.json").read_text() == (origin / "metrics-a.json").read_text()
+    assert (job / "bundle" / "files" / "metrics-a.json").read_text() == (origin / "metrics-a.json").read_text()
 
 
 # As the course's pipeline is: training's outputs all cached by DVC, evaluation's metrics in git.
