@@ -274,13 +274,11 @@ def absent_from_remote(repo: Any, stages: list[Any]) -> set[str]:
     except NoRemoteError:
         return set()
     except Exception as error:  # noqa: BLE001 - credentials, network, a versioned remote: each its own type
-        first = str(error).splitlines()[0] if str(error) else ""
+        unread = f"the DVC remote could not be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
         if os.environ.get("GITHUB_ACTIONS") == "true":
-            raise UserError(f"matrix: the DVC remote could not be read ({type(error).__name__}: {first}); check its URL in "
-                            ".dvc/config and its credentials (the plan job gets the retrain environment's secrets "
-                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from error
-        print(f"matrix: the DVC remote could not be read ({type(error).__name__}: {first}); the outputs dvc.lock records "
-              "are taken to be on it", file=sys.stderr)
+            raise UserError(f"matrix: {unread}; check its URL in .dvc/config and its credentials (the plan job gets "
+                            "the retrain environment's secrets AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from error
+        print(f"matrix: {unread}; the outputs dvc.lock records are taken to be on it", file=sys.stderr)
         return set()
     total = sum(map(len, wanted.values()))
     if total and len(absent) == total:
