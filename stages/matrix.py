@@ -236,6 +236,16 @@ def uncached_missing(targets: list[str]) -> list[str]:
                 and not stage.frozen and any(not out.use_cache and not out.exists for out in stage.outs)]
 
 
+def targets_below(targets: list[str], stages: list[str]) -> list[str]:
+    """The `targets` that one of `stages` (addressings) is, or is upstream of."""
+    from dvc.repo import Repo
+
+    repo = Repo(".")
+    with repo.lock:
+        return [target for target in targets
+                if any(stage.addressing in stages for stage in upstream_stages([target], repo))]
+
+
 def first_cause(stale: dict[str, str], stage: str) -> str:
     """Why `stage` runs, from the first stage of its chain that runs for a reason of its own:
     "(from weights@x) params.yaml: experiments.x modified"."""
@@ -630,13 +640,16 @@ def main(argv: list[str] | None = None) -> None:
         # run cache on the remote, not run again.
         lost = uncached_missing(args.targets) if pull else []
         repro = dvc("repro", "--keep-going", *(["--pull"] if pull else []), *args.targets, check=False)
+        status = repro.returncode
         if lost := [stage for stage in uncached_missing(args.targets) if stage in lost]:
             # --pull took these as pulled (their other outputs were on the remote) and did not run them.
+            # Then the targets below them, only: one that failed above is not run a second time.
             dvc("repro", "--force", "--single-item", *lost, check=False)
-            repro = dvc("repro", "--keep-going", *args.targets, check=False)
-        failed = unfinished(args.targets) if repro.returncode else []
-        if repro.returncode and not failed:
-            raise UserError(f"`dvc repro {' '.join(args.targets)}` failed with exit status {repro.returncode} (its output is above)")
+            again = dvc("repro", "--keep-going", *targets_below(args.targets, lost), check=False)
+            status = status or again.returncode
+        failed = unfinished(args.targets) if status else []
+        if status and not failed:
+            raise UserError(f"`dvc repro {' '.join(args.targets)}` failed with exit status {status} (its output is above)")
         done = [target for target in args.targets if target not in failed]
         if push and done:
             dvc("push", "--with-deps", *done)

@@ -577,6 +577,27 @@ def test_a_stage_whose_uncached_output_left_git_is_run_again_by_the_job(tmp_path
     assert (job / "bundle" / "files" / "metrics-a.json").read_text() == (origin / "metrics-a.json").read_text()
 
 
+def test_a_target_that_fails_beside_one_whose_uncached_output_left_git_runs_once(tmp_path: Path) -> None:
+    """metrics-a.json left git, and train@b (a param changed) fails. The job makes train@a again
+    by name and then reruns only the targets below it: before, it ran the whole list again, and
+    with it a failing train@b (a training job of hours, on a GPU runner) a second time."""
+    origin, env = stale_origin(tmp_path, ran=True)
+    job = tmp_path / "job"
+    subprocess.run(["git", "clone", "-q", str(origin), str(job)], env=env, check=True)
+    subprocess.run(["git", "rm", "-q", "metrics-a.json"], cwd=job, env=env, check=True)
+    (job / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.3}\n")
+    (job / "fail-b").write_text("")
+
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "train@a", "train@b", "--bundle", "bundle"],
+                          cwd=job, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.count("Running stage 'train@b'") == 1, done.stdout
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: matrix run: `dvc repro` failed for train@b (its output is above); train@a is made, pushed and bundled")
+    assert (job / "bundle" / "files" / "metrics-a.json").read_text() == (origin / "metrics-a.json").read_text()
+
+
 # As the course's pipeline is: training's outputs all cached by DVC, evaluation's metrics in git.
 CHAIN_PIPELINE = STALE_PIPELINE.split("  train:")[0] + """\
   train:
