@@ -118,7 +118,7 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-NO_REMOTE = "matrix: no DVC remote (dvc remote add -d ...):"
+NO_REMOTE = "matrix: no default DVC remote (dvc remote add -d ...):"
 
 
 def tracked_inputs() -> list[str]:
@@ -129,7 +129,9 @@ def tracked_inputs() -> list[str]:
 
 
 def has_remote() -> bool:
-    result = subprocess.run(["dvc", "remote", "list"], capture_output=True, text=True)
+    """Whether there is a default DVC remote, the one `dvc pull` and `dvc push` use: a remote added
+    without -d is not one (`dvc pull` says "No remote provided" and exits 0, pulling nothing)."""
+    result = subprocess.run(["dvc", "remote", "default"], capture_output=True, text=True)
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
@@ -139,8 +141,9 @@ def missing_ci_settings() -> list[str]:
     a day waiting for a runner label nobody has, or runs logged to each runner's own database)."""
     missing = []
     if not has_remote():
-        missing.append("a DVC remote, which the jobs share their outputs through (dvc remote add -d storage "
-                       "s3://<bucket>/classmatrix, and commit .dvc/config)")
+        missing.append("a default DVC remote, which the jobs share their outputs through (dvc remote add -d storage "
+                       "s3://<bucket>/classmatrix, or dvc remote default <name> for one added without -d, and commit "
+                       ".dvc/config)")
     if not os.environ.get("MLFLOW_TRACKING_URI", "").strip():
         missing.append("the repository variable MLFLOW_TRACKING_URI (the shared MLflow server's URL: without it "
                        "each job logs to a database on its own runner, which is thrown away)")
@@ -202,38 +205,54 @@ def stale_stages(targets: list[str]) -> dict[str, str]:
     return stale
 
 
-def unfinished(targets: list[str]) -> list[str]:
+def unfinished(targets: list[str], excused: list[str] = ()) -> list[str]:
     """The targets a failed `dvc repro` left undone, judged with the data it left here: it pulled
     or made the outputs of every stage of their chains, so a stage whose outputs are missing (DVC
     removed them before running it, and it failed) or whose deps are not what dvc.lock records
     (below one that failed) has not run. Not stale_stages, which counts missing outputs as on
-    the remote, and would call done a stage that ran because the remote lacked them, then failed."""
+    the remote, and would call done a stage that ran because the remote lacked them, then failed.
+    The `excused` stages (taken_as_pulled's), and the missing outputs of theirs that stages below
+    depend on, are not held against a target."""
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
-    def undone(stage: Any) -> bool:
-        if not isinstance(stage, PipelineStage):
+    repo = Repo(".")
+    with repo.lock:
+        chains = {target: upstream_stages([target], repo) for target in targets}
+        lost = {out.fs_path for chain in chains.values() for stage in chain if stage.addressing in excused
+                for out in stage.outs if not out.exists}
+
+        def undone(stage: Any) -> bool:
+            if not isinstance(stage, PipelineStage) or stage.frozen or stage.addressing in excused:
+                return False  # DVC runs no frozen stage
+            if stage.always_changed or stage.is_callback:
+                return stage.changed_outs()  # it runs every time, and is "changed" after it has run too
+            return (stage.changed_stage() or stage.changed_outs()
+                    or any(dep.status() for dep in stage.deps if dep.fs_path not in lost))
+
+        return [target for target, chain in chains.items() if any(undone(stage) for stage in chain)]
+
+
+def taken_as_pulled(targets: list[str]) -> list[str]:
+    """The stages of `targets` and upstream whose outputs DVC does not cache (metrics, in git) are
+    missing here, but which are otherwise as dvc.lock records them: their command and deps (all
+    here), and their cached outputs. `dvc repro --pull` takes such a stage as pulled and does not
+    run it, though those outputs stay missing. A stage that ran and failed is not one: DVC removed
+    its cached outputs first, or its deps are not what dvc.lock records, or it has no entry."""
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    def lost(stage: Any) -> bool:
+        if not isinstance(stage, PipelineStage) or stage.frozen or stage.always_changed or stage.is_callback:
             return False
-        if stage.always_changed or stage.is_callback:
-            return stage.changed_outs()  # it runs every time, and is "changed" after it has run too
-        return stage.changed()
+        if not any(not out.use_cache and not out.exists for out in stage.outs):
+            return False
+        return not (stage.changed_stage() or any(dep.status() for dep in stage.deps)
+                    or any(out.status() for out in stage.outs if out.use_cache))
 
     repo = Repo(".")
     with repo.lock:
-        return [target for target in targets if any(undone(stage) for stage in upstream_stages([target], repo))]
-
-
-def uncached_missing(targets: list[str]) -> list[str]:
-    """The stages of `targets` and upstream with an output DVC does not cache (metrics, in git)
-    missing here. `dvc repro --pull` takes such a stage, whose dvc.lock entry records the output,
-    as pulled and does not run it (DVC's --allow-missing), though the output stays missing."""
-    from dvc.repo import Repo
-    from dvc.stage import PipelineStage
-
-    repo = Repo(".")
-    with repo.lock:
-        return [stage.addressing for stage in upstream_stages(targets, repo) if isinstance(stage, PipelineStage)
-                and not stage.frozen and any(not out.use_cache and not out.exists for out in stage.outs)]
+        return [stage.addressing for stage in upstream_stages(targets, repo) if lost(stage)]
 
 
 def targets_below(targets: list[str], stages: list[str]) -> list[str]:
@@ -263,37 +282,51 @@ def absent_from_remote(repo: Any, stages: list[Any]) -> set[str]:
     """The objects of the DVC-cached outputs dvc.lock records for `stages` that neither this cache
     nor the default DVC remote holds (for a folder, its listing): `dvc repro --pull` runs their
     stages again. A stage's job pushed them, unless it never ran in CI, or its output was in git
-    then (`cache: false`, since changed). Without a remote nothing is asked.
+    then (`cache: false`, since changed). Without a remote nothing is asked (on a runner, `plan`
+    stopped before), nor of a cloud-versioned one, which keeps files by path, not by hash.
 
-    A remote that cannot be read, or that holds none of them (a mistyped bucket reads as an empty
-    one), stops a CI runner in one line, rather than planning the whole suite; elsewhere one line
-    says so, and the outputs are taken to be on a remote that cannot be read."""
+    A remote that cannot be read, or that holds no objects at all (a mistyped bucket reads as an
+    empty one), stops a CI runner in one line, rather than planning the whole suite; elsewhere
+    one line says so, and the outputs are taken to be on a remote that cannot be read."""
     from dvc.config import NoRemoteError
 
+    ci = os.environ.get("GITHUB_ACTIONS") == "true"
     wanted: dict[str, set[str]] = {}
     for stage in stages:
         for out in stage.outs:
             info = out.hash_info
             if out.use_cache and info and info.value and not out.cache.exists(info.value):
                 wanted.setdefault(info.name, set()).add(info.value)
+    if not wanted:
+        return set()
     absent: set[str] = set()
     try:
+        remote = repo.cloud.get_remote(None, "plan --changed")
+        if remote.worktree or remote.fs.version_aware:
+            print("matrix: the DVC remote is cloud-versioned (worktree or version_aware), which keeps files by path, "
+                  "not by hash: the outputs dvc.lock records are taken to be on it", file=sys.stderr)
+            return set()
+        odbs = {name: repo.cloud.get_remote_odb(None, "plan --changed", hash_name=name) for name in wanted}
         for name, values in wanted.items():
-            there = set(repo.cloud.get_remote_odb(None, "plan --changed", hash_name=name).list_oids_exists(sorted(values), jobs=16))
-            absent |= values - there
-    except NoRemoteError:
+            absent |= values - set(odbs[name].list_oids_exists(sorted(values), jobs=16))
+        empty = len(absent) == sum(map(len, wanted.values())) and not any(odb.fs.exists(odb.path) for odb in odbs.values())
+    except NoRemoteError as error:
+        if ci:
+            raise UserError("matrix: no default DVC remote, which the plan asks what it holds; dvc remote default <name> "
+                            "(or dvc remote add -d ...) and commit .dvc/config") from error
         return set()
-    except Exception as error:  # noqa: BLE001 - credentials, network, a versioned remote: each its own type
+    except Exception as error:  # noqa: BLE001 - credentials, network: each its own type
         unread = f"the DVC remote could not be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
-        if os.environ.get("GITHUB_ACTIONS") == "true":
+        if ci:
             raise UserError(f"matrix: {unread}; check its URL in .dvc/config and its credentials (the plan job gets "
                             "the retrain environment's secrets AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)") from error
         print(f"matrix: {unread}; the outputs dvc.lock records are taken to be on it", file=sys.stderr)
         return set()
-    total = sum(map(len, wanted.values()))
-    if total and len(absent) == total:
-        none = f"the DVC remote holds none of the {total} outputs dvc.lock records that are not here"
-        if os.environ.get("GITHUB_ACTIONS") == "true":
+    if empty:
+        # Judged from the remote itself, not from the outputs asked about: a remote that holds
+        # others has simply not been sent these (a dvc.lock committed without `dvc push`).
+        none = f"the DVC remote holds no objects at all (none of the {len(absent)} outputs dvc.lock records that are not here)"
+        if ci:
             raise UserError(f"matrix: {none}; check its URL in .dvc/config (a mistyped bucket or path reads as empty), "
                             "`dvc push` from the workstation that made them, or dispatch the workflow with everything")
         print(f"matrix: {none}; their stages are planned", file=sys.stderr)
@@ -624,8 +657,9 @@ def main(argv: list[str] | None = None) -> None:
         if not remote and os.environ.get("GITHUB_ACTIONS") == "true":
             # CI's jobs hand each other their outputs through the remote; without one, each job
             # would fetch again and the bundles would disagree when gathered.
-            raise UserError("matrix run: no DVC remote, which CI's jobs share their outputs through; "
-                            "dvc remote add -d storage s3://<bucket>/classmatrix and commit .dvc/config")
+            raise UserError("matrix run: no default DVC remote, which CI's jobs share their outputs through; "
+                            "dvc remote add -d storage s3://<bucket>/classmatrix (or dvc remote default <name>) "
+                            "and commit .dvc/config")
         if not remote and not (args.no_pull and args.no_push):
             print(f"{NO_REMOTE} nothing is pulled or pushed; the targets are made here")
         if remote and not args.no_pull:
@@ -638,15 +672,17 @@ def main(argv: list[str] | None = None) -> None:
         # the others made, pushed and bundled. --pull: a stage already run from the same command,
         # deps and params (by a job whose dvc.lock was never merged, say) is restored from DVC's
         # run cache on the remote, not run again.
-        lost = uncached_missing(args.targets) if pull else []
         repro = dvc("repro", "--keep-going", *(["--pull"] if pull else []), *args.targets, check=False)
         status = repro.returncode
-        if lost := [stage for stage in uncached_missing(args.targets) if stage in lost]:
-            # --pull took these as pulled (their other outputs were on the remote) and did not run them.
-            # Then the targets below them, only: one that failed above is not run a second time.
-            dvc("repro", "--force", "--single-item", *lost, check=False)
-            again = dvc("repro", "--keep-going", *targets_below(args.targets, lost), check=False)
-            status = status or again.returncode
+        if pull and (lost := taken_as_pulled(args.targets)):
+            # --pull took these as pulled (their cached outputs were on the remote), and their
+            # outputs in git are missing: make them by name, then the targets below those made,
+            # except a target that failed on its own, which is not run a second time.
+            own = unfinished(args.targets, excused=lost) if status else []
+            status = dvc("repro", "--force", "--single-item", *lost, check=False).returncode or status
+            made = [stage for stage in lost if stage not in unfinished(lost)]
+            if again := [target for target in targets_below(args.targets, made) if target not in own]:
+                status = dvc("repro", "--keep-going", *again, check=False).returncode or status
         failed = unfinished(args.targets) if status else []
         if status and not failed:
             raise UserError(f"`dvc repro {' '.join(args.targets)}` failed with exit status {status} (its output is above)")

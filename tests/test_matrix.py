@@ -225,16 +225,18 @@ def test_in_ci_plan_stops_in_one_line_on_the_settings_the_jobs_need(tmp_path: Pa
     env = {**setup, "PATH": "/usr/bin:/bin", "GITHUB_ACTIONS": "true", "PYTHONPATH": str(REPO),
            "MLFLOW_TRACKING_URI": "", "GPU_RUNNER_LABELS": ""}
     command = [sys.executable, "-m", "stages.matrix", "plan", "--suite", "demo", "--params", PARAMS]
+    # A remote added without -d: `dvc pull` and `dvc push` use none ("No remote provided", exit 0).
+    subprocess.run(["dvc", "remote", "add", "shared", str(tmp_path / "remote")], cwd=tmp_path, env=setup, check=True)
 
     bare = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
     assert bare.returncode == 1 and bare.stdout == ""
     [line] = bare.stderr.strip().splitlines()
-    assert line.startswith("error: matrix plan: this repository lacks what the retrain jobs need: a DVC remote, ")
+    assert line.startswith("error: matrix plan: this repository lacks what the retrain jobs need: a default DVC remote, ")
     assert "; the repository variable MLFLOW_TRACKING_URI (the shared MLflow server's URL" in line
     assert '; the repository variable GPU_RUNNER_LABELS: the training jobs\' runner labels as JSON, e.g. ["self-hosted", "gpu"]' in line
 
-    subprocess.run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], cwd=tmp_path, env=setup, check=True)
+    subprocess.run(["dvc", "remote", "default", "shared"], cwd=tmp_path, env=setup, check=True)
     env.update(MLFLOW_TRACKING_URI="http://mlflow.internal:5000")
     for wrong in ("gpu", "[]", '[""]'):
         env.update(GPU_RUNNER_LABELS=wrong)
@@ -264,16 +266,20 @@ def test_run_without_a_dvc_remote_says_it_pulls_and_pushes_nothing(tmp_path: Pat
         **env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, capture_output=True, text=True, timeout=300)
 
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == ("matrix: no DVC remote (dvc remote add -d ...): nothing is pulled or pushed; "
+    assert done.stdout.splitlines()[0] == ("matrix: no default DVC remote (dvc remote add -d ...): nothing is pulled or pushed; "
                                           "the targets are made here")
     assert "$ dvc repro --keep-going hello" in done.stdout and "$ dvc push" not in done.stdout and "$ dvc pull" not in done.stdout
     assert (tmp_path / "out.txt").read_text().strip() == "hello"
 
 
-def test_in_ci_run_without_a_dvc_remote_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("added", [False, True], ids=["none", "added without -d"])
+def test_in_ci_run_without_a_dvc_remote_is_one_line(added: bool, tmp_path: Path) -> None:
     """On a CI runner (GITHUB_ACTIONS=true) the jobs share outputs through the remote: without one,
-    `run` stops at once, saying what to add, before anything is made."""
+    `run` stops at once, saying what to add, before anything is made. A remote added without -d
+    is none: `dvc pull` said "No remote provided", exited 0, and the job trained everything."""
     env = dvc_repository(tmp_path)
+    if added:
+        subprocess.run(["dvc", "remote", "add", "shared", str(tmp_path / "remote")], cwd=tmp_path, env=env, check=True)
     (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > out.txt\n    outs: [out.txt]\n")
 
     done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "hello"], cwd=tmp_path, env={
@@ -282,8 +288,8 @@ def test_in_ci_run_without_a_dvc_remote_is_one_line(tmp_path: Path) -> None:
 
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "error: matrix run: no DVC remote, which CI's jobs share their outputs through; "
-        "dvc remote add -d storage s3://<bucket>/classmatrix and commit .dvc/config"
+        "error: matrix run: no default DVC remote, which CI's jobs share their outputs through; "
+        "dvc remote add -d storage s3://<bucket>/classmatrix (or dvc remote default <name>) and commit .dvc/config"
     ]
     assert not (tmp_path / "out.txt").exists()
 
@@ -436,8 +442,10 @@ def test_stale_stages_are_found_without_the_data_from_dvc_lock(tmp_path: Path, m
 def test_a_remote_that_cannot_be_read_or_holds_nothing_stops_a_ci_plan_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """The plan asks the remote whether it holds the outputs dvc.lock records. An S3 endpoint
     nobody answers on: on a runner, one line saying what to check; on a workstation, one line
-    saying the outputs are taken to be there, and the plan goes on. A remote holding none of them
-    (a mistyped path): on a runner, one line; on a workstation, one line, and they are planned."""
+    saying the outputs are taken to be there, and the plan goes on. A remote holding no objects
+    (a mistyped path): on a runner, one line; on a workstation, one line, and they are planned. A
+    remote holding others but not these plans them: once it stopped a runner, judged from the
+    outputs asked about. A cloud-versioned remote is not asked; with no default remote, a runner stops."""
     from stages.matrix import stale_stages
 
     origin, env = stale_origin(tmp_path, ran=True)
@@ -464,14 +472,37 @@ def test_a_remote_that_cannot_be_read_or_holds_nothing_stops_a_ci_plan_in_one_li
 
     # A mistyped path (or bucket) reads as a remote that holds nothing: not a plan of everything.
     subprocess.run(["dvc", "remote", "add", "-f", "-d", "shared", str(tmp_path / "remote-typo")], cwd=runner, env=env, check=True)
-    with pytest.raises(UserError, match=r"^matrix: the DVC remote holds none of the 2 outputs dvc.lock records that are not here; "
-                       r"check its URL in .dvc/config \(a mistyped bucket or path reads as empty\), `dvc push` from the "
-                       r"workstation that made them, or dispatch the workflow with everything$"):
+    with pytest.raises(UserError, match=r"^matrix: the DVC remote holds no objects at all \(none of the 2 outputs dvc.lock "
+                       r"records that are not here\); check its URL in .dvc/config \(a mistyped bucket or path reads as "
+                       r"empty\), `dvc push` from the workstation that made them, or dispatch the workflow with everything$"):
         stale_stages(["train@a"])
     monkeypatch.delenv("GITHUB_ACTIONS")
     assert stale_stages(["train@a"]) == {"prepare": "prepared.txt: not on the DVC remote", "train@a": "prepare runs"}
-    assert capsys.readouterr().err == ("matrix: the DVC remote holds none of the 2 outputs dvc.lock records that are not here; "
-                                       "their stages are planned\n")
+    assert capsys.readouterr().err == ("matrix: the DVC remote holds no objects at all (none of the 2 outputs dvc.lock "
+                                       "records that are not here); their stages are planned\n")
+
+    # The remote holds train@b's model, not the two outputs train@a's chain needs (a lock committed
+    # without a push): judged from the remote, not from the outputs asked about, they are planned.
+    lock = yaml.safe_load((origin / "dvc.lock").read_text())["stages"]
+    for stage, path in (("prepare", "prepared.txt"), ("train@a", "model-a.txt")):
+        md5 = next(out["md5"] for out in lock[stage]["outs"] if out["path"] == path)
+        (tmp_path / "remote" / "files" / "md5" / md5[:2] / md5[2:]).unlink()
+    subprocess.run(["dvc", "remote", "add", "-f", "-d", "shared", str(tmp_path / "remote")], cwd=runner, env=env, check=True)
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    assert stale_stages(["train@a"]) == {"prepare": "prepared.txt: not on the DVC remote", "train@a": "prepare runs"}
+    assert capsys.readouterr().err == ""
+
+    # A cloud-versioned remote keeps files by path: nothing to ask by hash, and nothing stops.
+    subprocess.run(["dvc", "remote", "modify", "shared", "version_aware", "true"], cwd=runner, env=env, check=True)
+    assert stale_stages(["train@a"]) == {}
+    assert capsys.readouterr().err == ("matrix: the DVC remote is cloud-versioned (worktree or version_aware), which keeps "
+                                       "files by path, not by hash: the outputs dvc.lock records are taken to be on it\n")
+
+    # No default remote (one added without -d): the plan cannot ask, and on a runner it says so.
+    subprocess.run(["dvc", "remote", "default", "--unset"], cwd=runner, env=env, check=True)
+    with pytest.raises(UserError, match=r"^matrix: no default DVC remote, which the plan asks what it holds; dvc remote "
+                       r"default <name> \(or dvc remote add -d \.\.\.\) and commit .dvc/config$"):
+        stale_stages(["train@a"])
 
 
 @pytest.mark.parametrize("remote", ["folder", "s3"])
@@ -577,27 +608,6 @@ def test_a_stage_whose_uncached_output_left_git_is_run_again_by_the_job(tmp_path
     assert (job / "bundle" / "files" / "metrics-a.json").read_text() == (origin / "metrics-a.json").read_text()
 
 
-def test_a_target_that_fails_beside_one_whose_uncached_output_left_git_runs_once(tmp_path: Path) -> None:
-    """metrics-a.json left git, and train@b (a param changed) fails. The job makes train@a again
-    by name and then reruns only the targets below it: before, it ran the whole list again, and
-    with it a failing train@b (a training job of hours, on a GPU runner) a second time."""
-    origin, env = stale_origin(tmp_path, ran=True)
-    job = tmp_path / "job"
-    subprocess.run(["git", "clone", "-q", str(origin), str(job)], env=env, check=True)
-    subprocess.run(["git", "rm", "-q", "metrics-a.json"], cwd=job, env=env, check=True)
-    (job / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.3}\n")
-    (job / "fail-b").write_text("")
-
-    done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "train@a", "train@b", "--bundle", "bundle"],
-                          cwd=job, env=env, capture_output=True, text=True, timeout=300)
-
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert done.stdout.count("Running stage 'train@b'") == 1, done.stdout
-    assert done.stderr.strip().splitlines()[-1] == (
-        "error: matrix run: `dvc repro` failed for train@b (its output is above); train@a is made, pushed and bundled")
-    assert (job / "bundle" / "files" / "metrics-a.json").read_text() == (origin / "metrics-a.json").read_text()
-
-
 # As the course's pipeline is: training's outputs all cached by DVC, evaluation's metrics in git.
 CHAIN_PIPELINE = STALE_PIPELINE.split("  train:")[0] + """\
   train:
@@ -619,6 +629,62 @@ CHAIN_PIPELINE = STALE_PIPELINE.split("  train:")[0] + """\
         - metrics-${item}.json:
             cache: false
 """
+
+
+# prepare with a metric DVC does not cache (in git), as validate's summary.json is.
+PREP_METRIC_PIPELINE = STALE_PIPELINE.replace(
+    "    outs: [prepared.txt]\n", "    outs: [prepared.txt]\n    metrics:\n      - prep.yaml:\n          cache: false\n").replace(
+    "> prepared.txt\n", '> prepared.txt && grep "^n:" params.yaml > prep.yaml\n', 1)
+
+RUNS_ONCE = {
+    # metrics-a.json left git (made again by name), and train@b, its param changed, fails.
+    "beside a lost stage": (STALE_PIPELINE, ["metrics-a.json"], ["fail-b"], {"a": 0.1, "b": 0.3},
+                            ["train@a", "train@b"], "train@b", "train@b", "train@a"),
+    # metrics-a.json left git, and train@a, run again by name, fails: the targets below it are not run again.
+    "a lost stage itself": (STALE_PIPELINE, ["metrics-a.json"], ["fail-a"], {"a": 0.1, "b": 0.2},
+                            ["train@a", "train@b"], "train@a", "train@a", "train@b"),
+    # prepare's prep.yaml left git (made again by name); train@a below it, its param changed, fails.
+    "below a lost stage": (PREP_METRIC_PIPELINE, ["prep.yaml"], ["fail-a"], {"a": 0.5, "b": 0.2},
+                           ["train@a", "train@b"], "train@a", "train@a", "train@b"),
+    # A new experiment c (no dvc.lock entry, no metrics in git yet) whose training fails: its
+    # evaluate is not "lost" (it has no entry, and its model is missing).
+    "a new experiment": (CHAIN_PIPELINE, [], ["fail-c"], {"a": 0.1, "b": 0.2, "c": 0.3},
+                         ["evaluate@c", "evaluate@a"], "train@c", "evaluate@c", "evaluate@a"),
+}
+
+
+@pytest.mark.parametrize("case", RUNS_ONCE)
+def test_a_failing_stage_runs_once_in_a_job(case: str, tmp_path: Path) -> None:
+    """A stage whose output in git (cache: false) is missing, though dvc.lock records it, is one
+    `dvc repro --pull` takes as pulled: the job makes it again by name, then the targets below it.
+    A failing stage is run once: before, the job ran the whole list again (a failing train@b a
+    second time: hours on a GPU runner), or took a stage that had failed, or was new, as lost and
+    ran it by name (and then again, and the stages above it with it)."""
+    pipeline, removed, failing, lr, targets, counted, failed, made = RUNS_ONCE[case]
+    origin, env = stale_origin(tmp_path, ran=True, pipeline=pipeline)
+    job = tmp_path / "job"
+    subprocess.run(["git", "clone", "-q", str(origin), str(job)], env=env, check=True)
+    if "c" in lr:
+        (job / "dvc.yaml").write_text(pipeline.replace("foreach: [a, b]", "foreach: [a, b, c]"))
+    for path in removed:
+        subprocess.run(["git", "rm", "-q", path], cwd=job, env=env, check=True)
+    for path in failing:
+        (job / path).write_text("")
+    (job / "params.yaml").write_text(f"n: 1\nlr: {json.dumps(lr)}\n")
+
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", *targets, "--bundle", "bundle"],
+                          cwd=job, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.count(f"Running stage '{counted}'") == 1, done.stdout
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: matrix run: `dvc repro` failed for {failed} (its output is above); {made} is made, pushed and bundled")
+    assert made in yaml.safe_load((job / "bundle" / "dvc.lock").read_text())["stages"]
+    for path in removed:  # made again by name, unless its own stage is the one that fails
+        if case == "a lost stage itself":
+            assert not (job / path).exists()
+        else:
+            assert (job / path).read_text() == (origin / path).read_text()
 
 
 @pytest.mark.parametrize("b_fails", [False, True], ids=["b retrains", "b fails too"])
