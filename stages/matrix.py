@@ -205,64 +205,40 @@ def stale_stages(targets: list[str]) -> dict[str, str]:
     return stale
 
 
-def unfinished(targets: list[str], excused: list[str] = ()) -> list[str]:
+def unfinished(targets: list[str]) -> list[str]:
     """The targets a failed `dvc repro` left undone, judged with the data it left here: it pulled
     or made the outputs of every stage of their chains, so a stage whose outputs are missing (DVC
     removed them before running it, and it failed) or whose deps are not what dvc.lock records
     (below one that failed) has not run. Not stale_stages, which counts missing outputs as on
-    the remote, and would call done a stage that ran because the remote lacked them, then failed.
-    The `excused` stages (taken_as_pulled's), and the missing outputs of theirs that stages below
-    depend on, are not held against a target."""
+    the remote, and would call done a stage that ran because the remote lacked them, then failed."""
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
+    def undone(stage: Any) -> bool:
+        if not isinstance(stage, PipelineStage) or stage.frozen:
+            return False  # DVC runs no frozen stage
+        if stage.always_changed or stage.is_callback:
+            return stage.changed_outs()  # it runs every time, and is "changed" after it has run too
+        return stage.changed()
+
     repo = Repo(".")
     with repo.lock:
-        chains = {target: upstream_stages([target], repo) for target in targets}
-        lost = {out.fs_path for chain in chains.values() for stage in chain if stage.addressing in excused
-                for out in stage.outs if not out.exists}
-
-        def undone(stage: Any) -> bool:
-            if not isinstance(stage, PipelineStage) or stage.frozen or stage.addressing in excused:
-                return False  # DVC runs no frozen stage
-            if stage.always_changed or stage.is_callback:
-                return stage.changed_outs()  # it runs every time, and is "changed" after it has run too
-            return (stage.changed_stage() or stage.changed_outs()
-                    or any(dep.status() for dep in stage.deps if dep.fs_path not in lost))
-
-        return [target for target, chain in chains.items() if any(undone(stage) for stage in chain)]
+        return [target for target in targets if any(undone(stage) for stage in upstream_stages([target], repo))]
 
 
-def taken_as_pulled(targets: list[str]) -> list[str]:
-    """The stages of `targets` and upstream whose outputs DVC does not cache (metrics, in git) are
-    missing here, but which are otherwise as dvc.lock records them: their command and deps (all
-    here), and their cached outputs. `dvc repro --pull` takes such a stage as pulled and does not
-    run it, though those outputs stay missing. A stage that ran and failed is not one: DVC removed
-    its cached outputs first, or its deps are not what dvc.lock records, or it has no entry."""
+def uncached_missing(targets: list[str]) -> list[str]:
+    """The stages of `targets` and upstream that dvc.lock records, with an output DVC does not
+    cache (metrics, in git) missing here. `dvc repro --pull` takes such a stage, if nothing else
+    of it changed, as pulled, and does not run it, though that output stays missing."""
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
-    def lost(stage: Any) -> bool:
-        if not isinstance(stage, PipelineStage) or stage.frozen or stage.always_changed or stage.is_callback:
-            return False
-        if not any(not out.use_cache and not out.exists for out in stage.outs):
-            return False
-        return not (stage.changed_stage() or any(dep.status() for dep in stage.deps)
-                    or any(out.status() for out in stage.outs if out.use_cache))
-
+    recorded = read_lock(Path(LOCK))["stages"]
     repo = Repo(".")
     with repo.lock:
-        return [stage.addressing for stage in upstream_stages(targets, repo) if lost(stage)]
-
-
-def targets_below(targets: list[str], stages: list[str]) -> list[str]:
-    """The `targets` that one of `stages` (addressings) is, or is upstream of."""
-    from dvc.repo import Repo
-
-    repo = Repo(".")
-    with repo.lock:
-        return [target for target in targets
-                if any(stage.addressing in stages for stage in upstream_stages([target], repo))]
+        return [stage.addressing for stage in upstream_stages(targets, repo)
+                if isinstance(stage, PipelineStage) and not stage.frozen and stage.addressing in recorded
+                and any(not out.use_cache and not out.exists for out in stage.outs)]
 
 
 def first_cause(stale: dict[str, str], stage: str) -> str:
@@ -289,6 +265,7 @@ def absent_from_remote(repo: Any, stages: list[Any]) -> set[str]:
     empty one), stops a CI runner in one line, rather than planning the whole suite; elsewhere
     one line says so, and the outputs are taken to be on a remote that cannot be read."""
     from dvc.config import NoRemoteError
+    from dvc.fs import HTTPFileSystem
 
     ci = os.environ.get("GITHUB_ACTIONS") == "true"
     wanted: dict[str, set[str]] = {}
@@ -309,7 +286,9 @@ def absent_from_remote(repo: Any, stages: list[Any]) -> set[str]:
         odbs = {name: repo.cloud.get_remote_odb(None, "plan --changed", hash_name=name) for name in wanted}
         for name, values in wanted.items():
             absent |= values - set(odbs[name].list_oids_exists(sorted(values), jobs=16))
-        empty = len(absent) == sum(map(len, wanted.values())) and not any(odb.fs.exists(odb.path) for odb in odbs.values())
+        # An http remote lists no folders: its emptiness is not judged.
+        empty = len(absent) == sum(map(len, wanted.values())) and not any(
+            isinstance(odb.fs, HTTPFileSystem) or odb.fs.exists(odb.path) for odb in odbs.values())
     except NoRemoteError as error:
         if ci:
             raise UserError("matrix: no default DVC remote, which the plan asks what it holds; dvc remote default <name> "
@@ -672,17 +651,16 @@ def main(argv: list[str] | None = None) -> None:
         # the others made, pushed and bundled. --pull: a stage already run from the same command,
         # deps and params (by a job whose dvc.lock was never merged, say) is restored from DVC's
         # run cache on the remote, not run again.
-        repro = dvc("repro", "--keep-going", *(["--pull"] if pull else []), *args.targets, check=False)
-        status = repro.returncode
-        if pull and (lost := taken_as_pulled(args.targets)):
-            # --pull took these as pulled (their cached outputs were on the remote), and their
-            # outputs in git are missing: make them by name, then the targets below those made,
-            # except a target that failed on its own, which is not run a second time.
-            own = unfinished(args.targets, excused=lost) if status else []
-            status = dvc("repro", "--force", "--single-item", *lost, check=False).returncode or status
-            made = [stage for stage in lost if stage not in unfinished(lost)]
-            if again := [target for target in targets_below(args.targets, made) if target not in own]:
-                status = dvc("repro", "--keep-going", *again, check=False).returncode or status
+        if pull and (lost := uncached_missing(args.targets)):
+            # `dvc repro --pull` would take these as pulled (their other outputs are here or on the
+            # remote) and leave what they keep in git missing: without their dvc.lock entries it
+            # restores them from the run cache or runs them, in order, with the rest, once.
+            lock = read_lock(Path(LOCK))
+            for stage in lost:
+                del lock["stages"][stage]
+            write_lock(Path(LOCK), lock)
+            print(f"matrix: {', '.join(lost)}: an output kept in git is missing; made again")
+        status = dvc("repro", "--keep-going", *(["--pull"] if pull else []), *args.targets, check=False).returncode
         failed = unfinished(args.targets) if status else []
         if status and not failed:
             raise UserError(f"`dvc repro {' '.join(args.targets)}` failed with exit status {status} (its output is above)")

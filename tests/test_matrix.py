@@ -603,7 +603,8 @@ def test_a_stage_whose_uncached_output_left_git_is_run_again_by_the_job(tmp_path
                           cwd=job, env=env, capture_output=True, text=True, timeout=300)
 
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "$ dvc repro --force --single-item train@a" in done.stdout
+    assert "matrix: train@a: an output kept in git is missing; made again" in done.stdout
+    assert done.stdout.count("Running stage 'train@a'") == 1 and "Running stage 'train@b'" not in done.stdout
     assert (job / "metrics-a.json").read_text() == (origin / "metrics-a.json").read_text()
     assert (job / "bundle" / "files" / "metrics-a.json").read_text() == (origin / "metrics-a.json").read_text()
 
@@ -631,41 +632,50 @@ CHAIN_PIPELINE = STALE_PIPELINE.split("  train:")[0] + """\
 """
 
 
-# prepare with a metric DVC does not cache (in git), as validate's summary.json is.
+# prepare with a metric DVC does not cache (in git), as validate's summary.json is; in
+# PREP_METRIC_READ, train reads it.
 PREP_METRIC_PIPELINE = STALE_PIPELINE.replace(
     "    outs: [prepared.txt]\n", "    outs: [prepared.txt]\n    metrics:\n      - prep.yaml:\n          cache: false\n").replace(
     "> prepared.txt\n", '> prepared.txt && grep "^n:" params.yaml > prep.yaml\n', 1)
+PREP_METRIC_READ = PREP_METRIC_PIPELINE.replace("deps: [prepared.txt, code.txt]", "deps: [prepared.txt, code.txt, prep.yaml]")
+FAILING_OTHER = "  other:\n    cmd: 'false'\n    outs: [other.txt]\n"
 
+# Each case: (pipeline in the job, files removed from git, files that make a stage fail, params lr,
+# targets, the stage counted, the target that fails, the target made, the removed files made again).
 RUNS_ONCE = {
-    # metrics-a.json left git (made again by name), and train@b, its param changed, fails.
+    # metrics-a.json left git (made again), and train@b, its param changed, fails.
     "beside a lost stage": (STALE_PIPELINE, ["metrics-a.json"], ["fail-b"], {"a": 0.1, "b": 0.3},
-                            ["train@a", "train@b"], "train@b", "train@b", "train@a"),
-    # metrics-a.json left git, and train@a, run again by name, fails: the targets below it are not run again.
-    "a lost stage itself": (STALE_PIPELINE, ["metrics-a.json"], ["fail-a"], {"a": 0.1, "b": 0.2},
-                            ["train@a", "train@b"], "train@a", "train@a", "train@b"),
-    # prepare's prep.yaml left git (made again by name); train@a below it, its param changed, fails.
+                            ["train@a", "train@b"], "train@b", "train@b", "train@a", ["metrics-a.json"]),
+    # metrics-a.json and metrics-b.json left git, and train@a, run again for it, fails: train@b is made.
+    "a lost stage itself": (STALE_PIPELINE, ["metrics-a.json", "metrics-b.json"], ["fail-a"], {"a": 0.1, "b": 0.2},
+                            ["train@a", "train@b"], "train@a", "train@a", "train@b", ["metrics-b.json"]),
+    # prepare's prep.yaml left git (made again); train@a below it, its param changed, fails.
     "below a lost stage": (PREP_METRIC_PIPELINE, ["prep.yaml"], ["fail-a"], {"a": 0.5, "b": 0.2},
-                           ["train@a", "train@b"], "train@a", "train@a", "train@b"),
-    # A new experiment c (no dvc.lock entry, no metrics in git yet) whose training fails: its
-    # evaluate is not "lost" (it has no entry, and its model is missing).
-    "a new experiment": (CHAIN_PIPELINE, [], ["fail-c"], {"a": 0.1, "b": 0.2, "c": 0.3},
-                         ["evaluate@c", "evaluate@a"], "train@c", "evaluate@c", "evaluate@a"),
+                           ["train@a", "train@b"], "train@a", "train@a", "train@b", ["prep.yaml"]),
+    # prep.yaml, which train reads, and metrics-a.json left git; another target fails on its own.
+    "below a lost stage, beside a failure": (PREP_METRIC_READ + FAILING_OTHER, ["prep.yaml", "metrics-a.json"], [],
+                                             {"a": 0.1, "b": 0.2}, ["train@a", "other"], "other", "other", "train@a",
+                                             ["prep.yaml", "metrics-a.json"]),
+    # A new experiment c (no dvc.lock entry, no metrics in git yet) whose training fails.
+    "a new experiment": (CHAIN_PIPELINE.replace("foreach: [a, b]", "foreach: [a, b, c]"), [], ["fail-c"],
+                         {"a": 0.1, "b": 0.2, "c": 0.3}, ["evaluate@c", "evaluate@a"], "train@c", "evaluate@c",
+                         "evaluate@a", []),
 }
 
 
 @pytest.mark.parametrize("case", RUNS_ONCE)
 def test_a_failing_stage_runs_once_in_a_job(case: str, tmp_path: Path) -> None:
     """A stage whose output in git (cache: false) is missing, though dvc.lock records it, is one
-    `dvc repro --pull` takes as pulled: the job makes it again by name, then the targets below it.
-    A failing stage is run once: before, the job ran the whole list again (a failing train@b a
-    second time: hours on a GPU runner), or took a stage that had failed, or was new, as lost and
-    ran it by name (and then again, and the stages above it with it)."""
-    pipeline, removed, failing, lr, targets, counted, failed, made = RUNS_ONCE[case]
-    origin, env = stale_origin(tmp_path, ran=True, pipeline=pipeline)
+    `dvc repro --pull` takes as pulled: the job drops its dvc.lock entry, and the one repro makes
+    it again with the rest. A failing stage runs once, and the others are made: before, the job
+    ran the whole list again (a failing train@b a second time: hours on a GPU runner), took a
+    stage that had failed, or was new, for one to make by name (and ran it again), stopped at the
+    first of those that failed, or called failed a stage that had only to run below them."""
+    pipeline, removed, failing, lr, targets, counted, failed, made, back = RUNS_ONCE[case]
+    origin, env = stale_origin(tmp_path, ran=True, pipeline=pipeline.replace(FAILING_OTHER, "").replace("[a, b, c]", "[a, b]"))
     job = tmp_path / "job"
     subprocess.run(["git", "clone", "-q", str(origin), str(job)], env=env, check=True)
-    if "c" in lr:
-        (job / "dvc.yaml").write_text(pipeline.replace("foreach: [a, b]", "foreach: [a, b, c]"))
+    (job / "dvc.yaml").write_text(pipeline)
     for path in removed:
         subprocess.run(["git", "rm", "-q", path], cwd=job, env=env, check=True)
     for path in failing:
@@ -680,11 +690,27 @@ def test_a_failing_stage_runs_once_in_a_job(case: str, tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: matrix run: `dvc repro` failed for {failed} (its output is above); {made} is made, pushed and bundled")
     assert made in yaml.safe_load((job / "bundle" / "dvc.lock").read_text())["stages"]
-    for path in removed:  # made again by name, unless its own stage is the one that fails
-        if case == "a lost stage itself":
-            assert not (job / path).exists()
-        else:
-            assert (job / path).read_text() == (origin / path).read_text()
+    for path in removed:
+        assert (job / path).read_text() == (origin / path).read_text() if path in back else not (job / path).exists()
+
+
+def test_a_stage_below_one_whose_output_left_git_runs_after_it(tmp_path: Path) -> None:
+    """prep.yaml (prepare's, in git), which train reads, left git, and lr.b changed: prepare is
+    made again, then train@b retrains, in one repro. Before, `dvc repro --pull` failed train@b on
+    the missing prep.yaml, and the job, counting that a failure of its own, never ran it again."""
+    origin, env = stale_origin(tmp_path, ran=True, pipeline=PREP_METRIC_READ)
+    job = tmp_path / "job"
+    subprocess.run(["git", "clone", "-q", str(origin), str(job)], env=env, check=True)
+    subprocess.run(["git", "rm", "-q", "prep.yaml"], cwd=job, env=env, check=True)
+    (job / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.3}\n")
+
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "train@a", "train@b", "--bundle", "bundle"],
+                          cwd=job, env=env, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")] == ["prepare", "train@b"]
+    assert (job / "prep.yaml").read_text() == (origin / "prep.yaml").read_text()
+    assert set(yaml.safe_load((job / "bundle" / "dvc.lock").read_text())["stages"]) == {"prepare", "train@a", "train@b"}
 
 
 @pytest.mark.parametrize("b_fails", [False, True], ids=["b retrains", "b fails too"])
