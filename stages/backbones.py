@@ -271,6 +271,13 @@ def _efficientnet_package(factory_name: str) -> Callable:
             return getattr(efn, factory_name)(include_top=False, weights=weights, input_shape=input_shape, **options)
         except TypeError as error:
             raise UserError(f"backbone efficientnet package {factory_name}: bad options {options}: {error}") from None
+        except Exception as error:  # noqa: BLE001 - a wrong or damaged file fails in many ways
+            if weights is None:
+                raise
+            raise UserError(
+                f"backbone efficientnet package {factory_name}: could not load the weights file {weights} "
+                f"({type(error).__name__}: {error}); run the weights stage again for this experiment"
+            ) from None
 
     return build
 
@@ -558,6 +565,18 @@ def load_saved_model(path: Any, what: str) -> Any:
             f"{what}: {path} is not a Keras model file (missing, empty or cut short); restore it "
             "(dvc checkout) or train again"
         )
+    try:
+        # Keras reads the weights member by random access, which checks no CRC: bytes changed inside
+        # it could load as wrong weights without an error.
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as error:
+        damaged = f"{type(error).__name__}: {error}"
+    if damaged is not None:
+        raise UserError(
+            f"{what}: {path} is a damaged Keras model file (bad member: {damaged}); restore it "
+            "(dvc checkout) or train again"
+        )
     if _uses_efficientnet_package(path):
         # Its FixedDropout layer is registered with Keras only by importing efficientnet.tfkeras,
         # which building the model did in the process that saved it, not in this one.
@@ -576,6 +595,12 @@ def load_saved_model(path: Any, what: str) -> Any:
         raise UserError(
             f"{what}: {path} holds code (a Lambda layer or another pickled function) that loading would run; "
             "refused. Only models this pipeline trained and saved load here"
+        ) from None
+    except (zipfile.BadZipFile, KeyError, OSError) as error:
+        # A zip damaged inside (a member's checksum) or lacking a member Keras writes.
+        raise UserError(
+            f"{what}: {path} is a damaged Keras model file ({type(error).__name__}: {error}); restore it "
+            "(dvc checkout) or train again"
         ) from None
 
 

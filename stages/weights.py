@@ -27,7 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from stages.backbones import get_backbone
 from stages.config import ConfigError, load_params
@@ -234,18 +234,23 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
 
     target = download_cache("weights") / published.filename
     removed = ""
+
+    def unvouched(path: Path) -> str | None:
+        # What is wrong with a file no hash vouches for: not a Keras weights file, or not this base's.
+        return _not_weights(path) or _not_this_base(path, backbone.model, size, dict(backbone.options))
+
     digests: dict[str, str] | None = None
     if target.is_file():
         digests = _digests(target)
         mismatch = _mismatch(digests, expected)
-        problem = f"had the wrong {mismatch}" if mismatch else None if expected else _not_weights(target)
+        problem = f"had the wrong {mismatch}" if mismatch else None if expected else unvouched(target)
         if problem:
             # A stale or wrong file: fetch the one the pins name.
             target.unlink()
             digests = None
             removed = f"; the file that was there {problem} and was removed"
     how = "from the download cache"
-    if digests is None and (found := _from_dvc_cache(published.filename, expected, experiment.name)):
+    if digests is None and (found := _from_dvc_cache(published.filename, expected, experiment.name, unvouched)):
         # The file an earlier run of a weights stage put in DVC's cache (`dvc pull` fills it too):
         # a rerun after any change to the experiment's entry needs no network.
         copying = target.with_name(target.name + ".copying")
@@ -265,7 +270,7 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
             ) from None
         digests = _digests(target)
         mismatch = _mismatch(digests, expected)
-        if not expected and (problem := _not_weights(target)):
+        if not expected and (problem := unvouched(target)):
             target.unlink()
             raise UserError(
                 f"{stage}: the file downloaded from {url} {problem}; it was removed; run again, or put the "
@@ -303,12 +308,14 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
     return {**record, "how": how}
 
 
-def _from_dvc_cache(filename: str, expected: dict[str, str], experiment: str) -> Path | None:
+def _from_dvc_cache(
+    filename: str, expected: dict[str, str], experiment: str, unvouched: Callable[[Path], str | None]
+) -> Path | None:
     """A copy of `filename` in the DVC cache of the project in the working directory that passes
     the same checks as a download, or None. Looked up by the published md5 (DVC's cache is
     addressed by md5), then through dvc.lock: the weights stages' output folders recorded there,
     this experiment's first. Without `expected` hashes, dvc.lock (under git) is what vouches for a
-    file, and only files named there are taken; they must still be Keras weights files."""
+    file, and only files named there are taken; `unvouched` must still find nothing wrong with them."""
     try:
         from dvc.exceptions import NotDvcRepoError
         from dvc.repo import Repo
@@ -332,7 +339,7 @@ def _from_dvc_cache(filename: str, expected: dict[str, str], experiment: str) ->
         digests = _digests(path)
         if digests["md5"] != md5 or _mismatch(digests, expected):
             continue  # a corrupt cache entry, or a file the pins do not name
-        if not expected and _not_weights(path):
+        if not expected and unvouched(path):
             continue
         return path
     return None
@@ -387,6 +394,32 @@ def _not_weights(path: Path) -> str | None:
                 return "is not a Keras weights file (an HDF5 file, but no layer_names in it)"
     except OSError as error:
         return f"is not a Keras weights file (not readable as HDF5: {str(error).split(';')[0]})"
+    return None
+
+
+def _not_this_base(path: Path, model: str, size: int, options: dict[str, Any]) -> str | None:
+    """Why the Keras weights file `path` does not load into `model`'s base without its top, or None.
+    For a file no hash vouches for: MobileNetV2's with-top file, or another width's, is a weights
+    file too, and training would fail on it with advice to run this stage again, which would take
+    the same file again. Loaded as Keras loads its ImageNet weights (by layer order and shape)."""
+    import tempfile
+
+    import keras
+
+    try:
+        base = get_backbone(model).build((size, size, 3), None, options)
+        with tempfile.TemporaryDirectory() as folder:
+            # load_weights goes by the name's suffix, which a file in DVC's cache lacks.
+            named = Path(folder) / "weights.h5"
+            named.symlink_to(path.resolve())
+            base.load_weights(str(named))
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a wrong file fails in many ways
+        detail = (str(error).strip().splitlines() or [""])[0]
+        return f"does not fit {model}'s base at {size}x{size} with options {options} ({type(error).__name__}: {detail})"
+    finally:
+        keras.backend.clear_session()
     return None
 
 

@@ -545,18 +545,36 @@ def test_an_efficientnet_package_model_reloads_in_a_fresh_process_on_tensorflow_
     )
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "missing"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "missing", "weights damaged inside", "no config.json"])
 def test_a_damaged_model_file_is_one_line_naming_it(keras, tmp_path, damage):
+    import zipfile
+
     path = tmp_path / "model.keras"
     if damage != "missing":
         build(small_backbone("cnn")).save(path)
+    if damage in ("empty", "truncated"):
         path.write_bytes(b"" if damage == "empty" else path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "weights damaged inside":  # still a zip: a member's bytes changed (its CRC fails)
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("model.weights.h5")
+        data = bytearray(path.read_bytes())
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2
+        data[start : start + 64] = bytes(byte ^ 0xFF for byte in data[start : start + 64])
+        path.write_bytes(bytes(data))
+    elif damage == "no config.json":
+        with zipfile.ZipFile(path) as archive:
+            members = {name: archive.read(name) for name in archive.namelist() if name != "config.json"}
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
     with pytest.raises(UserError) as raised:
         backbones.load_saved_model(path, "evaluate@toy-cnn")
-    assert str(raised.value) == (
-        f"evaluate@toy-cnn: {path} is not a Keras model file (missing, empty or cut short); restore it "
-        "(dvc checkout) or train again"
-    )
+    message = str(raised.value)
+    assert "\n" not in message and message.endswith("; restore it (dvc checkout) or train again")
+    if damage in ("empty", "truncated", "missing"):
+        assert message.startswith(f"evaluate@toy-cnn: {path} is not a Keras model file (missing, empty or cut short)")
+    else:
+        assert message.startswith(f"evaluate@toy-cnn: {path} is a damaged Keras model file (")
 
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -591,3 +609,22 @@ def test_a_pinned_file_other_than_the_one_keras_loads_is_a_user_error(keras, tmp
     file = efficientnet_file(keras, tmp_path / "efficientnetb1_notop.h5")
     with pytest.raises(UserError, match="Keras loads its ImageNet weights from efficientnetb0_notop.h5, but the pinned file"):
         get_backbone("efficientnetb0").build((32, 32, 3), str(file), {})
+
+
+def test_an_efficientnet_package_base_with_the_wrong_weights_file_is_one_line(keras, tmp_path):
+    """A file that does not fit the efficientnet package's base (a mirror's B1 file pinned for B0)
+    is one line naming it, as for keras.applications' families."""
+    import h5py
+    import efficientnet.tfkeras as efn
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    path = tmp_path / "efficientnet-b0_weights_tf_dim_ordering_tf_kernels_autoaugment_notop.h5"
+    with h5py.File(path, "w") as handle:
+        save_weights_to_hdf5_group(handle, efn.EfficientNetB1(include_top=False, weights=None, input_shape=(32, 32, 3)))
+    keras.backend.clear_session()
+    with pytest.raises(UserError) as raised:
+        get_backbone("efn_b0").build((32, 32, 3), str(path), {})
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"backbone efficientnet package EfficientNetB0: could not load the weights file {path} (")
+    assert message.endswith("; run the weights stage again for this experiment")

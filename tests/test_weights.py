@@ -300,6 +300,68 @@ def test_a_file_no_hash_vouches_for_must_be_a_keras_weights_file(workdir, genera
     assert not (cache / FILENAME).exists() and not (workdir / "out2").exists()
 
 
+@pytest.mark.parametrize("other", ["with its top", "of another width"])
+def test_a_file_no_hash_vouches_for_must_fit_the_base(workdir, generated, monkeypatch, tmp_path, other) -> None:
+    """MobileNetV2's with-top file, or another width's, is a Keras weights file too, but not the
+    base's: found in the download cache it is removed (and the published file fetched in its place,
+    or one line says where to put it); downloaded, it is removed in one line. Before, the stage took
+    it and training failed, advising a rerun of this stage, which took the same file again."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    from stages import weights
+
+    host, _ = generated
+    options = {"alpha": ALPHA, "include_top": True} if other == "with its top" else {"alpha": 0.5}
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(SIZE, SIZE, 3), **options)
+    wrong = tmp_path / "wrong" / "mobilenet_v2"
+    wrong.mkdir(parents=True)
+    with h5py.File(wrong / FILENAME, "w") as handle:
+        save_weights_to_hdf5_group(handle, model)
+    keras.backend.clear_session()
+    cache = workdir / "downloads" / "weights"
+    cache.mkdir(parents=True)
+    (cache / FILENAME).write_bytes((wrong / FILENAME).read_bytes())
+
+    # In the cache, offline: removed, and one line names the path to put the published file at.
+    monkeypatch.setattr(weights, "KERAS", f"http://127.0.0.1:{closed_port()}/")
+    with pytest.raises(UserError) as error:
+        run(write_params(workdir / "params.yaml"), workdir / "out")
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"the file that was there does not fit mobilenetv2's base at {SIZE}x{SIZE}" in message
+    assert message.endswith(f"put that file at {cache / FILENAME} and run again")
+    assert not (cache / FILENAME).exists() and not (workdir / "out").exists()
+
+    # In the cache, online: replaced by the published file.
+    (cache / FILENAME).write_bytes((wrong / FILENAME).read_bytes())
+    published = tmp_path / "published" / "mobilenet_v2"
+    published.mkdir(parents=True)
+    (published / FILENAME).write_bytes((host / FILENAME).read_bytes())
+    server = FolderServer(published.parent)
+    monkeypatch.setattr(weights, "KERAS", server.url(""))
+    try:
+        run(write_params(workdir / "params.yaml"), workdir / "out")
+    finally:
+        server.stop()
+    assert json.loads((workdir / "out" / "weights.json").read_text(encoding="utf-8"))["sha256"] == sha256(host / FILENAME)
+
+    # Downloaded: removed, in one line.
+    (cache / FILENAME).unlink()
+    server = FolderServer(wrong.parent)
+    monkeypatch.setattr(weights, "KERAS", server.url(""))
+    try:
+        with pytest.raises(UserError) as error:
+            run(write_params(workdir / "params.yaml"), workdir / "out2")
+    finally:
+        server.stop()
+    message = str(error.value)
+    assert "\n" not in message and "does not fit mobilenetv2's base" in message
+    assert message.endswith(f"it was removed; run again, or put the published file at {cache / FILENAME}")
+    assert not (cache / FILENAME).exists() and not (workdir / "out2").exists()
+
+
 def test_wrong_sha256_removes_the_file_and_fails_in_one_line(workdir, generated) -> None:
     host, _ = generated
     server = FolderServer(host)
