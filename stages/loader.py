@@ -45,12 +45,28 @@ def load_prepared(data: Path, splits: tuple[str, ...] = ("train", "val", "test")
     """Memory-map the arrays written by the split stage."""
     if not (data / "classes.json").exists():
         raise UserError(f"{data}: no prepared data; run the split stage for this dataset first")
-    classes = json.loads((data / "classes.json").read_text(encoding="utf-8"))
+    again = "run the split stage for this dataset again"
+
+    def read(name: str, **options: Any) -> Any:
+        path = data / name
+        try:
+            if not name.endswith(".npy"):
+                return path.read_bytes()
+            return np.load(path, allow_pickle=False, **options)
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing from the prepared data; {again}") from None
+        except (OSError, ValueError) as error:  # cut short, or not an array file
+            raise UserError(f"{path}: not a readable prepared file ({error}); {again}") from None
+
+    try:
+        classes = json.loads(read("classes.json"))
+    except ValueError as error:
+        raise UserError(f"{data / 'classes.json'}: not JSON ({error}); {again}") from None
     digest = hashlib.sha256()
     for name in ("splits.parquet", "meta.json", "classes.json"):
-        digest.update((data / name).read_bytes())
-    x = {s: np.load(data / f"{s}_x.npy", mmap_mode="r", allow_pickle=False) for s in splits}
-    y = {s: np.load(data / f"{s}_y.npy", allow_pickle=False) for s in splits}
+        digest.update(read(name))
+    x = {s: read(f"{s}_x.npy", mmap_mode="r") for s in splits}
+    y = {s: read(f"{s}_y.npy") for s in splits}
     return PreparedData(classes, x, y, digest.hexdigest()[:16])
 
 
@@ -65,6 +81,19 @@ def check_prepared(data: PreparedData, data_dir: Path, dataset: str, config: Any
             f"{data_dir}: prepared for the classes {data.classes}, but datasets.{dataset}.classes lists {classes}; {rerun}"
         )
     for split, images in data.x.items():
+        labels, x_file, y_file = data.y[split], data_dir / f"{split}_x.npy", data_dir / f"{split}_y.npy"
+        # What split writes: uint8 images (never float32 ones to the device), one integer label
+        # per image, each naming a class.
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise UserError(f"{x_file}: {images.dtype} images of shape {images.shape}, where split writes "
+                            f"uint8 (count, size, size, channels); {rerun}")
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(images):
+            raise UserError(f"{y_file}: {labels.dtype} labels of shape {labels.shape} for {len(images)} images in "
+                            f"{x_file.name}, where split writes one integer label per image; {rerun}")
+        outside = labels[(labels < 0) | (labels >= len(data.classes))]
+        if outside.size:
+            raise UserError(f"{y_file}: labels outside 0..{len(data.classes) - 1}, the {len(data.classes)} classes "
+                            f"of classes.json ({outside.size} of them, the first {int(outside[0])}); {rerun}")
         if tuple(images.shape[1:]) != (image_size, image_size, channels):
             found = "x".join(str(n) for n in images.shape[1:])
             raise UserError(

@@ -19,7 +19,8 @@ weights unless it beats them. After every epoch the whole training state (weight
 random generators, early-stopping state, history) is written to `<out>/checkpoint.npz` (a frozen
 base's variables once per phase, beside it: see Checkpoint), so a killed run resumes from its
 last completed epoch and ends with the weights an uninterrupted run would have had: only a run
-of the same params, prepared arrays, weights file, backend and dtype policy, code (CODE_MODULES)
+of the same params, prepared arrays, weights file, backend, dtype policy and number of
+data-parallel devices, code (CODE_MODULES)
 and library versions resumes; any other starts over. On a GPU it trains in mixed precision with
 XLA.
 
@@ -123,7 +124,7 @@ class TrainingState:
     phase_seconds: float = 0.0
     done: bool = False  # this phase stopped (early or at its last epoch)
     logged_epochs: int = 0  # rows of `history` the MLflow run has
-    setup: str = ""  # the Keras backend and dtype policy it trains with: a checkpoint resumes on the same
+    setup: str = ""  # the Keras backend, dtype policy and data-parallel devices: a checkpoint resumes on the same
     code: str = ""  # code_version() of the process that wrote it: a checkpoint resumes under the same
 
 
@@ -434,7 +435,8 @@ def _train(
         run_key = tracking.stable_hash({"params": params_hash, "data": data.version, "weights": weights_digest})
         checkpoint_path = out / CHECKPOINT
         checkpoint = Checkpoint(checkpoint_path)
-        setup = f"{keras.backend.backend()} {policy}"
+        # A data-parallel run's epochs trained on batches trimmed to a multiple of its devices.
+        setup = f"{keras.backend.backend()} {policy}" + (f" on {replicas.count} devices" if replicas.count > 1 else "")
         resumed = checkpoint.read()
         if resumed is not None and resumed[0].run_key != run_key:
             print(f"train@{experiment.name}: the checkpoint is for other params or data; starting over")
@@ -442,7 +444,8 @@ def _train(
         if resumed is not None and resumed[0].setup != setup:
             # Its epochs went another way: going on from them would match neither backend's run.
             print(f"train@{experiment.name}: the checkpoint was written with {resumed[0].setup or 'an older version'}, "
-                  f"this run has {setup} (KERAS_BACKEND, training.mixed_precision); starting over")
+                  f"this run has {setup} (KERAS_BACKEND, training.mixed_precision, the devices data_parallel "
+                  "trains on); starting over")
             resumed = None
         code = code_version(keras.backend.backend())
         if resumed is not None and resumed[0].code != code:

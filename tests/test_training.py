@@ -654,11 +654,13 @@ def test_an_unreadable_checkpoint_is_ignored(tmp_path: Path, tracking: str, caps
     assert data.exists() and not leftover.exists() and not (out / CHECKPOINT).exists()
 
 
+@pytest.mark.parametrize("written_on", ["another backend", "two devices"])
 def test_a_checkpoint_from_another_backend_or_precision_is_not_resumed(
-    tmp_path: Path, tracking: str, capsys, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tracking: str, capsys, monkeypatch: pytest.MonkeyPatch, written_on: str
 ) -> None:
-    """Epochs trained on one Keras backend (or dtype policy) went another way than the next
-    backend's would: going on from them matches no uninterrupted run."""
+    """Epochs trained on one Keras backend (or dtype policy, or data-parallel on two devices, whose
+    batches were trimmed to an even count) went another way than this run's would: going on from
+    them matches no uninterrupted run."""
     import keras
 
     from stages import train as train_module
@@ -671,16 +673,18 @@ def test_a_checkpoint_from_another_backend_or_precision_is_not_resumed(
         arrays = {name: archive[name] for name in archive.files}
     state = json.loads(str(arrays["state"]))
     assert state["setup"] == f"{keras.backend.backend()} float32"
-    other = "torch" if keras.backend.backend() != "torch" else "jax"
-    arrays["state"] = np.array(json.dumps({**state, "setup": f"{other} float32"}))
+    other = ("torch" if keras.backend.backend() != "torch" else "jax") + " float32"
+    if written_on == "two devices":
+        other = f"{keras.backend.backend()} float32 on 2 devices"
+    arrays["state"] = np.array(json.dumps({**state, "setup": other}))
     np.savez(path, **arrays)
     capsys.readouterr()
 
     _, record = train_toy(tmp_path, "out", SMALL_CNN, {"epochs": 1, "fine_tune": {"epochs": 0}})
 
     said = capsys.readouterr().out
-    assert (f"the checkpoint was written with {other} float32, this run has {keras.backend.backend()} float32 "
-            "(KERAS_BACKEND, training.mixed_precision); starting over") in said
+    assert (f"the checkpoint was written with {other}, this run has {keras.backend.backend()} float32 "
+            "(KERAS_BACKEND, training.mixed_precision, the devices data_parallel trains on); starting over") in said
     assert "training finished before" not in said
     assert record["epochs_run"] == 1 and len(pd.read_csv(tmp_path / "out" / "history.csv")) == 1
 
@@ -1163,6 +1167,50 @@ def test_prepared_data_unlike_params_is_one_line_saying_to_split_again(tmp_path,
     text = str(error.value)
     assert "\n" not in text and text.startswith(f"{data}: ") and message in text
     assert text.endswith("run split@toy again (dvc repro split@toy)")
+    assert not (tmp_path / "out").exists()
+
+
+def _damage(data: Path, how: str) -> None:
+    if how == "a file missing":
+        (data / "val_x.npy").unlink()
+    elif how == "fewer labels":
+        np.save(data / "train_y.npy", np.load(data / "train_y.npy")[:-3])
+    elif how == "cut short":
+        content = (data / "train_x.npy").read_bytes()
+        (data / "train_x.npy").write_bytes(content[: len(content) // 2])
+    elif how == "float32 images":
+        np.save(data / "train_x.npy", np.load(data / "train_x.npy").astype("float32") / 255)
+    elif how.startswith("label"):
+        y = np.load(data / "val_y.npy")
+        y[5] = 10 if how == "label 10 of 10 classes" else -1
+        np.save(data / "val_y.npy", y)
+
+
+DAMAGED = {
+    "a file missing": "val_x.npy: missing from the prepared data; run the split stage for this dataset again",
+    "cut short": "train_x.npy: not a readable prepared file (",
+    "fewer labels": "train_y.npy: int64 labels of shape (1254,) for 1257 images in train_x.npy, where split writes",
+    "float32 images": "train_x.npy: float32 images of shape (1257, 8, 8, 1), where split writes uint8",
+    "label 10 of 10 classes": "val_y.npy: labels outside 0..9, the 10 classes of classes.json (1 of them, the first 10); run split@toy",
+    "label -1": "val_y.npy: labels outside 0..9, the 10 classes of classes.json (1 of them, the first -1); run split@toy",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGED))
+def test_damaged_prepared_arrays_are_one_line_naming_the_file(tmp_path, tracking, how) -> None:
+    """Before, a label outside the classes trained silently on JAX (a traceback on TensorFlow),
+    float32 images went to the model as if 0-255, and a missing, short or mismatched array was a
+    traceback naming no file. Evaluate reads the same arrays through the same checks."""
+    from stages.errors import UserError
+    from stages.train import train as run_train
+
+    data = write_prepared(tmp_path / "data")
+    _damage(data, how)
+    params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 1})
+    with pytest.raises(UserError) as error:
+        run_train("toy-net", str(params), data, tmp_path / "out", None)
+    text = str(error.value)
+    assert "\n" not in text and text.startswith(f"{data}/") and DAMAGED[how] in text, text
     assert not (tmp_path / "out").exists()
 
 
