@@ -20,9 +20,8 @@ random generators, early-stopping state, history) is written to `<out>/checkpoin
 base's variables once per phase, beside it: see Checkpoint), so a killed run resumes from its
 last completed epoch and ends with the weights an uninterrupted run would have had: only a run
 of the same params, prepared arrays, weights file, backend, dtype policy and number of
-data-parallel devices, code (CODE_MODULES)
-and library versions resumes; any other starts over. On a GPU it trains in mixed precision with
-XLA.
+data-parallel devices, code (CODE_MODULES) and library versions resumes; any other starts over.
+On a GPU it trains in mixed precision with XLA.
 
 Writes into `--out`: `model.keras`, `history.csv` (one row per epoch, a DVC plot) and
 `training.json` (the resolved configuration, the MLflow run id, phases, timings). Params and
