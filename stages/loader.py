@@ -55,13 +55,17 @@ def load_prepared(data: Path, splits: tuple[str, ...] = ("train", "val", "test")
             return np.load(path, allow_pickle=False, **options)
         except FileNotFoundError:
             raise UserError(f"{path}: missing from the prepared data; {again}") from None
-        except (OSError, ValueError) as error:  # cut short, or not an array file
-            raise UserError(f"{path}: not a readable prepared file ({error}); {again}") from None
+        except (OSError, ValueError, EOFError) as error:  # empty, cut short, or not an array file
+            # numpy takes what has no .npy header for a pickle, and would advise loading it unsafely.
+            why = "not a .npy array (cut short or overwritten)" if "pickle" in str(error) else str(error) or "empty"
+            raise UserError(f"{path}: not a readable prepared file ({why}); {again}") from None
 
     try:
         classes = json.loads(read("classes.json"))
     except ValueError as error:
         raise UserError(f"{data / 'classes.json'}: not JSON ({error}); {again}") from None
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise UserError(f"{data / 'classes.json'}: not a list of class names; {again}")
     digest = hashlib.sha256()
     for name in ("splits.parquet", "meta.json", "classes.json"):
         digest.update(read(name))

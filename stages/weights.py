@@ -235,9 +235,17 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
     target = download_cache("weights") / published.filename
     removed = ""
 
+    project = _project_cache()
+    locked = set(_locked_md5s(project[0] / "dvc.lock", published.filename, stage, project[1])) if project else set()
+
     def unvouched(path: Path) -> str | None:
-        # What is wrong with a file no hash vouches for: not a Keras weights file, or not this base's.
-        return _not_weights(path) or _not_this_base(path, backbone.model, size, dict(backbone.options))
+        # What is wrong with a file no hash vouches for: not a Keras weights file, or not this base's
+        # (unless dvc.lock, under git, names this very file: building the base costs seconds).
+        if problem := _not_weights(path):
+            return problem
+        if _digests(path)["md5"] in locked:
+            return None
+        return _not_this_base(path, backbone.model, size, dict(backbone.options))
 
     digests: dict[str, str] | None = None
     if target.is_file():
@@ -250,7 +258,7 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
             digests = None
             removed = f"; the file that was there {problem} and was removed"
     how = "from the download cache"
-    if digests is None and (found := _from_dvc_cache(published.filename, expected, experiment.name, unvouched)):
+    if digests is None and (found := _from_dvc_cache(project, published.filename, expected, experiment.name, unvouched)):
         # The file an earlier run of a weights stage put in DVC's cache (`dvc pull` fills it too):
         # a rerun after any change to the experiment's entry needs no network.
         copying = target.with_name(target.name + ".copying")
@@ -308,14 +316,8 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
     return {**record, "how": how}
 
 
-def _from_dvc_cache(
-    filename: str, expected: dict[str, str], experiment: str, unvouched: Callable[[Path], str | None]
-) -> Path | None:
-    """A copy of `filename` in the DVC cache of the project in the working directory that passes
-    the same checks as a download, or None. Looked up by the published md5 (DVC's cache is
-    addressed by md5), then through dvc.lock: the weights stages' output folders recorded there,
-    this experiment's first. Without `expected` hashes, dvc.lock (under git) is what vouches for a
-    file, and only files named there are taken; `unvouched` must still find nothing wrong with them."""
+def _project_cache() -> tuple[Path, Any] | None:
+    """The root and local DVC cache of the project in the working directory, or None."""
     try:
         from dvc.exceptions import NotDvcRepoError
         from dvc.repo import Repo
@@ -324,10 +326,26 @@ def _from_dvc_cache(
     try:
         root = Repo.find_root(os.getcwd())
         with Repo(root) as repo:
-            cache = repo.cache.local
+            return Path(root), repo.cache.local
     except (NotDvcRepoError, OSError):
         return None
 
+
+def _from_dvc_cache(
+    project: tuple[Path, Any] | None,
+    filename: str,
+    expected: dict[str, str],
+    experiment: str,
+    unvouched: Callable[[Path], str | None],
+) -> Path | None:
+    """A copy of `filename` in the DVC cache of the project in the working directory that passes
+    the same checks as a download, or None. Looked up by the published md5 (DVC's cache is
+    addressed by md5), then through dvc.lock: the weights stages' output folders recorded there,
+    this experiment's first. Without `expected` hashes, dvc.lock (under git) is what vouches for a
+    file, and only files named there are taken; `unvouched` must still find nothing wrong with them."""
+    if project is None:
+        return None
+    root, cache = project
     candidates: list[str] = []
     if "md5" in expected:
         candidates.append(expected["md5"])
@@ -404,22 +422,19 @@ def _not_this_base(path: Path, model: str, size: int, options: dict[str, Any]) -
     the same file again. Loaded as Keras loads its ImageNet weights (by layer order and shape)."""
     import tempfile
 
-    import keras
-
-    try:
-        base = get_backbone(model).build((size, size, 3), None, options)
-        with tempfile.TemporaryDirectory() as folder:
-            # load_weights goes by the name's suffix, which a file in DVC's cache lacks.
-            named = Path(folder) / "weights.h5"
-            named.symlink_to(path.resolve())
+    # Only what loading says of the file is its fault: a full disk or a failing build is not, and
+    # goes up as such (the file is kept).
+    base = get_backbone(model).build((size, size, 3), None, options)
+    with tempfile.TemporaryDirectory() as folder:
+        # load_weights goes by the name's suffix, which a file in DVC's cache lacks.
+        named = Path(folder) / "weights.h5"
+        named.symlink_to(path.resolve())
+        try:
             base.load_weights(str(named))
-    except UserError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a wrong file fails in many ways
-        detail = (str(error).strip().splitlines() or [""])[0]
-        return f"does not fit {model}'s base at {size}x{size} with options {options} ({type(error).__name__}: {detail})"
-    finally:
-        keras.backend.clear_session()
+        except (ValueError, KeyError, TypeError, IndexError) as error:  # layer count, names or shapes
+            detail = (str(error).strip().splitlines() or [""])[0]
+            return (f"does not fit {model}'s base at {size}x{size} with options {options} "
+                    f"({type(error).__name__}: {detail})")
     return None
 
 

@@ -1180,6 +1180,12 @@ def _damage(data: Path, how: str) -> None:
         (data / "train_x.npy").write_bytes(content[: len(content) // 2])
     elif how == "float32 images":
         np.save(data / "train_x.npy", np.load(data / "train_x.npy").astype("float32") / 255)
+    elif how == "empty":
+        (data / "val_y.npy").write_bytes(b"")
+    elif how == "a few bytes left":
+        (data / "train_y.npy").write_bytes((data / "train_y.npy").read_bytes()[:4])
+    elif how == "classes.json not a list":
+        (data / "classes.json").write_text("null")
     elif how.startswith("label"):
         y = np.load(data / "val_y.npy")
         y[5] = 10 if how == "label 10 of 10 classes" else -1
@@ -1189,6 +1195,9 @@ def _damage(data: Path, how: str) -> None:
 DAMAGED = {
     "a file missing": "val_x.npy: missing from the prepared data; run the split stage for this dataset again",
     "cut short": "train_x.npy: not a readable prepared file (",
+    "empty": "val_y.npy: not a readable prepared file (",
+    "a few bytes left": "train_y.npy: not a readable prepared file (not a .npy array (cut short or overwritten))",
+    "classes.json not a list": "classes.json: not a list of class names; run the split stage for this dataset again",
     "fewer labels": "train_y.npy: int64 labels of shape (1254,) for 1257 images in train_x.npy, where split writes",
     "float32 images": "train_x.npy: float32 images of shape (1257, 8, 8, 1), where split writes uint8",
     "label 10 of 10 classes": "val_y.npy: labels outside 0..9, the 10 classes of classes.json (1 of them, the first 10); run split@toy",
@@ -1211,6 +1220,7 @@ def test_damaged_prepared_arrays_are_one_line_naming_the_file(tmp_path, tracking
         run_train("toy-net", str(params), data, tmp_path / "out", None)
     text = str(error.value)
     assert "\n" not in text and text.startswith(f"{data}/") and DAMAGED[how] in text, text
+    assert "pickle" not in text  # numpy's advice to load a file unsafely is not ours to give
     assert not (tmp_path / "out").exists()
 
 

@@ -362,6 +362,44 @@ def test_a_file_no_hash_vouches_for_must_fit_the_base(workdir, generated, monkey
     assert not (cache / FILENAME).exists() and not (workdir / "out2").exists()
 
 
+def test_a_failure_of_the_machine_is_not_taken_for_a_wrong_file(workdir, generated, monkeypatch) -> None:
+    """Checking a file against the base writes a link in a temporary folder: a full disk there is
+    the machine's fault, not the file's, and the file put in the cache by hand is kept. The check
+    leaves the process's Keras settings (dtype policy, seed) as they were."""
+    import errno
+    import tempfile
+
+    import keras
+    from keras.src.backend.common import global_state
+
+    from stages import weights
+
+    host, _ = generated
+    cache = workdir / "downloads" / "weights"
+    cache.mkdir(parents=True)
+    (cache / FILENAME).write_bytes((host / FILENAME).read_bytes())
+    monkeypatch.setattr(weights, "KERAS", f"http://127.0.0.1:{closed_port()}/")
+
+    def full(*args: Any, **kwargs: Any) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "mkdtemp", full)
+        with pytest.raises(OSError, match="No space left on device"):
+            run(write_params(workdir / "params.yaml"), workdir / "out")
+    assert (cache / FILENAME).read_bytes() == (host / FILENAME).read_bytes()
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(1234)
+    try:
+        run(write_params(workdir / "params.yaml"), workdir / "out")
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+        assert global_state.get_global_attribute("global_random_seed") == 1234
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert json.loads((workdir / "out" / "weights.json").read_text(encoding="utf-8"))["sha256"] == sha256(host / FILENAME)
+
+
 def test_wrong_sha256_removes_the_file_and_fails_in_one_line(workdir, generated) -> None:
     host, _ = generated
     server = FolderServer(host)
@@ -513,7 +551,12 @@ def test_a_rerun_offline_takes_the_file_from_dvcs_cache(tmp_path, generated, mon
     assert "up to date" in status.stdout, status.stdout
 
     # In-process, in the project: the published file, which no hash vouches for, is taken because
-    # dvc.lock names it; a corrupt cache copy is not, and the stage asks for the file as before.
+    # dvc.lock names it (without building the base to try it); a corrupt cache copy is not, and the
+    # stage asks for the file as before.
+    def not_built(*args: Any) -> None:
+        raise AssertionError("a file dvc.lock names was tried against the base")
+
+    monkeypatch.setattr(weights, "_not_this_base", not_built)
     monkeypatch.chdir(project)
     monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "elsewhere"))
     monkeypatch.setattr(downloads, "BACKOFF_S", 0.01)
