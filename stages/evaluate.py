@@ -65,6 +65,27 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# What evaluate reads of training's record (`phases` may be absent: an older train wrote none).
+TRAINING_KEYS = ("run_id", "data_version", "parameters", "epochs_run", "train_seconds", "train_images_per_second", "config")
+
+
+def read_training_record(path: Path, experiment: str) -> dict[str, Any]:
+    """train's `training.json`, with every key evaluate needs; else one line saying to retrain."""
+    retrain = f"run train@{experiment} again (dvc repro train@{experiment})"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {retrain}") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: not readable JSON ({error}); {retrain}") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: not a training record (a JSON object); {retrain}")
+    missing = [key for key in TRAINING_KEYS if key not in record]
+    if missing:
+        raise UserError(f"{path}: no {', '.join(missing)} (written by other code, or edited); {retrain}")
+    return record
+
+
 def evaluate(
     experiment_name: str,
     params_path: str,
@@ -76,11 +97,11 @@ def evaluate(
     evaluation: Path,
 ) -> dict[str, Any]:
     experiment = load_params(params_path).experiment(experiment_name)
-    training_record = json.loads((model_dir / "training.json").read_text(encoding="utf-8"))
+    training_record = read_training_record(model_dir / "training.json", experiment.name)
     data = load_prepared(data_dir, splits=("train", "test"))
     check_prepared(data, data_dir, experiment.dataset_name, experiment.dataset)
-    trained_on = training_record.get("data_version")
-    if trained_on and trained_on != data.version:
+    trained_on = training_record["data_version"]
+    if trained_on != data.version:
         # Split ran again since (evaluate run by hand, or with --single-item): the test split may
         # now hold images the model trained on, and its score would go to the registry.
         raise UserError(
@@ -220,7 +241,12 @@ def log_evaluation(
     # What the test split measured is test_<name> (test_images, not test_test_images); what
     # describes the model, its training or the references keeps its own name.
     names = {k: k if k.startswith("test_") or k in NOT_TEST_METRICS else f"test_{k}" for k in numbers}
-    client.log_batch(run_id, metrics=[Metric(names[k], float(v), timestamp, 0) for k, v in numbers.items()])
+    # A rerun (dvc repro --force, a code change) updates the run: a value the run already holds is
+    # not logged again, as a second point of the same metric.
+    latest = client.get_run(run_id).data.metrics
+    changed = [Metric(names[k], float(v), timestamp, 0) for k, v in numbers.items() if latest.get(names[k]) != float(v)]
+    if changed:
+        client.log_batch(run_id, metrics=changed)
     for path in files:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
     client.log_dict(run_id, training_record["config"], "config.json")

@@ -167,7 +167,7 @@ def _live_runs(client: object, run_ids: set[str]) -> set[str]:
         try:
             run = client.get_run(run_id)  # type: ignore[attr-defined]
         except MlflowException as error:
-            if tracking.is_unreachable(error):
+            if not tracking.is_gone(error):  # a server that did not answer is no purged run
                 raise
             continue  # purged: the run is gone
         if run.info.lifecycle_stage != "deleted":
@@ -244,8 +244,11 @@ def report(suite: str, params_path: str, metrics_dir: Path, out: Path) -> pd.Dat
         path = metrics_dir / spec.dataset / f"{spec.backbone}.json"
         if not path.exists():
             raise UserError(f"report@{suite}: {path} is missing; run evaluate@{name} (dvc repro report@{suite})")
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if "model_version" not in record or "selection_metric" not in record:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:  # a merge left conflict markers in it (it is kept in git)
+            raise UserError(f"report@{suite}: {path} is not readable JSON ({error}); re-run evaluate@{name}") from None
+        if not isinstance(record, dict) or "model_version" not in record or "selection_metric" not in record:
             raise UserError(f"report@{suite}: {path} has no registered model version; re-run evaluate@{name}")
         records.append({"dataset": spec.dataset, "backbone": spec.backbone, "start": start(params.experiment(name)), **record})
     if not records:

@@ -72,7 +72,9 @@ HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
-_UNREACHABLE = re.compile(r"API request to \S+ failed with (exception|error code 5\d\d)")
+# MLflow's words for a server that did not answer: a connection refused or reset, a timeout, a 5xx
+# (from the server, or from a proxy before it: 502, 503, 521...).
+_UNREACHABLE = re.compile(r"API request to (?:endpoint )?\S+ failed with (?:exception|timeout exception|error code 5\d\d)")
 
 
 class TrackingUnavailable(UserError):
@@ -82,6 +84,11 @@ class TrackingUnavailable(UserError):
 def is_unreachable(error: BaseException) -> bool:
     """Whether an MlflowException says the tracking server did not answer (after retries)."""
     return bool(_UNREACHABLE.search(str(error)))
+
+
+def is_gone(error: BaseException) -> bool:
+    """Whether an MlflowException says what was asked for does not exist (a purged run)."""
+    return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
 @contextmanager
@@ -94,13 +101,25 @@ def unavailable(what: str, consequence: str) -> Iterator[None]:
     except MlflowException as error:
         message = str(error)
         if not is_unreachable(error):
-            raise
+            if redact(message) == message:
+                raise
+            # MLflow's messages hold the request's URL, with the tracking URI's credentials.
+            raise MlflowException(redact(message), error_code=_error_code(error)) from None
         tries = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) + 1
-        reason = re.search(r"\[Errno \d+\] [^\"')]+|error code \d+|Read timed out", message)
+        reason = re.search(r"\[Errno \d+\] [^\"')]+|error code \d+|Read timed out|timeout exception", message)
         raise TrackingUnavailable(
             f"MLflow tracking server {shown_uri()} did not answer {tries} tries to {what}"
-            f" ({reason.group(0) if reason else redact(message[:160])}); {consequence}"
+            f" ({reason.group(0) if reason else redact(message)[:160]}); {consequence}"
         ) from None
+
+
+def _error_code(error: Any) -> int:
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, ErrorCode
+
+    try:
+        return ErrorCode.Value(error.error_code)
+    except (ValueError, TypeError, AttributeError):
+        return INTERNAL_ERROR
 
 
 def mlflow_client() -> Any:
@@ -225,7 +244,7 @@ def revive_run(run_id: str) -> bool:
     try:
         run = client.get_run(run_id)
     except MlflowException as error:
-        if is_unreachable(error):
+        if not is_gone(error):
             raise
         return False
     if run.info.lifecycle_stage != "deleted":
@@ -318,7 +337,7 @@ def run_exists(run_id: str) -> bool:
     try:
         run = mlflow_client().tracking.MlflowClient().get_run(run_id)
     except MlflowException as error:
-        if is_unreachable(error):
+        if not is_gone(error):  # a server that did not answer, or refused: not a missing run
             raise
         return False
     return run.info.lifecycle_stage == "active"

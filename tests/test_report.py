@@ -428,3 +428,63 @@ def test_report_without_a_metrics_file_names_the_missing_file(suite: tuple[Path,
     with pytest.raises(UserError, match=r"mobilenetv2\.json is missing; run evaluate@digits-mobilenetv2"):
         report_stage.report("demo", str(params), metrics, out)
     assert not out.with_suffix(".md").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# report: a suite member's metrics file that cannot be read.
+
+
+def test_report_names_an_unreadable_metrics_file(suite: tuple[Path, Path, Path]) -> None:
+    """reports/metrics/*.json are DVC metrics kept in git: a merge conflict leaves markers in one.
+    The report names the file and the evaluate to re-run (before: a bare JSONDecodeError)."""
+    params, metrics, out = suite
+    (metrics / "digits").mkdir(parents=True)
+    good = {"accuracy": 0.97, "selection_metric": "accuracy", "model_version": 1}
+    (metrics / "digits" / "small_cnn.json").write_text(json.dumps(good))
+    (metrics / "digits" / "mobilenetv2.json").write_text('<<<<<<< HEAD\n{"accuracy": 0.91}\n=======\n')
+    with pytest.raises(UserError, match="mobilenetv2.json"):
+        report_stage.report("demo", str(params), metrics, out)
+
+
+def test_a_timed_out_lookup_does_not_hand_the_champion_to_a_worse_version(
+    registry: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only "does not exist" means a run was purged. Before, any get_run error not recognised as
+    an unanswering server counted as purged: MLflow's connect-timeout error (its words copied from
+    a real one, see test_evaluate.py) dropped the live champion from the candidates, and the alias
+    moved to a worse version."""
+    from mlflow.exceptions import MlflowException
+
+    exp = registry.create_experiment("digits")
+    runs = [registry.create_run(exp).info.run_id for _ in range(2)]
+    source = str(Path(registry.tracking_uri.removeprefix("sqlite:///")).parent / "m")
+
+    def register(accuracy: float, run_id: str) -> int:
+        tags = {f"test_{k}": f"{accuracy:.6f}" for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+        tags.update(data_version="d1", experiment="digits-small_cnn")
+        return int(registry.create_model_version("digits", source=source, run_id=run_id, tags=tags).version)
+
+    best, worse = register(0.97, runs[0]), register(0.90, runs[1])
+    table = pd.DataFrame({"dataset": "digits", "selection_metric": "accuracy", "model_version": [best]})
+    update_champions(table)
+    assert int(registry.get_model_version_by_alias("digits", CHAMPION).version) == best
+
+    real_get_run = MlflowClient.get_run
+
+    def flaky_get_run(self, run_id):  # type: ignore[no-untyped-def]
+        if run_id == runs[0]:
+            raise MlflowException(
+                "API request to http://mlflow.example:5000/api/2.0/mlflow/runs/get failed with timeout exception "
+                "HTTPConnectionPool(host='mlflow.example', port=5000): Max retries exceeded with url: "
+                "/api/2.0/mlflow/runs/get (Caused by ConnectTimeoutError(<HTTPConnection>, 'Connection to "
+                "mlflow.example timed out. (connect timeout=120)')). To increase the timeout, set the environment "
+                "variable MLFLOW_HTTP_REQUEST_TIMEOUT (default: 120) to a larger value."
+            )
+        return real_get_run(self, run_id)
+
+    monkeypatch.setattr(MlflowClient, "get_run", flaky_get_run)
+    try:
+        update_champions(table.assign(model_version=[worse]))
+    except MlflowException:
+        pass  # failing is fine; moving the alias is not
+    assert int(registry.get_model_version_by_alias("digits", CHAMPION).version) == best

@@ -1,0 +1,243 @@
+"""evaluate's side of MLflow and of training's record: a rerun updates the run without duplicate
+points; a missing, unreadable or incomplete training.json is one line; a tracking server that does
+not answer (a connect timeout, a proxy's 5xx) is reported as such, without the URI's credentials."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from stages import evaluate as evaluate_stage
+from stages import tracking
+from stages.config import load_params
+
+pytest_plugins = ["mlflow_registry"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_rerunning_evaluate_does_not_duplicate_test_metrics(
+    registry: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: "Re-running evaluate updates the same run". Before, each rerun logged every test
+    metric again at step 0 with a new timestamp: a growing history of the same values."""
+    experiment = load_params(ROOT / "params.yaml").experiment("digits-small_cnn")
+    exp_id = registry.create_experiment("digits")
+    run_id = registry.create_run(exp_id).info.run_id
+    monkeypatch.setattr(evaluate_stage, "register_model", lambda *args, **kwargs: 1)
+    training_record = {"run_id": run_id, "config": {"a": 1}, "data_version": "d1"}
+    record = {"accuracy": 0.9, "macro_f1": 0.8, "selection_metric": "accuracy",
+              "latency_measured_on": "tensorflow on cpu"}
+    metrics_path = tmp_path / "m.json"
+    for _ in range(2):
+        evaluate_stage.log_evaluation(experiment, training_record, dict(record), None, tmp_path / "model.keras",
+                                      np.zeros((1, 2)), 2, ["a", "b"], metrics_path, [])
+    history = registry.get_metric_history(run_id, "test_accuracy")
+    assert len(history) == 1, [(m.value, m.timestamp, m.step) for m in history]
+
+
+def _evaluate_cli(tmp_path: Path, model_dir: Path) -> subprocess.CompletedProcess:
+    out = tmp_path / "out"
+    return subprocess.run(
+        [sys.executable, "-m", "stages.evaluate", "--experiment", "digits-small_cnn", "--params",
+         str(ROOT / "params.yaml"), "--data", str(tmp_path / "data"), "--model", str(model_dir),
+         "--metrics", str(out / "m.json"), "--predictions", str(out / "p.csv"), "--figures", str(out / "f"),
+         "--evaluation", str(out / "e")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_missing_training_json_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """A model folder without training.json (train never finished, or run by hand with the wrong
+    --model): one line naming the file and what to run, not a traceback."""
+    model_dir = tmp_path / "models" / "digits" / "small_cnn"
+    model_dir.mkdir(parents=True)
+    done = _evaluate_cli(tmp_path, model_dir)
+    assert done.returncode == 1, done.stderr[-600:]
+    assert "Traceback" not in done.stderr, done.stderr[-600:]
+    assert "training.json" in done.stderr.strip().splitlines()[-1]
+
+
+def test_unreadable_training_json_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """A truncated training.json (a merge conflict, an edit) likewise."""
+    model_dir = tmp_path / "models" / "digits" / "small_cnn"
+    model_dir.mkdir(parents=True)
+    (model_dir / "training.json").write_text('{"run_id": "abc", ', encoding="utf-8")
+    done = _evaluate_cli(tmp_path, model_dir)
+    assert done.returncode == 1, done.stderr[-600:]
+    assert "Traceback" not in done.stderr, done.stderr[-600:]
+    assert "training.json" in done.stderr.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# A tracking server that does not answer, in two ways MLflow words differently from a refused
+# connection (before, evaluate took them for a missing run and advised a retrain).
+
+
+@pytest.fixture()
+def fast_failing_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+
+
+@pytest.fixture()
+def blackholed_server(fast_failing_http: None, monkeypatch: pytest.MonkeyPatch):
+    """A listening port whose accept queue is full: the kernel drops new SYNs, so connecting
+    times out, as with a tracking server on a host that is down or firewalled."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    yield
+    for s in [listener, *fillers]:
+        s.close()
+    import mlflow
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def origin_down_proxy(fast_failing_http: None, monkeypatch: pytest.MonkeyPatch):
+    """A reverse proxy in front of a dead MLflow server answering 521 ("web server is down",
+    Cloudflare), a 5xx that MLflow does not retry."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            body = b"<html>origin web server is down</html>"
+            self.send_response(521)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+    yield
+    server.shutdown()
+    import mlflow
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+
+
+def _log_into_unanswering_server(tmp_path: Path) -> None:
+    experiment = load_params(ROOT / "params.yaml").experiment("digits-small_cnn")
+    training_record = {"run_id": "0123456789abcdef", "config": {}, "data_version": "d1", "tracking_uri": "x"}
+    with tracking.unavailable("log the evaluation", "run the stage again when the server answers"):
+        evaluate_stage.log_evaluation(experiment, training_record, {"accuracy": 0.9}, None, tmp_path / "m.keras",
+                                      np.zeros((1, 2)), 2, ["a", "b"], tmp_path / "m.json", [])
+
+
+def test_a_server_that_times_out_connecting_is_reported_unavailable(blackholed_server: None, tmp_path: Path) -> None:
+    """The documented "did not answer ... run the stage again" line, not "the run is not in the
+    store ... retrain it"."""
+    with pytest.raises(tracking.TrackingUnavailable):
+        _log_into_unanswering_server(tmp_path)
+
+
+def test_a_proxy_saying_the_server_is_down_is_reported_unavailable(origin_down_proxy: None, tmp_path: Path) -> None:
+    with pytest.raises(tracking.TrackingUnavailable):
+        _log_into_unanswering_server(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# A stale training.json (written by other code, or edited): evaluate refuses it in one line.
+
+
+@pytest.fixture()
+def trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from tests.test_training import SMALL_CNN, train_toy
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    train_toy(tmp_path, "net", SMALL_CNN, {"epochs": 1})
+    return tmp_path
+
+
+def _evaluate(tmp_path: Path) -> dict:
+    out = tmp_path / "reports"
+    return evaluate_stage.evaluate("toy-net", str(tmp_path / "net.yaml"), tmp_path / "data", tmp_path / "net",
+                                   out / "metrics.json", out / "predictions.csv", out / "figures", out / "evaluation")
+
+
+def test_training_record_without_data_version_is_not_evaluated_on_other_data(trained: Path) -> None:
+    """A record with no data_version cannot show which split the model trained on: before,
+    evaluate checked nothing and registered the score, tagged data_version ''."""
+    from stages.errors import UserError
+
+    record_path = trained / "net" / "training.json"
+    record = json.loads(record_path.read_text())
+    del record["data_version"]
+    record_path.write_text(json.dumps(record))
+    meta = json.loads((trained / "data" / "meta.json").read_text())
+    (trained / "data" / "meta.json").write_text(json.dumps({**meta, "sha256": "split again with another seed"}))
+    with pytest.raises(UserError, match=r"training\.json: no data_version \(written by other code, or edited\); run train@toy-net again"):
+        _evaluate(trained)
+
+
+def test_training_record_missing_a_key_is_one_line(trained: Path) -> None:
+    """A record without `parameters`: before, a bare KeyError after the whole prediction."""
+    from stages.errors import UserError
+
+    record_path = trained / "net" / "training.json"
+    record = json.loads(record_path.read_text())
+    del record["parameters"]
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="training.json"):
+        _evaluate(trained)
+
+
+# --------------------------------------------------------------------------------------------
+# The "server did not answer" line must not carry the credentials of the tracking URI.
+
+
+def test_unavailable_line_does_not_leak_a_long_token(fast_failing_http: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server behind a proxy answering 503 (MLflow retries, then "too many 503 error responses"):
+    before, the line quoted the first 160 characters of MLflow's message and only then redacted
+    it, so a token longer than ~140 characters in https://TOKEN@host lost its '@' and was printed."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = "s3cr3t" * 40  # 240 characters, like a JWT or a long access token
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{token}@127.0.0.1:{server.server_address[1]}")
+    try:
+        with pytest.raises(tracking.TrackingUnavailable) as error:
+            with tracking.unavailable("log the evaluation", "run the stage again"):
+                tracking.run_exists("0123456789abcdef")
+    finally:
+        server.shutdown()
+        import mlflow
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    assert "s3cr3ts3cr3t" not in str(error.value), str(error.value)
