@@ -175,17 +175,26 @@ def _application(factory_name: str) -> Callable:
                 return factory(include_top=False, weights="imagenet", input_shape=input_shape, **options)
         except UserError:
             raise
-        except TypeError as error:
-            raise UserError(f"backbone {factory_name}: bad options {options}: {error}") from None
         except Exception as error:  # noqa: BLE001 - a wrong or damaged file fails in many ways
-            if weights is None:
+            failure = _build_error(f"backbone {factory_name}", options, weights, error)
+            if failure is error:
                 raise
-            raise UserError(
-                f"backbone {factory_name}: could not load the weights file {weights} "
-                f"({type(error).__name__}: {error}); run the weights stage again for this experiment"
-            ) from None
+            raise failure from None
 
     return build
+
+
+def _build_error(what: str, options: dict[str, Any], weights: str | None, error: Exception) -> Exception:
+    """What a family's factory raising `error` means: bad options (a TypeError), a weights file that
+    does not load, or, without weights, the error itself."""
+    if isinstance(error, TypeError):
+        return UserError(f"{what}: bad options {options}: {error}")
+    if weights is None:
+        return error
+    return UserError(
+        f"{what}: could not load the weights file {weights} ({type(error).__name__}: {error}); run the weights "
+        "stage again for this experiment"
+    )
 
 
 @contextmanager
@@ -269,15 +278,11 @@ def _efficientnet_package(factory_name: str) -> Callable:
 
         try:
             return getattr(efn, factory_name)(include_top=False, weights=weights, input_shape=input_shape, **options)
-        except TypeError as error:
-            raise UserError(f"backbone efficientnet package {factory_name}: bad options {options}: {error}") from None
         except Exception as error:  # noqa: BLE001 - a wrong or damaged file fails in many ways
-            if weights is None:
+            failure = _build_error(f"backbone efficientnet package {factory_name}", options, weights, error)
+            if failure is error:
                 raise
-            raise UserError(
-                f"backbone efficientnet package {factory_name}: could not load the weights file {weights} "
-                f"({type(error).__name__}: {error}); run the weights stage again for this experiment"
-            ) from None
+            raise failure from None
 
     return build
 
