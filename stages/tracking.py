@@ -86,9 +86,16 @@ def is_unreachable(error: BaseException) -> bool:
     return bool(_UNREACHABLE.search(str(error)))
 
 
+# The answers that mean a run is not there to use: it does not exist (purged); MLflow's basic-auth
+# server answers a purged run with a 403 (so as not to say which run ids exist); and a run id the
+# client refuses before asking (an edited training.json). A server that did not answer, a wrong
+# password (401) or a proxy's 404 page is none of these.
+GONE = {"RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "INVALID_PARAMETER_VALUE"}
+
+
 def is_gone(error: BaseException) -> bool:
-    """Whether an MlflowException says what was asked for does not exist (a purged run)."""
-    return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+    """Whether an MlflowException says the run asked for is not there to use."""
+    return getattr(error, "error_code", None) in GONE
 
 
 @contextmanager
@@ -101,25 +108,19 @@ def unavailable(what: str, consequence: str) -> Iterator[None]:
     except MlflowException as error:
         message = str(error)
         if not is_unreachable(error):
-            if redact(message) == message:
-                raise
-            # MLflow's messages hold the request's URL, with the tracking URI's credentials.
-            raise MlflowException(redact(message), error_code=_error_code(error)) from None
+            # MLflow's messages hold the request's URL, with the tracking URI's credentials: the
+            # error goes up as it is (its type, code and traceback), its words redacted.
+            error.message = redact(message)
+            error.args = (error.message, *error.args[1:])
+            if isinstance(getattr(error, "json", None), dict) and "message" in error.json:
+                error.json["message"] = redact(str(error.json["message"]))
+            raise
         tries = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) + 1
         reason = re.search(r"\[Errno \d+\] [^\"')]+|error code \d+|Read timed out|timeout exception", message)
         raise TrackingUnavailable(
             f"MLflow tracking server {shown_uri()} did not answer {tries} tries to {what}"
             f" ({reason.group(0) if reason else redact(message)[:160]}); {consequence}"
         ) from None
-
-
-def _error_code(error: Any) -> int:
-    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, ErrorCode
-
-    try:
-        return ErrorCode.Value(error.error_code)
-    except (ValueError, TypeError, AttributeError):
-        return INTERNAL_ERROR
 
 
 def mlflow_client() -> Any:

@@ -10,15 +10,19 @@ import socket
 import subprocess
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException, RestException
 
 from stages import evaluate as evaluate_stage
+from stages import report as report_stage
 from stages import tracking
 from stages.config import load_params
+from stages.errors import UserError
 
 pytest_plugins = ["mlflow_registry"]
 
@@ -241,3 +245,91 @@ def test_unavailable_line_does_not_leak_a_long_token(fast_failing_http: None, mo
         import mlflow
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
     assert "s3cr3ts3cr3t" not in str(error.value), str(error.value)
+
+
+# --------------------------------------------------------------------------------------------
+# What counts as a run that is gone, and MLflow's other errors.
+
+PURGED = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture()
+def basic_auth_server(monkeypatch: pytest.MonkeyPatch):
+    """What `mlflow server --app-name basic-auth` answers a non-admin's runs/get for a run that
+    does not exist (purged): mlflow/server/auth/__init__.py `_run_requirement` -> None ->
+    `make_forbidden_response()`: status 403, body "Permission denied" (not JSON). (The real app
+    needs Flask-WTF, which the project does not install.)"""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            body = b"Permission denied"
+            self.send_response(403)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    server.shutdown()
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+
+
+def test_purged_run_on_a_basic_auth_server_is_no_live_run(basic_auth_server: str) -> None:
+    """report: a version whose run `mlflow gc` purged is no candidate, on a basic-auth server too."""
+    client = MlflowClient(basic_auth_server)
+    assert report_stage._live_runs(client, {PURGED}) == set()
+
+
+def test_purged_run_on_a_basic_auth_server_does_not_exist(basic_auth_server: str) -> None:
+    """evaluate (and train's resume from a checkpoint) ask run_exists."""
+    assert tracking.run_exists(PURGED) is False
+
+
+def test_an_edited_run_id_in_training_json_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run id MLflow's client refuses (INVALID_PARAMETER_VALUE, before any store is asked): the
+    "run ... is not in <store>; retrain" line, not a traceback."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = load_params(ROOT / "params.yaml").experiment("digits-small_cnn")
+    record = {"run_id": "run 1", "config": {}, "data_version": "d1", "tracking_uri": "x"}
+    with pytest.raises(UserError, match=r"the MLflow run run 1 that training recorded is not in "):
+        with tracking.unavailable("log the evaluation", "run the stage again"):
+            evaluate_stage.log_evaluation(experiment, record, {"accuracy": 0.9}, None, tmp_path / "m.keras",
+                                          np.zeros((1, 2)), 2, ["a", "b"], tmp_path / "m.json", [])
+
+
+def _fails_deep_inside() -> None:
+    raise RestException({"error_code": "INVALID_STATE", "message": "artifact root https://team:s3cret@host/x",
+                         "sqlstate": "XX001", "error_class": "SOME_CLASS"})
+
+
+def test_redacted_reraise_keeps_what_the_error_said() -> None:
+    """An MLflow error other than an unanswering server goes up as it was raised (type, codes,
+    traceback), with the credentials in its words redacted."""
+    with pytest.raises(MlflowException) as caught:
+        with tracking.unavailable("log the evaluation", "run the stage again"):
+            _fails_deep_inside()
+    error = caught.value
+    assert "s3cret" not in str(error)
+    assert error.error_code == "INVALID_STATE"
+    text = "".join(traceback.format_exception(error))
+    problems = []
+    if not isinstance(error, RestException):
+        problems.append(f"type {type(error).__name__}, not RestException")
+    if getattr(error, "sqlstate", None) != "XX001" or getattr(error, "error_class", None) != "SOME_CLASS":
+        problems.append(f"sqlstate/error_class {error.sqlstate}/{error.error_class}, not the server's XX001/SOME_CLASS")
+    if "_fails_deep_inside" not in text:
+        problems.append("traceback no longer shows where it was raised")
+    assert not problems, "; ".join(problems)
