@@ -4,6 +4,7 @@ not answer (a connect timeout, a proxy's 5xx) is reported as such, without the U
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import socket
@@ -12,6 +13,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -119,15 +121,15 @@ def blackholed_server(fast_failing_http: None, monkeypatch: pytest.MonkeyPatch):
     mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
 
 
-@pytest.fixture()
-def origin_down_proxy(fast_failing_http: None, monkeypatch: pytest.MonkeyPatch):
-    """A reverse proxy in front of a dead MLflow server answering 521 ("web server is down",
-    Cloudflare), a 5xx that MLflow does not retry."""
+@contextlib.contextmanager
+def answering(monkeypatch: pytest.MonkeyPatch, status: int, body: bytes, userinfo: str = "") -> Iterator[str]:
+    """A local HTTP server answering every request with `status` and `body`, as the tracking URI
+    (with `userinfo@` in it, if given) while the block runs; yields the URI."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
-            body = b"<html>origin web server is down</html>"
-            self.send_response(521)
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -139,11 +141,23 @@ def origin_down_proxy(fast_failing_http: None, monkeypatch: pytest.MonkeyPatch):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
-    yield
-    server.shutdown()
-    import mlflow
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    uri = f"http://{userinfo + '@' if userinfo else ''}127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        yield uri
+    finally:
+        server.shutdown()
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def origin_down_proxy(fast_failing_http: None, monkeypatch: pytest.MonkeyPatch):
+    """A reverse proxy in front of a dead MLflow server answering 521 ("web server is down",
+    Cloudflare), a 5xx that MLflow does not retry."""
+    with answering(monkeypatch, 521, b"<html>origin web server is down</html>"):
+        yield
 
 
 def _log_into_unanswering_server(tmp_path: Path) -> None:
@@ -220,30 +234,11 @@ def test_unavailable_line_does_not_leak_a_long_token(fast_failing_http: None, mo
     """A server behind a proxy answering 503 (MLflow retries, then "too many 503 error responses"):
     before, the line quoted the first 160 characters of MLflow's message and only then redacted
     it, so a token longer than ~140 characters in https://TOKEN@host lost its '@' and was printed."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            self.send_response(503)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     token = "s3cr3t" * 40  # 240 characters, like a JWT or a long access token
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{token}@127.0.0.1:{server.server_address[1]}")
-    try:
+    with answering(monkeypatch, 503, b"", userinfo=token):
         with pytest.raises(tracking.TrackingUnavailable) as error:
             with tracking.unavailable("log the evaluation", "run the stage again"):
                 tracking.run_exists("0123456789abcdef")
-    finally:
-        server.shutdown()
-        import mlflow
-        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
     assert "s3cr3ts3cr3t" not in str(error.value), str(error.value)
 
 
@@ -260,31 +255,10 @@ def basic_auth_server(monkeypatch: pytest.MonkeyPatch):
     `make_forbidden_response()`: status 403, body "Permission denied" (not JSON). (The real app
     needs Flask-WTF, which the project does not install.)"""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            body = b"Permission denied"
-            self.send_response(403)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args: object) -> None:
-            pass
-
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    uri = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    yield uri
-    server.shutdown()
-    import mlflow
-
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    with answering(monkeypatch, 403, b"Permission denied") as uri:
+        yield uri
 
 
 def test_purged_run_on_a_basic_auth_server_is_no_live_run(basic_auth_server: str) -> None:
