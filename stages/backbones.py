@@ -184,12 +184,18 @@ def _application(factory_name: str) -> Callable:
     return build
 
 
+# What loading says of a weights file that is not the base's: its layer count, names or shapes
+# (ValueError, KeyError, IndexError), or HDF5 that does not open (h5py's OSError).
+FILE_ERRORS = (ValueError, KeyError, IndexError, OSError)
+
+
 def _build_error(what: str, options: dict[str, Any], weights: str | None, error: Exception) -> Exception:
     """What a family's factory raising `error` means: bad options (a TypeError), a weights file that
-    does not load, or, without weights, the error itself."""
+    does not load, or the error itself: without weights, or for what no file causes (memory
+    running out while the base is built)."""
     if isinstance(error, TypeError):
         return UserError(f"{what}: bad options {options}: {error}")
-    if weights is None:
+    if weights is None or not isinstance(error, FILE_ERRORS):
         return error
     return UserError(
         f"{what}: could not load the weights file {weights} ({type(error).__name__}: {error}); run the weights "

@@ -628,3 +628,18 @@ def test_an_efficientnet_package_base_with_the_wrong_weights_file_is_one_line(ke
     assert "\n" not in message
     assert message.startswith(f"backbone efficientnet package EfficientNetB0: could not load the weights file {path} (")
     assert message.endswith("; run the weights stage again for this experiment")
+
+
+@pytest.mark.parametrize("name", ["efficientnetb0", "efn_b0"])
+def test_memory_running_out_while_a_base_is_built_is_not_blamed_on_its_weights_file(keras, tmp_path, monkeypatch, name):
+    """Memory running out while the base is built with its weights is not a wrong file: advising to
+    fetch the weights again would not help. The error goes up as raised."""
+    import efficientnet.tfkeras as efn
+
+    def exhausted(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError("out of memory allocating the base")
+
+    monkeypatch.setattr(keras.applications, "EfficientNetB0", exhausted)
+    monkeypatch.setattr(efn, "EfficientNetB0", exhausted)
+    with pytest.raises(MemoryError, match="out of memory allocating the base"):
+        get_backbone(name).build((32, 32, 3), str(tmp_path / "efficientnetb0_notop.h5"), {})
