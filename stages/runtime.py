@@ -29,8 +29,7 @@ def accelerator() -> Accelerator:
 
         device = jax.devices()[0]
         if device.platform == "gpu":
-            capability = str(getattr(device, "compute_capability", "0"))
-            return Accelerator("gpu", device.device_kind, float(capability) >= 8.0)
+            return Accelerator("gpu", device.device_kind, _capability_8_or_later(getattr(device, "compute_capability", "")))
     elif backend == "torch":
         import torch
 
@@ -47,6 +46,15 @@ def accelerator() -> Accelerator:
             major = (details.get("compute_capability") or (0, 0))[0]
             return Accelerator("gpu", details.get("device_name", "GPU"), major >= 8)
     return Accelerator("cpu", "cpu", False)
+
+
+def _capability_8_or_later(capability: object) -> bool:
+    """Whether JAX's compute capability ("8.0", "9.0") is Ampere's or later. A ROCm GPU's is its
+    architecture ("gfx90a"), no number: it counts as older, so auto gives float16."""
+    try:
+        return float(str(capability)) >= 8.0
+    except ValueError:
+        return False
 
 
 def precision_policy(setting: str, device: Accelerator) -> str:

@@ -55,3 +55,23 @@ def test_a_backend_that_is_not_installed_is_one_line_saying_how_to_install_it(ba
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"error: KERAS_BACKEND is {backend}, but {backend} is not installed in this environment; {advice}")
+
+
+@pytest.mark.parametrize(("capability", "policy"), [("7.5", "mixed_float16"), ("9.0", "mixed_bfloat16"),
+                                                    ("gfx90a", "mixed_float16"), ("", "mixed_float16")])
+def test_jax_auto_precision_reads_a_cuda_or_rocm_capability(monkeypatch, capability, policy) -> None:
+    """JAX gives an NVIDIA GPU's compute capability as "9.0", and a ROCm GPU's architecture
+    ("gfx90a"): that is no number, and training stopped on float("gfx90a") before it started."""
+    jax = pytest.importorskip("jax")
+    import keras
+
+    class Device:
+        platform = "gpu"
+        device_kind = "some GPU"
+        compute_capability = capability
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(jax, "devices", lambda *args: [Device()])
+    device = accelerator()
+    assert device.kind == "gpu"
+    assert precision_policy("auto", device) == policy
