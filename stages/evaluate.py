@@ -128,6 +128,16 @@ def evaluate(
     x_test, y_test = np.asarray(data.x["test"]), data.y["test"]
     test_batches = array_batches(x_test, y_test, batch_size=256, seed=0, shuffle=False)
     probabilities = np.asarray(model.predict(keras_input(test_batches), verbose=0), dtype="float64")
+    # A model that overflows (float16 logits, weights gone to inf) answers NaN for some images: a
+    # model to retrain, not a bug to trace back; nothing is written or registered for it.
+    unusable = ~np.isfinite(probabilities).all(axis=1) | ~(probabilities.sum(axis=1) > 0)
+    if unusable.any():
+        raise UserError(
+            f"evaluate@{experiment.name}: the model's output is not finite (NaN or infinite) or all zero for "
+            f"{int(unusable.sum())} of {len(unusable)} test images: its weights overflow or diverged; retrain it, "
+            f"with a lower {experiment.training_key('learning_rate')} or {experiment.training_key('mixed_precision')}: "
+            f"off (dvc repro --force train@{experiment.name})"
+        )
     y_pred = probabilities.argmax(axis=1)
     headline, per_class = scoring.score(y_test, probabilities, data.classes)
     report = scoring.classification_report_dict(y_test, y_pred, data.classes)

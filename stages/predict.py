@@ -147,8 +147,14 @@ def predict(loaded: LoadedModel, files: list[Path]) -> tuple[list[tuple[Path, st
         if not images:
             continue
         probabilities = np.asarray(loaded.model.predict_on_batch(np.stack(images)), dtype="float64")
-        probabilities /= probabilities.sum(axis=1, keepdims=True)
         for path, row in zip(kept, probabilities):
+            total = row.sum()
+            # NaN's argmax is 0: without this the image would be labelled the first class, confidence nan.
+            if not (np.isfinite(row).all() and total > 0):
+                problems.append(f"{path}: the model's output for this image is not finite (NaN or infinite) or all "
+                                f"zero; not classified (the model overflows on it: retrain, or try another version)")
+                continue
+            row = row / total
             results.append((path, loaded.classes[int(row.argmax())], float(row.max())))
     return results, problems
 

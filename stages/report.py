@@ -274,6 +274,11 @@ def report(suite: str, params_path: str, metrics_dir: Path, out: Path) -> pd.Dat
         champions = update_champions(table)
     held = {dataset: champion.version for dataset, (_, champion) in champions.items()}
     table["champion"] = [held.get(d) == int(v) for d, v in zip(table["dataset"], table["model_version"])]
+    # Of rows tied on the rank metric, the champion first: its tie-break (the newest version, or the
+    # one already holding the alias) is not the leaderboard's (backbone name).
+    table = table.sort_values(
+        ["dataset", config.rank_by, "champion", "backbone"], ascending=[True, False, False, True], kind="stable"
+    ).reset_index(drop=True)
     # A champion from an earlier evaluation (other params, say) that none of today's rows beat.
     elsewhere = [
         f"- {dataset}: the champion is version {champion.version} ({champion.experiment or 'unknown experiment'}, "

@@ -307,3 +307,32 @@ def test_redacted_reraise_keeps_what_the_error_said() -> None:
     if "_fails_deep_inside" not in text:
         problems.append("traceback no longer shows where it was raised")
     assert not problems, "; ".join(problems)
+
+
+class _NanOnSomeImages:
+    """Wraps a model: its predictions for the first test image are NaN (a float16 overflow, say)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def predict(self, *args, **kwargs):
+        probabilities = np.array(self._model.predict(*args, **kwargs))
+        probabilities[0] = np.nan
+        return probabilities
+
+
+def test_a_model_predicting_nan_is_one_line_not_a_traceback(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose validation loss was finite can still overflow on some test images (float16):
+    evaluate ended in scoring's ValueError traceback; it is one line, and nothing is written."""
+    from stages import backbones
+
+    load = backbones.load_saved_model
+    monkeypatch.setattr(backbones, "load_saved_model", lambda *a, **k: _NanOnSomeImages(load(*a, **k)))
+    with pytest.raises(UserError, match=r"not finite \(NaN or infinite\) or all zero for 1 of ") as raised:
+        _evaluate(trained)
+    assert "train@toy-net" in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert not (trained / "reports" / "metrics.json").exists()

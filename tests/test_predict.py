@@ -348,3 +348,24 @@ def test_with_no_mlflow_database_predict_says_so_and_creates_none(
         "at the tracking server or database that holds them"
     ]
     assert not database.exists()
+
+
+class _NanModel:
+    """Answers class "b" with confidence 0.8, except NaN for the first image of each batch."""
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        probabilities = np.tile(np.array([[0.1, 0.8, 0.1]], dtype="float32"), (len(images), 1))
+        probabilities[0] = np.nan
+        return probabilities
+
+
+def test_predict_does_not_label_a_nan_output_as_the_first_class(tmp_path: Path) -> None:
+    """Before: the NaN row's argmax is 0, so the image was printed as class "a" with confidence
+    nan, and the run exited 0 as if it had been classified."""
+    loaded = LoadedModel(_NanModel(), ["a", "b", "c"], image_size=8, channels=1, uri="models:/toy/1")
+    first, second = write_png(tmp_path / "1.png", 0), write_png(tmp_path / "2.png", 255)
+
+    results, problems = predict(loaded, [first, second])
+
+    assert [(path, label) for path, label, _ in results] == [(second, "b")]
+    assert len(problems) == 1 and problems[0].startswith(f"{first}: ")

@@ -488,3 +488,19 @@ def test_a_timed_out_lookup_does_not_hand_the_champion_to_a_worse_version(
     except MlflowException:
         pass  # failing is fine; moving the alias is not
     assert int(registry.get_model_version_by_alias("digits", CHAMPION).version) == best
+
+
+def test_on_a_tie_the_leaderboards_first_row_is_the_champion(registry, suite) -> None:
+    """Two backbones with the same accuracy (common on small or easy test splits: 100% each):
+    the champion is the newer version, but the leaderboard put the other one first."""
+    params, metrics, out = suite
+    mobile = register(registry, 0.975945, experiment="digits-mobilenetv2")
+    small = register(registry, 0.975945, experiment="digits-small_cnn")
+    write_metrics(metrics, "small_cnn", 0.975945, small)
+    write_metrics(metrics, "mobilenetv2", 0.975945, mobile)
+
+    report_stage.report("demo", str(params), metrics, out)
+
+    csv = pd.read_csv(out.with_suffix(".csv"))
+    assert champion(registry) == small
+    assert list(csv["champion"]) == [True, False], list(zip(csv["backbone"], csv["champion"]))
