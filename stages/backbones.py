@@ -89,6 +89,8 @@ CNN_OPTIONS = ("filters", "convs_per_block", "batch_norm", "dropout")
 # of its factory's arguments are the pipeline's: the input shape, the weights, no top (the head is
 # ours), and the preprocessing, applied by the model's own layer before the base.
 APPLICATION_OPTIONS = {"mobilenetv2": ("alpha",)}
+# The widths Keras publishes MobileNetV2's ImageNet weights for (any other trains from scratch only).
+MOBILENETV2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 PIPELINE_ARGUMENTS = ("include_top", "weights", "input_tensor", "input_shape", "pooling", "classes",
                       "classifier_activation", "include_preprocessing", "name")
 

@@ -331,6 +331,15 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
         raise ConfigError(f"{source}: expected a mapping at the top level")
     if "path" in raw:
         raise ConfigError(f"{source}: path: unknown key; valid keys: training, datasets, backbones, experiments, suites")
+    for kind in ("datasets", "backbones", "suites"):
+        names = raw.get(kind)
+        for name in names if isinstance(names, dict) else ():
+            if isinstance(name, (int, float)) and not isinstance(name, bool):
+                # DVC's foreach makes no stage for a key that is not text: fetch@2020 would not exist.
+                raise ConfigError(
+                    f"{source}: {kind}.{name}: the name was read as a number (YAML reads bare digits so), and "
+                    f"DVC makes no stages for a number; quote it as written, e.g. '{name}':"
+                )
     params = _parse(Params, {**raw, "path": source}, "", source)
     for dataset in params.datasets.values():
         # One spelling per name: "é" typed as one code point or as "e" + accent (as macOS
@@ -345,7 +354,15 @@ def _check_references(params: Params, source: str) -> None:
     from stages import backbones, layouts, sources  # registries; cheap to import
 
     for kind, names in (("datasets", params.datasets), ("backbones", params.backbones), ("suites", params.suites)):
+        folded: dict[str, str] = {}
         for name in names:
+            # data/raw/Digits and data/raw/digits are one folder on macOS's and Windows' file systems.
+            other = folded.setdefault(name.casefold(), name)
+            if other != name:
+                raise ConfigError(
+                    f"{source}: {kind}.{name}: differs from {kind}.{other} only in case, and they would share "
+                    "folders on a case-insensitive file system (macOS, Windows); rename one"
+                )
             if not NAME.fullmatch(name):
                 raise ConfigError(
                     f"{source}: {kind}.{name}: {name!r} cannot name DVC stages and folders (fetch@<dataset>, "
@@ -510,6 +527,26 @@ def _check_backbone(backbone: BackboneConfig, where: str, overridden: set[str], 
                 f"{source}: {key('weights_url')}: {backbone.weights_url!r} is not an http(s) URL; for a file "
                 f"you have, set the URL it came from and put the file where the weights stage says"
             )
+    # What the weights stage would refuse, refused before DVC fetches the dataset it runs after.
+    pinned = (backbone.weights_sha256 or "").strip()
+    if backbone.weights and pinned and not re.fullmatch(r"[0-9a-fA-F]{64}", pinned):
+        raise ConfigError(
+            f"{source}: {key('weights_sha256')}: {backbone.weights_sha256!r} is not a sha256 (64 hexadecimal "
+            f"characters); pin the file's checksum (`sha256sum <file>`) in params.yaml"
+        )
+    if backbone.weights and backbone.weights_url and not pinned:
+        raise ConfigError(
+            f"{source}: {key('weights_sha256')}: required with weights_url; pin the file's checksum "
+            f"(`sha256sum <file>`) in params.yaml"
+        )
+    alpha = backbone.options.get("alpha", 1.0)
+    if backbone.weights and backbone.model == "mobilenetv2" and not isinstance(alpha, bool) and isinstance(
+        alpha, (int, float)
+    ) and alpha not in backbones.MOBILENETV2_ALPHAS:
+        raise ConfigError(
+            f"{source}: {key('options.alpha')}: {alpha!r} has no ImageNet weights; use one of "
+            f"{', '.join(str(a) for a in backbones.MOBILENETV2_ALPHAS)}, or weights: null to train from scratch"
+        )
     smallest = spec.min_input_size
     if backbone.input_size is not None and backbone.input_size < smallest:
         raise ConfigError(
@@ -563,7 +600,8 @@ def _parse_override(base: Any, overrides: dict[str, Any], where: str, source: st
 # The generic strict parser: dataclasses, Literal, Optional, list, dict and scalars.
 
 
-def _parse(tp: Any, value: Any, where: str, source: str) -> Any:
+def _parse(tp: Any, value: Any, where: str, source: str, nullable: bool = False) -> Any:
+    """`value` as type `tp`; `nullable`: `tp` is one side of an Optional, and messages offer null."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -579,7 +617,7 @@ def _parse(tp: Any, value: Any, where: str, source: str) -> Any:
         errors = []
         for option in options:
             try:
-                return _parse(option, value, where, source)
+                return _parse(option, value, where, source, nullable=type(None) in args)
             except ConfigError as error:
                 errors.append(error)
         raise errors[0]
@@ -591,7 +629,7 @@ def _parse(tp: Any, value: Any, where: str, source: str) -> Any:
             # `1.0 == 1` and `True == 1` in Python; a Literal wants the value as written.
             if value == allowed and type(value) is type(allowed):
                 return value
-        shown = ", ".join("null" if a is None else str(a) for a in args)
+        shown = ", ".join("null" if a is None else str(a) for a in (*args, *((None,) if nullable else ())))
         raise ConfigError(f"{source}: {where}: {value!r} is not allowed; valid: {shown}")
     if origin is list:
         if not isinstance(value, list):
@@ -630,7 +668,8 @@ def _parse(tp: Any, value: Any, where: str, source: str) -> Any:
         raise TypeError(f"unsupported schema type {tp!r}")
     quote = ("; YAML reads bare yes/no/on/off/true/false/null so: quote it if it is a name"
              if tp is str and (value is None or isinstance(value, bool)) else "")
-    raise ConfigError(f"{source}: {where}: expected {tp.__name__}, got {_kind(value)} {value!r}{quote}")
+    expected = f"{tp.__name__} or null" if nullable else tp.__name__
+    raise ConfigError(f"{source}: {where}: expected {expected}, got {_kind(value)} {value!r}{quote}")
 
 
 def _parse_dataclass(tp: type, value: Any, where: str, source: str) -> Any:

@@ -503,6 +503,8 @@ def local(params_path: str, suite: str, patterns: list[str], slots: list[str | N
     """The chosen experiments on this machine, as many at once as there are slots."""
     from stages import tracking
 
+    if not slots:  # before the shared stages run: for the course, every download
+        raise UserError("no GPU or job slot to run on: give --gpus 0,1,... or --jobs N (N >= 1)")
     by_dataset = select(params_path, suite, patterns)
     names = [name for members in by_dataset.values() for name in members]
     # What the experiments share runs once, before they start: two runs must not both decide

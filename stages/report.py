@@ -210,7 +210,7 @@ def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
                 f"different data {sorted(data_versions)}; re-run their evaluate stages (dvc repro --force)"
             )
         data_version = data_versions.pop()
-        # A version whose run was deleted (a retrain with the same params and data replaces its
+        # A version whose run was deleted (a retrain with the same params, data and code replaces its
         # run) is no candidate, and gives up the alias: once `mlflow gc` purges the run, its files
         # are gone and predict could not load it.
         live = _live_runs(client, {v.run_id for v in versions if v.run_id})

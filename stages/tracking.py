@@ -3,7 +3,7 @@
 The tracking URI comes from `MLFLOW_TRACKING_URI`; without it, runs go to `mlflow.db`, a SQLite
 file at the repository root, named by absolute path so stages run from any working folder write
 to the same place. One MLflow experiment per dataset; one run per (dataset, backbone, resolved
-params, data version), found again by the `classmatrix.run_key` tag so that re-running a stage
+params, data version, training code), found again by the `classmatrix.run_key` tag so that re-running a stage
 never leaves two runs for the same thing; a run another live process is training (the
 `classmatrix.owner` tag says which) is never deleted under it.
 
@@ -342,6 +342,23 @@ def run_exists(run_id: str) -> bool:
             raise
         return False
     return run.info.lifecycle_stage == "active"
+
+
+def close_abandoned_run(run_id: str) -> None:
+    """Mark a run a stopped training left RUNNING as KILLED, once its checkpoint is discarded,
+    unless another process its owner tag names may still be training it. A store that does not answer,
+    or a run that is gone, is left as it is."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = mlflow_client().tracking.MlflowClient()
+        run = client.get_run(run_id)
+        owner = run.data.tags.get(OWNER_TAG)
+        # This process discarding the checkpoint is not training its run either.
+        if run.info.status == "RUNNING" and (owner == process_owner() or not owner_may_be_running(owner)):
+            client.set_terminated(run_id, status="KILLED")
+    except MlflowException:
+        pass
 
 
 def reopen_run(run_id: str) -> None:

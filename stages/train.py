@@ -431,12 +431,24 @@ def _train(
         config = resolved_config(experiment)
         params_hash = tracking.stable_hash(config)
         weights_digest = json.loads((weights_dir / "weights.json").read_text())["sha256"] if weights_file else None
-        run_key = tracking.stable_hash({"params": params_hash, "data": data.version, "weights": weights_digest})
+        code = code_version(keras.backend.backend())
+        # The code is part of the key: a retrain under other code (which DVC reruns train@ for) is
+        # another run, not a replacement. Reverting the change makes DVC bring the first training's
+        # outputs back from its run cache, train@ and evaluate@ alike, without running a stage that
+        # could revive a deleted run; the run their training.json names must still be there.
+        run_key = tracking.stable_hash(
+            {"params": params_hash, "data": data.version, "weights": weights_digest, "code": code}
+        )
         checkpoint_path = out / CHECKPOINT
         checkpoint = Checkpoint(checkpoint_path)
         # A data-parallel run's epochs trained on batches trimmed to a multiple of its devices.
         setup = f"{keras.backend.backend()} {policy}" + (f" on {replicas.count} devices" if replicas.count > 1 else "")
         resumed = checkpoint.read()
+        discarded = resumed[0].run_id if resumed is not None else ""
+        if resumed is not None and resumed[0].code != code:
+            print(f"train@{experiment.name}: the checkpoint was written by other code (the stages/ modules train "
+                  "runs) or other versions of Keras and its backend; starting over")
+            resumed = None
         if resumed is not None and resumed[0].run_key != run_key:
             print(f"train@{experiment.name}: the checkpoint is for other params or data; starting over")
             resumed = None
@@ -445,11 +457,6 @@ def _train(
             print(f"train@{experiment.name}: the checkpoint was written with {resumed[0].setup or 'an older version'}, "
                   f"this run has {setup} (KERAS_BACKEND, training.mixed_precision, the devices data_parallel "
                   "trains on); starting over")
-            resumed = None
-        code = code_version(keras.backend.backend())
-        if resumed is not None and resumed[0].code != code:
-            print(f"train@{experiment.name}: the checkpoint was written by other code (the stages/ modules train "
-                  "runs) or other versions of Keras and its backend; starting over")
             resumed = None
         if resumed is not None:
             state, arrays = resumed
@@ -461,6 +468,10 @@ def _train(
         else:
             arrays = {}
             state = TrainingState(run_key=run_key, run_id="", setup=setup, code=code)
+            if discarded:
+                # The interrupted training this checkpoint held is not going on: its run, left
+                # RUNNING by the process that was stopped, would otherwise stay so for good.
+                tracking.close_abandoned_run(discarded)
         tags = {
             "data_version": data.version,
             "keras_backend": keras.backend.backend(),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from stages.backbones import get_backbone
+from stages.backbones import MOBILENETV2_ALPHAS, get_backbone
 from stages.config import ConfigError, load_params
 from stages.downloads import download, download_cache
 from stages.errors import UserError, run_stage
@@ -139,7 +139,6 @@ PUBLISHED: dict[str, WeightsFile] = {
 
 # MobileNetV2: one file per width multiplier (alpha) and input size. Keras publishes no hash for
 # these files (its get_file call passes none); DVC's lock records the md5 of the first download.
-MOBILENETV2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MOBILENETV2_SIZES = (96, 128, 160, 192, 224)
 
 

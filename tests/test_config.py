@@ -675,3 +675,98 @@ def test_a_bare_yes_key_in_a_class_map_is_refused_with_how_to_quote_it(tmp_path,
         load_params(tmp_path / "params.yaml")
     (tmp_path / "params.yaml").write_text(text.replace("{yes: '0', no: '1'}", "{'yes': '0', 'no': '1'}"))
     assert load_params(tmp_path / "params.yaml").datasets["digits"].layout.options.class_map == {"yes": "0", "no": "1"}
+
+
+# --------------------------------------------------------------------------------------------
+# Mistakes that passed `python -m stages.config` and failed later, or whose line misled.
+
+DIGITS_ENTRY = """
+  2020:
+    source: {kind: sklearn, name: digits}
+    layout: {kind: folders}
+    classes: [0, 1, 2]
+    image_size: 16
+    channels: 1
+    split: {}
+    validation: {}
+    augmentation: {}
+    reference: {}
+    metric: auto
+"""
+
+
+def test_a_bare_numeric_dataset_name_is_refused_with_how_to_quote_it(tmp_path):
+    """`2020:` is read as the number 2020. The stages took it as the name '2020', but DVC's
+    foreach makes no fetch@/validate@/split@ stage for a number key: train@2020-small_cnn then
+    failed in DVC with "No such file or directory: data/processed/2020"."""
+    text = PARAMS.read_text(encoding="utf-8")
+    text = text.replace("datasets:\n", "datasets:" + DIGITS_ENTRY, 1)
+    text = text.replace("experiments:\n", "experiments:\n  2020-small_cnn: {suite: demo, dataset: 2020, backbone: small_cnn}\n", 1)
+    (tmp_path / "params.yaml").write_text(text, encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        load_params(tmp_path / "params.yaml")
+
+    message = str(caught.value)
+    assert "datasets.2020:" in message and "quote" in message
+
+
+def test_a_bare_numeric_suite_name_is_config_error(raw):
+    raw["suites"][2024] = {}
+    raw["experiments"]["digits-small_cnn"]["suite"] = 2024
+
+    assert "suites.2024:" in config_error(raw)
+
+
+def test_a_mobilenetv2_width_with_no_imagenet_file_is_refused_when_params_are_read(raw):
+    """alpha 0.3 is a valid width, but Keras publishes ImageNet weights for 0.35, 0.5, 0.75, 1.0,
+    1.3 and 1.4 only. `python -m stages.config` said ok; weights@ refused it, after DVC had run
+    fetch@ and validate@ of the dataset (plan_repro order for train@ham10000-mobilenetv2)."""
+    raw["experiments"]["ham10000-mobilenetv2"]["backbone_overrides"] = {"options": {"alpha": 0.3}}
+
+    message = config_error(raw)
+
+    assert "experiments.ham10000-mobilenetv2.backbone_overrides.options.alpha" in message
+    assert "0.35" in message and "1.4" in message
+
+
+@pytest.mark.parametrize(
+    ("pins", "said"),
+    [
+        ({"weights_url": "https://mirror.example/w.h5"}, "backbones.vgg16.weights_sha256: required with weights_url"),
+        ({"weights_url": "https://mirror.example/w.h5", "weights_sha256": "abc"},
+         "backbones.vgg16.weights_sha256: 'abc' is not a sha256"),
+    ],
+    ids=["url without sha256", "sha256 not a sha256"],
+)
+def test_a_mirror_without_a_usable_pin_is_refused_when_params_are_read(raw, pins, said):
+    raw["backbones"]["vgg16"].update(pins)
+
+    assert said in config_error(raw)
+
+
+def test_weights_none_says_that_null_is_the_way_to_train_from_scratch(raw):
+    """`weights: none` (as class_weight: none and flip: none are written) said
+    "valid: imagenet", as if ImageNet weights were the only choice."""
+    raw["backbones"]["vgg16"]["weights"] = "none"
+
+    message = config_error(raw)
+
+    assert "backbones.vgg16.weights:" in message and "null" in message
+
+
+def test_an_optional_number_given_as_text_says_null_is_allowed(raw):
+    raw["backbones"]["vgg16"]["input_size"] = "auto"
+
+    message = config_error(raw)
+
+    assert "backbones.vgg16.input_size:" in message and "null" in message
+
+
+def test_dataset_names_differing_only_in_case_are_config_error(raw):
+    """data/raw/Digits and data/raw/digits are one folder on macOS's and Windows' file systems."""
+    raw["datasets"]["Digits"] = copy.deepcopy(raw["datasets"]["digits"])
+
+    message = config_error(raw)
+
+    assert "datasets.Digits" in message and "digits" in message

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from conftest import S3_BUCKET, S3_KEYS
 
+from stages import matrix
 from stages.errors import UserError
 from stages.matrix import gather, merge_locks, plan, run_pool, summary
 
@@ -749,3 +750,16 @@ def test_a_stage_run_because_the_remote_lacks_its_output_that_fails_is_reported_
     assert (later / "model-b.txt").read_text() == "n: 1\ncode 1\n"
     assert (later / "metrics-b.json").read_text().strip() == "12"
 
+
+@pytest.mark.parametrize("where", [["--jobs", "0"], ["--gpus", ","]], ids=["--jobs 0", "--gpus ,"])
+def test_local_without_a_slot_is_refused_before_anything_runs(monkeypatch, tmp_path, where):
+    """`matrix local --jobs 0` first ran `dvc repro split@<every dataset> weights@<every experiment>`
+    (the course: every download, for hours), then said there was no slot to run on."""
+    ran: list[tuple] = []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # the unfixed code went on to make experiments
+    monkeypatch.setattr(matrix, "dvc", lambda *args, **kwargs: ran.append(args))
+
+    with pytest.raises(UserError, match="--jobs"):
+        matrix.main(["local", "--suite", "demo", "--params", PARAMS, *where])
+
+    assert ran == []

@@ -277,3 +277,29 @@ def test_the_demo_runs_end_to_end_on_the_jax_backend(tmp_path: Path) -> None:
     for backbone in ("small_cnn", "mobilenetv2"):
         backend, same_length, agreement = run([sys.executable, "-c", load, str(tmp_path), backbone], REPO, tf_env).stdout.split()[-3:]
         assert backend == "tensorflow" and same_length == "True" and float(agreement) >= 0.99, (backbone, agreement)
+
+
+def test_a_reverted_code_change_brings_back_outputs_whose_run_is_live(tmp_path: Path) -> None:
+    """Edit a module train@ depends on, repro, revert it, repro: DVC restores train@ and evaluate@
+    from its run cache (no stage runs), so the run the restored training.json names must still be
+    a live MLflow run (before, the retrain under the edited code had deleted it)."""
+    from mlflow.tracking import MlflowClient
+
+    env = copy_repository(tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["experiments"]["digits-small_cnn"]["train"].update(epochs=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    target = ["dvc", "repro", "evaluate@digits-small_cnn"]
+    run(target, tmp_path, env)
+    record = tmp_path / "models/digits/small_cnn/training.json"
+    first = json.loads(record.read_text())["run_id"]
+    code = tmp_path / "stages/train.py"
+    original = code.read_text()
+    code.write_text(original + "# an edit\n")
+    assert "train@digits-small_cnn" in stages_run(run(target, tmp_path, env).stdout)
+    code.write_text(original)
+    restored = run(target, tmp_path, env)
+    assert stages_run(restored.stdout) == [] and "is cached - skipping run" in restored.stdout
+    assert json.loads(record.read_text())["run_id"] == first
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(first).info.lifecycle_stage == "active", "the workspace's model names a deleted run"

@@ -1245,3 +1245,53 @@ def test_evaluating_a_model_on_data_split_again_since_it_trained_is_refused(tmp_
     assert "\n" not in text and text.startswith(f"evaluate@toy-net: the model was trained on prepared data {trained_on}, but ")
     assert text.endswith("retrain it first, dvc repro train@toy-net")
     assert not out.exists()
+
+
+def test_a_retrain_under_other_code_keeps_the_earlier_run(tmp_path: Path, tracking: str, monkeypatch) -> None:
+    """A code change reruns train@ with the same params and data; reverting it makes `dvc repro`
+    bring the first training's outputs back from DVC's run cache, train@ and evaluate@ both
+    ("is cached - skipping run, checking out outputs"), so no stage runs that could revive a run
+    the retrain deleted: the workspace's training.json would name a deleted run. A retrain under
+    other code must keep the earlier run; under the same code it still replaces it."""
+    from mlflow.tracking import MlflowClient
+
+    from stages import train as train_module
+
+    client = MlflowClient(tracking)
+    train = {"epochs": 1, "early_stopping_patience": 10, "batch_size": 64}
+    _, first = train_toy(tmp_path, "first", SMALL_CNN, train)
+    same_code = train_module.code_version
+    monkeypatch.setattr(train_module, "code_version", lambda backend: "edited" + same_code(backend)[6:])
+    _, edited = train_toy(tmp_path, "edited", SMALL_CNN, train)
+    assert edited["run_id"] != first["run_id"]
+    assert client.get_run(first["run_id"]).info.lifecycle_stage == "active", "the first code's run was deleted"
+    monkeypatch.setattr(train_module, "code_version", same_code)
+    _, again = train_toy(tmp_path, "again", SMALL_CNN, train)  # same code, params and data: replaces
+    assert client.get_run(first["run_id"]).info.lifecycle_stage == "deleted"
+    assert client.get_run(edited["run_id"]).info.lifecycle_stage == "active"
+
+
+def test_a_run_whose_checkpoint_is_discarded_is_not_left_running(tmp_path: Path, tracking: str, monkeypatch) -> None:
+    """Ctrl-C during train@, then a param change: the rerun starts over ("the checkpoint is for other
+    params or data") in a new run; the interrupted one, whose process is gone, was left RUNNING
+    in MLflow for good."""
+    from mlflow.tracking import MlflowClient
+
+    from stages import train as train_module
+
+    save = train_module.Checkpoint.save
+
+    def save_then_die(self, state, model, optimizer, best, static=()):
+        save(self, state, model, optimizer, best, static)
+        raise Interrupted
+
+    monkeypatch.setattr(train_module.Checkpoint, "save", save_then_die)
+    with pytest.raises(Interrupted):
+        train_toy(tmp_path, "cut", SMALL_CNN, {"epochs": 3, "early_stopping_patience": 10, "batch_size": 64})
+    monkeypatch.setattr(train_module.Checkpoint, "save", save)
+    client = MlflowClient(tracking)
+    (cut,) = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    assert cut.info.status == "RUNNING"
+    _, record = train_toy(tmp_path, "cut", SMALL_CNN, {"epochs": 2, "early_stopping_patience": 10, "batch_size": 64})
+    assert record["run_id"] != cut.info.run_id
+    assert client.get_run(cut.info.run_id).info.status != "RUNNING", "the abandoned run is still RUNNING"
