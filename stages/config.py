@@ -126,7 +126,8 @@ class HeadConfig:
 @dataclass(frozen=True)
 class BackboneConfig:
     model: str
-    # None means the dataset's working resolution.
+    # None: the family's native size (224 for most keras.applications families, 299 for
+    # InceptionV3), or the dataset's working resolution for a family with none (the custom CNNs).
     input_size: int | None = None
     weights: Literal["imagenet"] | None = None
     # Where the ImageNet weights file comes from when not from its published URL (a team's mirror,
