@@ -27,12 +27,18 @@ BACKEND_MODULES = {"torch": ("torch",), "jax": ("jax", "jaxlib"), "tensorflow": 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Call a stage's `main`, turning a UserError, or a write refused for lack of room, into one
-    line and exit status 1."""
+    line and exit status 1, and Ctrl-C into one line and exit status 130."""
     try:
         main(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        # Ctrl-C: what the stage had finished is kept (atomic outputs, train's checkpoint, a
+        # download's .part file); 130 is the shell's status for a process stopped by SIGINT.
+        print("interrupted; run the stage again to go on (train resumes after its last completed epoch, "
+              "a download from where it stopped)", file=sys.stderr)
+        raise SystemExit(130) from None
     except ModuleNotFoundError as error:
         backend = os.environ.get("KERAS_BACKEND", "tensorflow")
         missing = (error.name or "").split(".")[0]

@@ -97,3 +97,17 @@ def test_atomic_path_leaves_nothing_when_the_block_fails(tmp_path: Path) -> None
             raise OSError(errno.ENOSPC, "No space left on device")
     assert json.loads((tmp_path / "record.json").read_text()) == {"epochs": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_ctrl_c_is_one_line_saying_how_to_go_on(capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C during a stage printed a KeyboardInterrupt traceback (from deep inside Keras or a
+    download), although what the stage finished is kept and a rerun goes on from it."""
+
+    def interrupted(argv: list[str] | None) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(interrupted)
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted; run the stage again to go on") and err.count("\n") == 1
