@@ -338,8 +338,9 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
             if isinstance(name, (int, float)) and not isinstance(name, bool):
                 # DVC's foreach makes no stage for a key that is not text: fetch@2020 would not exist.
                 raise ConfigError(
-                    f"{source}: {kind}.{name}: the name was read as a number (YAML reads bare digits so), and "
-                    f"DVC makes no stages for a number; quote it as written, e.g. '{name}':"
+                    f"{source}: {kind}.{name}: the name was read as the number {name} (YAML reads bare digits so, "
+                    "and 2020_01 or 1e3 as other numbers), and DVC makes no stages for a number; quote the name as "
+                    "you wrote it in the file, e.g. 2020: as '2020':"
                 )
     params = _parse(Params, {**raw, "path": source}, "", source)
     for dataset in params.datasets.values():

@@ -27,7 +27,7 @@ BACKEND_MODULES = {"torch": ("torch",), "jax": ("jax", "jaxlib"), "tensorflow": 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Call a stage's `main`, turning a UserError, or a write refused for lack of room, into one
-    line and exit status 1, and Ctrl-C into one line and exit status 130."""
+    line and exit status 1, and Ctrl-C into one line and death by SIGINT (status 130 in a shell)."""
     try:
         main(argv)
     except UserError as error:
@@ -38,7 +38,18 @@ def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None =
         # download's .part file); 130 is the shell's status for a process stopped by SIGINT.
         print("interrupted; run the stage again to go on (train resumes after its last completed epoch, "
               "a download from where it stopped)", file=sys.stderr)
-        raise SystemExit(130) from None
+        # The interrupt goes on up, its traceback left out: Python ends a process whose
+        # KeyboardInterrupt nobody caught by SIGINT itself, after its clean-up, so that a shell
+        # running a script stops there too. A plain exit status 130 lets bash go on to the
+        # script's next command (it takes such a stage to have handled Ctrl-C itself).
+        hook = sys.excepthook
+
+        def quiet(kind: type[BaseException], value: BaseException, trace: object) -> None:
+            if not issubclass(kind, KeyboardInterrupt):
+                hook(kind, value, trace)  # type: ignore[arg-type]
+
+        sys.excepthook = quiet
+        raise KeyboardInterrupt from None
     except ModuleNotFoundError as error:
         backend = os.environ.get("KERAS_BACKEND", "tensorflow")
         missing = (error.name or "").split(".")[0]

@@ -237,8 +237,8 @@ def log_evaluation(
     run_id = training_record.get("run_id") or ""
     if run_id and tracking.revive_run(run_id):
         print(
-            f"evaluate@{experiment.name}: restored MLflow run {run_id}, which a retrain with the same params and "
-            "data had replaced: DVC brought back its training's outputs"
+            f"evaluate@{experiment.name}: restored MLflow run {run_id}, which a retrain with the same params, "
+            "data and code had replaced: DVC brought back its training's outputs"
         )
     if not run_id or not tracking.run_exists(run_id):
         raise UserError(

@@ -217,8 +217,9 @@ def stable_hash(data: Any) -> str:
 def start_fresh_run(dataset: str, run_name: str, run_key: str, tags: dict[str, str]) -> str:
     """Create the run for `run_key`, retiring any earlier run with the same key; return its id.
 
-    A retrain with identical params and data (after a code change, say) replaces the old run
-    rather than adding a second one beside it. A run that another live process is still training
+    A retrain with identical params, data and training code (`dvc repro --force`) replaces the
+    old run rather than adding a second one beside it; under other code the key differs, and the
+    earlier run stays for DVC's run cache to bring its outputs back to. A run that another live process is still training
     (two queued DVC experiments retraining the same stale experiment at once) is left alone:
     deleting it would stop that process logging into it. The two then keep a run each, one per
     workspace that trained.
@@ -234,10 +235,10 @@ def start_fresh_run(dataset: str, run_name: str, run_key: str, tags: dict[str, s
 def revive_run(run_id: str) -> bool:
     """Make `run_id` its key's run again if a later retrain retired it; whether it did.
 
-    DVC's run cache brings back the outputs of an earlier training when its inputs come back (a
-    reverted code change, a param changed and changed back), but a retrain with the same params
-    and data has since deleted that training's run. Its outputs are the workspace's again, so is
-    its run: restored, and the retrain's run retired in its place.
+    DVC's run cache (or a checkout) can bring back the outputs of an earlier training after a
+    retrain with the same params, data and training code (`dvc repro --force`) deleted that
+    training's run. Its outputs are the workspace's again, so is its run: restored, and the
+    retrain's run retired in its place.
     """
     from mlflow.exceptions import MlflowException
 

@@ -770,3 +770,14 @@ def test_dataset_names_differing_only_in_case_are_config_error(raw):
     message = config_error(raw)
 
     assert "datasets.Digits" in message and "digits" in message
+
+
+def test_a_numeric_name_is_not_shown_quoted_as_its_number_but_as_written(tmp_path):
+    """`2020_01:` is the number 202001 to YAML (DVC's too): it was refused with "quote it as
+    written, e.g. '202001':", a name the file never had; so is `1e3:`, with "'1000.0':"."""
+    for written, read in (("2020_01", "'202001'"), ("1e3", "'1000.0'")):
+        text = PARAMS.read_text(encoding="utf-8").replace("datasets:\n", "datasets:" + DIGITS_ENTRY.replace("2020:", f"{written}:"), 1)
+        (tmp_path / "params.yaml").write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError) as caught:
+            load_params(tmp_path / "params.yaml")
+        assert "quote" in str(caught.value) and read not in str(caught.value), str(caught.value)

@@ -99,15 +99,47 @@ def test_atomic_path_leaves_nothing_when_the_block_fails(tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]
 
 
-def test_ctrl_c_is_one_line_saying_how_to_go_on(capsys: pytest.CaptureFixture) -> None:
+def test_ctrl_c_is_one_line_saying_how_to_go_on(capsys: pytest.CaptureFixture, monkeypatch) -> None:
     """Ctrl-C during a stage printed a KeyboardInterrupt traceback (from deep inside Keras or a
-    download), although what the stage finished is kept and a rerun goes on from it."""
+    download), although what the stage finished is kept and a rerun goes on from it. The
+    interrupt goes on up (Python then ends the process by SIGINT), its traceback left out."""
 
     def interrupted(argv: list[str] | None) -> None:
         raise KeyboardInterrupt
 
-    with pytest.raises(SystemExit) as stopped:
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # run_stage quietens it
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run_stage(interrupted)
-    assert stopped.value.code == 130
+    sys.excepthook(stopped.type, stopped.value, stopped.tb)  # prints nothing
     err = capsys.readouterr().err
     assert err.startswith("interrupted; run the stage again to go on") and err.count("\n") == 1
+
+
+INTERRUPTIBLE = """
+import time
+from stages.errors import run_stage
+print("ready", flush=True)
+run_stage(lambda argv: time.sleep(60))
+"""
+
+
+def test_ctrl_c_in_a_script_stops_the_script_too(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole foreground process group: the shell running a script and the
+    stage. A shell goes on to the script's next command unless the stage died of SIGINT (bash's
+    wait-and-cooperative-exit; Python ends an uncaught KeyboardInterrupt so for this reason). With
+    Ctrl-C turned into a plain exit status 130, `python -m stages.train ...; python -m stages.evaluate ...`
+    went on to evaluate, and the script ended with status 0."""
+    import os
+    import signal
+
+    script = f"{sys.executable} -c '{INTERRUPTIBLE}'; echo went-on"
+    shell = subprocess.Popen(["bash", "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True,
+                             # as a terminal's shell has it (a job started with & in a script ignores SIGINT)
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert shell.stdout.readline().strip() == "ready"
+    os.killpg(shell.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    out, err = shell.communicate(timeout=60)
+    assert "went-on" not in out, "the script went on after Ctrl-C"
+    assert shell.returncode == -signal.SIGINT
+    assert err.startswith("interrupted; run the stage again to go on") and "Traceback" not in err
