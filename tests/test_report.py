@@ -504,3 +504,20 @@ def test_on_a_tie_the_leaderboards_first_row_is_the_champion(registry, suite) ->
     csv = pd.read_csv(out.with_suffix(".csv"))
     assert champion(registry) == small
     assert list(csv["champion"]) == [True, False], list(zip(csv["backbone"], csv["champion"]))
+
+
+def test_the_closing_line_names_each_datasets_first_row_by_the_suites_rank_metric() -> None:
+    """report@<suite>'s last line. Before, it named the table's first row (the alphabetically first
+    dataset) as "first" with its plain accuracy whatever rank_by said: a suite ranked by balanced
+    accuracy over flowers (33% balanced) and shapes (50% balanced) said `first: flowers x
+    mobilenetv2 at 33.33% test accuracy`."""
+    rows = [
+        record("flowers", "mobilenetv2", 0.3333),
+        record("shapes", "tiny16", 0.3077),
+        record("shapes", "small_cnn", 0.30),
+    ]
+    rows[0]["balanced_accuracy"], rows[1]["balanced_accuracy"], rows[2]["balanced_accuracy"] = 0.3333, 0.50, 0.60
+    line = report_stage.summary(leaderboard(rows, "balanced_accuracy"), "balanced_accuracy")
+    assert line == "first by test balanced accuracy: flowers x mobilenetv2 at 33.33%, shapes x small_cnn at 60.00%"
+    one = report_stage.summary(leaderboard(rows[:1], "accuracy"), "accuracy")
+    assert one == "first by test accuracy: flowers x mobilenetv2 at 33.33%"
