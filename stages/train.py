@@ -635,9 +635,9 @@ def _check_plan(experiment: Experiment, phases: list[Phase], base: Any, train_im
     training = experiment.training
     name = f"train@{experiment.name}"
     if training.fine_tune.epochs and len(phases) == 1:
-        why = "trains from scratch" if not experiment.backbone.weights else "is not frozen"
-        print(f"{name}: one phase: {experiment.training_key('fine_tune.epochs')} (phase 2) applies to a pretrained frozen "
-              f"base, and this one {why}")
+        why = "it trains from scratch" if not experiment.backbone.weights else "its base is not frozen"
+        print(f"{name}: one phase, as {why} ({experiment.training_key('fine_tune.epochs')}, phase 2, is for a "
+              "pretrained frozen base)")
     if training.batch_size > train_images:
         print(f"{name}: {experiment.training_key('batch_size')} {training.batch_size} is more than the "
               f"{train_images} training images: each epoch is one batch of them all")

@@ -861,8 +861,8 @@ def test_training_says_which_params_do_not_apply(tmp_path: Path, tracking: str, 
                 "CPU run so that a resumed run ends with the same weights, excludes XLA") in said
         assert not any("jit_compile" in str(warning.message) for warning in warned)
         assert record["phases"][0]["xla"] is False
-    assert ("train@toy-net: one phase: training.fine_tune.epochs (phase 2) applies to a pretrained frozen base, "
-            "and this one trains from scratch") in said
+    assert ("train@toy-net: one phase, as it trains from scratch (training.fine_tune.epochs, phase 2, is for a "
+            "pretrained frozen base)") in said
     assert ("train@toy-net: experiments.toy-net.train.batch_size 5000 is more than the 1257 training images: "
             "each epoch is one batch of them all") in said
     assert [phase["phase"] for phase in record["phases"]] == [1]
