@@ -91,6 +91,14 @@ CNN_OPTIONS = ("filters", "convs_per_block", "batch_norm", "dropout")
 APPLICATION_OPTIONS = {"mobilenetv2": ("alpha",)}
 # The widths Keras publishes MobileNetV2's ImageNet weights for (any other trains from scratch only).
 MOBILENETV2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+
+
+def mobilenetv2_alpha_problem(alpha: Any) -> str | None:
+    """Why MobileNetV2 at width `alpha` has no ImageNet weights, or None where it has."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha not in MOBILENETV2_ALPHAS:
+        return (f"{alpha!r} has no ImageNet weights; use one of {', '.join(str(a) for a in MOBILENETV2_ALPHAS)}, "
+                f"or weights: null to train from scratch")
+    return None
 PIPELINE_ARGUMENTS = ("include_top", "weights", "input_tensor", "input_shape", "pooling", "classes",
                       "classifier_activation", "include_preprocessing", "name")
 

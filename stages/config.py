@@ -542,13 +542,10 @@ def _check_backbone(backbone: BackboneConfig, where: str, overridden: set[str], 
             f"(`sha256sum <file>`) in params.yaml"
         )
     alpha = backbone.options.get("alpha", 1.0)
-    if backbone.weights and backbone.model == "mobilenetv2" and not isinstance(alpha, bool) and isinstance(
-        alpha, (int, float)
-    ) and alpha not in backbones.MOBILENETV2_ALPHAS:
-        raise ConfigError(
-            f"{source}: {key('options.alpha')}: {alpha!r} has no ImageNet weights; use one of "
-            f"{', '.join(str(a) for a in backbones.MOBILENETV2_ALPHAS)}, or weights: null to train from scratch"
-        )
+    if backbone.weights and backbone.model == "mobilenetv2" and type(alpha) in (int, float) and (
+        problem := backbones.mobilenetv2_alpha_problem(alpha)
+    ):
+        raise ConfigError(f"{source}: {key('options.alpha')}: {problem}")
     smallest = spec.min_input_size
     if backbone.input_size is not None and backbone.input_size < smallest:
         raise ConfigError(

@@ -23,20 +23,18 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from stages.backbones import MOBILENETV2_ALPHAS, get_backbone
+from stages.backbones import get_backbone, mobilenetv2_alpha_problem
 from stages.config import ConfigError, load_params
 from stages.downloads import download, download_cache
 from stages.errors import UserError, run_stage
 from stages.files import write_json_atomic
 
 RECORD = "weights.json"
-SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 HashAlgorithm = Literal["md5", "sha256"]
 
@@ -172,11 +170,8 @@ def published_weights(model: str, input_size: int, options: dict[str, Any]) -> W
         )
     if model == "mobilenetv2":
         alpha = options.get("alpha", 1.0)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha not in MOBILENETV2_ALPHAS:
-            raise UserError(
-                f"backbone mobilenetv2: options.alpha {alpha!r} has no ImageNet weights; "
-                f"valid: {', '.join(str(a) for a in MOBILENETV2_ALPHAS)}"
-            )
+        if problem := mobilenetv2_alpha_problem(alpha):
+            raise UserError(f"backbone mobilenetv2: options.alpha {problem}")
         return mobilenetv2_weights(alpha, input_size)
     return PUBLISHED[model]
 
@@ -207,13 +202,9 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
         else f"backbones.{experiment.backbone_name}"
     )
     key = f"{params_path}: {where}"
-    pinned = _pinned_sha256(backbone.weights_sha256, f"{key}.weights_sha256")
-    if backbone.weights_url:  # an http(s) URL: load_params checked it
-        if pinned is None:
-            raise ConfigError(
-                f"{key}.weights_sha256: required with weights_url; pin the file's checksum "
-                f"(`sha256sum {published.filename}`) in params.yaml"
-            )
+    # load_params checked the pin's form, the URL's, and that a weights_url comes with a pin.
+    pinned = (backbone.weights_sha256 or "").strip().lower() or None
+    if backbone.weights_url:
         url = backbone.weights_url
     else:
         url = published.url
@@ -383,18 +374,6 @@ def _locked_md5s(lock: Path, filename: str, stage: str, cache: Any) -> list[str]
             except (OSError, ValueError, TypeError, KeyError, AttributeError):
                 continue
     return found
-
-
-def _pinned_sha256(value: str | None, key: str) -> str | None:
-    pinned = (value or "").strip()
-    if not pinned:
-        return None
-    if not SHA256.fullmatch(pinned):
-        raise ConfigError(
-            f"{key}: {value!r} is not a sha256 (64 hexadecimal characters); pin the file's checksum "
-            f"(`sha256sum <file>`) in params.yaml"
-        )
-    return pinned.lower()
 
 
 def _not_weights(path: Path) -> str | None:

@@ -22,7 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from stages import downloads  # noqa: E402
 from stages.backbones import APPLICATIONS, EFFICIENTNET_PACKAGE, REGISTRY  # noqa: E402
 from stages.errors import UserError  # noqa: E402
-from stages.weights import MOBILENETV2_ALPHAS, main, published_weights, weights_path  # noqa: E402
+from stages.backbones import MOBILENETV2_ALPHAS  # noqa: E402
+from stages.weights import main, published_weights, weights_path  # noqa: E402
 from tests.local_http import FolderServer  # noqa: E402
 from tests.toy import toy_params  # noqa: E402
 
@@ -124,7 +125,10 @@ def test_published_weights_refuses_what_has_no_file() -> None:
         published_weights("cnn", 32, {})
     with pytest.raises(UserError) as error:
         published_weights("mobilenetv2", 224, {"alpha": 0.6})
-    assert str(error.value).endswith("valid: " + ", ".join(str(a) for a in MOBILENETV2_ALPHAS))
+    assert str(error.value) == (
+        "backbone mobilenetv2: options.alpha 0.6 has no ImageNet weights; use one of "
+        + ", ".join(str(a) for a in MOBILENETV2_ALPHAS) + ", or weights: null to train from scratch"
+    )
     with pytest.raises(UserError, match="input_size 64 is below 75"):
         published_weights("inceptionv3", 64, {})
 
