@@ -571,6 +571,12 @@ def test_csv_file_errors_are_one_line(tmp_path, layout, expected):
         ({"file": "Train.csv", "path_template": "{Path:>5}"}, "datasets.toy.layout.path_template: '{Path:>5}': write "
          "plain {column} placeholders"),
         (
+            # Without the column the map is never read: the source's own test rows would be split
+            # by the fractions, into train too.
+            {"file": "Train.csv", "path_column": "Path", "split_map": {"Testing": "test"}},
+            "datasets.toy.layout.split_map: given without datasets.toy.layout.split_column",
+        ),
+        (
             {"file": "Train.csv", "path_column": "Path", "group_pattern": "(\\d+)"},
             "datasets.toy.layout.group_pattern: '(\\\\d+)' has no named group",
         ),
@@ -791,6 +797,10 @@ def test_pixels_csv_errors_are_one_line_naming_file_and_column(tmp_path, layout,
         ),
         ({"pixels_column": "pixels", "width": -48}, "datasets.toy.layout.width and datasets.toy.layout.height: give a "
          "positive size, or 0 to infer it"),
+        (
+            {"pixels_column": "pixels", "split_map": {"PrivateTest": "test"}},
+            "datasets.toy.layout.split_map: given without datasets.toy.layout.split_column",
+        ),
     ],
 )
 def test_pixels_csv_option_errors_are_found_as_params_are_read(layout, expected):
