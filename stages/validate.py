@@ -283,6 +283,8 @@ def validate(
             f"validate@{dataset}: note: {int(undeclared.sum())} files are set aside for labels that are not declared "
             f"classes: {named}{more}; {advice}"
         )
+    if note := _ungrouped_note(manifest, config, dataset):
+        print(note)
     if summary["multi_frame"]:
         print(
             f"validate@{dataset}: note: {summary['multi_frame']} accepted image(s) hold several frames "
@@ -324,6 +326,28 @@ def _folder_above_the_classes(manifest: pd.DataFrame, config: DatasetConfig) -> 
         return ""
     label = undeclared["label"].iloc[0]
     return f"{root}/{label}" if root else label
+
+
+def _ungrouped_note(manifest: pd.DataFrame, config: DatasetConfig, dataset: str) -> str:
+    """For a layout given a group_column or group_pattern, a note on the images the split stage
+    divides (those the source puts in no test or val split) that got no group: each is split on
+    its own, apart from its group's other images. A pattern that matches no path, or an empty
+    cell, would otherwise leave them so without a word; else ""."""
+    options = config.layout.options
+    key = next((k for k in ("group_column", "group_pattern") if getattr(options, k, "")), "")
+    if not key:
+        return ""
+    divided = manifest[(manifest["status"] == "ok") & ~manifest["source_split"].isin(["test", "val"])]
+    ungrouped = divided[divided["group"].isna()]
+    if ungrouped.empty:
+        return ""
+    why = (f"an empty {options.group_column!r} cell" if key == "group_column"
+           else "layout.group_pattern finds no group in their paths")
+    return (
+        f"validate@{dataset}: note: {len(ungrouped)} of {len(divided)} images the split stage divides have no group "
+        f"({why}, e.g. '{ungrouped['path'].iloc[0]}'), so each is split on its own, apart from its group's other "
+        f"images; check datasets.{dataset}.layout.{key}"
+    )
 
 
 # What to do when a hard rule fails, beside making it a warning.

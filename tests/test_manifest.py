@@ -414,3 +414,56 @@ def test_the_root_advice_is_not_given_when_some_class_folders_are_already_in_pla
     assert not isinstance(summary, Exception), summary
     out = capsys.readouterr().out
     assert "backup (1); if they belong, add them to datasets.toy.classes" in out and "layout.root" not in out
+
+
+@pytest.mark.parametrize(
+    ("grouping", "why"),
+    [
+        # The patients' folders are P1/, P2/: a pattern written for p1/ finds no group anywhere.
+        ({"group_pattern": "^images/(?P<group>p\\d+)/"}, "layout.group_pattern finds no group in their paths"),
+        ({"group_column": "patient"}, "an empty 'patient' cell"),
+    ],
+)
+def test_images_a_csv_layout_leaves_without_a_group_are_named(tmp_path, capsys, grouping, why):
+    """A group_pattern that matches no path, or a group column with empty cells, left those
+    images ungrouped without a word: each was split on its own, a patient's images across train
+    and test. Validate now names how many of the images split divides have no group."""
+    raw = tmp_path / "raw"
+    rows = []
+    for i in range(9):
+        label = CLASSES[i % 3]
+        write_png(raw / "images" / f"P{i // 3}" / f"{i}.png", seed=i + 1)
+        patient = f"P{i // 3}" if i % 2 else ""
+        rows.append(f"images/P{i // 3}/{i}.png,{label},{patient},{'Test' if i == 8 else 'Train'}")
+    (raw / "labels.csv").write_text("path,label,patient,usage\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    layout = {"kind": "csv", "file": "labels.csv", "path_column": "path", "label_column": "label",
+              "split_column": "usage", "split_map": {"Train": "train", "Test": "test"}, **grouping}
+    params = write_params(tmp_path, layout=layout, validation={"min_per_class": 0})
+
+    _, _, _, summary = run_validate(tmp_path, raw, params)
+
+    assert not isinstance(summary, Exception), summary
+    out = capsys.readouterr().out
+    ungrouped = 8 if "group_pattern" in grouping else 4  # of the 8 images split divides (not the source's test one)
+    assert (f"validate@toy: note: {ungrouped} of 8 images the split stage divides have no group ({why}, e.g. "
+            f"'images/P0/0.png'), so each is split on its own") in out
+
+
+def test_no_group_note_when_every_image_split_divides_has_one(tmp_path, capsys):
+    """GTSRB's pattern names only Train/ paths; its Test/ images keep the source's test split, so
+    their having no group is no news."""
+    raw = tmp_path / "raw"
+    rows = []
+    for i in range(6):
+        folder = "Train" if i < 4 else "Test"
+        write_png(raw / folder / f"{i}.png", seed=i + 1)
+        rows.append(f"{folder}/{i}.png,{CLASSES[i % 3]},{folder.lower()}")
+    (raw / "labels.csv").write_text("path,label,usage\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    layout = {"kind": "csv", "file": "labels.csv", "path_column": "path", "label_column": "label",
+              "split_column": "usage", "group_pattern": "^Train/(?P<group>\\d)"}
+    params = write_params(tmp_path, layout=layout, validation={"min_per_class": 0})
+
+    _, _, _, summary = run_validate(tmp_path, raw, params)
+
+    assert not isinstance(summary, Exception), summary
+    assert "no group" not in capsys.readouterr().out
