@@ -283,6 +283,13 @@ def validate(
             f"validate@{dataset}: note: {int(undeclared.sum())} files are set aside for labels that are not declared "
             f"classes: {named}{more}; {advice}"
         )
+    if root := _folder_above_the_splits(manifest, config):
+        stray = int((manifest["reason"].map(reason_kind) == "stray file").sum())
+        print(
+            f"validate@{dataset}: note: {stray} files are set aside as stray, outside the split folders "
+            f"({', '.join(config.layout.options.splits)}); the split folders sit one level down, in '{root}' (an "
+            f"archive's top folder): set datasets.{dataset}.layout.root: '{root}'"
+        )
     if note := _ungrouped_note(manifest, config, dataset):
         print(note)
     if summary["multi_frame"]:
@@ -326,6 +333,23 @@ def _folder_above_the_classes(manifest: pd.DataFrame, config: DatasetConfig) -> 
         return ""
     label = undeclared["label"].iloc[0]
     return f"{root}/{label}" if root else label
+
+
+def _folder_above_the_splits(manifest: pd.DataFrame, config: DatasetConfig) -> str:
+    """For a `folders` layout with split folders none of whose files was found in one, the folder
+    to name as layout.root when the split folders sit inside it (a zip of `flowers/train/<class>/`
+    read without a root); else ""."""
+    options = config.layout.options
+    if config.layout.kind != "folders" or not options.splits or manifest["source_split"].notna().any():
+        return ""
+    root = options.root.strip("/")
+    stray = manifest.loc[manifest["reason"].map(reason_kind) == "stray file", "path"]
+    parts = stray.str.slice(len(root) + 1 if root else 0).str.split("/")
+    images = parts[parts.map(len) >= 4]  # <folder>/<split>/<class>/<file>
+    if images.empty or images.map(lambda p: p[0]).nunique() != 1 or not images.map(lambda p: p[1] in options.splits).all():
+        return ""
+    folder = images.iloc[0][0]
+    return f"{root}/{folder}" if root else folder
 
 
 def _ungrouped_note(manifest: pd.DataFrame, config: DatasetConfig, dataset: str) -> str:

@@ -403,6 +403,22 @@ def test_class_folders_one_level_down_get_the_layout_root_as_the_advice(tmp_path
             "datasets.toy.layout.root: 'shapes'") in capsys.readouterr().out
 
 
+def test_split_folders_one_level_down_get_the_layout_root_as_the_advice(tmp_path, capsys):
+    """The README's flowers.zip (`flowers/train/daisy/...`) with its splits but without its root:
+    every file was a "stray file" and validate said nothing of the root. The note names it."""
+    clean_raw(tmp_path / "raw" / "flowers" / "train", {"a": 3, "b": 3, "c": 3})
+    clean_raw(tmp_path / "raw" / "flowers" / "test", {"a": 1, "b": 1, "c": 1})
+    layout = {"kind": "folders", "splits": {"test": "test", "train": "train"}}
+    params = write_params(tmp_path, layout=layout, validation={"min_per_class": 0})
+
+    _, _, _, summary = run_validate(tmp_path, tmp_path / "raw", params)
+
+    assert not isinstance(summary, Exception), summary
+    assert ("validate@toy: note: 14 files are set aside as stray, outside the split folders (test, train); the split "
+            "folders sit one level down, in 'flowers' (an archive's top folder): set datasets.toy.layout.root: "
+            "'flowers'") in capsys.readouterr().out
+
+
 def test_the_root_advice_is_not_given_when_some_class_folders_are_already_in_place(tmp_path, capsys):
     """cat/ and dog/ where they belong, and a copy under backup/: a root of 'backup' would lose
     the good ones, so the note keeps its usual advice."""
