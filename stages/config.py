@@ -522,6 +522,14 @@ def _check_backbone(backbone: BackboneConfig, where: str, overridden: set[str], 
     spec = backbones.get_backbone(backbone.model)
     if backbone.weights and not spec.pretrained:
         raise ConfigError(f"{source}: {key('weights')}: {backbone.model} has no pretrained weights; set weights: null")
+    if backbone.weights:
+        from stages import weights  # it imports this module: here, not at the top
+
+        if not weights.lists_weights(backbone.model):  # the weights stage needs the file name Keras asks for
+            raise ConfigError(
+                f"{source}: {key('weights')}: {backbone.model} has no ImageNet weights file listed in "
+                "stages/weights.py (PUBLISHED); add it there, or set weights: null"
+            )
     if backbone.weights_url is not None:
         parts = urllib.parse.urlsplit(backbone.weights_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:

@@ -151,6 +151,11 @@ def mobilenetv2_weights(alpha: float, input_size: int) -> WeightsFile:
     return WeightsFile(f"{KERAS}mobilenet_v2/{filename}", filename, None, None)
 
 
+def lists_weights(model: str) -> bool:
+    """Whether this module knows `model`'s ImageNet file: PUBLISHED, or MobileNetV2's by width."""
+    return model in PUBLISHED or model == "mobilenetv2"
+
+
 def published_weights(model: str, input_size: int, options: dict[str, Any]) -> WeightsFile:
     """The published no-top ImageNet weights file for a registry model at `input_size` with `options`.
 
@@ -160,7 +165,7 @@ def published_weights(model: str, input_size: int, options: dict[str, Any]) -> W
     spec = get_backbone(model)
     if not spec.pretrained:
         raise UserError(f"backbone {model}: has no pretrained weights; set weights: null")
-    if model not in PUBLISHED and model != "mobilenetv2":
+    if not lists_weights(model):
         # A pretrained registry entry added without its file: a bug, but one line says what to do.
         raise UserError(f"backbone {model}: no published weights file is listed in stages/weights.py; add it there")
     if input_size < spec.min_input_size:

@@ -781,3 +781,25 @@ def test_a_numeric_name_is_not_shown_quoted_as_its_number_but_as_written(tmp_pat
         with pytest.raises(ConfigError) as caught:
             load_params(tmp_path / "params.yaml")
         assert "quote" in str(caught.value) and read not in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "pins", [{}, {"weights_url": "https://mirror.example/mnv3_no_top.h5", "weights_sha256": "a" * 64}],
+    ids=["published", "weights_url"],
+)
+def test_a_pretrained_family_with_no_weights_file_listed_is_refused_when_params_are_read(raw, monkeypatch, pins):
+    """A keras.applications row added as docs/extending.md shows, `weights: imagenet`, and no file
+    in stages/weights.py's PUBLISHED: "ok" here, then the weights stage's refusal, which DVC may
+    run after the dataset's download (a weights_url does not stand in: the stage needs the file name
+    Keras asks for)."""
+    from stages import backbones
+
+    monkeypatch.setitem(backbones.REGISTRY, "mobilenetv3small", None)  # removed again after the test
+    backbones.register_backbone("mobilenetv3small", preprocessing="none", native_input_size=224,
+                                min_input_size=32)(backbones._application("MobileNetV3Small"))
+    raw["backbones"]["mnv3"] = {"model": "mobilenetv3small", "weights": "imagenet", **pins}
+
+    message = config_error(raw)
+
+    assert message.startswith("params.yaml: backbones.mnv3.weights: mobilenetv3small has no ImageNet weights file "
+                              "listed in stages/weights.py (PUBLISHED); add it there, or set weights: null")
