@@ -492,6 +492,13 @@ def check_csv(options: CsvOptions, key: str) -> tuple[list[CsvFile], list[tuple[
         if not (spec.search if spec.search is not None else options.search):
             where = f"{key}.files[{i}].search" if spec.search is not None else f"{key}.search"
             raise UserError(f"{where}: list at least one folder where {spec.file}'s images are (\"\" is the CSV's folder)")
+        base = posixpath.dirname(posixpath.normpath(spec.file))
+        for j, folder in enumerate(spec.search if spec.search is not None else options.search):
+            # Relative to the CSV's folder, `..` included (meta/labels.csv beside images/), but never out of raw.
+            if folder and not _inside_raw(posixpath.normpath(posixpath.join(base, folder.replace("\\", "/")))):
+                where = f"{key}.files[{i}].search" if spec.search is not None else f"{key}.search"
+                raise UserError(f"{where}[{j}]: {folder!r} is not a folder inside the raw folder; give it relative to "
+                                f"the folder of {spec.file}")
     return specs, template, group_regex
 
 

@@ -571,6 +571,15 @@ def test_csv_file_errors_are_one_line(tmp_path, layout, expected):
         ({"file": "Train.csv", "path_template": "{Path:>5}"}, "datasets.toy.layout.path_template: '{Path:>5}': write "
          "plain {column} placeholders"),
         (
+            # Every row would be "missing": the names are looked for under the raw folder only.
+            {"file": "Train.csv", "path_column": "Path", "search": ["/data/gtsrb/images"]},
+            "datasets.toy.layout.search[0]: '/data/gtsrb/images' is not a folder inside the raw folder",
+        ),
+        (
+            {"files": [{"file": "meta/Train.csv", "search": ["../images", "../../images"]}], "path_column": "Path"},
+            "datasets.toy.layout.files[0].search[1]: '../../images' is not a folder inside the raw folder",
+        ),
+        (
             # Without the column the map is never read: the source's own test rows would be split
             # by the fractions, into train too.
             {"file": "Train.csv", "path_column": "Path", "split_map": {"Testing": "test"}},
