@@ -193,8 +193,8 @@ class Replicas:
     scope: Any  # a context manager: build, compile and fit inside it
 
 
-def data_parallel(setting: str, stage: str) -> Replicas:
-    """The devices for training.distribution.
+def data_parallel(setting: str, stage: str, key: str = "training.distribution") -> Replicas:
+    """The devices for training.distribution (`key`: where params.yaml sets it, for the messages).
 
     `data_parallel` replicates the model on every accelerator the backend sees (restrict them
     with CUDA_VISIBLE_DEVICES) and splits each batch between them: tf.distribute.MirroredStrategy
@@ -226,8 +226,8 @@ def data_parallel(setting: str, stage: str) -> Replicas:
         from stages.errors import UserError
 
         raise UserError(
-            f"{stage}: training.distribution: data_parallel needs KERAS_BACKEND tensorflow or jax "
+            f"{stage}: {key}: data_parallel needs KERAS_BACKEND tensorflow or jax "
             f"(Keras has no distribution API on {backend}); set distribution: off or change the backend"
         )
-    print(f"{stage}: training.distribution is data_parallel but {backend} sees one device ({names[0]}); training on it alone")
+    print(f"{stage}: {key} is data_parallel but {backend} sees one device ({names[0]}); training on it alone")
     return Replicas(1, names, contextlib.nullcontext())

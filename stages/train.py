@@ -408,11 +408,13 @@ def _train(
     policy = runtime.precision_policy(training.mixed_precision, device)
     keras.config.set_dtype_policy(policy)
     runtime.make_deterministic(training.seed, device)
-    replicas = runtime.data_parallel(training.distribution, f"train@{experiment.name}")
+    replicas = runtime.data_parallel(
+        training.distribution, f"train@{experiment.name}", experiment.training_key("distribution")
+    )
     if training.batch_size % replicas.count:
         raise UserError(
-            f"train@{experiment.name}: training.batch_size {training.batch_size} does not split evenly over "
-            f"{replicas.count} devices; use a multiple of {replicas.count}"
+            f"train@{experiment.name}: {experiment.training_key('batch_size')} {training.batch_size} does not split "
+            f"evenly over {replicas.count} devices; use a multiple of {replicas.count}"
         )
     with replicas.scope:
         model = build_model(

@@ -1099,13 +1099,14 @@ def test_data_parallel_refuses_a_batch_that_does_not_split_and_a_backend_without
     env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = subprocess.run([sys.executable, "-m", "stages.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
-    assert "training.batch_size 33 does not split evenly over 2 devices; use a multiple of 2" in result.stderr
+    # Both are set in the experiment's train: block, and the line names the key there, not training's.
+    assert "experiments.toy-net.train.batch_size 33 does not split evenly over 2 devices; use a multiple of 2" in result.stderr
     assert "Traceback" not in result.stderr
     if torch_installed():
         env = {**os.environ, "KERAS_BACKEND": "torch"}
         result = subprocess.run([sys.executable, "-m", "stages.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 1
-        assert "data_parallel needs KERAS_BACKEND tensorflow or jax" in result.stderr
+        assert "experiments.toy-net.train.distribution: data_parallel needs KERAS_BACKEND tensorflow or jax" in result.stderr
     assert not (tmp_path / "model" / "model.keras").exists()
 
 
