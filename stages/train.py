@@ -416,6 +416,11 @@ def _train(
             f"train@{experiment.name}: {experiment.training_key('batch_size')} {training.batch_size} does not split "
             f"evenly over {replicas.count} devices; use a multiple of {replicas.count}"
         )
+    if len(data.x["train"]) < replicas.count:  # each batch is trimmed to a multiple of the devices: none is left
+        raise UserError(
+            f"train@{experiment.name}: the {len(data.x['train'])} training images do not fill a batch over "
+            f"{replicas.count} devices; set {experiment.training_key('distribution')} off, or add training images"
+        )
     with replicas.scope:
         model = build_model(
             experiment.backbone,

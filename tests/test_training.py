@@ -1110,6 +1110,24 @@ def test_data_parallel_refuses_a_batch_that_does_not_split_and_a_backend_without
     assert not (tmp_path / "model" / "model.keras").exists()
 
 
+def test_data_parallel_with_fewer_training_images_than_devices_is_one_line(tmp_path: Path, tracking: str) -> None:
+    """Each batch is trimmed to a multiple of the devices: one training image on two devices left
+    every epoch without a batch, and Keras's fit failed with an UnboundLocalError traceback."""
+    data = write_prepared(tmp_path / "data")
+    x, y = np.load(data / "train_x.npy"), np.load(data / "train_y.npy")
+    np.save(data / "train_x.npy", x[:1])
+    np.save(data / "train_y.npy", y[:1])
+    params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 1, "batch_size": 2, "distribution": "data_parallel"})
+    args = ["--experiment", "toy-net", "--data", str(data), "--params", str(params), "--out", str(tmp_path / "model")]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "MLFLOW_TRACKING_URI": tracking}
+    result = subprocess.run([sys.executable, "-m", "stages.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert ("the 1 training images do not fill a batch over 2 devices; set experiments.toy-net.train.distribution "
+            "off, or add training images") in result.stderr
+    assert not (tmp_path / "model" / "model.keras").exists()
+
+
 def test_the_first_epoch_after_compile_trains_in_the_loaders_order_with_workers() -> None:
     """With loader workers (the GPU path), Keras's fit takes the first batch from the queue to
     build the loss and metrics, and on JAX and PyTorch the epoch then trained it last. Built
