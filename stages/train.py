@@ -396,6 +396,13 @@ def _train(
         if weights_dir is None:
             raise UserError(f"train@{experiment.name}: a pretrained backbone needs --weights (the weights stage's folder)")
         weights_file = weights_path(weights_dir)
+        if weights_file is None:  # the record of an earlier params.yaml, where this backbone trained from scratch
+            stage = f"weights@{experiment.name}"
+            raise UserError(
+                f"{Path(weights_dir) / 'weights.json'}: records no weights file (written for a backbone trained from "
+                f"scratch), but backbone {experiment.backbone_name} has weights: {experiment.backbone.weights}; "
+                f"run {stage} again (dvc repro {stage})"
+            )
 
     import keras
 

@@ -885,6 +885,24 @@ def test_a_pretrained_backbone_without_its_weights_folder_fails_in_one_line(tmp_
         train_toy(tmp_path, "none", pretrained["backbone"], {"epochs": 1}, tmp_path / "weights" / "toy-net")
 
 
+def test_a_weights_record_written_for_training_from_scratch_is_one_line_naming_the_stage(tmp_path: Path, tracking: str) -> None:
+    """The experiment's backbone became pretrained, and train ran (by hand, or --single-item)
+    before its weights stage: weights.json still says weights null. The line names the record and
+    the experiment's weights stage (it said `weights@<experiment>`, a placeholder, and no file)."""
+    from stages.errors import UserError
+
+    folder = tmp_path / "weights" / "toy-net"
+    folder.mkdir(parents=True)
+    (folder / "weights.json").write_text(json.dumps({"experiment": "toy-net", "model": "mobilenetv2", "weights": None}))
+    backbone = {"model": "mobilenetv2", "input_size": 32, "weights": "imagenet", "options": {"alpha": 0.35}}
+    with pytest.raises(UserError) as failure:
+        train_toy(tmp_path, "stale", backbone, {"epochs": 1, "fine_tune": {"epochs": 0}}, folder)
+    assert str(failure.value) == (
+        f"{folder / 'weights.json'}: records no weights file (written for a backbone trained from scratch), but "
+        "backbone net has weights: imagenet; run weights@toy-net again (dvc repro weights@toy-net)"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Backends.
 
