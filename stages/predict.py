@@ -44,7 +44,25 @@ class LoadedModel:
 def model_uri(dataset: str, alias: str | None, version: int | None, run_id: str | None) -> str:
     """The registry (or run) URI that names the model to load."""
     if run_id:
+        from mlflow.exceptions import MlflowException
+
         client = tracking.mlflow_client().tracking.MlflowClient()
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as error:
+            if not tracking.is_gone(error):  # a server that did not answer
+                raise
+            raise UserError(
+                f"cannot load the run {run_id} from {tracking.shown_uri()}: {str(error).strip().splitlines()[0]}; "
+                "copy the run's id from the MLflow UI (make ui)"
+            ) from None
+        # One experiment per dataset: another's run is another dataset's model (its labels, not these).
+        experiment = client.get_experiment(run.info.experiment_id).name
+        if experiment != dataset:
+            raise UserError(
+                f"run {run_id} is of the dataset {experiment}, not {dataset}: pass --dataset {experiment}, "
+                f"or a run of the {dataset} experiment"
+            )
         versions = client.search_model_versions(f"name = '{dataset}' and run_id = '{run_id}'")
         if versions:
             return f"models:/{dataset}/{max(int(v.version) for v in versions)}"

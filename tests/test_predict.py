@@ -369,3 +369,28 @@ def test_predict_does_not_label_a_nan_output_as_the_first_class(tmp_path: Path) 
 
     assert [(path, label) for path, label, _ in results] == [(second, "b")]
     assert len(problems) == 1 and problems[0].startswith(f"{first}: ")
+
+
+def test_a_run_of_another_dataset_is_refused_not_classified_with(
+    registry: MlflowClient, tmp_path: Path, loaded: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--dataset digits --run <a toy run>` (an id pasted from the wrong experiment): before, the
+    toy model classified the digits with toy's labels, exit 0. Now one line naming the run's own
+    dataset. A run id MLflow cannot parse (a stray quote) is one line too, not a traceback."""
+    register(registry, tmp_path, loaded, "toy")
+    run = registry.get_model_version("toy", "1").run_id
+    image = write_png(tmp_path / "digit.png")
+    capsys.readouterr()
+
+    for run_id, expected in [
+        (run, f"error: run {run} is of the dataset toy, not digits: pass --dataset toy, or a run of the digits experiment"),
+        (f"{run}'", f"error: cannot load the run {run}' from {registry.tracking_uri}: "),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_stage(predict_stage.main, ["--dataset", "digits", "--run", run_id, str(image)])
+        assert exit_info.value.code == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1, captured.err
+        assert lines[0].startswith(expected), lines[0]
