@@ -196,8 +196,14 @@ def main(argv: list[str] | None = None) -> None:
         with tracking.unavailable(f"load the {args.dataset} model", "nothing was classified"):
             loaded = load(model_uri(args.dataset, args.alias, args.version, args.run), Path(scratch))
     results, unreadable = predict(loaded, files)
-    for path, label, confidence in results:
-        print(f"{path}\t{label}\t{confidence:.4f}")
+    try:
+        for path, label, confidence in results:
+            print(f"{path}\t{label}\t{confidence:.4f}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped early (`predict ... | head`): the rest of the lines go nowhere, as
+        # does Python's own flush at exit, which would otherwise fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     for problem in unreadable:
         print(f"error: {problem}", file=sys.stderr)
     missing = f"; {len(problems)} of the paths given had no image (named above)" if problems else ""

@@ -394,3 +394,25 @@ def test_a_run_of_another_dataset_is_refused_not_classified_with(
         lines = captured.err.strip().splitlines()
         assert len(lines) == 1, captured.err
         assert lines[0].startswith(expected), lines[0]
+
+
+def test_a_reader_that_stops_early_is_no_traceback(registry: MlflowClient, tmp_path: Path, loaded: LoadedModel) -> None:
+    """`predict ... | head -1`: the reader closes the pipe before predict has written its lines.
+    Before: BrokenPipeError's traceback (or Python's "Exception ignored ... BrokenPipeError") on
+    stderr. Now the lines nobody reads are dropped, stderr says what it always says, exit 0."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "photos"
+    for i in range(3):
+        write_png(folder / f"{i}.png", 0)
+    register(registry, tmp_path, loaded, "toy")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.predict", "--dataset", "toy", str(folder)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    process.stdout.close()  # as `head` does once it has its lines
+    err = process.stderr.read()
+    assert process.wait(600) == 0, err
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "predict: 3 of 3 files classified with models:/toy@champion"
