@@ -115,7 +115,9 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
     files, problems, left_out = [], [], []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file())
+            # A dangling link too (a git-annex or DVC link whose data is absent): it is tried and
+            # reported as unreadable, not passed over in silence.
+            found = sorted(p for p in path.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists()))
             # As validate judges them: by the path within the folder (hidden folders included).
             images = [p for p in found if not not_an_image(p.relative_to(path).as_posix())]
             if not images:

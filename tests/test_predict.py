@@ -95,6 +95,23 @@ def test_missing_path_and_empty_folder_are_reported_with_their_paths(tmp_path: P
     assert len(problems) == 3
 
 
+def test_a_broken_link_in_a_folder_is_reported_not_silently_dropped(tmp_path: Path, loaded: LoadedModel) -> None:
+    """A folder of links whose targets are absent (a git-annex or DVC symlink checkout whose data
+    was never fetched). Before: the dangling links were neither classified, nor left out, nor
+    errors; a folder of nothing else was "no image files in this folder". Now each is a file that
+    cannot be read, named with the reason."""
+    folder = tmp_path / "photos"
+    image = write_png(folder / "a.png", 0)
+    (folder / "b.png").symlink_to(tmp_path / "annex" / "b.png")
+
+    files, problems, left_out = image_files([folder])
+    assert files == [image, folder / "b.png"] and problems == [] and left_out == []
+    results, unreadable = predict(loaded, files)
+    assert [path for path, _, _ in results] == [image]
+    assert len(unreadable) == 1 and unreadable[0].startswith(f"{folder / 'b.png'}: cannot read this image (")
+    assert "No such file or directory" in unreadable[0]
+
+
 # --------------------------------------------------------------------------------------------
 # decode
 
