@@ -68,6 +68,14 @@ def check_port_free(host: str, port: int, what: str, option: str) -> None:
             raise UserError(f"{what} cannot listen on {host}:{port} ({error.strerror}): free it or pass another {option}")
 
 
+def allowed_hosts() -> list[str]:
+    """The Host headers the MLflow server answers: MLflow's defaults and this machine's names."""
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    names = sorted({socket.gethostname(), socket.getfqdn()} - {""})
+    return [*get_default_allowed_hosts(), *names, *(f"{name}:*" for name in names)]
+
+
 def log_tail(path: Path, lines: int = 20) -> str:
     if not path.exists():
         return f"({path} is empty)"
@@ -226,6 +234,10 @@ class Server:
         # The job runner serves MLflow's GenAI jobs (judges, prompt optimisation), which image
         # classifiers never use; without it there is one process fewer to start and stop.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        # A client naming this machine (http://gpu-box:5000) is let through MLflow's guard against DNS
+        # rebinding, which otherwise answers 403 to any name but localhost's and private addresses.
+        # MLFLOW_SERVER_ALLOWED_HOSTS, if set (a proxy's name), is MLflow's own list and is kept.
+        env.setdefault("MLFLOW_SERVER_ALLOWED_HOSTS", ",".join(allowed_hosts()))
         log = self.folder / "mlflow.log"
         with open(log, "a") as out:
             self._mlflow = subprocess.Popen(

@@ -119,6 +119,21 @@ def test_runs_metrics_artifacts_and_registry_go_through_the_server(mlflow_server
 
 
 @pytest.mark.slow
+def test_clients_may_name_the_server_by_this_machines_name(mlflow_server: Server) -> None:
+    """A client whose MLFLOW_TRACKING_URI names this machine (http://gpu-box:5000, as a team's
+    does for `--host 0.0.0.0`) sends that name as its Host header. Before: MLflow's guard against
+    DNS rebinding, which allows only localhost and private addresses, answered every API request
+    403 "Invalid Host header". Another name is still refused."""
+    api = f"{mlflow_server.uri}/api/2.0/mlflow/experiments/search"
+    port = mlflow_server.port
+    for name in {socket.gethostname(), socket.getfqdn()}:
+        answer = requests.get(api, params={"max_results": 1}, headers={"Host": f"{name}:{port}"}, timeout=30)
+        assert answer.status_code == 200, (name, answer.text)
+    refused = requests.get(api, params={"max_results": 1}, headers={"Host": f"rebinding.example:{port}"}, timeout=30)
+    assert refused.status_code == 403
+
+
+@pytest.mark.slow
 def test_data_survives_a_restart_of_the_mlflow_server(mlflow_server: Server) -> None:
     server = mlflow_server
     client = client_for(server)
