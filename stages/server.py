@@ -76,6 +76,14 @@ def allowed_hosts() -> list[str]:
     return [*get_default_allowed_hosts(), *names, *(f"{name}:*" for name in names)]
 
 
+def client_uri(host: str, port: int) -> str:
+    """The tracking URI clients use: on every interface (0.0.0.0, ::), this machine's name, which
+    other machines can reach and the server allows (http://0.0.0.0:5000 works on this machine only)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn() or socket.gethostname()
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def log_tail(path: Path, lines: int = 20) -> str:
     if not path.exists():
         return f"({path} is empty)"
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         with serve(args.dir, args.port, args.host, args.pg_port) as server:
             print(
                 f"MLflow server at {server.uri} (PostgreSQL at {server.postgres_uri}, artifacts in {server.artifacts}); "
-                f"export MLFLOW_TRACKING_URI={server.uri}",
+                f"export MLFLOW_TRACKING_URI={client_uri(args.host, args.port)}",
                 flush=True,
             )
             server.wait()

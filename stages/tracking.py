@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import subprocess
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,8 +95,13 @@ GONE = {"RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "INVALID_PARAMETER_VALUE
 
 
 def is_gone(error: BaseException) -> bool:
-    """Whether an MlflowException says the run asked for is not there to use."""
-    return getattr(error, "error_code", None) in GONE
+    """Whether an MlflowException says the run asked for is not there to use. A 403 counts only
+    from MLflow itself (JSON) or its basic-auth app ("Permission denied"): one from its guard
+    against DNS rebinding (a host name it does not allow) or from a proxy says nothing of the run."""
+    code = getattr(error, "error_code", None)
+    if code == "PERMISSION_DENIED" and "Response body:" in str(error):  # not JSON: not MLflow's API
+        return str(error).rstrip().endswith("Response body: 'Permission denied'")
+    return code in GONE
 
 
 @contextmanager
@@ -107,6 +113,13 @@ def unavailable(what: str, consequence: str) -> Iterator[None]:
         yield
     except MlflowException as error:
         message = str(error)
+        if "Invalid Host header" in message:  # MLflow server's answer to a host name it does not allow
+            host = urllib.parse.urlsplit(tracking_uri()).hostname
+            raise UserError(
+                f"MLflow tracking server {shown_uri()} refused the host name {host!r} (its guard against DNS "
+                f"rebinding) when asked to {what}: start it with MLFLOW_SERVER_ALLOWED_HOSTS naming {host}, "
+                f"or use a name it allows; {consequence}"
+            ) from None
         if not is_unreachable(error):
             # MLflow's messages hold the request's URL, with the tracking URI's credentials: the
             # error goes up as it is (its type, code and traceback), its words redacted.

@@ -272,6 +272,34 @@ def test_purged_run_on_a_basic_auth_server_does_not_exist(basic_auth_server: str
     assert tracking.run_exists(PURGED) is False
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"Invalid Host header - possible DNS rebinding attack detected", b"<html><h1>403 Forbidden</h1>nginx</html>"],
+    ids=["mlflow host guard", "proxy page"],
+)
+def test_a_403_that_is_not_mlflows_auth_is_no_purged_run(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 403 from MLflow's DNS-rebinding guard (a client naming the server by a host it does not
+    allow) or from a proxy says nothing of the run: before, it read as "purged", so report dropped
+    live runs and evaluate called a live training's run gone. Now it is not gone, and the guard's
+    answer is one line saying what to set on the server."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    with answering(monkeypatch, 403, body) as uri:
+        from mlflow.exceptions import MlflowException
+
+        with pytest.raises(MlflowException):
+            report_stage._live_runs(MlflowClient(uri), {PURGED})
+        with pytest.raises((MlflowException, UserError)) as error:
+            with tracking.unavailable("log the evaluation", "run the stage again"):
+                tracking.run_exists(PURGED)
+    if b"Host header" in body:
+        assert isinstance(error.value, UserError)
+        message = str(error.value)
+        assert "\n" not in message and "MLFLOW_SERVER_ALLOWED_HOSTS" in message and "127.0.0.1" in message, message
+    else:
+        assert not isinstance(error.value, UserError)
+
+
 def test_an_edited_run_id_in_training_json_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run id MLflow's client refuses (INVALID_PARAMETER_VALUE, before any store is asked): the
     "run ... is not in <store>; retrain" line, not a traceback."""

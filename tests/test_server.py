@@ -182,3 +182,15 @@ def test_command_line_starts_and_stops_cleanly_on_sigterm(postgres_folder: Path)
         requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
     assert "database system is shut down" in (folder / "postgres.log").read_text()
     assert os.path.getsize(folder / "mlflow.log") > 0
+
+
+def test_the_uri_to_export_names_this_machine_when_serving_every_interface() -> None:
+    """With --host 0.0.0.0 the start-up line said `export MLFLOW_TRACKING_URI=http://0.0.0.0:5000`,
+    which works on the server's machine only; a team's clients need its name."""
+    from stages.server import allowed_hosts, client_uri
+
+    name = socket.getfqdn() or socket.gethostname()
+    assert client_uri("0.0.0.0", 5000) == f"http://{name}:5000"
+    assert name in allowed_hosts()
+    assert client_uri("127.0.0.1", 5000) == "http://127.0.0.1:5000"
+    assert client_uri("::1", 5001) == "http://[::1]:5001"
