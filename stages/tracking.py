@@ -147,10 +147,25 @@ def mlflow_client() -> Any:
     for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri()
+    check_not_a_folder(uri)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///") and uri not in _created:
         _create_database(mlflow, uri)
     return mlflow
+
+
+def check_not_a_folder(uri: str) -> None:
+    """MLflow 3 refuses a folder (`./mlruns`, file:///...) as the tracking store, deep inside its
+    first call; here it is one line, unless MLflow's own opt-out MLFLOW_ALLOW_FILE_STORE is set."""
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if (scheme in ("", "file") or re.fullmatch(r"[a-zA-Z]", scheme)) and os.environ.get(
+        "MLFLOW_ALLOW_FILE_STORE", ""
+    ).lower() not in ("true", "1"):
+        raise UserError(
+            f"MLFLOW_TRACKING_URI={redact(uri)}: a folder, which MLflow 3 no longer tracks into; use a database, "
+            f"e.g. sqlite:///{repository_root() / 'mlflow.db'} (unset it for that one; `mlflow migrate-filestore` "
+            f"copies the runs a folder holds into one)"
+        )
 
 
 def require_store(what: str) -> None:

@@ -201,3 +201,18 @@ def test_a_database_in_a_folder_that_does_not_exist_is_named(tmp_path: Path, mon
     with pytest.raises(UserError, match=f"database {missing} is in a folder that does not exist; create"):
         tracking.mlflow_client()
     assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/somewhere/mlruns", "./mlruns", "mlruns"])
+def test_a_folder_as_the_tracking_store_is_one_line(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow 3 refuses a file store with a paragraph-long exception, raised from deep inside the
+    first call (a traceback from train, evaluate or report); before that, nothing said so."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(UserError) as error:
+        tracking.mlflow_client()
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"MLFLOW_TRACKING_URI={uri}: a folder") and "sqlite:///" in message, message
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out is the user's to take
+    tracking.check_not_a_folder(uri)
