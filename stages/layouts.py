@@ -426,6 +426,10 @@ def _csv_files(options: CsvOptions | PixelsCsvOptions, key: str) -> list[Any]:
         if spec.split is not None and options.split_column:
             raise UserError(f"{where}.split: give a file a fixed split or {key}.split_column, not both")
     _check_splits(options.split_map, f"{key}.split_map")
+    for column, accepted in getattr(options, "filter", {}).items():
+        if not accepted:
+            raise UserError(f"{key}.filter.{column}: an empty list keeps no row; list the values to keep, "
+                            "or remove the column from filter")
     if options.split_map and not options.split_column:
         # Never read without the column: the source's splits would be ignored, its test rows drawn into train.
         raise UserError(f"{key}.split_map: given without {key}.split_column; name the column holding each row's "

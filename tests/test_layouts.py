@@ -586,6 +586,11 @@ def test_csv_file_errors_are_one_line(tmp_path, layout, expected):
             "datasets.toy.layout.split_map: given without datasets.toy.layout.split_column",
         ),
         (
+            # An empty list keeps no row: every image filtered out, then min_per_class failing.
+            {"file": "Train.csv", "path_column": "Path", "filter": {"modality": []}},
+            "datasets.toy.layout.filter.modality: an empty list keeps no row",
+        ),
+        (
             {"file": "Train.csv", "path_column": "Path", "group_pattern": "(\\d+)"},
             "datasets.toy.layout.group_pattern: '(\\\\d+)' has no named group",
         ),
