@@ -108,6 +108,20 @@ def load(uri: str, scratch: Path) -> LoadedModel:
     return LoadedModel(model, list(metadata["classes"]), int(metadata["image_size"]), int(metadata["channels"]), uri)
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted, links to folders followed (each real folder once, so a
+    loop ends); a dangling link too (a git-annex or DVC link whose data is absent): it is tried and
+    reported as unreadable, not passed over in silence."""
+    found, seen = [], set()
+    for here, subfolders, names in os.walk(folder, followlinks=True):
+        if (real := os.path.realpath(here)) in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        found += [p for name in names if (p := Path(here) / name).is_file() or not p.exists()]
+    return sorted(found)
+
+
 def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
     """The files to classify (named files as given; folders searched for image files, by name as
     validate judges them), each once, one message per path that does not exist or folder with no
@@ -115,9 +129,7 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
     files, problems, left_out = [], [], []
     for path in paths:
         if path.is_dir():
-            # A dangling link too (a git-annex or DVC link whose data is absent): it is tried and
-            # reported as unreadable, not passed over in silence.
-            found = sorted(p for p in path.rglob("*") if p.is_file() or (p.is_symlink() and not p.exists()))
+            found = files_under(path)
             # As validate judges them: by the path within the folder (hidden folders included).
             images = [p for p in found if not not_an_image(p.relative_to(path).as_posix())]
             if not images:

@@ -112,6 +112,21 @@ def test_a_broken_link_in_a_folder_is_reported_not_silently_dropped(tmp_path: Pa
     assert "No such file or directory" in unreadable[0]
 
 
+def test_a_link_to_a_folder_in_a_folder_given_is_followed_once(tmp_path: Path) -> None:
+    """`photos/more -> /elsewhere/more`: before, rglob did not enter it, and its images were
+    neither classified nor left out, with no word. A link back up (a loop) ends."""
+    elsewhere = tmp_path / "elsewhere"
+    image = write_png(elsewhere / "c.png", 0)
+    folder = tmp_path / "photos"
+    own = write_png(folder / "a.png", 0)
+    (folder / "more").symlink_to(elsewhere)
+    (folder / "loop").symlink_to(folder)
+
+    files, problems, left_out = image_files([folder])
+    assert files == [own, folder / "more" / "c.png"] and problems == [] and left_out == []
+    assert files[1].resolve() == image.resolve()
+
+
 # --------------------------------------------------------------------------------------------
 # decode
 
