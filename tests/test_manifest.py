@@ -419,6 +419,24 @@ def test_split_folders_one_level_down_get_the_layout_root_as_the_advice(tmp_path
             "'flowers'") in capsys.readouterr().out
 
 
+def test_split_and_class_folders_two_levels_down_get_root_and_splits_as_the_advice(tmp_path, capsys):
+    """The same flowers.zip with neither root nor splits: every file was under the undeclared
+    label 'flowers', and the note advised declaring it a class. It names the root and the split
+    folders now."""
+    clean_raw(tmp_path / "raw" / "flowers" / "Training", {"a": 3, "b": 3, "c": 3})
+    clean_raw(tmp_path / "raw" / "flowers" / "Testing", {"a": 1, "b": 1, "c": 1})
+    params = write_params(tmp_path, validation={"min_per_class": 0})
+
+    _, _, _, summary = run_validate(tmp_path, tmp_path / "raw", params)
+
+    assert not isinstance(summary, Exception), summary
+    out = capsys.readouterr().out
+    assert ("validate@toy: note: 12 files are set aside for labels that are not declared classes: flowers (12); the "
+            "class folders sit two levels down, in split folders of 'flowers' (Testing, Training): set "
+            "datasets.toy.layout.root: 'flowers' and datasets.toy.layout.splits: {Testing: test, Training: train}") in out, out
+    assert "add them to datasets.toy.classes" not in out
+
+
 def test_the_root_advice_is_not_given_when_some_class_folders_are_already_in_place(tmp_path, capsys):
     """cat/ and dog/ where they belong, and a copy under backup/: a root of 'backup' would lose
     the good ones, so the note keeps its usual advice."""
