@@ -167,11 +167,18 @@ def upstream_stages(targets: list[str], repo: Any = None) -> list[Any]:
     from dvc.repo import Repo
     from dvc.repo.reproduce import get_active_graph
 
+    from dvc.stage.exceptions import StageNotFound
+
     repo = repo or Repo(".")
     graph = get_active_graph(repo.index.graph)
     seen: dict[str, Any] = {}
     for target in targets:
-        for stage in repo.stage.collect(target):
+        try:
+            collected = repo.stage.collect(target)
+        except StageNotFound as error:
+            raise UserError(f"matrix run: {target}: no such stage in dvc.yaml; `dvc stage list` lists them "
+                            "(evaluate@<experiment>, split@<dataset>, ...)") from error
+        for stage in collected:
             for node in nx.dfs_postorder_nodes(graph, stage):
                 seen.setdefault(node.addressing, node)
     return list(seen.values())
@@ -641,6 +648,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("matrix run: no default DVC remote, which CI's jobs share their outputs through; "
                             "dvc remote add -d storage s3://<bucket>/classmatrix (or dvc remote default <name>) "
                             "and commit .dvc/config")
+        upstream_stages(args.targets)  # a target dvc.yaml lacks stops here, in one line, before anything runs
         if not remote and not (args.no_pull and args.no_push):
             print(f"{NO_REMOTE} nothing is pulled or pushed; the targets are made here")
         if remote and not args.no_pull:

@@ -763,3 +763,22 @@ def test_local_without_a_slot_is_refused_before_anything_runs(monkeypatch, tmp_p
         matrix.main(["local", "--suite", "demo", "--params", PARAMS, *where])
 
     assert ran == []
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["no remote", "remote"])
+def test_run_of_a_target_dvc_yaml_lacks_is_one_line(remote: bool, tmp_path: Path) -> None:
+    """`matrix run evaluate@digits-nope` (a typo in a hand-run step): one line naming the target and
+    where the stages are listed, before anything is pulled or run. It was a StageNotFound
+    traceback (from the check of what the failed `dvc repro` left undone) where no remote is set."""
+    env = dvc_repository(tmp_path)
+    if remote:
+        subprocess.run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], cwd=tmp_path, env=env, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hello > out.txt\n    outs: [out.txt]\n")
+
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "run", "hello", "nope@x"], cwd=tmp_path, env={
+        **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: matrix run: nope@x: no such stage in dvc.yaml; `dvc stage list` lists them (evaluate@<experiment>, split@<dataset>, ...)"]
+    assert "$ dvc" not in done.stdout and not (tmp_path / "out.txt").exists()
