@@ -365,12 +365,18 @@ def _why_stale(stage: Any, upstream: list[Any], stale: dict[str, str], recorded:
 
 
 def read_lock(path: Path) -> dict[str, Any]:
-    from dvc.utils.serialize import parse_yaml
+    from dvc.utils.serialize import YAMLFileCorruptedError, parse_yaml
 
     if not path.exists():
         return {"schema": "2.0", "stages": {}}
-    data = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
-    if not isinstance(data.get("stages", {}), dict):
+    try:
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except YAMLFileCorruptedError as error:
+        cause, mark = error.__cause__, getattr(error.__cause__, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise UserError(f"{path}: not valid YAML ({where}{getattr(cause, 'problem', None) or cause}); resolve it (a git merge "
+                        "may have left conflict markers in it)") from error
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
         raise UserError(f"{path}: not a dvc.lock file (no `stages:` mapping)")
     data.setdefault("stages", {})
     return data

@@ -121,6 +121,30 @@ def test_gather_of_no_bundles_leaves_the_workspace_as_it_is(tmp_path: Path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_dvc_lock_that_is_not_yaml_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dvc.lock a git merge left conflict markers in (two retrain pull requests both change it),
+    or a bundle's that is not YAML: `plan --changed` and `gather` stop in one line naming the file,
+    and dvc.lock is left as it was. Both were DVC's YAMLFileCorruptedError traceback."""
+    dvc_repository(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    conflicted = "schema: '2.0'\nstages:\n<<<<<<< HEAD\n  split@digits:\n    cmd: a\n=======\n  split@digits:\n    cmd: b\n>>>>>>> retrain\n"
+    (tmp_path / "bundles/a").mkdir(parents=True)
+    (tmp_path / "bundles/a/dvc.lock").write_text(yaml.safe_dump(_lock(**{"evaluate@digits-a": {"cmd": "a"}})))
+    Path("dvc.lock").write_text(conflicted)
+    with pytest.raises(UserError, match=r"^dvc.lock: not valid YAML \(.*\); resolve it \(a git merge may have left conflict markers in it\)"):
+        gather([tmp_path / "bundles/a"])
+    assert Path("dvc.lock").read_text() == conflicted
+    with pytest.raises(UserError, match=r"^dvc.lock: not valid YAML"):
+        matrix.stale_stages(["evaluate@digits-a"])
+    Path("dvc.lock").write_text(yaml.safe_dump(_lock()))
+    (tmp_path / "bundles/a/dvc.lock").write_text("stages: [\n")
+    with pytest.raises(UserError, match=r"^bundles/a/dvc.lock: not valid YAML"):
+        gather([Path("bundles/a")])
+    (tmp_path / "bundles/a/dvc.lock").write_text("- a list\n")
+    with pytest.raises(UserError, match=r"^bundles/a/dvc.lock: not a dvc.lock file"):
+        gather([Path("bundles/a")])
+
+
 def test_gather_keeps_lock_values_as_dvc_reads_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A param DVC recorded as `off` (a string to DVC's YAML 1.2) stays `off` through a merge:
     rewritten as `false` (YAML 1.1), DVC would see a changed param and retrain."""
