@@ -400,6 +400,9 @@ def bundle(targets: list[str], folder: Path) -> list[str]:
     if missing:
         raise UserError(f"{LOCK} has no entry for {', '.join(missing)}: run `dvc repro {' '.join(targets)}` first")
     folder.mkdir(parents=True, exist_ok=True)
+    # A folder bundled into before holds only this run's files: gather would lay old ones over newer.
+    if (folder / BUNDLE_FILES).is_dir():
+        shutil.rmtree(folder / BUNDLE_FILES)
     write_lock(folder / BUNDLE_LOCK, {"schema": lock.get("schema", "2.0"), "stages": entries})
     for stage in stages:
         for out in stage.outs:

@@ -806,3 +806,24 @@ def test_run_of_a_target_dvc_yaml_lacks_is_one_line(remote: bool, tmp_path: Path
     assert done.stderr.strip().splitlines() == [
         "error: matrix run: nope@x: no such stage in dvc.yaml; `dvc stage list` lists them (evaluate@<experiment>, split@<dataset>, ...)"]
     assert "$ dvc" not in done.stdout and not (tmp_path / "out.txt").exists()
+
+
+def test_a_bundle_folder_used_again_holds_only_this_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`matrix run ... --bundle out/train-1` a second time, for other targets (the README's name, used
+    again on a workstation): the bundle holds only this run's files. It kept the first run's
+    uncached outputs beside the new dvc.lock entries, and `gather` then laid those old metrics
+    over the workspace's newer ones, against what dvc.lock records."""
+    from stages.matrix import bundle
+
+    origin, _ = stale_origin(tmp_path, ran=True)
+    monkeypatch.chdir(origin)
+    folder = tmp_path / "out" / "train-1"
+    bundle(["train@a"], folder)
+    assert (folder / "files" / "metrics-a.json").exists()
+
+    assert bundle(["train@b"], folder) == ["prepare", "train@b"]
+
+    assert sorted(path.name for path in (folder / "files").iterdir()) == ["metrics-b.json"]
+    (origin / "metrics-a.json").write_text('{"a": 99}')  # retrained since: gather must leave it
+    gather([folder])
+    assert (origin / "metrics-a.json").read_text() == '{"a": 99}'
