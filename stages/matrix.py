@@ -456,6 +456,12 @@ def gather(folders: list[Path]) -> list[str]:
     return sorted({stage for _, lock in bundles for stage in lock["stages"]})
 
 
+def behind(targets: list[str]) -> list[str]:
+    """Of `targets`, those `dvc repro` would run (stale_stages), each with its first cause."""
+    stale = stale_stages(targets)
+    return [f"{target} {first_cause(stale, target)}" for target in targets if target in stale]
+
+
 def summary(base: str) -> str:
     """`dvc params diff` and `dvc metrics diff` against `base`, as Markdown."""
     sections = []
@@ -628,7 +634,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--no-push", action="store_true")
     g = commands.add_parser("gather", help="merge bundles into dvc.lock and the workspace")
     g.add_argument("bundles", nargs="*", type=Path, help="bundle folders (none: dvc.lock stays as it is)")
-    g.add_argument("--suite", help="then reproduce and push this suite's report")
+    g.add_argument("--suite", help="then reproduce and push this suite's report, if all its experiments are up to date")
+    g.add_argument("--params", default="params.yaml")
     g.add_argument("--no-push", action="store_true")
     local_ = commands.add_parser("local", help="run experiments at once on this machine, one per GPU")
     local_.add_argument("--suite", required=True)
@@ -701,14 +708,25 @@ def main(argv: list[str] | None = None) -> None:
         stages = gather(args.bundles)
         print(f"matrix: {len(stages)} stages from {len(args.bundles)} bundles merged into {LOCK}")
         if args.suite:
-            # --single-item: the upstream stages are recorded in dvc.lock and their outputs are
-            # on the remote; only the report itself needs its inputs here.
-            dvc("repro", "--single-item", f"report@{args.suite}")
-            if not args.no_push:
-                if has_remote():
-                    dvc("push", f"report@{args.suite}")
-                else:
-                    print(f"{NO_REMOTE} the report is not pushed")
+            # Every experiment of the suite must be up to date: a run of some (a dispatch with a
+            # pattern) would otherwise make a report of the others' old results, recorded as current.
+            names = load_params(args.params).suite_experiments(args.suite)
+            late = behind([f"evaluate@{name}" for name in names])
+            if late:
+                print(f"matrix: report@{args.suite} not made: {len(late)} of the suite's {len(names)} experiments are "
+                      f"not up to date ({'; '.join(late[:3])}{f' and {len(late) - 3} more' if len(late) > 3 else ''}); "
+                      "a run of the whole suite makes it")
+                to_github_output({"report": "not made"})
+            else:
+                # --single-item: the upstream stages are recorded in dvc.lock and their outputs are
+                # on the remote; only the report itself needs its inputs here.
+                dvc("repro", "--single-item", f"report@{args.suite}")
+                if not args.no_push:
+                    if has_remote():
+                        dvc("push", f"report@{args.suite}")
+                    else:
+                        print(f"{NO_REMOTE} the report is not pushed")
+                to_github_output({"report": "made"})
     elif args.command == "local":
         if args.gpus is not None:
             slots = [gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()]

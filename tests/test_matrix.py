@@ -559,6 +559,18 @@ def test_a_job_whose_lock_was_never_merged_is_restored_from_the_run_cache_not_ru
     assert first == second
 
 
+def test_behind_names_the_targets_a_repro_would_run_with_their_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `gather --suite` asks before it makes a suite's report: a run of some experiments (a
+    dispatch with a pattern) must not make a report of the others' old results."""
+    from stages.matrix import behind
+
+    origin, _ = stale_origin(tmp_path, ran=True)
+    monkeypatch.chdir(origin)
+    assert behind(["train@a", "train@b"]) == []
+    (origin / "params.yaml").write_text("n: 1\nlr: {a: 0.1, b: 0.3}\n")  # b's params changed, not trained since
+    assert behind(["train@a", "train@b"]) == ["train@b (from train@b) params.yaml: lr.b modified"]
+
+
 def test_a_job_whose_target_fails_still_pushes_and_bundles_the_others(tmp_path: Path) -> None:
     """A training job of several experiments in which one fails: the ones that finished are on the
     remote and in the bundle (the report job proposes them), and the job fails naming the one."""

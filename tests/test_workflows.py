@@ -260,3 +260,10 @@ def test_retrain_wiring_is_consistent() -> None:
         key: f"${{{{ secrets.{key} }}}}" for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}}
     assert "MLFLOW_TRACKING_URI" in workflow["env"]
     assert any('gather bundles/* --suite "$SUITE"' in script for script in run_scripts({"jobs": {"r": jobs["report"]}}))
+    # A report gather did not make (experiments of the suite outside the run are stale) makes the
+    # pull request partial, as a failed train job does.
+    [gather] = [step for step in jobs["report"]["steps"] if step.get("id") == "gather"]
+    assert '--suite "$SUITE"' in gather["run"]
+    [propose] = [step for step in jobs["report"]["steps"] if "REPORT" in step.get("env", {})]
+    assert propose["env"]["REPORT"] == "${{ steps.gather.outputs.report }}"
+    assert 'elif [ "$REPORT" = "not made" ]; then\n  title="Retrain $SUITE, partial' in propose["run"]
