@@ -468,7 +468,8 @@ def summary(base: str) -> str:
     for what in ("params", "metrics"):
         result = subprocess.run(["dvc", what, "diff", base, "--md"], capture_output=True, text=True)
         if result.returncode != 0:
-            raise UserError(f"`dvc {what} diff {base} --md` failed: {result.stderr.strip().splitlines()[-1:] or ['?']}")
+            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise UserError(f"`dvc {what} diff {base} --md` failed: {last}")
         body = result.stdout.strip() or f"No {what} changed."
         sections.append(f"### {what.capitalize()} against `{base}`\n\n{body}\n")
     return "\n".join(sections)

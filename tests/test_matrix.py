@@ -183,6 +183,10 @@ def test_summary_reports_params_and_metrics_changes(tmp_path: Path, monkeypatch:
     params_part, metrics_part = text.split("### Metrics")
     assert "training.epochs" in params_part and "| 5 " in params_part and "| 8 " in params_part
     assert "accuracy" in metrics_part and "0.95" in metrics_part
+    # A base git does not know: DVC's last line, as it is (before: a Python list around it).
+    with pytest.raises(UserError) as error:
+        summary("nonexist")
+    assert str(error.value) == "`dvc params diff nonexist --md` failed: ERROR: unknown Git revision 'nonexist'", error.value
 
 
 ON_ONE_GPU = """
