@@ -422,16 +422,30 @@ def bundle(targets: list[str], folder: Path) -> list[str]:
 
 def merge_locks(base: dict[str, Any], bundles: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """`base` with every bundle's stage entries laid over it. A stage two bundles recorded
-    differently is an error: two jobs ran it from different inputs."""
+    differently is an error (two jobs ran it from different inputs, or made other outputs that a
+    stage depends on), unless only outputs no stage depends on differ (validate's Data Docs, which
+    hold their run time): the first job's entry is kept, its files being on the remote too."""
     merged = {**base, "stages": dict(base.get("stages", {}))}
+    entries = [entry for lock in (base, *(lock for _, lock in bundles)) for entry in lock.get("stages", {}).values()]
+    needed = {dep.get("path") for entry in entries for dep in entry.get("deps", [])}
     origin: dict[str, str] = {}
     for name, lock in bundles:
         for stage, entry in lock.get("stages", {}).items():
             if stage in origin and merged["stages"][stage] != entry:
-                raise UserError(
-                    f"{stage} is recorded differently by {origin[stage]} and {name}: two jobs ran it from different "
-                    "inputs; rerun the matrix from one commit"
-                )
+                first = merged["stages"][stage]
+                if {k: v for k, v in first.items() if k != "outs"} != {k: v for k, v in entry.items() if k != "outs"}:
+                    raise UserError(
+                        f"{stage} is recorded differently by {origin[stage]} and {name}: two jobs ran it from "
+                        "different inputs; rerun the matrix from one commit"
+                    )
+                outs = [{out.get("path"): out for out in e.get("outs", [])} for e in (first, entry)]
+                differ = sorted(str(path) for path in outs[0].keys() | outs[1].keys() if outs[0].get(path) != outs[1].get(path))
+                if any(path in needed for path in differ):
+                    raise UserError(
+                        f"{stage} is recorded differently by {origin[stage]} and {name}: the same inputs made other "
+                        f"outputs ({', '.join(p for p in differ if p in needed)}); rerun the matrix from one commit"
+                    )
+                continue  # only outputs nothing depends on differ: the first job's entry stands
             merged["stages"][stage] = entry
             origin[stage] = name
     return merged

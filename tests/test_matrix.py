@@ -79,16 +79,41 @@ def _lock(**stages: dict) -> dict:
 
 
 def test_merge_lays_bundles_over_the_base_and_stops_on_a_conflict() -> None:
-    base = _lock(**{"split@digits": {"cmd": "split", "outs": [{"md5": "a"}]}, "train@digits-x": {"cmd": "old"}})
-    one = _lock(**{"split@digits": {"cmd": "split", "outs": [{"md5": "a"}]}, "train@digits-x": {"cmd": "new"}})
-    two = _lock(**{"split@digits": {"cmd": "split", "outs": [{"md5": "a"}]}, "train@digits-y": {"cmd": "y"}})
+    split = {"cmd": "split", "outs": [{"path": "p", "md5": "a"}]}
+    base = _lock(**{"split@digits": split, "train@digits-x": {"cmd": "old", "deps": [{"path": "p", "md5": "a"}]}})
+    one = _lock(**{"split@digits": split, "train@digits-x": {"cmd": "new"}})
+    two = _lock(**{"split@digits": split, "train@digits-y": {"cmd": "y", "deps": [{"path": "p", "md5": "a"}]}})
     merged = merge_locks(base, [("one", one), ("two", two)])
     assert merged["stages"]["train@digits-x"] == {"cmd": "new"}  # the job's record replaces the base's
     assert set(merged["stages"]) == {"split@digits", "train@digits-x", "train@digits-y"}
-    assert base["stages"]["train@digits-x"] == {"cmd": "old"}  # the base is not modified
-    clash = _lock(**{"split@digits": {"cmd": "split", "outs": [{"md5": "b"}]}})
+    assert base["stages"]["train@digits-x"]["cmd"] == "old"  # the base is not modified
+    # Split's output, which training depends on, made differently by two jobs.
+    clash = _lock(**{"split@digits": {"cmd": "split", "outs": [{"path": "p", "md5": "b"}]}})
     with pytest.raises(UserError, match="split@digits is recorded differently by one and clash"):
         merge_locks(base, [("one", one), ("clash", clash)])
+
+
+def test_outputs_nothing_depends_on_may_differ_between_two_jobs_that_ran_a_stage() -> None:
+    """A dataset whose prepare job failed is prepared again by each of its train jobs: their
+    validate@ entries differ in the Data Docs (GX writes run times into them), which no stage
+    depends on. Before, gather stopped the report job there ("from different inputs", which
+    they were not), and no partial pull request was made. An output a stage depends on (the
+    manifest) must still agree."""
+    manifest = "data/interim/digits/manifest.parquet"
+
+    def job(docs: str, table: str) -> dict:
+        return _lock(**{
+            "validate@digits": {"cmd": "validate", "deps": [{"path": "data/raw/digits", "md5": "r"}],
+                                "outs": [{"path": manifest, "md5": table}, {"path": "reports/validation/digits/docs", "md5": docs}]},
+            "split@digits": {"cmd": "split", "deps": [{"path": manifest, "md5": table}], "outs": [{"path": "p", "md5": "s"}]},
+        })
+
+    merged = merge_locks(_lock(), [("one", job("d1", "m")), ("two", job("d2", "m"))])
+    assert merged["stages"]["validate@digits"]["outs"][1]["md5"] == "d1"  # the first job's, whose files it pushed
+    with pytest.raises(UserError) as error:
+        merge_locks(_lock(), [("one", job("d1", "m")), ("two", job("d1", "m2"))])
+    assert str(error.value) == ("validate@digits is recorded differently by one and two: the same inputs made other "
+                                f"outputs ({manifest}); rerun the matrix from one commit")
 
 
 def test_gather_merges_locks_and_restores_uncached_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
