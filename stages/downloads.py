@@ -3,7 +3,10 @@
 A download goes to `<target>.part` and is renamed onto `<target>` only once its sha256 matches,
 so a file named `<target>` is always complete and verified. An interrupted download (killed
 stage, dropped connection) resumes from the `.part` with an HTTP Range request; a server that
-ignores Range (answers 200 instead of 206) makes it start again from zero.
+ignores Range (answers 200 instead of 206) makes it start again from zero. The ETag (or
+Last-Modified) of the answer that began the `.part` waits beside it in `<target>.part.validator`:
+a resume sends it as If-Range, and a 206 that carries another one (a file replaced upstream, on a
+server that ignores If-Range) starts again from zero rather than splice two files.
 
 Downloads are kept in `data/downloads/<dataset>/` (or `$CLASSMATRIX_DOWNLOADS/<dataset>/`), outside
 the stage's DVC output folder: DVC deletes a stage's outputs before running it again, and a
@@ -97,6 +100,7 @@ def download(
         os.replace(kept, target)
         part = target.with_name(target.name + ".part")
         part.unlink(missing_ok=True)  # a download of the same file begun since: not needed now
+        _validator_file(part).unlink(missing_ok=True)
         return _result(target, expected, downloaded=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
@@ -134,6 +138,7 @@ def download(
         # or upstream changed it on purpose), pinning `actual` uses it with no second download.
         kept = _mismatched(target, actual)
         os.replace(part, kept)
+        _validator_file(part).unlink(missing_ok=True)
         raise UserError(
             f"{what}: sha256 mismatch for {url}: expected {expected}, got {actual}; "
             f"the upstream file changed or the download is corrupt. The file is kept as {kept}: if it is "
@@ -141,6 +146,7 @@ def download(
             f"otherwise run again to download it afresh"
         )
     os.replace(part, target)
+    _validator_file(part).unlink(missing_ok=True)
     for stale in target.parent.glob(f"{glob_escape(target.name)}.sha256-*"):
         stale.unlink(missing_ok=True)  # earlier downloads that failed a pin: this one is the file
     return _result(target, actual, downloaded=True)
@@ -149,6 +155,18 @@ def download(
 def _mismatched(target: Path, digest: str) -> Path:
     """Where a download whose sha256 is `digest` waits when it failed its pin."""
     return target.with_name(f"{target.name}.sha256-{digest}")
+
+
+def _validator_file(part: Path) -> Path:
+    return part.with_name(part.name + ".validator")
+
+
+def _validator(headers: Any) -> str | None:
+    """What names this version of the file: a strong ETag, else Last-Modified (If-Range takes either)."""
+    etag = (headers.get("ETag") or "").strip()
+    if etag and not etag.startswith("W/"):
+        return etag
+    return (headers.get("Last-Modified") or "").strip() or None
 
 
 def _result(target: Path, digest: str, downloaded: bool) -> dict[str, Any]:
@@ -161,8 +179,15 @@ def _attempt(session: Any, url: str, part: Path, what: str, timeout: tuple[float
     offset = part.stat().st_size if part.exists() else 0
     # identity: the bytes on disk must be the file itself, and Range counts those bytes.
     headers = {"Accept-Encoding": "identity"}
+    recorded = None
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        try:
+            recorded = _validator_file(part).read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError):
+            recorded = None  # a .part from before validators were kept: resumed on trust, as then
+        if recorded:
+            headers["If-Range"] = recorded  # a server that honours it answers 200 if the file changed
     try:
         response = session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=True)
     except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
@@ -191,10 +216,19 @@ def _attempt(session: Any, url: str, part: Path, what: str, timeout: tuple[float
             if start != offset:
                 part.unlink(missing_ok=True)
                 raise _Transient(f"the server resumed at byte {start} instead of {offset}; starting again")
+            now = _validator(response.headers)
+            if recorded and now and now != recorded:
+                part.unlink(missing_ok=True)
+                raise _Transient("the file changed on the server since the partial download began; starting again")
             mode = "ab"
         else:  # 200 (or another 2xx): the whole file, whatever was asked for.
             offset = 0
             mode = "wb"
+            now = _validator(response.headers)
+            if now:
+                _validator_file(part).write_text(now + "\n", encoding="utf-8")
+            else:
+                _validator_file(part).unlink(missing_ok=True)
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         received = 0

@@ -32,7 +32,8 @@ class FileServer:
     N bytes of the next response for that path, then hold the connection open until `release` is
     set (a download caught mid-way, for a test to kill). headers: path -> extra response headers
     (Content-Encoding, Retry-After, ...). status_once: path -> [status, ...], answered (with the
-    path's headers) before the file is served.
+    path's headers) before the file is served. status_after_cut: path -> a status that `status` takes
+    on once a cut_once for that path has happened (a run that stops after the drop, with its .part).
     """
 
     def __init__(self) -> None:
@@ -45,6 +46,7 @@ class FileServer:
         self.headers: dict[str, dict[str, str]] = {}
         self.status_once: dict[str, list[int]] = {}
         self.chunked: set[str] = set()
+        self.status_after_cut: dict[str, int] = {}
         self.release = threading.Event()
         self.lock = threading.Lock()
         server = self
@@ -59,6 +61,8 @@ class FileServer:
                     server.requests.append((path, self.headers.get("Range")))
                     status = server.status.get(path)
                     cut = server.cut_once.pop(path, None)
+                    if cut is not None and path in server.status_after_cut:
+                        server.status[path] = server.status_after_cut.pop(path)
                     stall = server.stall_once.pop(path, None)
                     if status is None and server.status_once.get(path):
                         status = server.status_once[path].pop(0)
@@ -218,6 +222,34 @@ def test_a_part_left_by_a_killed_run_is_resumed(server, tmp_path):
 
     assert server.ranges("/f.bin") == ["bytes=12345-"]
     assert target.read_bytes() == data
+
+
+@pytest.mark.parametrize("validator", ["ETag", "Last-Modified"])
+def test_a_part_of_a_file_since_changed_on_the_server_is_not_continued_with_the_new_file(server, tmp_path, validator):
+    """A .part left by a run cut off, then the file replaced upstream (and its new sha256 pinned):
+    the rerun must not append the new file's tail to the old file's head. The server here ignores
+    If-Range, as many do; its ETag (or Last-Modified) tells the 206 is of another file, and the
+    download starts again from zero instead of failing its checksum."""
+    old, new = payload(60_000, seed=20), payload(60_000, seed=21)
+    values = {"ETag": ('"v1"', '"v2"'), "Last-Modified": ("Mon, 01 Jan 2024 00:00:00 GMT",
+                                                          "Tue, 02 Jan 2024 00:00:00 GMT")}[validator]
+    server.files["/f.bin"] = old
+    server.headers["/f.bin"] = {validator: values[0]}
+    server.cut_once["/f.bin"] = 30_000
+    server.status_after_cut["/f.bin"] = 404  # the run stops after the drop, keeping its .part
+    target = tmp_path / "f.bin"
+    with pytest.raises(UserError):
+        download(server.url("/f.bin"), target, sha256=sha(old), what="test")
+    assert target.with_name("f.bin.part").stat().st_size > 0
+
+    del server.status["/f.bin"]
+    server.files["/f.bin"] = new
+    server.headers["/f.bin"] = {validator: values[1]}
+    result = download(server.url("/f.bin"), target, sha256=sha(new), what="test")
+
+    assert target.read_bytes() == new and result["downloaded"] is True
+    assert server.ranges("/f.bin")[-1] is None  # the last request asked for the whole file
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
 def test_a_server_that_ignores_range_restarts_the_file_from_zero(server, tmp_path):
