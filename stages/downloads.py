@@ -133,6 +133,16 @@ def download(
                 time.sleep(error.wait if error.wait is not None else backoff * 2 ** max(failures - 1, 0))
 
     actual = archives.sha256_file(part)
+    if expected is not None and actual != expected and _is_web_page(part):
+        # A sign-in, "download anyway" or expired-link page: not a file worth keeping or pinning.
+        part.unlink()
+        _validator_file(part).unlink(missing_ok=True)
+        raise UserError(
+            f"{what}: {url} answered a web page (HTML) instead of the file (sha256 {actual}, expected "
+            f"{expected}): a sign-in, virus-scan or expired-link page, or the link to the file's page rather "
+            f"than to the file; put the direct download link in params.yaml, or download the file "
+            f"yourself to {target}"
+        )
     if expected is not None and actual != expected:
         # Kept under its own checksum: if it is the right file after all (the pin was mistyped,
         # or upstream changed it on purpose), pinning `actual` uses it with no second download.
@@ -150,6 +160,13 @@ def download(
     for stale in target.parent.glob(f"{glob_escape(target.name)}.sha256-*"):
         stale.unlink(missing_ok=True)  # earlier downloads that failed a pin: this one is the file
     return _result(target, actual, downloaded=True)
+
+
+def _is_web_page(path: Path) -> bool:
+    """Whether a download is an HTML page (no archive or image starts like one)."""
+    with open(path, "rb") as handle:
+        head = handle.read(1024).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith((b"<!doctype html", b"<html"))
 
 
 def _mismatched(target: Path, digest: str) -> Path:

@@ -527,6 +527,26 @@ def test_an_archive_behind_a_url_without_a_suffix_is_extracted(server, tmp_path,
     assert [p.read_bytes() for p in (tmp_path / "c").iterdir()] == [disk]
 
 
+def test_a_web_page_served_instead_of_the_file_is_named_as_such_not_offered_as_a_pin(server, tmp_path, monkeypatch):
+    """Google Drive's "can't scan this file for viruses" page, a sign-in page, an expired link's
+    page: the server answers 200 with HTML. That is no upstream change to pin, and nothing to keep."""
+    data = zip_bytes({"cat/0.png": b"c" * 10})
+    page = b"\n<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body></body></html>"
+    server.files["/uc?export=download&id=abc"] = page
+    monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "downloads"))
+    url = server.url("/uc?export=download&id=abc")
+    (tmp_path / "raw").mkdir()
+
+    with pytest.raises(UserError) as caught:
+        get_source("url").fetch(UrlOptions(url=url, sha256=sha(data)), tmp_path / "raw", "toy")
+
+    message = str(caught.value)
+    assert "\n" not in message and url in message
+    assert "web page (HTML)" in message and "direct download link" in message
+    assert "pin sha256" not in message
+    assert list((tmp_path / "downloads" / "toy").iterdir()) == []
+
+
 def test_retry_after_is_waited_for_and_a_long_one_stops_at_once(server, tmp_path, monkeypatch):
     """A 429 or 503 with Retry-After waits what the server asks, not the back-off; a wait beyond
     MAX_RETRY_AFTER_S stops the download with the wait in the message, after one request."""
