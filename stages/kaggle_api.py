@@ -235,6 +235,11 @@ def _authenticated_api(dataset: str) -> Any:
     api.build_kaggle_client = _with_timeout(api.build_kaggle_client)
     _warn_if_readable(Path(api.config))
 
+    raw = os.environ.get("KAGGLE_API_TOKEN")
+    if raw and raw != raw.strip() and not Path(raw).exists():
+        # Pasted with its line break (a CI secret): the client would put it in a header as it is,
+        # which urllib3 refuses. Dropped, as the client drops it from ~/.kaggle/access_token.
+        os.environ["KAGGLE_API_TOKEN"] = raw.strip()
     token, token_source = get_access_token_from_env()
     try:
         with _quiet():
@@ -409,6 +414,12 @@ def _map_error(error: Exception, target: _Target | None, file: str | None, datas
                 f"network connection or proxy settings (HTTPS_PROXY), then run again"
             )
         return UserError(f"{where}: the request to {host} for {what} failed ({_reason(error)})")
+    if isinstance(error, ValueError) and str(error).startswith("Invalid header value"):
+        # urllib3 quotes the header, the credential in it: never repeated.
+        return UserError(
+            f"{where}: the credentials from {_credential_source(api)} hold a line break or another character an "
+            f"HTTP header cannot; copy the token (or key) again from {TOKEN_PAGE}"
+        )
     if isinstance(error, ValueError) and target is not None:
         # The client validates references and paths with ValueError.
         return UserError(f"{where}: the kaggle client refused {what}: {' '.join(str(error).split())}")

@@ -32,6 +32,7 @@ from stages.fetch import fetch as fetch_stage  # noqa: E402
 from stages.sources import KaggleOptions, get_source  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+TOKEN_PAGE_URL = "https://www.kaggle.com/settings/api"
 MIB = 1 << 20
 
 
@@ -376,6 +377,26 @@ def test_an_expired_access_token_is_reported_as_rejected(fake, tmp_path, monkeyp
     assert "rejected the access token from KAGGLE_API_TOKEN" in message
     assert "KGAT_expired" not in message
     assert [s.body for s in fake.rpc("IntrospectToken")][-1] == {"token": "KGAT_expired"}
+
+
+def test_an_access_token_pasted_with_a_line_break_works_and_a_broken_one_is_never_printed(fake, tmp_path, monkeypatch):
+    """A token copied with its line break (a CI secret, `export KAGGLE_API_TOKEN="$(cat ...)\n"`):
+    the client puts it in an Authorization header as it is, and urllib3 refused the header with a
+    ValueError traceback that printed the token. Around it, the break is dropped, as the client
+    does for ~/.kaggle/access_token; inside it, one line that does not show the token."""
+    fake.apply(monkeypatch, credentials="none")
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
+    monkeypatch.setenv("KAGGLE_API_TOKEN", f" {fake.token}\n")
+
+    details, dest = run(tmp_path, dataset="own/pets", version=1)
+
+    assert details["version"] == 1 and len(files_under(dest)) == 4
+
+    monkeypatch.setenv("KAGGLE_API_TOKEN", f"{fake.token[:8]}\n{fake.token[8:]}")
+    message = fails(tmp_path, dataset="own/pets")  # unpinned: the version is asked for
+
+    assert "KAGGLE_API_TOKEN" in message and "line break" in message and TOKEN_PAGE_URL in message
+    assert fake.token[8:] not in message and fake.token[:8] not in message
 
 
 def test_competition_rules_not_accepted_gives_the_rules_url(fake, tmp_path):
