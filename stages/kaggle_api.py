@@ -240,6 +240,10 @@ def _authenticated_api(dataset: str) -> Any:
         # Pasted with its line break (a CI secret): the client would put it in a header as it is,
         # which urllib3 refuses. Dropped, as the client drops it from ~/.kaggle/access_token.
         os.environ["KAGGLE_API_TOKEN"] = raw.strip()
+    config_problem = _kaggle_json_problem(Path(api.config))
+    if config_problem and "JSON object" in config_problem:  # the client fails on it with a TypeError
+        raise UserError(f"datasets.{dataset}.source: {api.config} {config_problem}; download a new one at "
+                        f"{TOKEN_PAGE}, or use an access token") from None
     token, token_source = get_access_token_from_env()
     try:
         with _quiet():
@@ -251,6 +255,13 @@ def _authenticated_api(dataset: str) -> Any:
                 f"{where}: Kaggle rejected the access token from {_token_source(token_source)} "
                 f"(invalid or expired) and no other credentials were found; create a new token at "
                 f"{TOKEN_PAGE} and put it in KAGGLE_API_TOKEN or ~/.kaggle/access_token"
+            ) from None
+        if config_problem:
+            # The client skips a kaggle.json it cannot use without a word: "none found" would
+            # send the user looking for a file that is right there.
+            raise UserError(
+                f"{where}: {api.config} {config_problem}; download a new one at {TOKEN_PAGE}, "
+                f"or create an API token there and put it in KAGGLE_API_TOKEN or ~/.kaggle/access_token"
             ) from None
         partial = ""
         if bool(os.environ.get("KAGGLE_USERNAME")) != bool(os.environ.get("KAGGLE_KEY")):
@@ -268,6 +279,27 @@ def _authenticated_api(dataset: str) -> Any:
             raise
         raise mapped from None
     return api
+
+
+def _kaggle_json_problem(config: Path) -> str | None:
+    """What makes a kaggle.json that is there unusable (never its contents), or None."""
+    try:
+        text = config.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        return f"cannot be read ({getattr(error, 'strerror', None) or type(error).__name__})"
+    try:
+        values = json.loads(text)
+    except ValueError as error:
+        where = f" (line {error.lineno}, column {error.colno})" if isinstance(error, json.JSONDecodeError) else ""
+        return f"is not valid JSON{where}"
+    if not isinstance(values, dict):
+        return 'is not a JSON object ({"username": "...", "key": "..."})'
+    for name, variable in (("username", "KAGGLE_USERNAME"), ("key", "KAGGLE_KEY")):
+        if not (isinstance(values.get(name), str) and values[name].strip()) and not os.environ.get(variable):
+            return f'has no "{name}"'
+    return None
 
 
 def _token_source(source: str | None) -> str:

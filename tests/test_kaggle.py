@@ -357,6 +357,24 @@ def test_no_credentials_is_one_line_naming_where_they_were_looked_for(fake, tmp_
     assert fake.count("POST") == 0
 
 
+@pytest.mark.parametrize("content, problem", [
+    ('{"username": "own", "key": "abc",}', "is not valid JSON (line 1"),  # a trailing comma, hand-edited
+    ('["own", "abc"]', "is not a JSON object"),
+    ('{"username": "own"}', "has no \"key\""),
+])
+def test_a_malformed_kaggle_json_is_named_not_reported_as_missing(fake, tmp_path, content, problem):
+    """The client swallows a kaggle.json it cannot parse (then "no credentials found", while the
+    file is right there), and a JSON list crashed it with a TypeError."""
+    config = Path(os.environ["KAGGLE_CONFIG_DIR"]) / "kaggle.json"
+    config.write_text(content)
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)))
+
+    message = fails(tmp_path, dataset="own/pets")
+
+    assert message.startswith(f"datasets.demo.source: {config} {problem}"), message
+    assert TOKEN_PAGE_URL in message and "abc" not in message
+
+
 def test_bad_key_is_a_401_naming_the_credentials_file(fake, tmp_path):
     fake.write_kaggle_json(Path(os.environ["KAGGLE_CONFIG_DIR"]), key="wrong" + fake.key[5:])
     fake.add_dataset("own/pets", zip_bytes(class_images(0)))
