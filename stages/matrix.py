@@ -747,6 +747,9 @@ def main(argv: list[str] | None = None) -> None:
             slots = [gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()]
             if not all(gpu.isdigit() for gpu in slots):
                 raise UserError(f"--gpus {args.gpus!r}: give GPU indices separated by commas, like 0,1,2")
+            twice = next((gpu for i, gpu in enumerate(slots) if gpu in slots[:i]), None)
+            if twice is not None:
+                raise UserError(f"--gpus {args.gpus!r}: GPU {twice} is named twice; each GPU runs one experiment at a time, so name each once")
         else:
             slots = [None] * max(args.jobs, 0)
         results = local(args.params, args.suite, args.pattern, slots, report=not args.no_report)

@@ -830,6 +830,20 @@ def test_local_without_a_slot_is_refused_before_anything_runs(monkeypatch, tmp_p
     assert ran == []
 
 
+def test_local_with_a_gpu_named_twice_is_refused_before_anything_runs(monkeypatch, tmp_path):
+    """`matrix local --gpus 0,0` (a typo for 0,1) ran two experiments at once on GPU 0, though
+    docs/setups.md promises at most one per GPU (two models on one GPU can run it out of memory)."""
+    ran: list[tuple] = []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(matrix, "dvc", lambda *args, **kwargs: ran.append(args))
+    monkeypatch.setattr(matrix, "run_pool", lambda jobs, slots: ran.append(slots) or {name: 0 for name, _ in jobs})
+
+    with pytest.raises(UserError, match=r"--gpus '0,1,0': GPU 0 is named twice"):
+        matrix.main(["local", "--suite", "demo", "--params", PARAMS, "--gpus", "0,1,0"])
+
+    assert ran == []
+
+
 @pytest.mark.parametrize("remote", [False, True], ids=["no remote", "remote"])
 def test_run_of_a_target_dvc_yaml_lacks_is_one_line(remote: bool, tmp_path: Path) -> None:
     """`matrix run evaluate@digits-nope` (a typo in a hand-run step): one line naming the target and
