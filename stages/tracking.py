@@ -47,7 +47,11 @@ def repository_root(code_root: Path | None = None) -> Path:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / 'mlflow.db'}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and repository_root() != ROOT:
+        # A relative file in a queued experiment's copy would go with the copy: the repository's.
+        uri = f"sqlite:///{repository_root() / uri.removeprefix('sqlite:///')}"
+    return uri
 
 
 def redact(text: str) -> str:

@@ -258,6 +258,14 @@ def test_a_queued_experiment_copy_logs_to_the_repository_database(monkeypatch: p
     assert tracking.tracking_uri() == "sqlite:////srv/classmatrix/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert tracking.tracking_uri() == "http://mlflow.internal:5000"
+    # A relative SQLite URI names a file in the copy, which DVC deletes with the runs in it: in a
+    # copy it is the repository's file of that name (before: the copy's).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
+    assert tracking.tracking_uri() == "sqlite:///runs/mlflow.db"
+    monkeypatch.setattr(tracking, "ROOT", repo / ".dvc" / "tmp" / "exps" / "tmpk2x9_1ab")
+    assert tracking.tracking_uri() == "sqlite:////srv/classmatrix/runs/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////data/mlflow.db")
+    assert tracking.tracking_uri() == "sqlite:////data/mlflow.db"
 
 
 def dvc_repository(folder: Path) -> dict[str, str]:
