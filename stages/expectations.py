@@ -27,6 +27,7 @@ with its reason, so that the Data Docs name them as the manifest and set_aside.c
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import shutil
@@ -212,9 +213,11 @@ def _file_records(manifest: pd.DataFrame) -> pd.DataFrame:
     # An image whose pixels cannot be shown (NaN in a float TIFF) counts as undecodable.
     files["undecodable"] = reasons.str.startswith(("undecodable", "unusable pixels")).astype("int64")
     # "<path>: <reason>" for each set-aside file, null for the rest: the Data Docs record that
-    # names every file set aside (see _set_aside_record).
+    # names every file set aside (see _set_aside_record). HTML-escaped: GX puts the values into
+    # the page as they are, so a name holding `<`, `>` or `&` would be read as markup.
     aside = files["status"] != "ok"
-    files["set_aside"] = (files["path"].astype(str) + ": " + reasons).where(aside, None).astype("object")
+    named = (files["path"].astype(str) + ": " + reasons).map(html.escape)
+    files["set_aside"] = named.where(aside, None).astype("object")
     # An ok row of unknown size cannot be within bounds; 0 px says so without a null, which
     # column-map expectations would skip.
     for side in ("width", "height"):

@@ -349,3 +349,19 @@ def test_importing_the_module_is_quiet_and_does_not_load_gx():
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
+
+
+def test_data_docs_show_a_set_aside_name_holding_markup_as_text(tmp_path):
+    """A file name is data: one holding `<`, `>` or `&` (an archive's `<img src=x onerror=...>.txt`)
+    is shown as written on the validation page, never read as HTML that runs in the browser."""
+    names = ["cat/<img src=x onerror=alert(1)>.txt", "cat/fish &amp; chips.txt", "cat/$column <b>x</b>.txt"]
+    rows = clean_rows() + [row(name, "cat", status="set_aside", reason="not an image file ('.txt')") for name in names]
+
+    check(rows, tmp_path)
+
+    (page,) = (tmp_path / "docs" / "validations").rglob("*.html")
+    markup = page.read_text(encoding="utf-8")
+    assert "<img src=x" not in markup and "<b>x</b>" not in markup
+    text = validation_page_words(tmp_path / "docs")
+    for name in names:
+        assert f"{name}: not an image file ('.txt')" in text
