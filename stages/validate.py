@@ -306,6 +306,12 @@ def validate(
     for outcome in report.outcomes:
         if not outcome.success and not outcome.hard:
             print(f"validate@{dataset}: warning: {outcome.name}: {outcome.observed}")
+    if report.hard_failures and not len(manifest):
+        # Every rule fails on nothing; the rules' remedies (replace the broken files) would mislead.
+        raise UserError(
+            f"validate@{dataset}: {raw} holds no files; check datasets.{dataset}.source, then run "
+            f"fetch@{dataset} again"
+        )
     if report.hard_failures:
         failure = report.hard_failures[0]
         more = f" (and {len(report.hard_failures) - 1} more)" if len(report.hard_failures) > 1 else ""

@@ -501,3 +501,19 @@ def test_no_group_note_when_every_image_split_divides_has_one(tmp_path, capsys):
 
     assert not isinstance(summary, Exception), summary
     assert "no group" not in capsys.readouterr().out
+
+
+def test_an_empty_raw_folder_is_named_as_empty_not_as_broken_files(tmp_path):
+    """A raw folder holding no file at all (a source that gave nothing) fails in one line saying
+    so; before, it was 'undecodable_fraction failed ... replace the broken files in the source'."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    params = write_params(tmp_path)
+
+    manifest_path, docs, summary_path, error = run_validate(tmp_path, raw, params)
+
+    assert isinstance(error, UserError)
+    assert str(error).startswith(f"validate@toy: {raw} holds no files;")
+    assert "datasets.toy.source" in str(error) and "fetch@toy" in str(error)
+    assert "broken files" not in str(error)
+    assert json.loads(summary_path.read_text(encoding="utf-8"))["files"] == 0  # still written
