@@ -111,6 +111,7 @@ def is_gone(error: BaseException) -> bool:
 @contextmanager
 def unavailable(what: str, consequence: str) -> Iterator[None]:
     """Turn "the tracking server does not answer" inside the block into one clear line."""
+    import requests
     from mlflow.exceptions import MlflowException
 
     try:
@@ -137,6 +138,17 @@ def unavailable(what: str, consequence: str) -> Iterator[None]:
         raise TrackingUnavailable(
             f"MLflow tracking server {shown_uri()} did not answer {tries} tries to {what}"
             f" ({reason.group(0) if reason else redact(message)[:160]}); {consequence}"
+        ) from None
+    except requests.exceptions.HTTPError as error:
+        # An artifact transfer refused (a proxy's 413 for a large model, a 403, a 5xx after the
+        # retries): requests' words, and the error it chains, hold the artifact URL with the
+        # tracking URI's credentials, so it becomes one line, redacted.
+        status = error.response.status_code if error.response is not None else 0
+        kind = TrackingUnavailable if status >= 500 else UserError
+        detail = redact(" ".join(str(error).split()))
+        raise kind(
+            f"MLflow tracking server {shown_uri()} refused to {what} "
+            f"({detail if len(detail) <= 240 else detail[:237] + '...'}); {consequence}"
         ) from None
 
 

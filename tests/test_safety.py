@@ -118,3 +118,51 @@ def test_an_unreachable_server_with_a_password_in_its_uri_is_reported_without_it
     message = str(unavailable.value)
     assert f"http://alice:***@127.0.0.1:{port} did not answer 1 tries" in message
     assert "s3cretpw" not in message
+
+
+@pytest.mark.parametrize(("status", "words"), [(413, "413 Client Error: Request Entity Too Large"), (403, "403 Client Error: Forbidden"), (502, "did not answer")])
+def test_an_artifact_upload_refused_by_a_proxy_is_one_line_without_the_password(
+    status: int, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy in front of the server refusing a model upload (nginx's 413 for a body over
+    client_max_body_size): MLflow raises requests' HTTPError, whose words and chained cause hold the
+    artifact URL with the tracking URI's password. Before, it went up as a traceback printing it twice.
+    A 5xx is retried and said not to answer, as before."""
+    import http.server
+    import threading
+
+    from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+
+    from stages.errors import run_stage
+
+    class Refuses(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    listener = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    port = listener.server_address[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cretpw@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    (tmp_path / "model.keras").write_bytes(b"weights")
+
+    def main(argv: list[str] | None) -> None:
+        with tracking.unavailable("log the model", "run the stage again"):
+            repository = HttpArtifactRepository(f"http://alice:s3cretpw@127.0.0.1:{port}/api/2.0/mlflow-artifacts/artifacts/1/r")
+            repository.log_artifact(str(tmp_path / "model.keras"))
+
+    try:
+        with pytest.raises(SystemExit):
+            run_stage(main)
+    finally:
+        listener.shutdown()
+    err = capsys.readouterr().err
+    assert "s3cretpw" not in err
+    assert err.count("\n") == 1 and err.startswith(f"error: MLflow tracking server http://alice:***@127.0.0.1:{port}")
+    assert words in err and "log the model" in err, err
