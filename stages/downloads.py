@@ -339,7 +339,9 @@ def _reason(error: BaseException) -> str:
         if isinstance(current, (socket.timeout, TimeoutError)):
             return "timed out"
         pending.extend([current.__cause__, current.__context__, getattr(current, "reason", None), *current.args])
-    text = " ".join(str(error).split())
+    # requests' words name the URL it was at, after redirects: a signed link's query string
+    # (X-Amz-Signature=..., token=...) is a credential, and is not shown.
+    text = re.sub(r"((?:url: |://)[^\s?'\"]*)\?[^\s'\")]*", r"\1?...", " ".join(str(error).split()))
     return text if len(text) <= 200 else text[:197] + "..."
 
 

@@ -619,3 +619,34 @@ def test_a_full_disk_names_the_partial_file_and_keeps_it(server, tmp_path, chunk
     last = finished.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: no room left writing {part} (File too large)"), finished.stderr[-2000:]
     assert 0 < part.stat().st_size <= 200_000
+
+
+def test_a_signed_link_redirected_to_is_not_printed_when_it_fails(tmp_path: Path) -> None:
+    """A release URL redirects to a signed storage link (GitHub's objects.githubusercontent.com,
+    S3's X-Amz-Signature); a TLS failure there (a proxy intercepting TLS) put requests' words,
+    the signed link's query string with them, in the one-line error."""
+
+    class Redirects(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            # To https on this plain-HTTP port: the TLS handshake fails.
+            signed = f"https://127.0.0.1:{port}/bucket/file.zip?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeef5ecret"
+            self.send_response(302)
+            self.send_header("Location", signed)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    listener = ThreadingHTTPServer(("127.0.0.1", 0), Redirects)
+    port = listener.server_address[1]
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(UserError) as failed:
+            download(f"http://127.0.0.1:{port}/releases/file.zip", tmp_path / "file.zip", sha256="0" * 64,
+                     what="datasets.x.source.url", retries=0)
+    finally:
+        listener.shutdown()
+    message = str(failed.value)
+    assert "deadbeef5ecret" not in message and "AKIAEXAMPLE" not in message, message
+    assert "/bucket/file.zip?..." in message and "\n" not in message
