@@ -429,6 +429,11 @@ def _check_references(params: Params, source: str) -> None:
                 raise ConfigError(
                     f"{source}: datasets.{name}.validation.hard: unknown rule {rule!r}; valid: {', '.join(RULES)}"
                 )
+        if "expected_count" in dataset.validation.hard and dataset.validation.expected_count is None:
+            raise ConfigError(
+                f"{source}: datasets.{name}.validation.hard: 'expected_count' never runs without "
+                f"datasets.{name}.validation.expected_count; set the count the source documents, or remove it from hard"
+            )
     _check_training(params.training, "training", set(), source)
     for name, backbone in params.backbones.items():
         _choose(backbone.model, backbones.REGISTRY, "backbone model", source, f"backbones.{name}.model")

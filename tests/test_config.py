@@ -192,6 +192,12 @@ MISTAKES = {
         set_key(["datasets", "digits", "validation", "hard"], ["min_per_class", "no_dupes"]),
         ["datasets.digits.validation.hard:", "unknown rule 'no_dupes'", ", ".join(RULES)],
     ),
+    "a hard expected_count with no count to expect": (
+        lambda raw: (set_key(["datasets", "digits", "validation", "hard"], ["min_per_class", "expected_count"])(raw),
+                     set_key(["datasets", "digits", "validation", "expected_count"], None)(raw)),
+        ["datasets.digits.validation.hard: 'expected_count' never runs without datasets.digits.validation.expected_count",
+         "set the count the source documents, or remove it from hard"],
+    ),
     "repeated class": (
         set_key(["datasets", "digits", "classes"], [0, 1, 1]),
         ["datasets.digits.classes:", "repeat"],
