@@ -389,51 +389,39 @@ def test_hidden_files_are_counted_as_one_kind_in_the_summary(tmp_path):
     assert written["set_aside_by_reason"] == {"hidden file": 3, "in a hidden folder": 1, "stray file": 1}
 
 
-def test_class_folders_one_level_down_get_the_layout_root_as_the_advice(tmp_path, capsys):
-    """A zip of `shapes/<class>/...` read without layout.root: every file is under the undeclared
-    label 'shapes', and the note said to declare it as a class. It now names the root to set."""
-    clean_raw(tmp_path / "raw" / "shapes", {"a": 3, "b": 3, "c": 3})
-    params = write_params(tmp_path, validation={"min_per_class": 0})
-
-    _, _, _, summary = run_validate(tmp_path, tmp_path / "raw", params)
-
-    assert not isinstance(summary, Exception), summary
-    assert ("validate@toy: note: 9 files are set aside for labels that are not declared classes: shapes (9); the "
-            "class folders sit one level down, in 'shapes' (an archive's top folder): set "
-            "datasets.toy.layout.root: 'shapes'") in capsys.readouterr().out
-
-
-def test_split_folders_one_level_down_get_the_layout_root_as_the_advice(tmp_path, capsys):
-    """The README's flowers.zip (`flowers/train/daisy/...`) with its splits but without its root:
-    every file was a "stray file" and validate said nothing of the root. The note names it."""
-    clean_raw(tmp_path / "raw" / "flowers" / "train", {"a": 3, "b": 3, "c": 3})
-    clean_raw(tmp_path / "raw" / "flowers" / "test", {"a": 1, "b": 1, "c": 1})
-    layout = {"kind": "folders", "splits": {"test": "test", "train": "train"}}
-    params = write_params(tmp_path, layout=layout, validation={"min_per_class": 0})
-
-    _, _, _, summary = run_validate(tmp_path, tmp_path / "raw", params)
-
-    assert not isinstance(summary, Exception), summary
-    assert ("validate@toy: note: 14 files are set aside as stray, outside the split folders (test, train); the split "
-            "folders sit one level down, in 'flowers' (an archive's top folder): set datasets.toy.layout.root: "
-            "'flowers'") in capsys.readouterr().out
-
-
-def test_split_and_class_folders_two_levels_down_get_root_and_splits_as_the_advice(tmp_path, capsys):
-    """The same flowers.zip with neither root nor splits: every file was under the undeclared
-    label 'flowers', and the note advised declaring it a class. It names the root and the split
-    folders now."""
-    clean_raw(tmp_path / "raw" / "flowers" / "Training", {"a": 3, "b": 3, "c": 3})
-    clean_raw(tmp_path / "raw" / "flowers" / "Testing", {"a": 1, "b": 1, "c": 1})
-    params = write_params(tmp_path, validation={"min_per_class": 0})
+@pytest.mark.parametrize(
+    ("folders", "layout", "note"),
+    [
+        # A zip of `shapes/<class>/...` read without layout.root: every file is under the
+        # undeclared label 'shapes', and the note said to declare it as a class.
+        ({"shapes": {"a": 3, "b": 3, "c": 3}}, None,
+         "9 files are set aside for labels that are not declared classes: shapes (9); the class folders sit one "
+         "level down, in 'shapes' (an archive's top folder): set datasets.toy.layout.root: 'shapes'"),
+        # The README's flowers.zip (`flowers/train/daisy/...`) with its splits but without its root:
+        # every file was a "stray file" and validate said nothing of the root.
+        ({"flowers/train": {"a": 3, "b": 3, "c": 3}, "flowers/test": {"a": 1, "b": 1, "c": 1}},
+         {"kind": "folders", "splits": {"test": "test", "train": "train"}},
+         "14 files are set aside as stray, outside the split folders (test, train); the split folders sit one level "
+         "down, in 'flowers' (an archive's top folder): set datasets.toy.layout.root: 'flowers'"),
+        # The same with neither root nor splits: every file under the undeclared label 'flowers',
+        # and the note advised declaring it a class.
+        ({"flowers/Training": {"a": 3, "b": 3, "c": 3}, "flowers/Testing": {"a": 1, "b": 1, "c": 1}}, None,
+         "12 files are set aside for labels that are not declared classes: flowers (12); the class folders sit two "
+         "levels down, in split folders of 'flowers' (Testing, Training): set datasets.toy.layout.root: 'flowers' and "
+         "datasets.toy.layout.splits: {Testing: test, Training: train}"),
+    ],
+    ids=["classes one level down", "splits one level down", "splits and classes two levels down"],
+)
+def test_folders_below_an_archives_top_folder_get_the_layout_to_set_as_the_advice(tmp_path, capsys, folders, layout, note):
+    for folder, counts in folders.items():
+        clean_raw(tmp_path / "raw" / folder, counts)
+    params = write_params(tmp_path, **({"layout": layout} if layout else {}), validation={"min_per_class": 0})
 
     _, _, _, summary = run_validate(tmp_path, tmp_path / "raw", params)
 
     assert not isinstance(summary, Exception), summary
     out = capsys.readouterr().out
-    assert ("validate@toy: note: 12 files are set aside for labels that are not declared classes: flowers (12); the "
-            "class folders sit two levels down, in split folders of 'flowers' (Testing, Training): set "
-            "datasets.toy.layout.root: 'flowers' and datasets.toy.layout.splits: {Testing: test, Training: train}") in out, out
+    assert f"validate@toy: note: {note}" in out, out
     assert "add them to datasets.toy.classes" not in out
 
 
