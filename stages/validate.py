@@ -276,14 +276,14 @@ def validate(
         more = f" and {len(undeclared) - 5} more" if len(undeclared) > 5 else ""
         advice = (f"if they belong, add them to datasets.{dataset}.classes or map them with "
                   f"datasets.{dataset}.layout.class_map")
-        if root := _folder_above_the_classes(manifest, config):
+        if found := _folders_above_the_classes(manifest, config):
+            root, folders = found
             advice = (f"the class folders sit one level down, in '{root}' (an archive's top folder): set "
                       f"datasets.{dataset}.layout.root: '{root}'")
-        elif found := _folders_above_split_and_class_folders(manifest, config):
-            root, folders = found
-            splits = ", ".join(f"{folder}: {SPLIT_NAMES.get(folder.lower(), 'train, val or test')}" for folder in folders)
-            advice = (f"the class folders sit two levels down, in split folders of '{root}' ({', '.join(folders)}): set "
-                      f"datasets.{dataset}.layout.root: '{root}' and datasets.{dataset}.layout.splits: {{{splits}}}")
+            if folders:
+                splits = ", ".join(f"{folder}: {SPLIT_NAMES.get(folder.lower(), 'train, val or test')}" for folder in folders)
+                advice = (f"the class folders sit two levels down, in split folders of '{root}' ({', '.join(folders)}): "
+                          f"set datasets.{dataset}.layout.root: '{root}' and datasets.{dataset}.layout.splits: {{{splits}}}")
         print(
             f"validate@{dataset}: note: {int(undeclared.sum())} files are set aside for labels that are not declared "
             f"classes: {named}{more}; {advice}"
@@ -325,50 +325,31 @@ def validate(
     return summary
 
 
-def _folder_above_the_classes(manifest: pd.DataFrame, config: DatasetConfig) -> str:
-    """For a `folders` layout whose files are set aside under one undeclared label, the folder to
-    name as layout.root when the declared class folders sit inside it (a zip of `shapes/<class>/`
-    read without a root); else ""."""
-    if config.layout.kind != "folders" or manifest["label"].isin(config.classes).any():
-        return ""  # some files are where the classes are: the root is right for them
-    undeclared = manifest[manifest["reason"].map(reason_kind) == "undeclared label"]
-    if undeclared["label"].nunique() != 1:
-        return ""
-    options = config.layout.options
-    root = options.root.strip("/")
-    parts = undeclared["path"].str.slice(len(root) + 1 if root else 0).str.split("/")
-    declared = set(config.classes)
-    within = parts.map(lambda p: len(p) >= 3
-                       and unicodedata.normalize("NFC", map_label(p[1], options.class_map)) in declared)
-    if not within.all():
-        return ""
-    label = undeclared["label"].iloc[0]
-    return f"{root}/{label}" if root else label
-
-
 # What a split folder's usual names mean, for the advice when a layout has no splits.
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "dev": "val", "test": "test", "testing": "test"}
 
 
-def _folders_above_split_and_class_folders(manifest: pd.DataFrame, config: DatasetConfig) -> tuple[str, list[str]] | None:
-    """For a `folders` layout without splits whose files are set aside under one undeclared label,
-    the folder to name as layout.root and the split folders inside it, when the declared class
-    folders sit in those (a zip of `flowers/train/<class>/` read without root or splits); else None."""
-    options = config.layout.options
-    if config.layout.kind != "folders" or options.splits or manifest["label"].isin(config.classes).any():
-        return None
+def _folders_above_the_classes(manifest: pd.DataFrame, config: DatasetConfig) -> tuple[str, list[str]] | None:
+    """For a `folders` layout whose files are set aside under one undeclared label, the folder to
+    name as layout.root when the declared class folders sit inside it (a zip of `shapes/<class>/`
+    read without a root), with no split folders; or, for a layout without splits, inside split
+    folders in it (`flowers/train/<class>/`), with those; else None."""
+    if config.layout.kind != "folders" or manifest["label"].isin(config.classes).any():
+        return None  # some files are where the classes are: the root is right for them
     undeclared = manifest[manifest["reason"].map(reason_kind) == "undeclared label"]
     if undeclared["label"].nunique() != 1:
         return None
+    options = config.layout.options
     root = options.root.strip("/")
     parts = undeclared["path"].str.slice(len(root) + 1 if root else 0).str.split("/")
     declared = set(config.classes)
-    if not parts.map(lambda p: len(p) >= 4
-                     and unicodedata.normalize("NFC", map_label(p[2], options.class_map)) in declared).all():
-        return None
     label = undeclared["label"].iloc[0]
-    return (f"{root}/{label}" if root else label), sorted(set(parts.map(lambda p: p[1])))
+    for depth in (1, 2) if not options.splits else (1,):  # the class folder's place below the label
+        if parts.map(lambda p: len(p) >= depth + 2
+                     and unicodedata.normalize("NFC", map_label(p[depth], options.class_map)) in declared).all():
+            return (f"{root}/{label}" if root else label), sorted(set(parts.map(lambda p: p[1]))) if depth == 2 else []
+    return None
 
 
 def _folder_above_the_splits(manifest: pd.DataFrame, config: DatasetConfig) -> str:
