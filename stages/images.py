@@ -132,10 +132,18 @@ class UnusablePixels(ValueError):
 
 
 def _to_mode(image: Image.Image, target: str) -> Image.Image:
+    # A PNG's tRNS colour key (gray or RGB; optipng and oxipng store an on-or-off alpha so) is its
+    # transparency as much as an alpha channel is: made one here, it is flattened onto white below.
+    key = image.info.get("transparency") if image.mode != "P" else None
+    if key is not None and image.mode in ("1", "L", "RGB"):
+        image = image.convert("RGBA")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        opaque = np.asarray(image) != key if isinstance(key, int) else None  # a 16-bit key, before scaling
         # A PGM/PPM of more than 8 bits opens as 32-bit "I", its values scaled to 0..65535.
         sixteen = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM")
         image = Image.fromarray(_to_8_bits(np.asarray(image), image.mode, sixteen), mode="L")
+        if opaque is not None:
+            image.putalpha(Image.fromarray(opaque.view(np.uint8) * np.uint8(255)))
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode == "La":  # premultiplied alpha: Pillow converts it to LA only

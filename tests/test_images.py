@@ -176,6 +176,25 @@ def test_checking_the_largest_sixteen_bit_image_takes_about_a_gigabyte(tmp_path:
     assert int(peak_kib) < 1536 * 1024  # 1.0 GB measured: the decoded image, its array, the 8-bit and RGB copies
 
 
+@pytest.mark.parametrize("kind", ["RGB", "L", "I;16"])
+def test_a_png_with_a_transparent_colour_key_is_flattened_onto_white_as_rgba_is(tmp_path: Path, kind: str) -> None:
+    """An icon whose transparency is a tRNS colour key (what optipng and oxipng make of an RGBA PNG
+    whose alpha is only on or off) loads like the same icon saved as RGBA: its transparent pixels
+    white, not the colour stored under them."""
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:6, 2:6] = (200, 0, 0, 255)  # an opaque red square on a transparent black ground
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    keyed = {"RGB": Image.fromarray(rgba[..., :3]), "L": Image.fromarray(rgba[..., :3]).convert("L"),
+             "I;16": Image.fromarray(np.asarray(Image.fromarray(rgba[..., :3]).convert("L")).astype(np.uint16) * 257)}
+    keyed[kind].save(tmp_path / "keyed.png", transparency=(0, 0, 0) if kind == "RGB" else 0)
+    assert check_image(tmp_path / "keyed.png").mode == kind
+    for channels in (3, 1):
+        np.testing.assert_array_equal(load_image(tmp_path / "keyed.png", 8, channels)[0, 0], [255] * channels)
+        if kind == "RGB":
+            np.testing.assert_array_equal(load_image(tmp_path / "keyed.png", 8, channels),
+                                          load_image(tmp_path / "rgba.png", 8, channels))
+
+
 def test_gray_in_an_rgb_dataset_and_colour_in_a_gray_one(tmp_path: Path) -> None:
     Image.new("L", (8, 8), 100).save(tmp_path / "gray.png")
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")
