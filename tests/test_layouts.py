@@ -1030,3 +1030,20 @@ def test_a_layout_root_may_hold_a_colon(tmp_path):
     found = run_layout(cfg, raw)
 
     assert found["Photos: 2019/cat/0.png"].label == "cat"
+
+
+def test_a_jpeg_saved_as_jfif_is_an_image(tmp_path):
+    """Windows saves a JPEG from a browser as `.jfif` (Pillow's own JPEG suffix, as `.jpe` is):
+    a scraped dataset holds many. They were set aside as "not an image file ('.jfif')", and predict
+    left them out of a folder."""
+    from stages.predict import image_files
+
+    raw = tmp_path / "raw"
+    write_image(raw / "a" / "0.jfif")
+    write_image(raw / "a" / "1.JPE")
+    write_image(raw / "b" / "0.jpg")
+
+    manifest, rows = manifest_rows(config({"kind": "folders"}, ["a", "b"]), raw)
+
+    assert ok_paths(manifest) == {"a/0.jfif", "a/1.JPE", "b/0.jpg"}, manifest[["path", "reason"]].to_dict("records")
+    assert image_files([raw / "a"])[0] == [raw / "a" / "0.jfif", raw / "a" / "1.JPE"]
