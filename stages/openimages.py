@@ -686,6 +686,8 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     listed = select_listed(files["images"]["path"], set().union(*labelled.values()))
     selection = select(labelled, listed, options.per_class, options.seed, options.exclusive)
     for item in chosen:
+        _refuse_if_empty(item, selection.counts[item.label], options, key)
+    for item in chosen:
         _warn_if_short(item, selection.counts[item.label], options, key)
 
     image_cache = cache_root() / "images"
@@ -774,6 +776,20 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
         # How this run got the images (fetch prints it; the record is the same either way).
         "this_run": {status: sum(1 for s in outcome.status.values() if s == status) for status in ("downloaded", "cached")},
     }
+
+
+def _refuse_if_empty(item: ChosenClass, counts: dict[str, int], options: Any, key: str) -> None:
+    """One line for a class no image can stand for: the dataset would silently lack it, and
+    train with fewer classes than params declare."""
+    if counts["available"]:
+        return
+    why = f"{counts['labelled']:,} labelled with Confidence 1, {counts['boxable']:,} of them in the bucket's boxable images"
+    advice = (f"check the name against {CLASS_DESCRIPTIONS}, pick another split ({key}.split), "
+              f"or take it out of {key}.classes and {key.removesuffix('.source')}.classes")
+    if counts["excluded_multi_class"]:
+        why += f", all {counts['excluded_multi_class']:,} with several of the chosen classes"
+        advice = f"set {key}.exclusive: false, or " + advice
+    raise UserError(f"{key}.classes: {item.name!r} has no images in Open Images' {options.split} split ({why}); {advice}")
 
 
 def _warn_if_short(item: ChosenClass, counts: dict[str, int], options: Any, key: str) -> None:

@@ -222,6 +222,30 @@ def test_a_class_name_typo_fails_with_the_closest_names(oi):
     assert oi.bucket.gets() == []  # nothing downloaded for a dataset that cannot be made
 
 
+def test_a_class_with_no_images_in_the_split_fails_with_one_line(oi):
+    """'Dot' is a class of the descriptions but no image of the split carries it: the dataset
+    cannot have it, so the fetch stops, before any download, instead of warning and going on
+    with two classes where params declare three."""
+    with pytest.raises(UserError) as caught:
+        run(oi, classes=["Cat", "Dog", "Dot"])
+
+    message = str(caught.value)
+    assert message.startswith("datasets.pets.source.classes: 'Dot' has no images in Open Images' train split")
+    assert "oidv7-class-descriptions-boxable.csv" in message and "split" in message and "\n" not in message
+    assert oi.bucket.gets() == []
+
+
+def test_a_class_whose_images_all_carry_another_chosen_class_fails_with_one_line(oi):
+    """Person's one image is also a Cat: with exclusive it is left out, and the line says so."""
+    with pytest.raises(UserError) as caught:
+        run(oi, classes=["Cat", "Person"])
+
+    message = str(caught.value)
+    assert message.startswith("datasets.pets.source.classes: 'Person' has no images in Open Images' train split")
+    assert "1 with several of the chosen classes" in message and "exclusive" in message
+    assert oi.bucket.gets() == []
+
+
 def test_a_label_name_may_stand_for_its_class_and_the_folder_is_the_display_name(oi):
     dest, details = run(oi, classes=[CAT, "Dog"], per_class=2)
     assert set(files_by_class(dest)) == {"Cat", "Dog"}
