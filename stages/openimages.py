@@ -451,8 +451,20 @@ def s3_client(workers: int) -> Any:
         max_pool_connections=max(10, workers),
         ignore_configured_endpoint_urls=True,
     )
-    endpoint = os.environ.get(ENDPOINT_ENV) or None
-    return boto3.session.Session().client("s3", config=config, endpoint_url=endpoint)
+    return boto3.session.Session().client("s3", config=config, endpoint_url=s3_endpoint())
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint ENDPOINT_ENV names, or None for AWS's; one without its scheme (MinIO's
+    `host:port`) is refused in one line, where botocore would raise a traceback."""
+    endpoint = os.environ.get(ENDPOINT_ENV, "").strip() or None
+    if endpoint is not None and not re.match(r"https?://[^/]", endpoint, re.IGNORECASE):
+        example = "http://127.0.0.1:9000" if "://" in endpoint else f"http://{endpoint}"
+        raise UserError(
+            f"{ENDPOINT_ENV}: {endpoint!r} is not an http(s) URL; write the S3 endpoint with its scheme, "
+            f"e.g. {example}, or unset it for AWS's"
+        )
+    return endpoint
 
 
 def public_url(endpoint: str | None, bucket: str, key: str) -> str:
@@ -676,6 +688,7 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     """Fill `dest` with `<class folder>/<ImageID>.jpg` and return the provenance details."""
     key = f"datasets.{dataset}.source"
     check(options, key)
+    endpoint = s3_endpoint()  # before the metadata: a mistake here would show only after it
     split = options.split
     urls = metadata_urls(options.metadata_url, split)
     files = {role: fetch_metadata(url, f"{key}.metadata_url") for role, url in urls.items()}
@@ -715,7 +728,6 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
         client = s3_client(options.workers)
         outcome = download_images(client, options.bucket, list(order), image_cache, options.workers, on_done, key)
 
-    endpoint = os.environ.get(ENDPOINT_ENV) or None
     images: list[dict[str, str]] = []
     missing: list[dict[str, str]] = []
     classes: list[dict[str, Any]] = []
