@@ -438,8 +438,10 @@ class _Aborted(Exception):
 
 def s3_client(workers: int) -> Any:
     import boto3
+    import botocore.session
     from botocore import UNSIGNED
     from botocore.config import Config
+    from botocore.exceptions import ProfileNotFound
 
     config = Config(
         signature_version=UNSIGNED,
@@ -451,7 +453,15 @@ def s3_client(workers: int) -> Any:
         max_pool_connections=max(10, workers),
         ignore_configured_endpoint_urls=True,
     )
-    return boto3.session.Session().client("s3", config=config, endpoint_url=s3_endpoint())
+    endpoint = s3_endpoint()
+    try:
+        return boto3.session.Session().client("s3", config=config, endpoint_url=endpoint)
+    except ProfileNotFound:
+        # AWS_PROFILE names a profile the AWS config lacks (exported in a shell, a CI job): the
+        # requests are unsigned and take nothing from a profile, so go on without it.
+        core = botocore.session.get_session()
+        core.get_component("config_store").set_config_variable("profile", None)  # not even AWS_PROFILE
+        return boto3.session.Session(botocore_session=core).client("s3", config=config, endpoint_url=endpoint)
 
 
 def s3_endpoint() -> str | None:

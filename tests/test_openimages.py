@@ -295,6 +295,22 @@ def test_an_endpoint_without_its_scheme_is_one_line_before_any_download(oi, monk
     assert oi.host.requests == [] and oi.bucket.gets() == []
 
 
+def test_an_aws_profile_that_is_not_configured_does_not_stop_the_unsigned_fetch(oi, monkeypatch):
+    """AWS_PROFILE exported in a shell (or a CI job) without its ~/.aws/config: the requests are
+    unsigned and need nothing from a profile, yet botocore's ProfileNotFound traceback stopped the
+    fetch after the metadata had been read."""
+    config = oi.tmp / "aws-config"
+    config.write_text("[profile other]\nregion = eu-west-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+
+    # Cat and Horse: no 404 to answer (moto, in this process, reads the same variables and
+    # fails to build its error page with them).
+    dest, details = run(oi, classes=["Cat", "Horse"])
+
+    assert details["counts"] == {"selected": 8, "images": 8, "missing": 0, "unique_images": 8}
+
+
 def test_a_wrong_bucket_fails_with_one_line(oi):
     with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
         run(oi, bucket="no-such-bucket")
