@@ -761,6 +761,14 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
             f"{key}: none of the {len(order):,} selected images could be fetched from the bucket "
             f"{options.bucket!r} (first: {missing[0]['url']}, {missing[0]['reason']}); check `bucket` in params.yaml"
         )
+    for item, entry in zip(chosen, classes):
+        if entry["selected"] and not entry["images"]:
+            first = next(m for m in missing if m["class"] == item.folder)
+            raise UserError(
+                f"{key}.classes: none of the {entry['selected']:,} images selected for {item.name!r} are in the bucket "
+                f"(first: {first['url']}, {first['reason']}), so the dataset would lack the class; raise "
+                f"{key}.per_class or change {key}.seed to draw others"
+            )
     if missing:
         print(
             f"warning: {key}: {len(missing):,} selected images are not in the bucket; "

@@ -311,6 +311,21 @@ def test_an_aws_profile_that_is_not_configured_does_not_stop_the_unsigned_fetch(
     assert details["counts"] == {"selected": 8, "images": 8, "missing": 0, "unique_images": 8}
 
 
+def test_a_class_none_of_whose_selected_images_the_bucket_has_fails_with_one_line(oi):
+    """per_class 1 and a seed whose first Dog is the image the bucket lacks: Dog would be left with
+    no folder at all (before: one warning about a missing image, and a dataset without Dog)."""
+    absent = next(iter(oi.world.absent))
+    seed = next(s for s in range(1000) if openimages.sample(oi.world.ids(DOG, [CAT, DOG]), 1, s) == [absent])
+
+    with pytest.raises(UserError) as caught:
+        run(oi, classes=["Cat", "Dog"], per_class=1, seed=seed)
+
+    message = str(caught.value)
+    assert message.startswith("datasets.pets.source.classes: none of the 1 images selected for 'Dog' are in the bucket")
+    assert f"train/{absent}.jpg" in message and "HTTP 404" in message and "per_class" in message
+    assert "\n" not in message
+
+
 def test_a_wrong_bucket_fails_with_one_line(oi):
     with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
         run(oi, bucket="no-such-bucket")
