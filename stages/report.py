@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +254,15 @@ def report(suite: str, params_path: str, metrics_dir: Path, out: Path) -> pd.Dat
         records.append({"dataset": spec.dataset, "backbone": spec.backbone, "start": start(params.experiment(name)), **record})
     if not records:
         raise UserError(f"report@{suite}: the suite has no experiments; add some under experiments: in {params_path}")
+    # An experiment removed from params.yaml (or renamed, or moved to another suite) leaves its
+    # metrics file here: DVC forgets the stage, not the file, and `dvc metrics show` on the folder
+    # would list it beside the members as if current.
+    written = {metrics_dir / params.experiments[name].dataset / f"{params.experiments[name].backbone}.json"
+               for name in members}
+    for path in sorted(set(metrics_dir.rglob("*.json")) - written):
+        print(f"report@{suite}: {path} belongs to no experiment of the suite (one removed, renamed or moved to "
+              "another suite left it; the leaderboard leaves it out); delete it (git rm) and the experiment's other "
+              "outputs (README: Adding a dataset with YAML alone)", file=sys.stderr)
     table = leaderboard(records, config.rank_by)
     table["champion"] = False
 

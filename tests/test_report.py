@@ -430,6 +430,29 @@ def test_report_without_a_metrics_file_names_the_missing_file(suite: tuple[Path,
     assert not out.with_suffix(".md").exists()
 
 
+def test_report_names_metrics_files_no_experiment_of_the_suite_writes(
+    registry: MlflowClient, suite: tuple[Path, Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    """An experiment removed from params.yaml (or renamed, or moved to another suite) leaves its
+    metrics file in the suite's folder: DVC forgets the stage but not the file, and the README's
+    `dvc metrics show reports/metrics/demo` listed it beside the members as if current. The
+    leaderboard leaves it out, and the report names it with what to do."""
+    params, metrics, out = suite
+    small = register(registry, 0.975945, experiment="digits-small_cnn")
+    mobile = register(registry, 0.914089, experiment="digits-mobilenetv2")
+    write_metrics(metrics, "small_cnn", 0.975945, small)
+    write_metrics(metrics, "mobilenetv2", 0.914089, mobile)
+    write_metrics(metrics, "vgg16", 0.99, register(registry, 0.99, experiment="digits-vgg16"))
+
+    board = report_stage.report("demo", str(params), metrics, out)
+
+    assert list(board["backbone"]) == ["small_cnn", "mobilenetv2"]
+    err = capsys.readouterr().err
+    stale = metrics / "digits" / "vgg16.json"
+    assert f"report@demo: {stale} belongs to no experiment of the suite" in err
+    assert "delete it" in err and "small_cnn.json" not in err and len(err.strip().splitlines()) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # report: a suite member's metrics file that cannot be read.
 
