@@ -612,6 +612,12 @@ def _parse_override(base: Any, overrides: dict[str, Any], where: str, source: st
 # The generic strict parser: dataclasses, Literal, Optional, list, dict and scalars.
 
 
+# DVC reads params.yaml as YAML 1.2, to which a bare yes is text, so `dvc exp run -S` writes the
+# file back without the quotes the lines above ask for.
+UNQUOTED_BY_DVC = (" (quoted before? `dvc exp run -S` writes params.yaml back without such quotes: quote it again, "
+                   "edit params.yaml by hand and run `dvc exp run` without -S)")
+
+
 def _parse(tp: Any, value: Any, where: str, source: str, nullable: bool = False) -> Any:
     """`value` as type `tp`; `nullable`: `tp` is one side of an Optional, and messages offer null."""
     origin = typing.get_origin(tp)
@@ -658,7 +664,7 @@ def _parse(tp: Any, value: Any, where: str, source: str, nullable: bool = False)
                 # the bare key as a boolean, and its str() would match no folder.
                 raise ConfigError(
                     f"{source}: {where}: the key {k!r} was read as {'null' if k is None else 'a boolean'} (YAML reads "
-                    "bare yes/no/on/off/true/false/null so); quote it, e.g. 'yes':"
+                    f"bare yes/no/on/off/true/false/null so); quote it, e.g. 'yes':{UNQUOTED_BY_DVC}"
                 )
         return {str(k): _parse(args[1], v, f"{where}.{k}", source) for k, v in value.items()}
     if tp is float:
@@ -678,7 +684,7 @@ def _parse(tp: Any, value: Any, where: str, source: str, nullable: bool = False)
             return str(value)
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported schema type {tp!r}")
-    quote = ("; YAML reads bare yes/no/on/off/true/false/null so: quote it if it is a name"
+    quote = (f"; YAML reads bare yes/no/on/off/true/false/null so: quote it if it is a name{UNQUOTED_BY_DVC}"
              if tp is str and (value is None or isinstance(value, bool)) else "")
     expected = f"{tp.__name__} or null" if nullable else tp.__name__
     raise ConfigError(f"{source}: {where}: expected {expected}, got {_kind(value)} {value!r}{quote}")

@@ -683,6 +683,28 @@ def test_a_bare_yes_key_in_a_class_map_is_refused_with_how_to_quote_it(tmp_path,
     assert load_params(tmp_path / "params.yaml").datasets["digits"].layout.options.class_map == {"yes": "0", "no": "1"}
 
 
+@pytest.mark.parametrize(
+    "quoted", ["class_map: {'yes': '0', 'no': '1'}", "class_map: {'0': 'no', '1': 'yes'}"], ids=["key", "value"]
+)
+def test_a_quoted_yes_that_dvc_exp_run_set_wrote_bare_says_so(tmp_path, raw, quoted):
+    """`dvc exp run -S <any key>=...` writes params.yaml back through DVC's YAML 1.2 writer, which
+    drops the quotes the refusal above asks for (to YAML 1.2 a bare yes is text). The refusal then
+    told the user to quote what they had quoted; it says -S removed them and what to do instead."""
+    from dvc.utils.hydra import apply_overrides
+
+    text = yaml.safe_dump(raw, sort_keys=False).replace("kind: folders\n", f"kind: folders\n      {quoted}\n", 1)
+    params = tmp_path / "params.yaml"
+    params.write_text(text)
+    load_params(params)
+    apply_overrides(params, ["experiments.digits-small_cnn.train.epochs=1"])  # what `dvc exp run -S` runs
+    assert "'yes'" not in params.read_text() and "'no'" not in params.read_text()  # the quotes are gone
+
+    with pytest.raises(ConfigError) as caught:
+        load_params(params)
+    message = str(caught.value)
+    assert "\n" not in message and "quote it" in message
+    assert "dvc exp run -S" in message and "edit params.yaml by hand" in message
+
 # --------------------------------------------------------------------------------------------
 # Mistakes that passed `python -m stages.config` and failed later, or whose line misled.
 
