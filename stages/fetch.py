@@ -1,12 +1,16 @@
 """fetch@<dataset>: obtain a dataset exactly as its source gives it, plus a provenance record.
 
     python -m stages.fetch --dataset digits --out data/raw/digits --provenance data/raw/digits.provenance.json
+
+DVC reruns fetch@ when a source's params change, not when a `local` folder or archive changes in
+place; `python -m stages.fetch --check [--dataset NAME]` says which have, and what to run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +19,7 @@ from stages.config import load_params
 from stages.errors import run_stage
 from stages.files import write_json_atomic
 from stages.layouts import all_files
-from stages.sources import get_source
+from stages.sources import changed_since_fetch, fetched_with, get_source
 
 
 def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
@@ -57,15 +61,48 @@ def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
     return record
 
 
+def check(params_path: str, datasets: list[str]) -> list[str]:
+    """A line for each of `datasets` (default: every one with a `local` source), saying whether
+    its folder or archive is still what fetch@ copied (by the provenance record where dvc.yaml
+    puts it), and what to run if not; changed ones first."""
+    params = load_params(params_path)
+    changed, others = [], []
+    for name in datasets or [n for n, d in params.datasets.items() if d.source.kind == "local"]:
+        source = params.dataset(name).source
+        path = Path(f"data/raw/{name}.provenance.json")
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if source.kind != "local":
+            others.append(f"fetch: {name}'s source is {source.kind}, not local; nothing to check")
+        elif record is None:
+            others.append(f"fetch: {name} has not been fetched here ({path} is missing)")
+        elif not fetched_with(source.options, record):
+            others.append(f"fetch: datasets.{name}.source has changed since the fetch; `dvc repro` fetches it again")
+        elif line := changed_since_fetch(name, source.options, record):
+            changed.append(f"fetch@{name}: {line}")
+        else:
+            others.append(f"fetch: the local source of {name} is as fetched")
+    return changed + others
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--out", type=Path, required=True, help="raw dataset folder to fill")
-    parser.add_argument("--provenance", type=Path, required=True, help="provenance JSON to write")
+    parser.add_argument("--dataset", action="append", default=[], help="with --check, may be repeated")
+    parser.add_argument("--out", type=Path, help="raw dataset folder to fill")
+    parser.add_argument("--provenance", type=Path, help="provenance JSON to write")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--check", action="store_true",
+                        help="say which fetched `local` sources changed since (exit status 1 if any); fetch nothing")
     args = parser.parse_args(argv)
+    if args.check:
+        lines = check(args.params, args.dataset)
+        print("\n".join(lines or [f"fetch: no dataset in {args.params} has a local source"]))
+        if any(line.startswith("fetch@") for line in lines):
+            raise SystemExit(1)
+        return
+    if len(args.dataset) != 1 or not args.out or not args.provenance:
+        parser.error("give one --dataset, --out and --provenance (or --check)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a keras.datasets source imports TensorFlow
-    fetch(args.dataset, args.params, args.out, args.provenance)
+    fetch(args.dataset[0], args.params, args.out, args.provenance)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ dataclass is the schema of the `source:` block in params.yaml for that kind.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -117,7 +118,10 @@ def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, An
             f"Put the dataset folder or archive there, or change the path in params.yaml"
         )
     if source.is_dir():
-        return {"origin": f"local folder {options.path}", "refused": copy_regular_files(source, dest)}
+        # The folder's sha256 too: DVC does not watch the folder, so `--check` and validate
+        # compare it with the folder as it is now (changed_since_fetch).
+        return {"origin": f"local folder {options.path}", "refused": copy_regular_files(source, dest),
+                "folder_sha256": folder_sha256(source)}
     if not archives.is_archive(source):
         raise UserError(
             f"datasets.{dataset}.source.path: {source} is neither a folder nor a zip/tar archive"
@@ -236,11 +240,21 @@ NOT_UTF8_FILE = ("unusable name: not UTF-8 (DVC cannot record it); rename it (co
 
 
 def copy_regular_files(source: Path, dest: Path) -> list[dict[str, str]]:
-    """Copy the regular files under `source` into `dest`; return the entries refused. Raw data
-    holds only real files: a link could point anywhere on this machine, and reading a device
-    or a FIFO could block or never end. And only UTF-8 names: DVC fails on any other, at the
-    end of the fetch, in a line that names no file."""
-    refused = []
+    """Copy the regular files under `source` into `dest`; return the entries refused."""
+    entries, refused = regular_files(source)
+    for entry in entries:
+        (dest / entry).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / entry, dest / entry)
+    dest.mkdir(parents=True, exist_ok=True)
+    return refused
+
+
+def regular_files(source: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The regular files under `source` (POSIX paths relative to it, in walk order) and the
+    entries refused. Raw data holds only real files: a link could point anywhere on this machine,
+    and reading a device or a FIFO could block or never end. And only UTF-8 names: DVC fails on
+    any other, at the end of the fetch, in a line that names no file."""
+    entries, refused = [], []
 
     def unreadable(error: OSError) -> None:
         raise UserError(f"{error.filename}: cannot read this folder of the source ({error.strerror}); "
@@ -263,7 +277,42 @@ def copy_regular_files(source: Path, dest: Path) -> list[dict[str, str]]:
             elif not stat.S_ISREG(mode):
                 refused.append({"entry": entry, "reason": "device, fifo or other special file"})
             else:
-                (dest / entry).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest / entry)
-    dest.mkdir(parents=True, exist_ok=True)
-    return refused
+                entries.append(entry)
+    return entries, refused
+
+
+def folder_sha256(source: Path) -> str:
+    """One sha256 for what fetch takes from a folder: each regular file's path and content, and
+    each entry refused, so a file added, removed, renamed or edited gives another."""
+    entries, refused = regular_files(source)
+    digest = hashlib.sha256()
+    for entry in entries:
+        digest.update(f"{entry}\0{archives.sha256_file(source / entry)}\n".encode("utf-8", "surrogateescape"))
+    for item in refused:
+        digest.update(f"{item['entry']}\0{item['reason']}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def fetched_with(options: LocalOptions, record: dict[str, Any]) -> bool:
+    """Whether fetch's provenance `record` is of a fetch with these `local` source params."""
+    return record.get("source") == {"kind": "local", **asdict(options)}
+
+
+def changed_since_fetch(dataset: str, options: Any, record: dict[str, Any]) -> str | None:
+    """For a `local` source whose params are those `record` (fetch's provenance) was fetched
+    with: a line saying its folder or archive has changed since, and what to run. DVC reruns
+    fetch@ for a params change, not for this. None when unchanged, or when it cannot tell: the
+    source gone (the raw copy is all there is), a record without the checksum."""
+    if not isinstance(options, LocalOptions) or not fetched_with(options, record):
+        return None
+    source = Path(options.path).expanduser()
+    if source.is_dir():
+        then, now = record.get("folder_sha256"), lambda: folder_sha256(source)
+    elif source.is_file() and len(record.get("archives") or []) == 1:
+        then, now = record["archives"][0].get("sha256"), lambda: archives.sha256_file(source)
+    else:
+        return None
+    if then is None or now() == then:
+        return None
+    return (f"{options.path} has changed since fetch@{dataset} copied it; run `dvc repro -f -s fetch@{dataset}` "
+            "(DVC watches the source's params, not its files), then `dvc repro` again")

@@ -28,6 +28,7 @@ import pandas as pd
 from stages import expectations
 from stages.config import DatasetConfig, load_params
 from stages.errors import UserError, run_stage
+from stages.fetch import changed_since_fetch
 from stages.files import atomic_path, write_json_atomic
 from stages.images import check_image, check_pixels
 from stages.layouts import Candidate, get_layout, map_label
@@ -232,6 +233,12 @@ def validate(
     provenance: Path | None = None,
 ) -> dict:
     config = load_params(params_path).dataset(dataset)
+    if provenance is not None and provenance.is_file():
+        # Rerun for a params or code change while the source changed too (DVC does not watch a
+        # local folder): a new class folder would count none here.
+        record = json.loads(provenance.read_text(encoding="utf-8"))
+        if line := changed_since_fetch(dataset, config.source.options, record):
+            print(f"validate@{dataset}: note: {line}")
     manifest = build_manifest(raw, config)
     refused = refused_rows(provenance)
     if len(refused):

@@ -674,3 +674,75 @@ def test_a_local_folder_changed_in_place_is_fetched_again_as_the_readme_says(tmp
     dvc("repro", "validate@toy")
     assert rows() == 5
     assert "up to date" in dvc("status", "validate@toy")
+
+
+def test_a_local_folder_changed_since_its_fetch_is_said_with_what_to_run(tmp_path):
+    """DVC cannot watch the folder itself (a `foreach` stage cannot name a path only some datasets
+    have, and a missing path fails before fetch can say where to get the data), so fetch records
+    the folder's sha256: `python -m stages.fetch --check` names a changed source and the command
+    to run, and validate, run again for a params change (the class just added to the folder,
+    declared), says its manifest is of the copy fetched before."""
+    import subprocess
+    import sys
+
+    from tests.toy import toy_params
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copytree(REPO / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    source = class_folder_dataset(tmp_path / "source")
+    params = toy_params(["a", "b"], source={"kind": "local", "path": str(source)})
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
+
+    check = (sys.executable, "-m", "stages.fetch", "--check")
+    assert run("dvc", "init", "--no-scm", "-q").returncode == 0
+    fetched = run("dvc", "repro", "fetch@toy")
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    same = run(*check)
+    assert same.returncode == 0 and same.stdout.strip() == "fetch: the local source of toy is as fetched", same.stdout + same.stderr
+
+    for index in range(2):
+        write_png(source / "c" / f"{index}.png", seed=300 + index)
+    params["datasets"]["toy"]["classes"] = ["a", "b", "c"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    advice = f"{source} has changed since fetch@toy copied it; run `dvc repro -f -s fetch@toy`"
+    changed = run(*check)
+    assert changed.returncode == 1 and changed.stdout.strip().startswith(f"fetch@toy: {advice}"), changed.stdout + changed.stderr
+
+    stale = run("dvc", "repro", "validate@toy")  # validate reruns (classes), fetch@ does not
+    assert f"validate@toy: note: {advice}" in stale.stdout, stale.stdout + stale.stderr
+
+    refetched = run("dvc", "repro", "-f", "-s", "fetch@toy")
+    assert refetched.returncode == 0, refetched.stdout + refetched.stderr
+    assert run(*check).returncode == 0
+
+
+@pytest.mark.parametrize("form", ["folder", "zip"])
+def test_changed_since_fetch_sees_a_renamed_image_and_a_replaced_archive(tmp_path, form):
+    """The provenance's checksum covers names and contents: an image renamed in the folder, or the
+    archive replaced by one with one more image, is a change; the same source fetched again is not."""
+    folder = class_folder_dataset(tmp_path / "shapes")
+    source = folder if form == "folder" else zip_of_folder(folder, tmp_path / "shapes.zip")
+    options = LocalOptions(path=str(source))
+    record = json.loads(json.dumps({"source": {"kind": "local", **vars(options)},
+                                     **get_source("local").fetch(options, tmp_path / "raw", "toy")}))
+    assert sources.changed_since_fetch("toy", options, record) is None
+
+    if form == "folder":
+        (folder / "a" / "0.png").rename(folder / "a" / "renamed.png")
+    else:
+        write_png(folder / "b" / "2.png", seed=7)
+        zip_of_folder(folder, source)
+
+    line = sources.changed_since_fetch("toy", options, record)
+    assert line and line.startswith(f"{source} has changed since fetch@toy copied it; run `dvc repro -f -s fetch@toy`")
