@@ -77,10 +77,16 @@ def check(params_path: str, datasets: list[str]) -> list[str]:
             others.append(f"fetch: {name} has not been fetched here ({path} is missing)")
         elif not fetched_with(source.options, record):
             others.append(f"fetch: datasets.{name}.source has changed since the fetch; `dvc repro` fetches it again")
+        elif not Path(source.options.path).expanduser().exists():
+            others.append(f"fetch: {source.options.path} is not here; the copy fetch@{name} made is all there is")
         elif line := changed_since_fetch(name, source.options, record):
             changed.append(f"fetch@{name}: {line}")
+        elif source.options.sha256:
+            others.append(f"fetch: the local source of {name} is as fetched, and pinned")
         else:
-            others.append(f"fetch: the local source of {name} is as fetched")
+            checksum = record.get("folder_sha256") or (record.get("archives") or [{}])[0].get("sha256")
+            others.append(f"fetch: the local source of {name} is as fetched; pin it (datasets.{name}.source.sha256: "
+                          f"{checksum}) so that DVC and CI see a new version")
     return changed + others
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import stat
 from dataclasses import asdict, dataclass, field, replace
@@ -97,12 +98,32 @@ class LocalOptions:
     path: str
     # Where to get the data, shown when the path is missing.
     instructions: str = ""
+    # Optional pin: the archive's sha256 (`sha256sum`), or the folder's as fetch records it
+    # (`python -m stages.fetch --check` prints it). DVC watches params, not the source's files:
+    # pinned, a new version is a params change that `dvc repro` and CI's `plan --changed` see, and
+    # fetch refuses a source that is not the pinned one.
+    sha256: str = ""
 
 
 def check_local(options: LocalOptions, key: str) -> None:
     if not options.path.strip():
         raise UserError(f"{key}.path: empty; give the dataset's folder or archive (a relative path is from the "
                         "repository root)")
+    if options.sha256 and not re.fullmatch(r"[0-9a-f]{64}", options.sha256.strip().lower()):
+        raise UserError(f"{key}.sha256: {options.sha256!r} is not a sha256 (64 hexadecimal characters); give the "
+                        "one `python -m stages.fetch --check` prints, or leave it out")
+
+
+def local_sha256(source: Path) -> str:
+    """The checksum a `local` source is pinned by: a folder's (folder_sha256) or an archive's."""
+    return folder_sha256(source) if source.is_dir() else archives.sha256_file(source)
+
+
+def check_pin(options: LocalOptions, dataset: str, now: str) -> None:
+    pinned = options.sha256.strip().lower()
+    if pinned and now != pinned:
+        raise UserError(f"datasets.{dataset}.source.sha256: {options.path} is not the pinned version (its sha256 is "
+                        f"{now}); if it is the version to use, set datasets.{dataset}.source.sha256: {now}")
 
 
 @register_source("local", LocalOptions, check=check_local)
@@ -117,21 +138,21 @@ def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, An
             f"datasets.{dataset}.source.path: {source} does not exist;{how} "
             f"Put the dataset folder or archive there, or change the path in params.yaml"
         )
+    if not source.is_dir() and not archives.is_archive(source):
+        raise UserError(
+            f"datasets.{dataset}.source.path: {source} is neither a folder nor a zip/tar archive"
+        )
+    checksum = local_sha256(source)
+    check_pin(options, dataset, checksum)
     if source.is_dir():
         # The folder's sha256 too: DVC does not watch the folder, so `--check` and validate
         # compare it with the folder as it is now (changed_since_fetch).
         return {"origin": f"local folder {options.path}", "refused": copy_regular_files(source, dest),
-                "folder_sha256": folder_sha256(source)}
-    if not archives.is_archive(source):
-        raise UserError(
-            f"datasets.{dataset}.source.path: {source} is neither a folder nor a zip/tar archive"
-        )
+                "folder_sha256": checksum}
     extraction = archives.extract(source, dest)
     return {
         "origin": f"local archive {options.path}",
-        "archives": [
-            {"name": source.name, "sha256": archives.sha256_file(source), "bytes": source.stat().st_size}
-        ],
+        "archives": [{"name": source.name, "sha256": checksum, "bytes": source.stat().st_size}],
         "refused": extraction.refused,
     }
 
@@ -312,7 +333,11 @@ def changed_since_fetch(dataset: str, options: Any, record: dict[str, Any]) -> s
         then, now = record["archives"][0].get("sha256"), lambda: archives.sha256_file(source)
     else:
         return None
-    if then is None or now() == then:
+    if then is None or (checksum := now()) == then:
         return None
+    if options.sha256:
+        return (f"{options.path} has changed since fetch@{dataset} copied it, and is not the pinned version; if it "
+                f"is the version to use, set datasets.{dataset}.source.sha256: {checksum}, and `dvc repro` fetches it")
     return (f"{options.path} has changed since fetch@{dataset} copied it; run `dvc repro -f -s fetch@{dataset}` "
-            "(DVC watches the source's params, not its files), then `dvc repro` again")
+            "(DVC watches the source's params, not its files), then `dvc repro` again; or pin it, "
+            f"datasets.{dataset}.source.sha256: {checksum}, so that DVC and CI see the next change")

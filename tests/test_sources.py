@@ -709,7 +709,10 @@ def test_a_local_folder_changed_since_its_fetch_is_said_with_what_to_run(tmp_pat
     fetched = run("dvc", "repro", "fetch@toy")
     assert fetched.returncode == 0, fetched.stdout + fetched.stderr
     same = run(*check)
-    assert same.returncode == 0 and same.stdout.strip() == "fetch: the local source of toy is as fetched", same.stdout + same.stderr
+    assert same.returncode == 0, same.stdout + same.stderr
+    checksum = json.loads((project / "data/raw/toy.provenance.json").read_text())["folder_sha256"]
+    assert same.stdout.strip() == (f"fetch: the local source of toy is as fetched; pin it (datasets.toy.source.sha256: "
+                                   f"{checksum}) so that DVC and CI see a new version")
 
     for index in range(2):
         write_png(source / "c" / f"{index}.png", seed=300 + index)
@@ -746,3 +749,35 @@ def test_changed_since_fetch_sees_a_renamed_image_and_a_replaced_archive(tmp_pat
 
     line = sources.changed_since_fetch("toy", options, record)
     assert line and line.startswith(f"{source} has changed since fetch@toy copied it; run `dvc repro -f -s fetch@toy`")
+
+
+@pytest.mark.parametrize("form", ["folder", "zip"])
+def test_a_pinned_local_source_is_fetched_only_as_the_pinned_version(tmp_path, form):
+    """A `sha256` pin makes a new version of a local source a params change, which DVC and CI's
+    `plan --changed` see: fetch takes the pinned version, and refuses another before copying
+    anything, in one line giving the checksum to pin if it is the one to use."""
+    folder = class_folder_dataset(tmp_path / "shapes")
+    source = folder if form == "folder" else zip_of_folder(folder, tmp_path / "shapes.zip")
+    checksum = sources.local_sha256(source)
+    assert checksum == (sources.folder_sha256(folder) if form == "folder" else archives.sha256_file(source))
+    pinned = LocalOptions(path=str(source), sha256=checksum.upper())
+    record = get_source("local").fetch(pinned, tmp_path / "raw", "toy")
+    assert (record.get("folder_sha256") or record["archives"][0]["sha256"]) == checksum
+
+    write_png(folder / "b" / "2.png", seed=7)
+    if form == "zip":
+        zip_of_folder(folder, source)
+    changed = sources.local_sha256(source)
+    with pytest.raises(UserError) as error:
+        get_source("local").fetch(pinned, tmp_path / "again", "toy")
+    assert str(error.value) == (f"datasets.toy.source.sha256: {source} is not the pinned version (its sha256 is "
+                                f"{changed}); if it is the version to use, set datasets.toy.source.sha256: {changed}")
+    assert not (tmp_path / "again").exists()
+    record = json.loads(json.dumps({"source": {"kind": "local", **vars(pinned)}, **record}))
+    line = sources.changed_since_fetch("toy", pinned, record)
+    assert line and line.endswith(f"set datasets.toy.source.sha256: {changed}, and `dvc repro` fetches it")
+
+
+def test_a_local_pin_that_is_not_a_sha256_is_refused_when_params_are_read():
+    with pytest.raises(UserError, match=r"^datasets\.toy\.source\.sha256: 'abc' is not a sha256 \(64 hexadecimal "):
+        sources.check_local(LocalOptions(path="data/external/x.zip", sha256="abc"), "datasets.toy.source")
