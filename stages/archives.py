@@ -33,6 +33,9 @@ FREE_MARGIN_BYTES = 1024**3
 BOMB_MIN_BYTES = 100 * 1024**2
 BOMB_RATIO = 200
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+# A URL's file name with one of these suffixes is the server's script (`download.php?id=3`),
+# which says nothing about what it sends: the file is told by its content, as with no suffix.
+SCRIPT_SUFFIXES = (".php", ".asp", ".aspx", ".ashx", ".jsp", ".cgi", ".pl", ".do", ".action", ".cfm")
 
 
 @dataclass
@@ -52,14 +55,21 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def archive_format(path: Path) -> str | None:
     """"zip" or "tar" (compressed or not) for an archive file, else None. By the name's suffix; a
-    name with no suffix at all (Figshare's /ndownloader/files/<id>, Google Drive's /uc?id=...) by
-    its content. A name with another suffix is not an archive, whatever it holds (.xlsx and .jar
-    files are zips)."""
+    name with no suffix at all (Figshare's /ndownloader/files/<id>, Google Drive's /uc?id=...) or
+    a server script's (`download.php`) by its content. A name with another suffix is not an
+    archive, whatever it holds (.xlsx and .jar files are zips)."""
     name = path.name.lower()
     if name.endswith(ARCHIVE_SUFFIXES):
         return "zip" if name.endswith(".zip") else "tar"
-    if PurePosixPath(name).suffix or not path.is_file():
+    if not path.is_file():
         return None
+    if PurePosixPath(name).suffix not in ("", *SCRIPT_SUFFIXES):
+        return None
+    return content_format(path)
+
+
+def content_format(path: Path) -> str | None:
+    """"zip" or "tar" (compressed or not) for a file whose content is an archive, whatever its name."""
     if zipfile.is_zipfile(path):
         return "zip"
     try:

@@ -377,6 +377,13 @@ def fetch_url(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     if options.extract and archives.is_archive(target):
         refused = archives.extract(target, dest).refused
     else:
+        if options.extract and (held := archives.content_format(target)):
+            # Kept by its name's suffix (an .xlsx is a zip too); said, so that a dataset archive
+            # behind an odd name does not leave the raw folder without images unexplained.
+            print(f"fetch@{dataset}: note: {name} (from {key}.url) is a {held} archive by its content, kept as it is "
+                  f"since its name ends '{Path(name).suffix}', not an archive's suffix; set {key}.extract: false to "
+                  "keep it without this note, or to extract it, download it, name it .zip or .tar.gz and use a "
+                  "`local` source")
         shutil.copyfile(target, dest / name)
     return {
         "origin": options.url,

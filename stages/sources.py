@@ -192,7 +192,8 @@ class UrlOptions:
     url: str
     sha256: str
     # Extract a zip/tar archive into the dataset folder (else keep the file as downloaded). An
-    # archive is told by its suffix, or by its content when the URL's file name has no suffix.
+    # archive is told by its suffix, or by its content when the URL's file name has no suffix or
+    # is a server script's (`download.php?id=3`).
     extract: bool = True
 
 

@@ -650,3 +650,60 @@ def test_a_signed_link_redirected_to_is_not_printed_when_it_fails(tmp_path: Path
     message = str(failed.value)
     assert "deadbeef5ecret" not in message and "AKIAEXAMPLE" not in message, message
     assert "/bucket/file.zip?..." in message and "\n" not in message
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_archive_served_by_a_script_url_is_extracted(tmp_path, monkeypatch, capsys, kind):
+    """`https://host/download.php?id=3` serving a zip or a tar.gz: the file name is the script's,
+    `download.php`, whose suffix says nothing about what it sends. Told by its content and
+    extracted, as a name with no suffix is (before: copied as `download.php`, without a word, and
+    validate found no images)."""
+    import tarfile
+
+    from tests.local_http import FolderServer
+
+    host = tmp_path / "host"
+    host.mkdir()
+    entries = {"cat/0.png": b"c" * 10, "dog/0.png": b"d" * 10}
+    if kind == "zip":
+        data = zip_bytes(entries)
+    else:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for name, content in entries.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+        data = buffer.getvalue()
+    (host / "download.php").write_bytes(data)
+    monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "downloads"))
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    server = FolderServer(host)
+    try:
+        details = get_source("url").fetch(UrlOptions(url=server.url("download.php?id=3"), sha256=sha(data)), dest, "toy")
+    finally:
+        server.stop()
+
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == ["cat/0.png", "dog/0.png"]
+    assert details["archives"][0]["sha256"] == sha(data)
+
+
+def test_an_archive_kept_for_its_suffix_is_named_in_a_note(server, tmp_path, monkeypatch, capsys):
+    """A zip whose name has another suffix (`pets.v2`, an `.xlsx`) is kept as it is, not
+    extracted; a note names the file and the key, so a raw folder with no images is explained."""
+    data = zip_bytes({"cat/0.png": b"c" * 10})
+    server.files["/pets.v2"] = data
+    monkeypatch.setenv("CLASSMATRIX_DOWNLOADS", str(tmp_path / "downloads"))
+    for folder, extract in (("a", True), ("b", False)):
+        (tmp_path / folder).mkdir()
+        get_source("url").fetch(UrlOptions(url=server.url("/pets.v2"), sha256=sha(data), extract=extract),
+                                tmp_path / folder, "toy")
+        said = capsys.readouterr().out
+        assert [p.name for p in (tmp_path / folder).iterdir()] == ["pets.v2"]
+        if extract:
+            assert said.count("\n") == 1 and said.startswith("fetch@toy: note: pets.v2 (from datasets.toy.source.url) "
+                                                             "is a zip archive by its content"), said
+            assert "datasets.toy.source.extract: false" in said
+        else:
+            assert said == ""
