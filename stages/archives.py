@@ -13,7 +13,10 @@ a margin, whichever is smaller, so that no archive can fill the disk.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import lzma
 import shutil
 import stat
 import tarfile
@@ -79,6 +82,52 @@ def content_format(path: Path) -> str | None:
             return "tar" if handle.next() is not None else None
     except (OSError, tarfile.TarError, EOFError, zlib.error, ValueError):
         return None
+
+
+# A compressed stream's first bytes, and what to call it.
+STREAMS = ((b"\x1f\x8b", gzip.open, "gzip stream"), (b"BZh", bz2.open, "bzip2 stream"),
+           (b"\xfd7zXZ\x00", lzma.open, "xz stream"))
+
+
+def cut_short(path: Path) -> str | None:
+    """What `path` holds ("zip archive", "gzip stream", ...) if it ends before that archive's or
+    stream's end (a download cut short whose length the server never said), else None: complete,
+    or nothing this can tell by its first bytes. Reads a zip's central directory, a compressed
+    stream to its end marker (and CRC), a tar's members to the zero block that ends it."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        try:
+            zipfile.ZipFile(path).close()  # the central directory is the zip's last bytes
+        except zipfile.BadZipFile:
+            return "zip archive"
+        return None
+    for magic, opener, kind in STREAMS:
+        if head.startswith(magic):
+            try:
+                with opener(path, "rb") as stream:
+                    while stream.read(1 << 20):
+                        pass
+            except EOFError:
+                return kind
+            except (OSError, lzma.LZMAError, zlib.error):
+                return None  # damaged, not cut: the checksum or the extraction says so
+            return None
+    if head[257:262] == b"ustar":
+        try:
+            with tarfile.open(path, "r:") as handle:
+                for _ in handle:
+                    pass
+                end = handle.offset
+            with open(path, "rb") as raw:
+                raw.seek(end)
+                if raw.read(512) != bytes(512):  # tarfile takes a file that stops between members as whole
+                    return "tar archive"
+        except tarfile.ReadError:
+            return "tar archive"
+        except tarfile.TarError:
+            return None
+    return None
 
 
 def is_archive(path: Path) -> bool:

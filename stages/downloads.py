@@ -6,7 +6,9 @@ stage, dropped connection) resumes from the `.part` with an HTTP Range request; 
 ignores Range (answers 200 instead of 206) makes it start again from zero. The ETag (or
 Last-Modified) of the answer that began the `.part` waits beside it in `<target>.part.validator`:
 a resume sends it as If-Range, and a 206 that carries another one (a file replaced upstream, on a
-server that ignores If-Range) starts again from zero rather than splice two files.
+server that ignores If-Range) starts again from zero rather than splice two files. A body sent with
+no length and no chunks ends when the connection closes, cut short or not: a zip, tar or
+compressed stream is read to its own end first, and one cut short is resumed like any other.
 
 Downloads are kept in `data/downloads/<dataset>/` (or `$CLASSMATRIX_DOWNLOADS/<dataset>/`), outside
 the stage's DVC output folder: DVC deletes a stage's outputs before running it again, and a
@@ -276,6 +278,12 @@ def _attempt(session: Any, url: str, part: Path, what: str, timeout: tuple[float
             bar.close()
         if total is not None and offset + received < total:
             raise _Transient(f"the connection closed after {offset + received:,} of {total:,} bytes")
+        if total is None and "chunked" not in response.headers.get("Transfer-Encoding", "").lower():
+            # No length and no chunks: the body ends when the connection closes, cut short or not.
+            # An archive tells by its own end; urllib3 catches a chunked body cut short.
+            if kind := archives.cut_short(part):
+                raise _Transient(f"the download was cut short at {part.stat().st_size:,} bytes, before the {kind}'s "
+                                 "end; the server sent no length to check it by")
 
 
 def _retry_after(value: str | None) -> float | None:

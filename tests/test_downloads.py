@@ -34,6 +34,9 @@ class FileServer:
     (Content-Encoding, Retry-After, ...). status_once: path -> [status, ...], answered (with the
     path's headers) before the file is served. status_after_cut: path -> a status that `status` takes
     on once a cut_once for that path has happened (a run that stops after the drop, with its .part).
+    no_length: paths sent with neither Content-Length nor chunking, the body ending when the
+    connection closes (HTTP/1.0's way): a cut_once there looks like the end of the file. cut_always:
+    path -> N, as cut_once for every response for that path.
     """
 
     def __init__(self) -> None:
@@ -47,6 +50,8 @@ class FileServer:
         self.status_once: dict[str, list[int]] = {}
         self.chunked: set[str] = set()
         self.status_after_cut: dict[str, int] = {}
+        self.no_length: set[str] = set()
+        self.cut_always: dict[str, int] = {}
         self.release = threading.Event()
         self.lock = threading.Lock()
         server = self
@@ -60,7 +65,7 @@ class FileServer:
                 with server.lock:
                     server.requests.append((path, self.headers.get("Range")))
                     status = server.status.get(path)
-                    cut = server.cut_once.pop(path, None)
+                    cut = server.cut_once.pop(path, server.cut_always.get(path))
                     if cut is not None and path in server.status_after_cut:
                         server.status[path] = server.status_after_cut.pop(path)
                     stall = server.stall_once.pop(path, None)
@@ -103,6 +108,16 @@ class FileServer:
                         piece = body[at : at + 1000]
                         self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
                     self.wfile.write(b"0\r\n\r\n")
+                    return
+                if path in server.no_length:
+                    self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+                    self.close_connection = True
+                    if cut is not None:
+                        self.wfile.write(body[:cut])
+                        self.wfile.flush()
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    self.wfile.write(body)
                     return
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -707,3 +722,78 @@ def test_an_archive_kept_for_its_suffix_is_named_in_a_note(server, tmp_path, mon
             assert "datasets.toy.source.extract: false" in said
         else:
             assert said == ""
+
+
+def tar_bytes(entries: dict[str, bytes], mode: str) -> bytes:
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        for name, content in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+CUT_ARCHIVES = {
+    "zip": ("/pets.zip", lambda entries: zip_bytes(entries)),
+    "tar.gz": ("/pets.tar.gz", lambda entries: tar_bytes(entries, "w:gz")),
+    "tar": ("/pets.tar", lambda entries: tar_bytes(entries, "w")),
+    "suffixless-zip": ("/files/123", lambda entries: zip_bytes(entries)),
+    "unpinned-tar.xz": ("/pets.tar.xz", lambda entries: tar_bytes(entries, "w:xz")),
+}
+
+
+@pytest.mark.parametrize("kind", CUT_ARCHIVES)
+def test_an_archive_cut_short_without_a_content_length_is_resumed_not_taken_as_whole(server, tmp_path, kind):
+    """A server that sends no Content-Length (HTTP/1.0's read-until-close) and drops the
+    connection mid-way: the bytes received look like the whole file. The archive is read to its
+    end (zip's central directory, gzip's end marker, the tar's last member) before it is taken;
+    cut short, it is resumed with Range like a cut with a known length (before: taken as
+    complete, and a sha256 mismatch offered to pin the truncated file)."""
+    path, build = CUT_ARCHIVES[kind]
+    data = build({f"cats/{i}.png": payload(20_000, seed=i) for i in range(10)})
+    server.files[path] = data
+    server.no_length.add(path)
+    server.cut_once[path] = len(data) // 2
+    target = tmp_path / path.rsplit("/", 1)[-1]
+
+    # Unpinned, as weights and Open Images' metadata are downloaded: nothing else would notice.
+    pinned = None if kind.startswith("unpinned") else sha(data)
+
+    result = download(server.url(path), target, sha256=pinned, what="datasets.x.source.url")
+
+    assert target.read_bytes() == data and result["downloaded"] is True
+    assert server.ranges(path) == [None, f"bytes={len(data) // 2}-"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_an_archive_cut_short_without_a_content_length_says_so_and_keeps_the_part(server, tmp_path):
+    """Retries spent (a server that ignores Range and drops at the same byte each time), the one
+    line says the download was cut short at N bytes and to run again; the .part is kept for the
+    rerun to resume, and no file is offered as a pin."""
+    data = zip_bytes({f"cats/{i}.png": payload(20_000, seed=i) for i in range(10)})
+    server.files["/pets.zip"] = data
+    server.no_length.add("/pets.zip")
+    server.ignore_range.add("/pets.zip")
+    server.cut_always["/pets.zip"] = 123_456
+    target = tmp_path / "pets.zip"
+    url = server.url("/pets.zip")
+
+    with pytest.raises(UserError) as caught:
+        download(url, target, sha256=sha(data), what="datasets.x.source.url", retries=0)
+
+    message = str(caught.value)
+    part = tmp_path / "pets.zip.part"
+    assert "\n" not in message and url in message, message
+    assert "cut short at 123,456 bytes" in message and f"run again (it resumes from the 123,456 bytes in {part})" in message
+    assert "pin sha256" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pets.zip.part"] and part.stat().st_size == 123_456
+
+    assert len(server.ranges("/pets.zip")) == 2  # a try that brings no further byte counts against the retries
+
+    del server.cut_always["/pets.zip"]
+    server.ignore_range.discard("/pets.zip")
+    download(url, target, sha256=sha(data), what="datasets.x.source.url")
+    assert target.read_bytes() == data and server.ranges("/pets.zip")[-1] == "bytes=123456-"
