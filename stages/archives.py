@@ -89,6 +89,29 @@ STREAMS = ((b"\x1f\x8b", gzip.open, "gzip stream"), (b"BZh", bz2.open, "bzip2 st
            (b"\xfd7zXZ\x00", lzma.open, "xz stream"))
 
 
+def stream_fault(path: Path) -> str | None:
+    """What is wrong with a gzip, bzip2 or xz file, read to its end (its end marker, and the CRC
+    over all it holds), or None if nothing is, or if it is not one."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    for magic, opener, kind in STREAMS:
+        if head.startswith(magic):
+            try:
+                with opener(path, "rb") as stream:
+                    while stream.read(1 << 20):
+                        pass
+            except EOFError:
+                return f"ends before the {kind}'s end"
+            except (lzma.LZMAError, zlib.error) as error:
+                return f"{kind}: {' '.join(str(error).split())}"
+            except OSError as error:
+                if error.errno is not None:
+                    raise  # the disk, not the data
+                return f"{kind}: {' '.join(str(error).split())}"  # BadGzipFile's CRC, bz2's invalid data
+            return None
+    return None
+
+
 def cut_short(path: Path) -> str | None:
     """What `path` holds ("zip archive", "gzip stream", ...) if it ends before that archive's or
     stream's end (a download cut short whose length the server never said), else None: complete,
@@ -102,17 +125,11 @@ def cut_short(path: Path) -> str | None:
         except zipfile.BadZipFile:
             return "zip archive"
         return None
-    for magic, opener, kind in STREAMS:
+    for magic, _, kind in STREAMS:
         if head.startswith(magic):
-            try:
-                with opener(path, "rb") as stream:
-                    while stream.read(1 << 20):
-                        pass
-            except EOFError:
-                return kind
-            except (OSError, lzma.LZMAError, zlib.error):
-                return None  # damaged, not cut: the checksum or the extraction says so
-            return None
+            fault = stream_fault(path)
+            # Damaged but not cut short: the checksum or the extraction says so.
+            return kind if fault is not None and fault.startswith("ends") else None
     if head[257:262] == b"ustar":
         try:
             with tarfile.open(path, "r:") as handle:
@@ -160,6 +177,10 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Ex
     try:
         if archive_format(archive) == "zip":
             return _extract_zip(archive, dest, max_bytes, bound)
+        # tarfile stops at the tar's end, before a compressed stream's CRC: a changed byte in
+        # stored data would be extracted unseen, and a damaged .xz or .bz2 raises its own errors.
+        if fault := stream_fault(archive):
+            raise UserError(f"{archive}: not a readable archive ({fault}); download it again")
         return _extract_tar(archive, dest, max_bytes, bound)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
         detail = " ".join(str(error).split())
