@@ -6,7 +6,9 @@ stage, dropped connection) resumes from the `.part` with an HTTP Range request; 
 ignores Range (answers 200 instead of 206) makes it start again from zero. The ETag (or
 Last-Modified) of the answer that began the `.part` waits beside it in `<target>.part.validator`:
 a resume sends it as If-Range, and a 206 that carries another one (a file replaced upstream, on a
-server that ignores If-Range) starts again from zero rather than splice two files. A body sent with
+server that ignores If-Range) starts again from zero rather than splice two files; so does a
+`.part` begun from another URL (the file's second line), whether the server sends validators or
+not (a `download.php?id=3` corrected to `?id=4` saves under the same name). A body sent with
 no length and no chunks ends when the connection closes, cut short or not: a zip, tar or
 compressed stream is read to its own end first, and one cut short is resumed like any other.
 
@@ -200,11 +202,17 @@ def _attempt(session: Any, url: str, part: Path, what: str, timeout: tuple[float
     headers = {"Accept-Encoding": "identity"}
     recorded = None
     if offset:
-        headers["Range"] = f"bytes={offset}-"
         try:
-            recorded = _validator_file(part).read_text(encoding="utf-8").strip() or None
+            lines = _validator_file(part).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
-            recorded = None  # a .part from before validators were kept: resumed on trust, as then
+            lines = []  # a .part from before validators were kept: resumed on trust, as then
+        recorded = (lines[0].strip() or None) if lines else None
+        if len(lines) > 1 and lines[1] != url:
+            # Begun from another URL: its bytes are another file's, whatever the server says.
+            part.unlink()
+            offset, recorded = 0, None
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
         if recorded:
             headers["If-Range"] = recorded  # a server that honours it answers 200 if the file changed
     try:
@@ -244,10 +252,8 @@ def _attempt(session: Any, url: str, part: Path, what: str, timeout: tuple[float
             offset = 0
             mode = "wb"
             now = _validator(response.headers)
-            if now:
-                _validator_file(part).write_text(now + "\n", encoding="utf-8")
-            else:
-                _validator_file(part).unlink(missing_ok=True)
+            # The validator (or an empty line), then the URL the .part is begun from.
+            _validator_file(part).write_text(f"{now or ''}\n{url}\n", encoding="utf-8")
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         received = 0

@@ -789,7 +789,8 @@ def test_an_archive_cut_short_without_a_content_length_says_so_and_keeps_the_par
     assert "\n" not in message and url in message, message
     assert "cut short at 123,456 bytes" in message and f"run again (it resumes from the 123,456 bytes in {part})" in message
     assert "pin sha256" not in message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pets.zip.part"] and part.stat().st_size == 123_456
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pets.zip.part", "pets.zip.part.validator"]
+    assert part.stat().st_size == 123_456
 
     assert len(server.ranges("/pets.zip")) == 2  # a try that brings no further byte counts against the retries
 
@@ -797,3 +798,25 @@ def test_an_archive_cut_short_without_a_content_length_says_so_and_keeps_the_par
     server.ignore_range.discard("/pets.zip")
     download(url, target, sha256=sha(data), what="datasets.x.source.url")
     assert target.read_bytes() == data and server.ranges("/pets.zip")[-1] == "bytes=123456-"
+
+
+def test_a_part_begun_from_another_url_is_not_continued_from_the_new_one(server, tmp_path):
+    """A download begun from the wrong URL (`download.php?id=3` for `?id=4`, a v1 for a v2, both
+    saved under one name), stopped, the URL and its sha256 corrected: the rerun must not append
+    the new file's tail to the other file's head. A server without ETag or Last-Modified (a
+    script's answer) gives If-Range nothing to compare; the URL the .part came from does."""
+    old, new = payload(60_000, seed=30), payload(60_000, seed=31)
+    server.files["/download.php?id=3"] = old
+    server.files["/download.php?id=4"] = new
+    server.cut_once["/download.php?id=3"] = 30_000
+    server.status_after_cut["/download.php?id=3"] = 404  # the run stops after the drop, keeping its .part
+    target = tmp_path / "download.php"
+    with pytest.raises(UserError):
+        download(server.url("/download.php?id=3"), target, sha256=sha(old), what="test")
+    assert target.with_name("download.php.part").stat().st_size > 0
+
+    result = download(server.url("/download.php?id=4"), target, sha256=sha(new), what="test")
+
+    assert target.read_bytes() == new and result["downloaded"] is True
+    assert server.ranges("/download.php?id=4") == [None]
+    assert [p.name for p in tmp_path.iterdir()] == ["download.php"]
