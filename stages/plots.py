@@ -12,6 +12,7 @@ next to `<out>/index.html` (`-o`/`--out`, default dvc_plots), then prints the pa
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import webbrowser
@@ -25,6 +26,8 @@ BUNDLE = "vega-bundle.js"
 # DVC's templates are Vega-Lite 5 specs (some still use v4's `selection`, which Vega-Lite 6 dropped).
 VEGA_LITE_VERSION = "5.21"
 DEFAULT_OUT = "dvc_plots"
+# DVC writes each Vega spec into the page as `var spec = <json.dumps of it>;` on one line.
+SPEC_LINE = re.compile(r"^([ \t]*var spec = )(.*);$", re.MULTILINE)
 
 
 def split_out(args: list[str]) -> tuple[list[str], str]:
@@ -63,6 +66,17 @@ def write_bundle(folder: Path) -> Path:
     return path
 
 
+def escape_specs(page: Path) -> None:
+    """Leave no "<" in the page's Vega specs: DVC writes them into <script> elements as json.dumps
+    leaves them, so a class name holding "</script>" (a CSV layout's label) ended the script there
+    and the rest showed as HTML, and one holding "<!--<script>" swallowed the page's later scripts.
+    In JSON "<" is only ever inside a string, where "\\u003c" means the same."""
+    text = page.read_text(encoding="utf-8")
+    escaped = SPEC_LINE.sub(lambda match: match[1] + match[2].replace("<", "\\u003c") + ";", text)
+    if escaped != text:
+        write_text_atomic(page, escaped)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     usage = "usage: python -m stages.plots {show|diff} [dvc plots arguments...]"
@@ -87,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     if not page.is_file():
         # --json and --show-vega print instead of writing a page; otherwise DVC said why.
         return
+    escape_specs(page)
     write_bundle(page.parent)
     print(f"Open {page} (works offline)")
     if open_page:

@@ -7,6 +7,7 @@ colour so that the workspace differs from HEAD.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -44,6 +45,8 @@ stages:
           x: epoch
 """
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # A script or stylesheet fetched from anywhere but beside the page.
 REMOTE_REFERENCE = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
 
@@ -61,6 +64,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
+    # This checkout's stages, not the one the shared virtual environment was installed from.
+    env["PYTHONPATH"] = str(ROOT)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     dvc = [sys.executable, "-m", "dvc"]
     run(["git", "init", "-q"], root, env)
@@ -124,3 +129,34 @@ def test_an_unknown_command_is_a_user_error() -> None:
     with pytest.raises(UserError) as caught:
         main(["render"])
     assert str(caught.value) == "usage: python -m stages.plots {show|diff} [dvc plots arguments...]"
+
+
+HOSTILE_CLASSES = ["</script><b>bold</b>", "<!--<script>", "plain"]
+
+
+def test_a_class_name_holding_markup_stays_data_in_the_page(tmp_path: Path) -> None:
+    """A class name (a CSV layout's label, a folder name) is written by DVC into a <script> as
+    json.dumps leaves it: "</script>" in per_class.csv ended the script there and the rest of the
+    spec showed as HTML, and "<!--<script>" made the browser read the page's later scripts as one.
+    Each spec has no "<" left, and still holds the names as they are."""
+    root = tmp_path / "hostile"
+    root.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    # This checkout's stages, not the one the shared virtual environment was installed from.
+    env["PYTHONPATH"] = str(ROOT)
+    run(["git", "init", "-q"], root, env)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
+    rows = "".join(f'"{name}",0.{i + 5}\n' for i, name in enumerate(HOSTILE_CLASSES))
+    (root / "per_class.csv").write_text("class,f1\n" + rows, encoding="utf-8")
+    (root / "dvc.yaml").write_text(
+        "plots:\n  - per_class.csv:\n      template: bar_horizontal_sorted\n      x: f1\n      y: class\n"
+    )
+    page = plots((root, env), "show")
+    specs = re.findall(r"^\s*var spec = (.*);$", page, re.MULTILINE)
+    assert len(specs) == 1, page
+    assert "<" not in specs[0], specs[0][:300]
+    values = json.loads(specs[0])["data"]["values"]
+    assert [value["class"] for value in values] == HOSTILE_CLASSES
+    assert page.count("<script") == page.count("</script>") == 2
