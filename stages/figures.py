@@ -43,6 +43,12 @@ def _save(figure: Any, path: Path) -> None:
         plt.close(figure)
 
 
+def _plain(name: str) -> str:
+    """A class name as matplotlib text that shows it as written: between two '$' it reads
+    mathtext, so '$0_$50' failed to draw and '$50-$100' lost its dollars; '\\$' is a plain '$'."""
+    return name.replace("$", r"\$")
+
+
 def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], path: Path, normalise: bool) -> None:
     """The confusion matrix in counts, or normalised by true class (each row sums to one)."""
     plt = _pyplot()
@@ -54,7 +60,7 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
         y_true,
         y_pred,
         labels=list(range(len(classes))),
-        display_labels=classes,
+        display_labels=[_plain(name) for name in classes],
         normalize="true" if normalise else None,
         values_format=".2f" if normalise else "d",
         cmap="Blues",
@@ -106,7 +112,7 @@ def f1_bars_figure(per_class: dict[str, dict[str, Any]], path: Path) -> None:
     plt = _pyplot()
     rows = sorted(per_class.items(), key=lambda item: (item[1]["f1"], item[0]))
     scores = [float(values["f1"]) for _, values in rows]
-    labels = [f"{name} (n={int(values['support'])})" for name, values in rows]
+    labels = [f"{_plain(name)} (n={int(values['support'])})" for name, values in rows]
     figure, axes = plt.subplots(figsize=(7, max(2.5, 0.3 * len(rows) + 1.2)))
     positions = np.arange(len(rows))
     axes.barh(positions, scores, color="tab:blue")
@@ -169,9 +175,8 @@ def mistakes_figure(
             axes.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation=interpolation)
         else:
             axes.imshow(image, interpolation=interpolation)
-        axes.set_title(
-            f"true: {true_labels[index]}\npred: {predicted_labels[index]} ({confidences[index]:.0%})", fontsize=8
-        )
+        true, predicted = _plain(true_labels[index]), _plain(predicted_labels[index])
+        axes.set_title(f"true: {true}\npred: {predicted} ({confidences[index]:.0%})", fontsize=8)
     figure.suptitle("Most confident mistakes")
     figure.tight_layout()
     _save(figure, path)

@@ -159,3 +159,33 @@ def test_same_inputs_give_identical_bytes(tmp_path: Path) -> None:
         draw(tmp_path / f"{name}-1.png")
         draw(tmp_path / f"{name}-2.png")
         assert (tmp_path / f"{name}-1.png").read_bytes() == (tmp_path / f"{name}-2.png").read_bytes(), name
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Price-range folders ('$0_$50'): matplotlib reads text between two '$' as mathtext, so
+    '$0_$50' stopped evaluate with a mathtext ParseSyntaxException and '$50-$100' lost its dollars
+    to italics. Every label is now plain text."""
+    import matplotlib.cbook
+    from stages import figures
+
+    names = ["$0_$50", "$50-$100", "plain"]
+    drawn: list[str] = []
+    save = figures._save
+
+    def keep_labels(figure: object, path: Path) -> None:
+        for axes in figure.axes:  # type: ignore[attr-defined]
+            texts = [axes.title, *axes.get_xticklabels(), *axes.get_yticklabels()]
+            drawn.extend(text.get_text() for text in texts if text.get_text())
+        save(figure, path)
+
+    monkeypatch.setattr(figures, "_save", keep_labels)
+    y = np.array([0, 1, 2, 2])
+    confusion_figure(y, np.array([1, 1, 2, 0]), names, tmp_path / "confusion.png", normalise=False)
+    f1_bars_figure({name: {"f1": 0.5, "support": 1} for name in names}, tmp_path / "f1.png")
+    images = np.zeros((2, 8, 8, 1), dtype=np.uint8)
+    mistakes_figure(images, names[:2], names[1::-1], [0.9, 0.8], tmp_path / "mistakes.png")
+    for path in ("confusion.png", "f1.png", "mistakes.png"):
+        png_size(tmp_path / path)
+    assert not [text for text in drawn if matplotlib.cbook.is_math_text(text)], drawn
+    for name in names[:2]:
+        assert any(name.replace("$", r"\$") in text for text in drawn), (name, drawn)
