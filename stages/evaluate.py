@@ -86,6 +86,20 @@ def read_training_record(path: Path, experiment: str) -> dict[str, Any]:
     return record
 
 
+def read_history(path: Path, experiment: str) -> pd.DataFrame:
+    """train's `history.csv` (one row per epoch, an `epoch` column); else one line saying to retrain."""
+    retrain = f"run train@{experiment} again (dvc repro train@{experiment}), or dvc pull it with the model"
+    try:
+        history = pd.read_csv(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {retrain}") from None
+    except (OSError, ValueError) as error:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise UserError(f"{path}: not readable CSV ({str(error).strip()}); {retrain}") from None
+    if "epoch" not in history:
+        raise UserError(f"{path}: no epoch column (written by other code, or edited); {retrain}")
+    return history
+
+
 def evaluate(
     experiment_name: str,
     params_path: str,
@@ -98,6 +112,7 @@ def evaluate(
 ) -> dict[str, Any]:
     experiment = load_params(params_path).experiment(experiment_name)
     training_record = read_training_record(model_dir / "training.json", experiment.name)
+    history = read_history(model_dir / "history.csv", experiment.name)
     data = load_prepared(data_dir, splits=("train", "test"))
     check_prepared(data, data_dir, experiment.dataset_name, experiment.dataset)
     trained_on = training_record["data_version"]
@@ -165,7 +180,7 @@ def evaluate(
     )
     with atomic_path(predictions_path) as temporary:
         predictions.to_csv(temporary, index=False)
-    write_figures(figures, model_dir, data.classes, x_test, y_test, probabilities, per_class)
+    write_figures(figures, history, data.classes, x_test, y_test, probabilities, per_class)
     evaluation.mkdir(parents=True, exist_ok=True)
     write_json_atomic(evaluation / "classification_report.json", report)
     per_class_table = pd.DataFrame(
@@ -205,14 +220,14 @@ def evaluate(
 
 
 def write_figures(
-    figures: Path, model_dir: Path, classes: list[str], x_test: np.ndarray, y_test: np.ndarray,
+    figures: Path, history: pd.DataFrame, classes: list[str], x_test: np.ndarray, y_test: np.ndarray,
     probabilities: np.ndarray, per_class: dict[str, dict[str, Any]],
 ) -> None:
     y_pred = probabilities.argmax(axis=1)
     figures.mkdir(parents=True, exist_ok=True)
     draw.confusion_figure(y_test, y_pred, classes, figures / "confusion.png", normalise=False)
     draw.confusion_figure(y_test, y_pred, classes, figures / "confusion_normalized.png", normalise=True)
-    draw.curves_figure(pd.read_csv(model_dir / "history.csv"), figures / "curves.png")
+    draw.curves_figure(history, figures / "curves.png")
     draw.f1_bars_figure(per_class, figures / "f1.png")
     shown = scoring.most_confident_mistakes(y_test, probabilities, n=MISTAKES_SHOWN)
     draw.mistakes_figure(

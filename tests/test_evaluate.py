@@ -364,3 +364,24 @@ def test_a_model_predicting_nan_is_one_line_not_a_traceback(trained: Path, monke
     assert "train@toy-net" in str(raised.value)
     assert "\n" not in str(raised.value)
     assert not (trained / "reports" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("history", [None, "", "loss,val_loss\n1.0,1.1\n"])
+def test_a_missing_or_unreadable_history_csv_is_one_line_before_predicting(
+    trained: Path, monkeypatch: pytest.MonkeyPatch, history: str | None
+) -> None:
+    """A model folder copied or pulled without train's history.csv (`dvc pull` of model.keras
+    alone), an empty one or one without its epoch column: evaluate predicted the whole test split,
+    then stopped drawing the curves with pandas' FileNotFoundError, EmptyDataError or KeyError
+    traceback. Now one line naming the file and what to run, before the model is loaded."""
+    from stages import backbones
+
+    path = trained / "net" / "history.csv"
+    if history is None:
+        path.unlink()
+    else:
+        path.write_text(history, encoding="utf-8")
+    monkeypatch.setattr(backbones, "load_saved_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    with pytest.raises(UserError, match=r"history\.csv: .*train@toy-net") as raised:
+        _evaluate(trained)
+    assert "\n" not in str(raised.value)
