@@ -84,6 +84,18 @@ def content_format(path: Path) -> str | None:
         return None
 
 
+def extraction_format(path: Path) -> str | None:
+    """archive_format, unless the file's first bytes say otherwise: a zip saved as .tar.gz (or a
+    tar.gz as .zip) is what it holds, which downloading it again would not change."""
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if any(head.startswith(magic) for magic, _, _ in STREAMS):
+        return "tar"
+    return archive_format(path)
+
+
 # A compressed stream's first bytes, and what to call it.
 STREAMS = ((b"\x1f\x8b", gzip.open, "gzip stream"), (b"BZh", bz2.open, "bzip2 stream"),
            (b"\xfd7zXZ\x00", lzma.open, "xz stream"))
@@ -175,7 +187,7 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Ex
     else:
         bound = f"{max_bytes:,}-byte limit"
     try:
-        if archive_format(archive) == "zip":
+        if extraction_format(archive) == "zip":
             return _extract_zip(archive, dest, max_bytes, bound)
         # tarfile stops at the tar's end, before a compressed stream's CRC: a changed byte in
         # stored data would be extracted unseen, and a damaged .xz or .bz2 raises its own errors.

@@ -562,6 +562,19 @@ def test_a_damaged_compressed_tar_is_a_one_line_user_error_before_anything_is_wr
     assert [p for p in dest.rglob("*") if p.is_file()] == []
 
 
+@pytest.mark.parametrize("named, made", [("data.tar.gz", "zip"), ("data.zip", "tar.gz")])
+def test_an_archive_named_as_the_other_kind_is_extracted_as_what_it_holds(tmp_path, named, made):
+    """A zip saved under a .tar.gz name (or the reverse) is what its first bytes say; before, it
+    was a long tarfile (or zipfile) error ending 'download it again', which would give the same file."""
+    folder = class_folder_dataset(tmp_path / "shapes")
+    archive = tmp_path / named
+    (zip_of_folder if made == "zip" else tar_of_folder)(folder, archive)
+    dest = tmp_path / "dest"
+    archives.extract(archive, dest)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.png")) == sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+
+
 # --------------------------------------------------------------------------------------------
 # The fetch stage, end to end.
 
@@ -593,7 +606,7 @@ def test_fetch_fills_the_raw_folder_and_writes_provenance(tmp_path):
     assert written["dataset"] == "digits"
     assert written["files"] == 4
     assert written["bytes"] == sum((out / f).stat().st_size for f in files_under(out))
-    assert written["source"] == {"kind": "local", "path": str(folder), "instructions": ""}
+    assert written["source"] == {"kind": "local", "path": str(folder), "instructions": "", "sha256": ""}
     assert written["archives"] == []
     assert written["refused"] == [{"entry": "a/link.png", "reason": "symbolic link"}]
     assert written["origin"] == f"local folder {folder}"
