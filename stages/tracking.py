@@ -450,9 +450,14 @@ def dvc_hash(path: Path) -> str:
 
 
 def provenance_tags(data_dir: Path) -> dict[str, str]:
-    """Tags naming the code (git commit, and whether it had uncommitted changes) and the DVC
-    hash of the prepared data a run used."""
+    """Tags naming the code (git commit, and whether it had uncommitted changes), the DVC hash of
+    the prepared data a run used and, under `dvc exp run`, the DVC experiment: its commit is the
+    baseline's, with the params changed (git_dirty), so the name is what leads from a run in
+    MLflow's UI to `dvc exp show`'s row."""
     tags = {"dvc.data_hash": dvc_hash(data_dir)}
+    if os.environ.get("DVC_EXP_NAME"):  # set by DVC for the commands of an experiment it runs
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+        tags["dvc.experiment.baseline"] = os.environ.get("DVC_EXP_BASELINE_REV", "")
     commit = git_commit()
     if commit is not None:
         # mlflow.source.git.commit is the tag MLflow's UI shows as the run's source version.

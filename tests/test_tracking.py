@@ -216,3 +216,38 @@ def test_a_folder_as_the_tracking_store_is_one_line(uri: str, monkeypatch: pytes
     assert message.startswith(f"MLFLOW_TRACKING_URI={uri}: a folder") and "sqlite:///" in message, message
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out is the user's to take
     tracking.check_not_a_folder(uri)
+
+
+def test_a_run_made_by_dvc_exp_run_names_the_dvc_experiment(tmp_path: Path) -> None:
+    """Under `dvc exp run` the run's commit is the baseline's (params changed: git_dirty), so
+    nothing led from a run in MLflow's UI to its DVC experiment; DVC gives the stage commands the
+    experiment's name, and the run's tags carry it. A plain `dvc repro` adds no such tag."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("DVC_EXP_NAME", None)
+
+    def run(*command: str) -> str:
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/x.txt").write_text("x")
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    script = ("import json, pathlib; from stages.tracking import provenance_tags; "
+              "pathlib.Path('tags.json').write_text(json.dumps(provenance_tags(pathlib.Path('data'))))")
+    (tmp_path / "dvc.yaml").write_text(
+        f"stages:\n  tag:\n    cmd: python -c \"{script}\"\n    deps: [data]\n    params: [seed]\n    outs: [tags.json]\n")
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    (tmp_path / ".gitignore").write_text("/tags.json\n")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "base")
+    base = run("git", "rev-parse", "HEAD").strip()
+
+    run("dvc", "repro")
+    assert "dvc.experiment" not in json.loads((tmp_path / "tags.json").read_text())
+    run("dvc", "exp", "run", "-n", "seed-two", "-S", "seed=2")
+    tags = json.loads((tmp_path / "tags.json").read_text())
+    assert tags["dvc.experiment"] == "seed-two" and tags["dvc.experiment.baseline"] == base
