@@ -389,21 +389,35 @@ def run_exists(run_id: str) -> bool:
     return run.info.lifecycle_stage == "active"
 
 
-def close_abandoned_run(run_id: str) -> None:
+def close_abandoned_run(run_id: str) -> str | None:
     """Mark a run a stopped training left RUNNING as KILLED, once its checkpoint is discarded,
-    unless another process its owner tag names may still be training it. A store that does not answer,
-    or a run that is gone, is left as it is."""
+    unless another process its owner tag names may still be training it. A run that is gone is
+    left as it is; a store that does not answer too, and then the one line saying so is returned.
+
+    One try, not MLflow's retries: this is housekeeping before training, whose run is opened (with
+    the retries) right after, and a server refusing connections cost 15 s here for nothing."""
     from mlflow.exceptions import MlflowException
 
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
-        client = mlflow_client().tracking.MlflowClient()
-        run = client.get_run(run_id)
-        owner = run.data.tags.get(OWNER_TAG)
-        # This process discarding the checkpoint is not training its run either.
-        if run.info.status == "RUNNING" and (owner == process_owner() or not owner_may_be_running(owner)):
-            client.set_terminated(run_id, status="KILLED")
+        with unavailable(f"close the run {run_id} of the discarded checkpoint", "it stays RUNNING"):
+            client = mlflow_client().tracking.MlflowClient()
+            run = client.get_run(run_id)
+            owner = run.data.tags.get(OWNER_TAG)
+            # This process discarding the checkpoint is not training its run either.
+            if run.info.status == "RUNNING" and (owner == process_owner() or not owner_may_be_running(owner)):
+                client.set_terminated(run_id, status="KILLED")
+    except TrackingUnavailable as error:
+        return str(error)
     except MlflowException:
         pass
+    finally:
+        if retries is None:
+            del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = retries
+    return None
 
 
 def reopen_run(run_id: str) -> None:

@@ -485,7 +485,8 @@ def _train(
             if discarded:
                 # The interrupted training this checkpoint held is not going on: its run, left
                 # RUNNING by the process that was stopped, would otherwise stay so for good.
-                tracking.close_abandoned_run(discarded)
+                if problem := tracking.close_abandoned_run(discarded):
+                    print(f"warning: {problem}")
         tags = {
             "data_version": data.version,
             "keras_backend": keras.backend.backend(),

@@ -251,3 +251,30 @@ def test_a_run_made_by_dvc_exp_run_names_the_dvc_experiment(tmp_path: Path) -> N
     run("dvc", "exp", "run", "-n", "seed-two", "-S", "seed=2")
     tags = json.loads((tmp_path / "tags.json").read_text())
     assert tags["dvc.experiment"] == "seed-two" and tags["dvc.experiment.baseline"] == base
+def test_closing_an_abandoned_run_on_a_server_that_refuses_connections_tries_once_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A discarded checkpoint's run is closed before training starts. With the tracking server
+    down, that housekeeping took MLflow's 5 tries (about 15 s) and then said nothing; the run was
+    opened, with its own tries, right after. Now it is one try, and one line naming the run and
+    the refusal; the retry setting is left as it was."""
+    import urllib3.util.connection
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    attempts = []
+    connect = urllib3.util.connection.create_connection
+
+    def counted(address, *args, **kwargs):
+        attempts.append(address)
+        return connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", counted)
+    problem = tracking.close_abandoned_run("0123abcd")
+    assert len(attempts) == 1, attempts
+    assert problem is not None and len(problem.splitlines()) == 1
+    assert f"127.0.0.1:{port}" in problem and "0123abcd" in problem and "Connection refused" in problem, problem
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
