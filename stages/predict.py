@@ -103,6 +103,7 @@ def load(uri: str, scratch: Path) -> LoadedModel:
     from stages import runtime
     from stages.backbones import load_saved_model
 
+    runtime.import_keras_quietly()
     runtime.keep_tensorflow_out()
     model = load_saved_model(local / "data" / "model.keras", f"predict ({uri})")
     return LoadedModel(model, list(metadata["classes"]), int(metadata["image_size"]), int(metadata["channels"]), uri)

@@ -7,6 +7,10 @@ directly, so the training path stays free of TensorFlow on the other backends.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +98,50 @@ def xla_refused(model: Any) -> str | None:
             return ("TensorFlow's op determinism, on for every CPU run so that a resumed run ends with the "
                     "same weights, excludes XLA")
     return "Keras does not compile this model with XLA on this platform"
+
+
+# A line TensorFlow's C++ code logs before abseil's logging is initialised ("I0000 00:00:1796649244.397629
+# 8474 port.cc:153] oneDNN custom operations are on ..."), and the notice abseil writes above them.
+NATIVE_LOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^\s\]]+:\d+\] ")
+NATIVE_LOG_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+
+
+def import_keras_quietly() -> None:
+    """Import Keras, and with it the backend's native libraries, leaving out of stderr the lines
+    they log below TF_CPP_MIN_LOG_LEVEL (oneDNN's, cuda's) while loading.
+
+    TensorFlow logs them before abseil's logging is initialised, and abseil then writes every
+    line whatever the level (abseil/abseil-cpp#1957). So stderr's file descriptor is sent to a
+    file while Keras is imported, and what came there is written back but those lines. Every
+    other line (a Python warning, an error, a line at or above the level) is written back as it
+    came."""
+    if "keras" in sys.modules:
+        return
+    try:
+        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        level = 0
+    if level <= 0:
+        import keras  # noqa: F401
+
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode("utf-8", "replace").splitlines(keepends=True):
+                found = NATIVE_LOG_LINE.match(line)
+                if line.rstrip("\n") == NATIVE_LOG_NOTICE or found and "IWEF".index(found.group(1)) < level:
+                    continue
+                sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def keep_tensorflow_out() -> None:
