@@ -42,6 +42,8 @@ class BackboneSpec:
     pretrained: bool = True  # has ImageNet weights
     tensorflow_only: bool = False  # imports TensorFlow itself (KERAS_BACKEND must be tensorflow)
     options: tuple[str, ...] = ()  # the option names params may give its build (the cnn's: CNN_OPTIONS)
+    # check(options): what is wrong with their values, as (option, problem), or None.
+    check: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None
 
 
 REGISTRY: Registry[BackboneSpec] = Registry("backbone model")
@@ -57,15 +59,19 @@ def register_backbone(
     pretrained: bool = True,
     tensorflow_only: bool = False,
     options: tuple[str, ...] = (),
+    check: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None,
 ) -> Callable:
     """Register `build(input_shape, weights_file or None, options, seed=0)` as backbone model
     `name`: the base without a top, taking raw input after the `preprocessing` named (the model
     applies it). `options`: the names a params entry's `options:` may give it; any other is
-    refused when params are read."""
+    refused when params are read. `check(options)`: what is wrong with their values, as
+    (option, "what is wrong; the values it takes"), or None; a bad value is then refused when
+    params are read, not by Keras in the middle of the build."""
 
     def decorate(build: Callable) -> Callable:
         REGISTRY[name] = BackboneSpec(
-            name, build, preprocessing, native_input_size, min_input_size, rgb, pretrained, tensorflow_only, options
+            name, build, preprocessing, native_input_size, min_input_size, rgb, pretrained, tensorflow_only, options,
+            check,
         )
         return build
 
@@ -115,6 +121,9 @@ def options_problem(model: str, options: dict[str, Any]) -> tuple[str, str] | No
             if option not in allowed:
                 valid = f"valid: {', '.join(allowed)}" if allowed else f"{model} takes no options"
                 return option, f"unknown option; {valid}"
+        check = REGISTRY[model].check if model in REGISTRY else None
+        if check is not None and (problem := check(options)):
+            return problem
         alpha = options.get("alpha", 1.0)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 4:
             return "alpha", f"{alpha!r} is not a width multiplier (a number above 0, e.g. 0.35 to 1.4)"

@@ -340,6 +340,33 @@ def test_a_family_registered_with_options_takes_them_from_params_and_refuses_oth
         parse_params(raw, "params.yaml")
 
 
+@pytest.mark.parametrize("width", ["abc", 0, -3, [8], 2.5, True])
+def test_a_family_of_ones_own_checks_its_option_values_when_params_are_read(width, monkeypatch):
+    """docs/extending.md's family of one's own, given a bad option value (width: abc): before, params
+    took any value and the build failed in Keras (TypeError: '<=' not supported between 'str' and
+    'int'), a traceback at train. A family can now say which values it takes (`check`), and a bad
+    one is refused when params are read, in one line naming the key and the values it takes."""
+    from stages.config import parse_params
+    from tests.toy import toy_params
+
+    def width_problem(options):
+        width = options.get("width", 16)
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            return "width", f"{width!r} is not a whole number of 1 or more"
+        return None
+
+    monkeypatch.setitem(backbones.REGISTRY, "tiny", None)  # removed again after the test
+    backbones.register_backbone("tiny", preprocessing="unit", native_input_size=None, pretrained=False,
+                                options=("width",), check=width_problem)(lambda *args, **kwargs: None)
+    raw = toy_params(["a", "b"])
+    raw["backbones"] = {"mine": {"model": "tiny", "options": {"width": width}}}
+    with pytest.raises(UserError) as refused:
+        parse_params(raw, "params.yaml")
+    assert str(refused.value) == f"params.yaml: backbones.mine.options.width: {width!r} is not a whole number of 1 or more"
+    raw["backbones"]["mine"]["options"]["width"] = 8
+    parse_params(raw, "params.yaml")
+
+
 # --------------------------------------------------------------------------------------------
 # Saving, augmentation and preprocessing.
 
