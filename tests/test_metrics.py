@@ -245,3 +245,14 @@ def test_model_size_of_a_file_and_a_folder(tmp_path: Path) -> None:
     (folder / "saved_model.pb").write_bytes(b"\0" * 500_000)
     (folder / "variables" / "data").write_bytes(b"\0" * 250_000)
     assert model_size(folder, 7)["size_mb"] == 0.75
+
+
+def test_a_test_split_of_one_class_predicted_right_scores_without_a_warning() -> None:
+    """sklearn's confusion matrix warns 'A single label was found' for it (stderr noise in
+    evaluate's output); balanced accuracy is that class's recall, as meant."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores, _ = score(np.array([1, 1]), np.array([[0, 1.0, 0], [0, 1.0, 0]]), ["a", "b", "c"])
+    assert scores["accuracy"] == scores["balanced_accuracy"] == 1.0
