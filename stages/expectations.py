@@ -10,8 +10,9 @@ so the manifest is turned into one *checks* table holding three kinds of record,
 the `record` column:
 
 - "file": every manifest row, plus derived columns (`undecodable`; `set_aside`, "<path>:
-  <reason>" for a file set aside; and `label` with a placeholder for a missing label, because
-  GX column-map expectations skip nulls);
+  <reason>" for a file set aside; `near_duplicate`, "<path> ~ <the group's other paths>
+  (<where>)" for an ok file with near-duplicates; and `label` with a placeholder for a missing
+  label, because GX column-map expectations skip nulls);
 - "class": one row per declared class with its number of ok images (`class_images`), so that a
   declared class with no images at all is a row GX can see and fail;
 - "content": one row per distinct sha256 among ok rows with its number of distinct labels
@@ -46,6 +47,7 @@ RULES = (
     "min_per_class",
     "image_size_bounds",
     "no_conflicting_labels",
+    "no_near_duplicates",
     "expected_count",
 )
 """Our rule names, in the order the report lists them."""
@@ -60,6 +62,8 @@ MANIFEST_COLUMNS = (
     "mode",
     "bytes",
     "sha256",
+    "dhash",  # the perceptual hash (stages.images.near_hash), "" where not taken
+    "near_group",  # the first file of its group of near-duplicates (see validate), else null
     "status",
     "reason",
 )
@@ -218,11 +222,36 @@ def _file_records(manifest: pd.DataFrame) -> pd.DataFrame:
     aside = files["status"] != "ok"
     named = (files["path"].astype(str) + ": " + reasons).map(html.escape)
     files["set_aside"] = named.where(aside, None).astype("object")
+    files["near_duplicate"] = _near_duplicate_texts(files).map(html.escape, na_action="ignore").astype("object")
     # An ok row of unknown size cannot be within bounds; 0 px says so without a null, which
     # column-map expectations would skip.
     for side in ("width", "height"):
         files[side] = files[side].astype("Int64").fillna(0)
     return files.reset_index(drop=True)
+
+
+def _near_duplicate_texts(files: pd.DataFrame) -> pd.Series:
+    """For each ok file in a group of near-duplicates, "<path> ~ <the others> (<where>)"; null
+    for the rest."""
+    ok = files[(files["status"] == "ok") & files["near_group"].notna()]
+    texts = pd.Series(None, index=files.index, dtype="object")
+    for _, group in ok.groupby("near_group", sort=False):
+        where = _near_where(group)
+        for index, path in zip(group.index, group["path"]):
+            others = [other for other in group["path"] if other != path]
+            texts[index] = f"{path} ~ {', '.join(others)} ({where})"
+    return texts
+
+
+def _near_where(group: pd.DataFrame) -> str:
+    """Why a group of near-duplicates matters: the splits or labels it spans, else its class."""
+    splits = group["source_split"].dropna().unique()
+    if len(splits) > 1 or (len(splits) and group["source_split"].isna().any()):
+        return f"in splits {', '.join(sorted(map(str, splits)))}"
+    labels = sorted(map(str, group["label"].unique()))
+    if len(labels) > 1:
+        return f"under labels {', '.join(labels)}"
+    return f"in class {labels[0]}, which the split may part"
 
 
 def _class_records(ok: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
@@ -341,6 +370,23 @@ def _rules(
                 )
             ],
             _describe_conflicts,
+        ),
+        _Rule(
+            "no_near_duplicates",
+            [
+                gxe.ExpectColumnValuesToBeNull(
+                    column="near_duplicate",
+                    row_condition=ok_files,
+                    **tag(
+                        "no_near_duplicates",
+                        "no picture is in the dataset twice as different files (resized or "
+                        "re-encoded: the same perceptual hash) where a leak can hide: in two splits, "
+                        "under two labels, or in one class the split may part. Each file listed "
+                        "below names its near-duplicates; small or near-uniform images are not compared.",
+                    ),
+                )
+            ],
+            _describe_near_duplicates,
         ),
     ]
     if expected_count is not None:
@@ -464,6 +510,18 @@ def _describe_conflicts(checks: pd.DataFrame) -> str:
         for sha256, names in labels.items()
     ]
     return f"{_count(len(conflicting), 'sha256')} under several labels: {_some(named)}"
+
+
+def _describe_near_duplicates(checks: pd.DataFrame) -> str:
+    """Name the groups of near-duplicate files, with where they sit."""
+    ok = _records(checks, "file", ok_only=True)
+    compared = f"{int((ok['dhash'] != '').sum())} of {_count(len(ok), 'ok image')} compared (the rest too small or too uniform)"
+    grouped = ok[ok["near_group"].notna()]
+    if grouped.empty:
+        return f"no near-duplicates; {compared}"
+    named = [f"{' ~ '.join(group['path'])} ({_near_where(group)})" for _, group in grouped.groupby("near_group", sort=False)]
+    return (f"{_count(len(named), 'group')} of near-duplicate images (the same picture resized or re-encoded): "
+            f"{_some(named)}; {compared}")
 
 
 def _describe_count(

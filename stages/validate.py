@@ -30,8 +30,9 @@ from stages.config import DatasetConfig, load_params
 from stages.errors import UserError, run_stage
 from stages.fetch import changed_since_fetch
 from stages.files import atomic_path, write_json_atomic
-from stages.images import check_image, check_pixels
+from stages.images import check_image, check_pixels, near_probes
 from stages.layouts import Candidate, get_layout, map_label
+from stages.split import split_keys
 from stages.workers import map_ordered
 
 # The rules' columns, plus `frames`: how many an image file holds (the first is used), so that
@@ -50,8 +51,9 @@ def build_manifest(raw: Path, config: DatasetConfig) -> pd.DataFrame:
     candidates = layout.candidates(config.layout.options, raw)
     inspect = functools.partial(_inspect, raw, classes=frozenset(config.classes))
     rows = list(map_ordered(inspect, candidates, desc="decoding"))
-    manifest = pd.DataFrame(rows, columns=COLUMNS)
+    manifest = pd.DataFrame(rows, columns=[*COLUMNS, "dhash_unsure"])
     manifest = set_aside_duplicates(manifest)
+    manifest = group_near_duplicates(manifest).drop(columns="dhash_unsure")
     manifest["width"] = manifest["width"].astype("Int64")
     manifest["height"] = manifest["height"].astype("Int64")
     manifest["frames"] = manifest["frames"].astype("Int64")
@@ -90,6 +92,9 @@ def _inspect(raw: Path, candidate: Candidate, classes: frozenset[str]) -> dict:
         # A row of a label file that names no file here has no content to measure.
         "bytes": path.stat().st_size if exists else 0,
         "sha256": _sha256(path) if exists else "",
+        "dhash": "",
+        "dhash_unsure": "",
+        "near_group": None,
         "status": "set_aside",
         "reason": candidate.reason,
     }
@@ -104,6 +109,7 @@ def _inspect(raw: Path, candidate: Candidate, classes: frozenset[str]) -> dict:
         return row
     check = check_image(path)
     row.update(width=check.width, height=check.height, mode=check.mode, frames=check.frames)
+    row["dhash"], row["dhash_unsure"] = check.near
     if check.error:
         row["reason"] = check.error
     elif candidate.label not in classes:
@@ -133,6 +139,9 @@ def _inspect_pixels(candidate: Candidate, classes: frozenset[str]) -> dict:
         "frames": check.frames,
         "bytes": int(pixels.nbytes),
         "sha256": digest,
+        "dhash": check.near[0],
+        "dhash_unsure": check.near[1],
+        "near_group": None,
         "status": "set_aside" if reason else "ok",
         "reason": reason,
     }
@@ -169,6 +178,48 @@ def set_aside_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     return manifest
 
 
+def group_near_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Near-duplicates: ok images of other bytes but the same picture (resized, re-encoded), found
+    by their perceptual hashes (stages.images.near_hash): each image's hash, and the variants its
+    least certain bits allow, looked up among the others' hashes (no comparison of every pair).
+    Each member of a group whose images sit in two source splits, under two labels, or where the
+    split stage may part them (different split keys, in the part it divides) gets `near_group`:
+    the group's first path. Nothing is set aside: a hash can match two different pictures."""
+    manifest = manifest.copy()
+    hashed = manifest[(manifest["status"] == "ok") & (manifest["dhash"] != "")]
+    first: dict[str, int] = {}
+    for index, value in zip(hashed.index, hashed["dhash"]):
+        first.setdefault(value, index)
+    parent = {index: index for index in hashed.index}
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    for index, value, unsure in zip(hashed.index, hashed["dhash"], hashed["dhash_unsure"]):
+        for probe in near_probes(value, unsure):
+            if (other := first.get(probe)) is not None and root(other) != root(index):
+                a, b = root(other), root(index)
+                parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for index in hashed.index:
+        groups.setdefault(root(index), []).append(index)
+    keys = split_keys(hashed)
+    defined = set(manifest.loc[manifest["status"] == "ok", "source_split"].dropna())
+    divides = not {"test", "val"} <= defined  # the split stage carves val or test from the rest
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        rows = manifest.loc[members]
+        divided = keys[rows.index[~rows["source_split"].isin(["test", "val"])]]
+        if (rows["label"].nunique() > 1 or rows["source_split"].nunique(dropna=False) > 1
+                or (divides and divided.nunique() > 1)):
+            manifest.loc[members, "near_group"] = rows["path"].iloc[0]
+    return manifest
+
+
 REFUSED_PREFIX = "fetch::"
 
 
@@ -199,7 +250,8 @@ def refused_rows(provenance: Path | None) -> pd.DataFrame:
         names.append(shown_name(item["entry"]) + (f" #{seen[item['entry']]}" if seen[item["entry"]] > 1 else ""))
     rows = [
         {"path": f"{REFUSED_PREFIX}{name}", "label": None, "source_split": None, "group": None,
-         "width": None, "height": None, "mode": None, "frames": None, "bytes": 0, "sha256": "", "status": "set_aside",
+         "width": None, "height": None, "mode": None, "frames": None, "bytes": 0, "sha256": "", "dhash": "",
+         "near_group": None, "status": "set_aside",
          "reason": f"refused at fetch: {item['reason']}"}
         for item, name in zip(refused, names)
     ]
@@ -222,6 +274,8 @@ def summarise(manifest: pd.DataFrame, config: DatasetConfig, report: expectation
         "per_class": {name: int((ok["label"] == name).sum()) for name in config.classes},
         # Accepted files with several frames (animations, multi-page files): the first is used.
         "multi_frame": int((ok["frames"].fillna(1) > 1).sum()),
+        # Groups of near-duplicates (the same picture resized or re-encoded) a leak may hide in.
+        "near_duplicate_groups": int(ok["near_group"].nunique()),
         # Our rules; the Data Docs page counts the Great Expectations expectations they are made of.
         "rules_passed": int(sum(o.success for o in report.outcomes)),
         "rules_failed": int(sum(not o.success for o in report.outcomes)),
@@ -405,6 +459,7 @@ REMEDIES = {
     "min_per_class": "add images to the class, or lower {key}.validation.min_per_class",
     "image_size_bounds": "remove those files from the source, or widen {key}.validation.min_side / max_side",
     "no_conflicting_labels": "keep each image under one label in the source",
+    "no_near_duplicates": "keep one copy of each picture in the source (the manifest's near_group column names them)",
     "expected_count": "if the source changed, set {key}.validation.expected_count to its new count",
 }
 

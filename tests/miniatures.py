@@ -89,7 +89,9 @@ class Miniature:
 
 
 class Painter:
-    """Distinct images from one seed: a coarse random field scaled up (smooth, compresses well)."""
+    """Distinct images from one seed: a coarse random field scaled up (smooth, compresses well), of
+    at least 4x4 values: 2x2 fields stretched to 16 px were gradients so alike that validate's
+    perceptual hash found groups of them under different labels."""
 
     def __init__(self, name: str) -> None:
         self.rng = np.random.default_rng(zlib.crc32(name.encode()))
@@ -97,7 +99,7 @@ class Painter:
     def pixels(self, size: tuple[int, int], mode: str = "RGB") -> np.ndarray:
         width, height = size
         channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-        coarse = self.rng.integers(0, 256, (min(32, max(2, height // 6)), min(32, max(2, width // 6)), channels), dtype=np.uint8)
+        coarse = self.rng.integers(0, 256, (min(32, max(4, height // 6)), min(32, max(4, width // 6)), channels), dtype=np.uint8)
         image = Image.fromarray(coarse[..., 0] if channels == 1 else coarse)
         return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
 

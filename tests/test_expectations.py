@@ -32,6 +32,8 @@ def row(path: str, label: str | None, **overrides) -> dict:
         "bytes": 1000,
         # Distinct content per path unless a test says otherwise.
         "sha256": hashlib.sha256(path.encode()).hexdigest(),
+        "dhash": "",
+        "near_group": None,
         "status": "ok",
         "reason": "",
     }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -240,7 +242,7 @@ def test_validate_writes_manifest_summary_and_data_docs(tmp_path):
     assert written["set_aside_by_reason"] == {"stray file": 1}
     assert written["per_class"] == {"a": 3, "b": 3, "c": 4}
     assert sum(written["per_class"].values()) == written["accepted"]
-    assert written["rules_failed"] == 0 and written["rules_passed"] == 6
+    assert written["rules_failed"] == 0 and written["rules_passed"] == 7
     assert (docs / "index.html").is_file()
     manifest = pd.read_parquet(manifest_path)
     assert list(manifest.columns) == COLUMNS and len(manifest) == 11
@@ -256,7 +258,7 @@ def test_validate_hard_rule_failure_names_rule_and_class_and_still_writes(tmp_pa
     manifest_path, docs, summary_path, error = run_validate(tmp_path, raw, params)
 
     assert capsys.readouterr().out.startswith(
-        "validate@toy: 8 files = 7 accepted + 1 set aside (1 stray file); 4 of 5 validation rules passed"
+        "validate@toy: 8 files = 7 accepted + 1 set aside (1 stray file); 5 of 6 validation rules passed"
     )
 
     assert isinstance(error, UserError)
@@ -505,3 +507,119 @@ def test_an_empty_raw_folder_is_named_as_empty_not_as_broken_files(tmp_path):
     assert "datasets.toy.source" in str(error) and "fetch@toy" in str(error)
     assert "broken files" not in str(error)
     assert json.loads(summary_path.read_text(encoding="utf-8"))["files"] == 0  # still written
+
+
+# --------------------------------------------------------------------------------------------
+# Near-duplicates: the same picture in other bytes (resized, re-encoded).
+
+
+def write_picture(path: Path, seed: int, size: int = 128, quality: int | None = None) -> Path:
+    """A seeded picture of smooth light and shade (as a photo looks at thumbnail scale), resized
+    from one 256 px original to `size` px: a PNG, or a JPEG of `quality`. Two files of one seed
+    are the same picture in other bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    field = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    original = Image.fromarray(field).resize((256, 256), Image.Resampling.BICUBIC)
+    picture = original.resize((size, size), Image.Resampling.LANCZOS)
+    picture.save(path, **({"quality": quality} if quality else {}))
+    return path
+
+
+def near_duplicates_raw(raw: Path) -> Path:
+    """train/ and test/ folders of classes a and b: distinct pictures, plus a picture in train
+    at 128 px (PNG) and again in test at 64 px (JPEG quality 70), and one in train as JPEG quality
+    95 and in test as JPEG quality 70, both 128 px."""
+    for seed in range(12):
+        write_picture(raw / ("train", "test")[seed % 2] / "ab"[seed // 6 % 2] / f"{seed}.png", seed)
+    write_picture(raw / "train" / "a" / "cat.png", 100, size=128)
+    write_picture(raw / "test" / "a" / "cat_small.jpg", 100, size=64, quality=70)
+    write_picture(raw / "train" / "b" / "dog.jpg", 101, quality=95)
+    write_picture(raw / "test" / "b" / "dog.jpg", 101, quality=70)
+    return raw
+
+
+def test_a_resized_or_re_encoded_copy_in_another_split_is_reported_not_set_aside(tmp_path, capsys):
+    """The same picture in train and test as other bytes (resized, re-encoded) is a leak the
+    sha256 cannot see: validate names both groups, with their files, in its output, the Data Docs
+    and the manifest's near_group column, and sets nothing aside (a soft rule by default).
+    Before, nothing was said and the test split held copies of training images."""
+    raw = near_duplicates_raw(tmp_path / "raw")
+    params = write_params(tmp_path, layout=SPLITS_LAYOUT, classes=["a", "b"])
+
+    manifest_path, docs, _, summary = run_validate(tmp_path, raw, params)
+
+    assert not isinstance(summary, Exception), summary
+    assert summary["accepted"] == 16 and summary["near_duplicate_groups"] == 2
+    out = capsys.readouterr().out
+    assert ("validate@toy: warning: no_near_duplicates: 2 groups of near-duplicate images (the same picture resized "
+            "or re-encoded): test/a/cat_small.jpg ~ train/a/cat.png (in splits test, train), test/b/dog.jpg ~ "
+            "train/b/dog.jpg (in splits test, train); 16 of 16 ok images compared") in out
+    rows = by_path(pd.read_parquet(manifest_path))
+    grouped = {path: row["near_group"] for path, row in rows.items() if row["near_group"] is not None}
+    assert grouped == {"train/a/cat.png": "test/a/cat_small.jpg", "test/a/cat_small.jpg": "test/a/cat_small.jpg",
+                       "train/b/dog.jpg": "test/b/dog.jpg", "test/b/dog.jpg": "test/b/dog.jpg"}
+    assert all(len(row["dhash"]) == 32 for row in rows.values())
+    (page,) = (docs / "validations").rglob("*.html")
+    words = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page.read_text(encoding="utf-8"))).split())
+    assert "train/a/cat.png ~ test/a/cat_small.jpg (in splits test, train)" in words
+
+
+def test_near_duplicates_fail_the_stage_when_params_make_the_rule_hard(tmp_path):
+    raw = near_duplicates_raw(tmp_path / "raw")
+    params = write_params(tmp_path, layout=SPLITS_LAYOUT, classes=["a", "b"],
+                          validation={"hard": ["no_near_duplicates"]})
+
+    _, _, _, error = run_validate(tmp_path, raw, params)
+
+    assert isinstance(error, UserError)
+    assert str(error).startswith("validate@toy: expectation no_near_duplicates failed: 2 groups of near-duplicate")
+    assert "test/a/cat_small.jpg ~ train/a/cat.png" in str(error)
+    assert ("keep one copy of each picture in the source (the manifest's near_group column names them), or take "
+            "no_near_duplicates out of datasets.toy.validation.hard to only warn") in str(error)
+
+
+def test_copies_in_one_class_folder_are_reported_where_the_split_may_part_them(tmp_path, capsys):
+    """Without source splits, two copies of a picture in one class folder are split by their own
+    sha256, so may land in train and test: named. Distinct pictures, and exact copies (one split
+    key), are not."""
+    raw = tmp_path / "raw"
+    for seed in range(8):
+        write_picture(raw / "ab"[seed % 2] / f"{seed}.png", seed)
+    write_picture(raw / "a" / "big.png", 100, size=128)
+    write_picture(raw / "a" / "small.jpg", 100, size=64, quality=70)
+    shutil.copyfile(raw / "b" / "1.png", raw / "b" / "1 copy.png")
+    params = write_params(tmp_path, classes=["a", "b"])
+
+    _, _, _, summary = run_validate(tmp_path, raw, params)
+
+    assert summary["near_duplicate_groups"] == 1
+    assert ("no_near_duplicates: 1 group of near-duplicate images (the same picture resized or re-encoded): "
+            "a/big.png ~ a/small.jpg (in class a, which the split may part); 11 of 11 ok images compared") in (
+        capsys.readouterr().out)
+
+
+def test_digits_and_blank_images_are_not_compared_so_they_cannot_flood_the_report(tmp_path, capsys):
+    """The demo's 8x8 digits (sklearn's load_digits, 1,797 of them, written as fetch writes them)
+    and blank scans hash too coarsely to tell apart: they are not compared, and validate says so
+    in the rule's text, not as a warning."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    raw = tmp_path / "raw"
+    for index, (image, target) in enumerate(zip(digits.images, digits.target)):
+        (raw / str(target)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).round().astype(np.uint8)).save(raw / str(target) / f"{index}.png")
+    rng = np.random.default_rng(0)
+    for index in range(20):  # near-white 64 px pages, a little noise on each
+        noise = rng.normal(0, 2, (64, 64))
+        Image.fromarray(np.clip(250 + noise, 0, 255).astype(np.uint8)).save(raw / "0" / f"blank{index}.png")
+    params = write_params(tmp_path, classes=[str(n) for n in range(10)])
+
+    _, docs, _, summary = run_validate(tmp_path, raw, params)
+
+    assert not isinstance(summary, Exception), summary
+    assert summary["near_duplicate_groups"] == 0
+    assert "no_near_duplicates" not in capsys.readouterr().out
+    rule = json.loads((docs / "expectations.json").read_text(encoding="utf-8"))["rules"]["no_near_duplicates"]
+    assert rule["success"] and rule["observed"] == (
+        "no near-duplicates; 0 of 1817 ok images compared (the rest too small or too uniform)")
