@@ -769,6 +769,21 @@ def test_an_archive_cut_short_without_a_content_length_is_resumed_not_taken_as_w
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
 
+def test_a_pinned_file_that_is_itself_a_short_archive_is_taken_as_pinned(server, tmp_path):
+    """The cut-short check guards against a truncated download, not against the file pinned: an
+    upstream zip that itself ends early, sent with no length, whose sha256 is the pin, is the file
+    asked for (before: retried as cut short until the tries ran out)."""
+    data = zip_bytes({f"cats/{i}.png": payload(20_000, seed=i) for i in range(3)})[:-40_000]
+    server.files["/short.zip"] = data
+    server.no_length.add("/short.zip")
+    target = tmp_path / "short.zip"
+
+    result = download(server.url("/short.zip"), target, sha256=sha(data), what="datasets.x.source.url", retries=0)
+
+    assert target.read_bytes() == data and result["downloaded"] is True
+    assert server.ranges("/short.zip") == [None]
+
+
 def test_an_archive_cut_short_without_a_content_length_says_so_and_keeps_the_part(server, tmp_path):
     """Retries spent (a server that ignores Range and drops at the same byte each time), the one
     line says the download was cut short at N bytes and to run again; the .part is kept for the
