@@ -15,11 +15,12 @@ import os
 import shutil
 from pathlib import Path
 
+from stages import archives
 from stages.config import load_params
 from stages.errors import run_stage
 from stages.files import write_json_atomic
 from stages.layouts import all_files
-from stages.sources import changed_since_fetch, fetched_with, get_source
+from stages.sources import changed_since_fetch, fetched_with, get_source, local_sha256
 
 
 def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
@@ -74,7 +75,11 @@ def check(params_path: str, datasets: list[str]) -> list[str]:
         if source.kind != "local":
             others.append(f"fetch: {name}'s source is {source.kind}, not local; nothing to check")
         elif record is None:
-            others.append(f"fetch: {name} has not been fetched here ({path} is missing)")
+            # Nothing to compare with, but the checksum to pin is the source's as it is now.
+            here = Path(source.options.path).expanduser()
+            pin = (f"; to pin its local source: datasets.{name}.source.sha256: {local_sha256(here)}"
+                   if here.is_dir() or archives.is_archive(here) else "")
+            others.append(f"fetch: {name} has not been fetched here ({path} is missing){pin}")
         elif not fetched_with(source.options, record):
             others.append(f"fetch: datasets.{name}.source has changed since the fetch; `dvc repro` fetches it again")
         elif not Path(source.options.path).expanduser().exists():

@@ -821,3 +821,22 @@ def test_a_pinned_local_source_is_fetched_only_as_the_pinned_version(tmp_path, f
 def test_a_local_pin_that_is_not_a_sha256_is_refused_when_params_are_read():
     with pytest.raises(UserError, match=r"^datasets\.toy\.source\.sha256: 'abc' is not a sha256 \(64 hexadecimal "):
         sources.check_local(LocalOptions(path="data/external/x.zip", sha256="abc"), "datasets.toy.source")
+
+
+@pytest.mark.parametrize("form", ["folder", "zip"])
+def test_check_gives_the_checksum_to_pin_for_a_local_source_not_yet_fetched(tmp_path, monkeypatch, form):
+    """params.yaml says: once you have the file, pin it with the value `python -m stages.fetch
+    --check` prints. Before the first fetch there is no provenance to compare with, but the source
+    is there, and its checksum is what fetch would record."""
+    from stages.fetch import check
+    from tests.toy import toy_params
+
+    folder = class_folder_dataset(tmp_path / "shapes")
+    source = folder if form == "folder" else zip_of_folder(folder, tmp_path / "shapes.zip")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(toy_params(["a", "b"], source={"kind": "local", "path": str(source)})),
+                                          encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert check("params.yaml", []) == [
+        f"fetch: toy has not been fetched here (data/raw/toy.provenance.json is missing); to pin its local source: "
+        f"datasets.toy.source.sha256: {sources.local_sha256(source)}"
+    ]
