@@ -86,12 +86,12 @@ def content_format(path: Path) -> str | None:
 
 def extraction_format(path: Path) -> str | None:
     """archive_format, unless the file's first bytes say otherwise: a zip saved as .tar.gz (or a
-    tar.gz as .zip) is what it holds, which downloading it again would not change."""
+    tar.gz or a plain tar as .zip) is what it holds, which downloading it again would not change."""
     with open(path, "rb") as handle:
-        head = handle.read(6)
+        head = handle.read(512)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
-    if any(head.startswith(magic) for magic, _, _ in STREAMS):
+    if any(head.startswith(magic) for magic, _, _ in STREAMS) or head[257:262] == b"ustar":
         return "tar"
     return archive_format(path)
 

@@ -562,13 +562,19 @@ def test_a_damaged_compressed_tar_is_a_one_line_user_error_before_anything_is_wr
     assert [p for p in dest.rglob("*") if p.is_file()] == []
 
 
-@pytest.mark.parametrize("named, made", [("data.tar.gz", "zip"), ("data.zip", "tar.gz")])
+@pytest.mark.parametrize("named, made", [("data.tar.gz", "zip"), ("data.zip", "tar.gz"), ("data.zip", "tar")])
 def test_an_archive_named_as_the_other_kind_is_extracted_as_what_it_holds(tmp_path, named, made):
-    """A zip saved under a .tar.gz name (or the reverse) is what its first bytes say; before, it
-    was a long tarfile (or zipfile) error ending 'download it again', which would give the same file."""
+    """A zip saved under a .tar.gz name (or the reverse, or a plain tar as .zip) is what its first
+    bytes say; before, it was a long tarfile (or zipfile) error ending 'download it again', which
+    would give the same file."""
     folder = class_folder_dataset(tmp_path / "shapes")
     archive = tmp_path / named
-    (zip_of_folder if made == "zip" else tar_of_folder)(folder, archive)
+    if made == "tar":
+        with tarfile.open(archive, "w") as handle:
+            for path in sorted(folder.iterdir()):
+                handle.add(path, arcname=path.name)
+    else:
+        (zip_of_folder if made == "zip" else tar_of_folder)(folder, archive)
     dest = tmp_path / "dest"
     archives.extract(archive, dest)
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.png")) == sorted(
