@@ -105,7 +105,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="say which fetched `local` sources changed since (exit status 1 if any); fetch nothing")
     args = parser.parse_args(argv)
     if args.check:
-        lines = check(args.params, args.dataset)
+        # Paths in params (data/raw/, a relative source path) are from the repository root, the
+        # params file's folder, where DVC runs fetch@: so too from a sub-folder, given --params.
+        params = Path(args.params).resolve()
+        if params.is_file():  # else load_params says it is not found
+            os.chdir(params.parent)
+        lines = check(str(params), args.dataset)
         print("\n".join(lines or [f"fetch: no dataset in {args.params} has a local source"]))
         if any(line.startswith("fetch@") for line in lines):
             raise SystemExit(1)

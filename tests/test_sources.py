@@ -846,3 +846,25 @@ def test_check_gives_the_checksum_to_pin_for_a_local_source_not_yet_fetched(tmp_
         f"fetch: toy has not been fetched here (data/raw/toy.provenance.json is missing); to pin its local source: "
         f"datasets.toy.source.sha256: {sources.local_sha256(source)}"
     ]
+
+
+def test_check_from_a_sub_folder_reads_the_paths_from_the_repository_root(tmp_path, monkeypatch, capsys):
+    """Run from a sub-folder, --check asks for --params; given it (../params.yaml), the provenance
+    under data/raw/ and a relative source path are read from the params file's folder, as DVC runs
+    fetch@; before, from the sub-folder, a changed source was 'not fetched here', exit status 0."""
+    from stages.fetch import main
+    from tests.toy import toy_params
+
+    class_folder_dataset(tmp_path / "data/external/shapes")
+    params = toy_params(["a", "b"], source={"kind": "local", "path": "data/external/shapes"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    fetch("toy", "params.yaml", Path("data/raw/toy"), Path("data/raw/toy.provenance.json"))
+    write_png(tmp_path / "data/external/shapes/a/new.png", seed=5)
+    capsys.readouterr()
+
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--check", "--params", "../params.yaml"])
+    assert exit_status.value.code == 1
+    assert capsys.readouterr().out.startswith("fetch@toy: data/external/shapes has changed since fetch@toy copied it;")
