@@ -236,22 +236,29 @@ def _near_duplicate_texts(files: pd.DataFrame) -> pd.Series:
     ok = files[(files["status"] == "ok") & files["near_group"].notna()]
     texts = pd.Series(None, index=files.index, dtype="object")
     for _, group in ok.groupby("near_group", sort=False):
-        where = _near_where(group)
+        if (where := _near_where(group)) is None:
+            continue
         for index, path in zip(group.index, group["path"]):
             others = [other for other in group["path"] if other != path]
             texts[index] = f"{path} ~ {', '.join(others)} ({where})"
     return texts
 
 
-def _near_where(group: pd.DataFrame) -> str:
-    """Why a group of near-duplicates matters: the splits or labels it spans, else its class."""
+def _near_where(group: pd.DataFrame) -> str | None:
+    """Why a group of near-duplicates matters: the source splits or labels it spans; None for a
+    group in one class and one split (or none), which split@ keeps in one split."""
     splits = group["source_split"].dropna().unique()
     if len(splits) > 1 or (len(splits) and group["source_split"].isna().any()):
         return f"in splits {', '.join(sorted(map(str, splits)))}"
     labels = sorted(map(str, group["label"].unique()))
     if len(labels) > 1:
         return f"under labels {', '.join(labels)}"
-    return f"in class {labels[0]}, which the split may part"
+    return None
+
+
+def leaky_near_groups(ok: pd.DataFrame) -> int:
+    """How many groups of near-duplicates among the ok rows span two source splits or labels."""
+    return sum(_near_where(group) is not None for _, group in ok[ok["near_group"].notna()].groupby("near_group"))
 
 
 def _class_records(ok: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
@@ -380,9 +387,10 @@ def _rules(
                     **tag(
                         "no_near_duplicates",
                         "no picture is in the dataset twice as different files (resized or "
-                        "re-encoded: the same perceptual hash) where a leak can hide: in two splits, "
-                        "under two labels, or in one class the split may part. Each file listed "
-                        "below names its near-duplicates; small or near-uniform images are not compared.",
+                        "re-encoded: the same perceptual hash) in two source splits or under two "
+                        "labels (copies in one class are kept in one split by split@). Each file "
+                        "listed below names its near-duplicates; small or near-uniform images are "
+                        "not compared.",
                     ),
                 )
             ],
@@ -516,12 +524,14 @@ def _describe_near_duplicates(checks: pd.DataFrame) -> str:
     """Name the groups of near-duplicate files, with where they sit."""
     ok = _records(checks, "file", ok_only=True)
     compared = f"{int((ok['dhash'] != '').sum())} of {_count(len(ok), 'ok image')} compared (the rest too small or too uniform)"
-    grouped = ok[ok["near_group"].notna()]
-    if grouped.empty:
-        return f"no near-duplicates; {compared}"
-    named = [f"{' ~ '.join(group['path'])} ({_near_where(group)})" for _, group in grouped.groupby("near_group", sort=False)]
+    groups = [group for _, group in ok[ok["near_group"].notna()].groupby("near_group", sort=False)]
+    named = [f"{' ~ '.join(group['path'])} ({where})" for group in groups if (where := _near_where(group))]
+    together = len(groups) - len(named)
+    kept = f"{_count(together, 'group')} in one class kept in one split by split@; " if together else ""
+    if not named:
+        return f"no near-duplicates in two splits or under two labels; {kept}{compared}"
     return (f"{_count(len(named), 'group')} of near-duplicate images (the same picture resized or re-encoded): "
-            f"{_some(named)}; {compared}")
+            f"{_some(named)}; {kept}{compared}")
 
 
 def _describe_count(

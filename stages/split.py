@@ -4,7 +4,7 @@ r"""split@<dataset>: a stable train/val/test split, and the images decoded once 
         --raw data/raw/digits --out data/processed/digits
 
 A file's split depends only on its key (its group if the layout gives one, else its content
-hash; files sharing a group or content share a key) and the seed: adding files never moves
+hash; files sharing a group, content or a near-duplicate group share a key) and the seed: adding files never moves
 existing ones (unless a new file joins two groups by their content), identical images always land
 together, and every class is split in the same proportions in expectation (per-class counts
 differ from the exact fractions by sampling noise, the price of stability). Splits the source
@@ -47,9 +47,10 @@ def unit_hash(key: str, seed: int) -> float:
 
 def split_keys(rows: pd.DataFrame) -> pd.Series:
     """The key each row's split is drawn from: its group where the layout gives one, else its
-    content hash; and rows that share a group or a content hash share one key (the smallest of
-    theirs), so that the same image under two groups (two lesion ids of HAM10000), or with a
-    group and without, never lands in two splits. A row linked to no other keeps its own key."""
+    content hash; and rows that share a group, a content hash or a near-duplicate group (validate's
+    `near_group`) share one key (the smallest of theirs), so that the same image under two groups
+    (two lesion ids of HAM10000), with a group and without, or resized, never lands in two splits.
+    A row linked to no other keeps its own key."""
     own = rows["group"].where(rows["group"].notna(), rows["sha256"]).astype(str)
     parent: dict[tuple[str, str], tuple[str, str]] = {}
 
@@ -61,10 +62,13 @@ def split_keys(rows: pd.DataFrame) -> pd.Series:
         return node
 
     nodes = [("group", str(g)) if pd.notna(g) else ("sha256", str(h)) for g, h in zip(rows["group"], rows["sha256"])]
-    for node, sha in zip(nodes, rows["sha256"].astype(str)):
-        a, b = root(node), root(("sha256", sha))
-        if a != b:
-            parent[max(a, b)] = min(a, b)
+    # validate's near_group: the same picture resized or re-encoded (other bytes) is linked too.
+    near = rows["near_group"] if "near_group" in rows else pd.Series(None, index=rows.index, dtype=object)
+    for node, sha, picture in zip(nodes, rows["sha256"].astype(str), near):
+        for other in [("sha256", sha)] + ([("near", str(picture))] if isinstance(picture, str) and picture else []):
+            a, b = root(node), root(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
     smallest: dict[tuple[str, str], str] = {}
     for node, key in zip(nodes, own):
         top = root(node)

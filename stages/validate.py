@@ -32,7 +32,6 @@ from stages.fetch import changed_since_fetch
 from stages.files import atomic_path, write_json_atomic
 from stages.images import check_image, check_pixels, near_probes
 from stages.layouts import Candidate, get_layout, map_label
-from stages.split import split_keys
 from stages.workers import map_ordered
 
 # The rules' columns, plus `frames`: how many an image file holds (the first is used), so that
@@ -182,9 +181,9 @@ def group_near_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     """Near-duplicates: ok images of other bytes but the same picture (resized, re-encoded), found
     by their perceptual hashes (stages.images.near_hash): each image's hash, and the variants its
     least certain bits allow, looked up among the others' hashes (no comparison of every pair).
-    Each member of a group whose images sit in two source splits, under two labels, or where the
-    split stage may part them (different split keys, in the part it divides) gets `near_group`:
-    the group's first path. Nothing is set aside: a hash can match two different pictures."""
+    Each member of a group of two or more gets `near_group`, the group's first path: split@ keeps
+    a group in one split, and the rule no_near_duplicates names the groups that span two source
+    splits or two labels. Nothing is set aside: a hash can match two different pictures."""
     manifest = manifest.copy()
     hashed = manifest[(manifest["status"] == "ok") & (manifest["dhash"] != "")]
     first: dict[str, int] = {}
@@ -206,17 +205,9 @@ def group_near_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
     groups: dict[int, list[int]] = {}
     for index in hashed.index:
         groups.setdefault(root(index), []).append(index)
-    keys = split_keys(hashed)
-    defined = set(manifest.loc[manifest["status"] == "ok", "source_split"].dropna())
-    divides = not {"test", "val"} <= defined  # the split stage carves val or test from the rest
     for members in groups.values():
-        if len(members) < 2:
-            continue
-        rows = manifest.loc[members]
-        divided = keys[rows.index[~rows["source_split"].isin(["test", "val"])]]
-        if (rows["label"].nunique() > 1 or rows["source_split"].nunique(dropna=False) > 1
-                or (divides and divided.nunique() > 1)):
-            manifest.loc[members, "near_group"] = rows["path"].iloc[0]
+        if manifest.loc[members, "sha256"].nunique() > 1:  # exact copies alone share a split key already
+            manifest.loc[members, "near_group"] = manifest.loc[members[0], "path"]
     return manifest
 
 
@@ -274,8 +265,11 @@ def summarise(manifest: pd.DataFrame, config: DatasetConfig, report: expectation
         "per_class": {name: int((ok["label"] == name).sum()) for name in config.classes},
         # Accepted files with several frames (animations, multi-page files): the first is used.
         "multi_frame": int((ok["frames"].fillna(1) > 1).sum()),
-        # Groups of near-duplicates (the same picture resized or re-encoded) a leak may hide in.
-        "near_duplicate_groups": int(ok["near_group"].nunique()),
+        # Groups of near-duplicates (the same picture resized or re-encoded) in two source splits
+        # or under two labels (the rule no_near_duplicates), and all of them (split@ keeps each
+        # in one split).
+        "near_duplicate_groups": expectations.leaky_near_groups(ok),
+        "near_duplicate_groups_all": int(ok["near_group"].nunique()),
         # Our rules; the Data Docs page counts the Great Expectations expectations they are made of.
         "rules_passed": int(sum(o.success for o in report.outcomes)),
         "rules_failed": int(sum(not o.success for o in report.outcomes)),

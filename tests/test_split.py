@@ -199,6 +199,29 @@ def test_the_same_image_under_two_groups_or_with_and_without_one_lands_in_one_sp
         assert assigned[path] == ("test" if draw < 0.15 else "val" if draw < 0.30 else "train")
 
 
+def test_near_duplicates_validate_grouped_land_in_one_split():
+    """validate names the same picture resized or re-encoded (other bytes, so another content
+    hash) in `near_group`; such rows share one key, so the copy is not in test while the original
+    trains. Rows of no near group keep their own draw."""
+    manifest = synthetic_manifest(60)
+    manifest["near_group"] = None
+    copies = manifest.iloc[:120].copy()
+    copies["path"] = "small-" + copies["path"]
+    copies["sha256"] = [hashlib.sha256(f"small{i}".encode()).hexdigest() for i in range(120)]
+    manifest.loc[:119, "near_group"] = list(manifest["path"].iloc[:120])
+    copies["near_group"] = list(manifest["path"].iloc[:120])
+    both = pd.concat([manifest, copies], ignore_index=True)
+
+    rows = assign_splits(both, POLICY)
+
+    assert rows.groupby("near_group")["split"].nunique().max() == 1
+    assert set(rows.loc[rows["near_group"].notna(), "split"]) == {"train", "val", "test"}
+    assigned = split_of(rows)
+    for i in range(120, len(manifest)):
+        draw = unit_hash(manifest.iloc[i]["sha256"], POLICY.seed)
+        assert assigned[manifest.iloc[i]["path"]] == ("test" if draw < 0.15 else "val" if draw < 0.30 else "train")
+
+
 def test_source_splits_for_all_three_are_kept_as_they_are():
     """When the source defines train, val and test, every row keeps its source split."""
     manifest = synthetic_manifest(30)
