@@ -101,11 +101,45 @@ STREAMS = ((b"\x1f\x8b", gzip.open, "gzip stream"), (b"BZh", bz2.open, "bzip2 st
            (b"\xfd7zXZ\x00", lzma.open, "xz stream"))
 
 
+def _gzip_fault(path: Path) -> str | None:
+    """stream_fault for gzip, member by member: bytes after the last whole member that do not
+    start another are ignored, as gzip(1) and tar do (Python's gzip module refuses them)."""
+    inflater = zlib.decompressobj(31)
+    pending = b""
+    try:
+        with open(path, "rb") as handle:
+            while True:
+                data = pending if len(pending) >= 2 else pending + handle.read(1 << 20)
+                pending = b""
+                if not data:
+                    break
+                if inflater is None:  # between members: another, or what follows the stream
+                    if len(data) < 2 and (more := handle.read(1 << 20)):
+                        pending = data + more
+                        continue
+                    if not data.startswith(b"\x1f\x8b"):
+                        return None
+                    inflater = zlib.decompressobj(31)
+                while data:
+                    inflater.decompress(data, 1 << 20)
+                    data = inflater.unconsumed_tail
+                    if inflater.eof:
+                        pending, inflater = inflater.unused_data, None
+                        break
+    except zlib.error as error:
+        return f"gzip stream: {' '.join(str(error).split())}"
+    if inflater is not None:
+        return "ends before the gzip stream's end"
+    return None
+
+
 def stream_fault(path: Path) -> str | None:
     """What is wrong with a gzip, bzip2 or xz file, read to its end (its end marker, and the CRC
     over all it holds), or None if nothing is, or if it is not one."""
     with open(path, "rb") as handle:
         head = handle.read(8)
+    if head.startswith(b"\x1f\x8b"):
+        return _gzip_fault(path)
     for magic, opener, kind in STREAMS:
         if head.startswith(magic):
             try:

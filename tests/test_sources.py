@@ -562,6 +562,30 @@ def test_a_damaged_compressed_tar_is_a_one_line_user_error_before_anything_is_wr
     assert [p for p in dest.rglob("*") if p.is_file()] == []
 
 
+@pytest.mark.parametrize("after", [b"junk\n", b"\0" * 1024, b""])
+def test_bytes_after_a_whole_gzip_stream_are_ignored_as_gzip_and_tar_do(tmp_path, after):
+    """A .tar.gz with bytes after its stream (a server's trailing newline, padding) extracts, as
+    with gzip(1) and tar; Python's gzip module refuses them, so the check read to the stream's end
+    (against a changed byte) had made such a file 'not a readable archive'. Two members (gzip's
+    concatenation) are read as one stream."""
+    folder = class_folder_dataset(tmp_path / "shapes")
+    archive = tar_of_folder(folder, tmp_path / "data.tar.gz")
+    archive.write_bytes(archive.read_bytes() + after)
+    assert archives.stream_fault(archive) is None and archives.cut_short(archive) is None
+    dest = tmp_path / "dest"
+    archives.extract(archive, dest)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.png")) == sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+
+    import gzip
+
+    two = tmp_path / "two.gz"
+    two.write_bytes(gzip.compress(b"a" * 100_000) + gzip.compress(b"b" * 10))
+    assert archives.stream_fault(two) is None
+    two.write_bytes(gzip.compress(b"a" * 100_000) + gzip.compress(b"b" * 10)[:-3])
+    assert archives.stream_fault(two) == "ends before the gzip stream's end"
+
+
 @pytest.mark.parametrize("named, made", [("data.tar.gz", "zip"), ("data.zip", "tar.gz"), ("data.zip", "tar")])
 def test_an_archive_named_as_the_other_kind_is_extracted_as_what_it_holds(tmp_path, named, made):
     """A zip saved under a .tar.gz name (or the reverse, or a plain tar as .zip) is what its first
