@@ -80,7 +80,7 @@ def load(uri: str, scratch: Path) -> LoadedModel:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch)))
     except MlflowException as error:
-        if tracking.is_unreachable(error):
+        if tracking.is_unreachable(error) or tracking.refusal(error):
             raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(

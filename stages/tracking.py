@@ -91,6 +91,28 @@ def is_unreachable(error: BaseException) -> bool:
     return bool(_UNREACHABLE.search(str(error)))
 
 
+# A server that answered, but not MLflow's API to us: a 401 (no or wrong credentials: MLflow's
+# basic-auth app, or a proxy's) or a 404 page that is not MLflow's JSON (another web server on
+# that port, a proxy without the path to MLflow). MLflow's own 404s are JSON, and stay its errors.
+_REFUSED = re.compile(r"failed with error code (401|404) != \d+\. Response body: ")
+
+
+def refusal(error: BaseException) -> str | None:
+    """What to do about an MlflowException that says the server is not MLflow's API to us, or None."""
+    found = _REFUSED.search(str(error))
+    if found is None:
+        return None
+    if found.group(1) == "401":
+        return (
+            "answered 401, not authenticated: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN) to an account of that server"
+        )
+    return (
+        "answered 404 with a page that is not MLflow's API: is MLFLOW_TRACKING_URI the address of an MLflow "
+        "tracking server (its host, port and any path prefix; `make server` prints it)?"
+    )
+
+
 # The answers that mean a run is not there to use: it does not exist (purged); MLflow's basic-auth
 # server answers a purged run with a 403 (so as not to say which run ids exist); and a run id the
 # client refuses before asking (an edited training.json). A server that did not answer, a wrong
@@ -124,6 +146,10 @@ def unavailable(what: str, consequence: str) -> Iterator[None]:
                 f"MLflow tracking server {shown_uri()} refused the host name {host!r} (its guard against DNS "
                 f"rebinding) when asked to {what}: start it with MLFLOW_SERVER_ALLOWED_HOSTS naming {host}, "
                 f"or use a name it allows; {consequence}"
+            ) from None
+        if refusal(error):
+            raise TrackingUnavailable(
+                f"MLflow tracking server {shown_uri()} {refusal(error)} (asked to {what}); {consequence}"
             ) from None
         if not is_unreachable(error):
             # MLflow's messages hold the request's URL, with the tracking URI's credentials: the

@@ -300,6 +300,21 @@ def test_a_403_that_is_not_mlflows_auth_is_no_purged_run(body: bytes, monkeypatc
         assert not isinstance(error.value, UserError)
 
 
+@pytest.mark.parametrize("status", [401, 404])
+def test_a_401_or_a_page_not_from_mlflow_is_one_line_for_every_stage(status: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train, evaluate and report ask through `unavailable`: a 401 or a proxy's 404 page was
+    MLflow's exception as raised, a traceback. Now it is the stage's one line (train goes on
+    without the server and logs when it ends, as for a server that does not answer)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with answering(monkeypatch, status, b"<html><body>no</body></html>") as uri:
+        with pytest.raises(tracking.TrackingUnavailable) as error:
+            with tracking.unavailable("log the evaluation", "run the stage again"):
+                tracking.run_exists(PURGED)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"MLflow tracking server {uri} answered {status}"), message
+    assert message.endswith("(asked to log the evaluation); run the stage again"), message
+
+
 def test_an_edited_run_id_in_training_json_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run id MLflow's client refuses (INVALID_PARAMETER_VALUE, before any store is asked): the
     "run ... is not in <store>; retrain" line, not a traceback."""

@@ -480,3 +480,40 @@ def test_tensorflow_start_up_lines_are_hidden_unless_the_user_asks_for_them(
     else:
         assert any("oneDNN" in line for line in below_errors), done.stderr
     assert done.stderr.strip().splitlines()[-1] == "predict: 1 of 1 files classified with models:/toy@champion"
+
+
+NGINX_404 = (b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n<center><h1>404 Not Found</h1>"
+             b"</center>\r\n<hr><center>nginx/1.18.0</center>\r\n</body>\r\n</html>\r\n")
+MLFLOW_401 = b"You are not authenticated. Please see https://www.mlflow.org/docs/latest/auth/index.html on how to authenticate."
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "says"),
+    [(401, MLFLOW_401, "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+     (404, NGINX_404, "is MLFLOW_TRACKING_URI the address of an MLflow tracking server")],
+    ids=["401-not-authenticated", "nginx-404-page"],
+)
+@pytest.mark.parametrize("which", [[], ["--run", "0123456789abcdef0123456789abcdef"]], ids=["champion", "run"])
+def test_a_server_that_refuses_us_or_is_not_mlflow_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, body: bytes, says: str, which: list[str],
+) -> None:
+    """A tracking server that wants a password (401), or a web server that is not MLflow (an nginx
+    404 page): before, `--run` was MLflow's traceback (the HTML page printed in it), and the
+    champion was "cannot load ...; evaluate and report first (dvc repro)", advice that misleads.
+    Now one line naming the URI, without its password, and what to set; in a real process."""
+    import subprocess
+    import sys
+
+    from tests.test_evaluate import answering
+
+    write_png(tmp_path / "photo.png", 0)
+    with answering(monkeypatch, status, body, userinfo="team:s3cret") as uri:
+        done = subprocess.run(
+            [sys.executable, "-m", "stages.predict", "--dataset", "digits", *which, str(tmp_path / "photo.png")],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    shown = uri.replace("s3cret", "***")
+    assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith(f"error: MLflow tracking server {shown} answered {status}"), done.stderr
+    assert says in done.stderr and "nothing was classified" in done.stderr and "s3cret" not in done.stderr
