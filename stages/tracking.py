@@ -182,6 +182,12 @@ def mlflow_client() -> Any:
     """The mlflow module, pointed at our tracking URI, with its chatty loggers quietened."""
     for key, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(key, value)
+        # MLflow reads them as whole numbers, at its first request: a traceback from deep inside it.
+        if not os.environ[key].strip().isdigit():
+            raise UserError(
+                f"{key}={os.environ[key]!r}: MLflow takes a whole number here (0, 1, 2...; ours is {value}); "
+                f"set it to one, or unset it"
+            )
     # Stage logs are read by people and CI: no progress bars for artifact transfers.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow

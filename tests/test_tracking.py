@@ -278,3 +278,20 @@ def test_closing_an_abandoned_run_on_a_server_that_refuses_connections_tries_onc
     assert problem is not None and len(problem.splitlines()) == 1
     assert f"127.0.0.1:{port}" in problem and "0123abcd" in problem and "Connection refused" in problem, problem
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+@pytest.mark.parametrize("key", ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                                 "MLFLOW_HTTP_REQUEST_TIMEOUT"])
+def test_a_retry_setting_mlflow_cannot_read_is_one_line(key: str, tmp_path: Path) -> None:
+    """The README invites setting MLflow's retry variables; a backoff factor of 0.5 (urllib3
+    takes fractions) was MLflow's `ValueError: Failed to convert '0.5'` traceback at the stage's
+    first request to the server. Now one line naming the variable; in a real process."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:1", key: "0.5", "PYTHONPATH": str(REPO)}
+    (tmp_path / "a.png").write_bytes(b"")
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.predict", "--dataset", "digits", "--run", "0" * 32, str(tmp_path / "a.png")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith(f"error: {key}='0.5': MLflow takes a whole number here"), done.stderr
