@@ -161,9 +161,13 @@ def unavailable(what: str, consequence: str) -> Iterator[None]:
             raise
         tries = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) + 1
         reason = re.search(r"\[Errno \d+\] [^\"')]+|error code \d+|Read timed out|timeout exception", message)
+        # A 5xx MLflow retries (500, 503...) ends as urllib3's "Max retries exceeded ... (Caused by
+        # ResponseError('too many 503 error responses'))", the status last, past the 160 characters.
+        answered = re.search(r"too many (\d+) error responses", message)
+        said = (f"it answered {answered.group(1)} each time" if answered
+                else reason.group(0) if reason else redact(message)[:160])
         raise TrackingUnavailable(
-            f"MLflow tracking server {shown_uri()} did not answer {tries} tries to {what}"
-            f" ({reason.group(0) if reason else redact(message)[:160]}); {consequence}"
+            f"MLflow tracking server {shown_uri()} did not answer {tries} tries to {what} ({said}); {consequence}"
         ) from None
     except requests.exceptions.HTTPError as error:
         # An artifact transfer refused (a proxy's 413 for a large model, a 403, a 5xx after the

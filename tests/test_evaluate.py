@@ -315,6 +315,22 @@ def test_a_401_or_a_page_not_from_mlflow_is_one_line_for_every_stage(status: int
     assert message.endswith("(asked to log the evaluation); run the stage again"), message
 
 
+@pytest.mark.parametrize("status", [500, 503])
+def test_a_server_answering_5xx_each_try_says_which(status: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 500 or 503 is retried by MLflow; the line ended "(API request to http://... failed with
+    exception HTTPConnectionPool(host=..., port=...): Max retries)", cut before the status, so a
+    user looked for a server that was down while it was up and failing. Now it says what it answered."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    with answering(monkeypatch, status, b"<html><body>busy</body></html>", userinfo="team:s3cret") as uri:
+        with pytest.raises(tracking.TrackingUnavailable) as error:
+            with tracking.unavailable("log the evaluation", "run the stage again"):
+                tracking.run_exists(PURGED)
+    shown = uri.replace("s3cret", "***")
+    assert str(error.value) == (f"MLflow tracking server {shown} did not answer 2 tries to log the evaluation "
+                                f"(it answered {status} each time); run the stage again")
+
+
 def test_an_edited_run_id_in_training_json_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run id MLflow's client refuses (INVALID_PARAMETER_VALUE, before any store is asked): the
     "run ... is not in <store>; retrain" line, not a traceback."""
