@@ -8,7 +8,8 @@ never leaves two runs for the same thing; a run another live process is training
 `classmatrix.owner` tag says which) is never deleted under it.
 
 A tracking server that does not answer is retried (MLflow's own HTTP retries, bounded here to
-about 15 seconds) and then reported in one line by `unavailable`; the stages keep their local
+about 15 seconds for a refused connection, 5 minutes for one that is never answered) and then
+reported in one line by `unavailable`; the stages keep their local
 outputs, so a re-run once the server is back logs what was missed without training again.
 """
 

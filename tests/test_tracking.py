@@ -295,3 +295,13 @@ def test_a_retry_setting_mlflow_cannot_read_is_one_line(key: str, tmp_path: Path
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
     assert done.stderr.startswith(f"error: {key}='0.5': MLflow takes a whole number here"), done.stderr
+
+
+def test_the_readme_gives_the_retry_settings_a_hung_server_waits_for() -> None:
+    """The README said "5 tries over about 15 s", true of a refused connection only: a server that
+    takes the connection and never answers is waited for MLFLOW_HTTP_REQUEST_TIMEOUT each try."""
+    readme = " ".join((REPO / "README.md").read_text().split())
+    tries = int(tracking.HTTP_RETRY_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) + 1
+    timeout = int(tracking.HTTP_RETRY_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    assert f"here {tries} tries over about 15 s when the connection is refused" in readme
+    assert f"`MLFLOW_HTTP_REQUEST_TIMEOUT`, {timeout} s, each try, so about {tries * timeout // 60} minutes" in readme
