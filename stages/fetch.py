@@ -77,8 +77,12 @@ def check(params_path: str, datasets: list[str]) -> list[str]:
         elif record is None:
             # Nothing to compare with, but the checksum to pin is the source's as it is now.
             here = Path(source.options.path).expanduser()
-            pin = (f"; to pin its local source: datasets.{name}.source.sha256: {local_sha256(here)}"
-                   if here.is_dir() or archives.is_archive(here) else "")
+            now = local_sha256(here) if here.is_dir() or archives.is_archive(here) else None
+            pinned = source.options.sha256.strip().lower()
+            pin = ("" if now is None else "; its local source is the pinned version" if now == pinned
+                   else f"; its local source is not the pinned version, which fetch refuses: if it is the version "
+                        f"to use, set datasets.{name}.source.sha256: {now}" if pinned
+                   else f"; to pin its local source: datasets.{name}.source.sha256: {now}")
             others.append(f"fetch: {name} has not been fetched here ({path} is missing){pin}")
         elif not fetched_with(source.options, record):
             others.append(f"fetch: datasets.{name}.source has changed since the fetch; `dvc repro` fetches it again")

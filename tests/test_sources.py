@@ -870,6 +870,14 @@ def test_check_gives_the_checksum_to_pin_for_a_local_source_not_yet_fetched(tmp_
         f"fetch: toy has not been fetched here (data/raw/toy.provenance.json is missing); to pin its local source: "
         f"datasets.toy.source.sha256: {sources.local_sha256(source)}"
     ]
+    # Pinned already: no pin to give; pinned to another version: the one fetch would refuse, said so.
+    for pin, tail in ((sources.local_sha256(source), "; its local source is the pinned version"),
+                      ("0" * 64, "; its local source is not the pinned version, which fetch refuses: if it is the "
+                                 f"version to use, set datasets.toy.source.sha256: {sources.local_sha256(source)}")):
+        pinned = toy_params(["a", "b"], source={"kind": "local", "path": str(source), "sha256": pin})
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(pinned), encoding="utf-8")
+        assert check("params.yaml", []) == [
+            f"fetch: toy has not been fetched here (data/raw/toy.provenance.json is missing){tail}"]
 
 
 def test_check_from_a_sub_folder_reads_the_paths_from_the_repository_root(tmp_path, monkeypatch, capsys):
