@@ -35,6 +35,9 @@ FREE_MARGIN_BYTES = 1024**3
 # A zip entry larger than this that compresses better than this ratio is refused.
 BOMB_MIN_BYTES = 100 * 1024**2
 BOMB_RATIO = 200
+# Archives found inside the extracted data are unpacked this many levels deep (a zip quine must
+# not loop for ever).
+NESTED_DEPTH = 3
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 # A URL's file name with one of these suffixes is the server's script (`download.php?id=3`),
 # which says nothing about what it sends: the file is told by its content, as with no suffix.
@@ -211,15 +214,17 @@ def safe_member_path(name: str) -> PurePosixPath | None:
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
-def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Extraction:
-    """Extract `archive` into `dest`, refusing unsafe entries; raise UserError on a bad archive."""
+def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES, spent: int = 0) -> Extraction:
+    """Extract `archive` into `dest`, refusing unsafe entries; raise UserError on a bad archive.
+    `spent`: bytes already written toward `max_bytes` (by the archives this one came inside)."""
     dest.mkdir(parents=True, exist_ok=True)
     room = shutil.disk_usage(dest).free - FREE_MARGIN_BYTES
-    if room < max_bytes:
+    if room < max_bytes - spent:
         max_bytes = max(room, 0)
         bound = f"free space on {dest} ({max_bytes:,} bytes, keeping {FREE_MARGIN_BYTES // 1024**3} GiB free)"
     else:
         bound = f"{max_bytes:,}-byte limit"
+        max_bytes -= spent
     try:
         if extraction_format(archive) == "zip":
             return _extract_zip(archive, dest, max_bytes, bound)
@@ -234,6 +239,29 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Ex
     except (IsADirectoryError, FileExistsError, NotADirectoryError) as error:
         # Entries that clash (a file `a` and a folder `a/`) make an archive that cannot be laid out.
         raise UserError(f"{archive}: entries clash at {error.filename}; the archive is malformed") from None
+
+
+def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES) -> list[dict[str, str]]:
+    """Extract the archives lying in the extracted or copied data under `dest` (told by their
+    names' suffixes: train.zip, images.tar.gz, Kaggle's train.csv.zip), each into its own folder,
+    as `unzip` would, and delete it; then the archives those held, NESTED_DEPTH levels in all.
+    Each is extracted as safely as the outer one, and the bytes of all count against the one
+    `max_bytes` (`spent`: those the outer extraction wrote). The entries refused, returned, carry
+    the inner archive's path: {"archive": "parts/train.zip", "entry": ..., "reason": ...}."""
+    refused: list[dict[str, str]] = []
+    for _ in range(NESTED_DEPTH):
+        nested = sorted(
+            p for p in dest.rglob("*")
+            if p.name.lower().endswith(ARCHIVE_SUFFIXES) and p.is_file() and not p.is_symlink()
+        )
+        if not nested:
+            break
+        for inner in nested:
+            extraction = extract(inner, inner.parent, max_bytes, spent)
+            spent += extraction.bytes
+            refused += [{"archive": inner.relative_to(dest).as_posix(), **item} for item in extraction.refused]
+            inner.unlink()
+    return refused
 
 
 def _refuse(result: Extraction, entry: str, reason: str) -> None:

@@ -391,7 +391,8 @@ def fetch_url(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     fetched = download(options.url, target, sha256=pinned, what=f"{key}.url")
     refused: list[dict[str, str]] = []
     if options.extract and archives.is_archive(target):
-        refused = archives.extract(target, dest).refused
+        extraction = archives.extract(target, dest)
+        refused = extraction.refused + archives.unpack_nested(dest, extraction.bytes)
     else:
         if options.extract and (held := archives.content_format(target)):
             # Kept by its name's suffix (an .xlsx is a zip too); said, so that a dataset archive

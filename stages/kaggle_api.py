@@ -48,8 +48,6 @@ TIMEOUT = (30, 300)
 # In-process retries of an interrupted download (each resumes with a Range request); a later
 # run resumes too, so this only saves a re-run on a flaky connection.
 DOWNLOAD_RETRIES = 5
-# Zips nested in zips are unpacked this many levels deep (a zip quine must not loop for ever).
-NESTED_ZIP_DEPTH = 3
 CACHE_RECORD = "cache.json"
 
 
@@ -104,7 +102,7 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     refused: list[dict[str, str]] = []
     for file, path, _ in obtained:
         refused += _unpack(path, file, dest)
-    refused += _unpack_nested_zips(dest)
+    refused += archives.unpack_nested(dest)
 
     origin = f"kaggle {target.kind} {target.ref}"
     if target.kind == "dataset":
@@ -773,22 +771,6 @@ def _unpack(path: Path, file: str | None, dest: Path) -> list[dict[str, str]]:
                 return []
         # Several files (or refused entries): a bundle after all.
     return _tagged(archives.extract(path, target_dir).refused, name)
-
-
-def _unpack_nested_zips(dest: Path) -> list[dict[str, str]]:
-    """Extract the zips found inside the extracted data (train.csv.zip), each into its folder."""
-    refused: list[dict[str, str]] = []
-    for _ in range(NESTED_ZIP_DEPTH):
-        nested = sorted(
-            p for p in dest.rglob("*") if p.is_file() and not p.is_symlink() and p.name.lower().endswith(".zip")
-        )
-        if not nested:
-            break
-        for inner in nested:
-            name = inner.relative_to(dest).as_posix()
-            refused += _tagged(archives.extract(inner, inner.parent).refused, name)
-            inner.unlink()
-    return refused
 
 
 def _tagged(refused: list[dict[str, str]], archive: str) -> list[dict[str, str]]:

@@ -128,7 +128,8 @@ def check_pin(options: LocalOptions, dataset: str, now: str) -> None:
 
 @register_source("local", LocalOptions, check=check_local)
 def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, Any]:
-    """Copy a local folder, or safely extract a local archive, into the raw folder."""
+    """Copy a local folder, or safely extract a local archive, into the raw folder; the archives
+    either holds are unpacked in place (archives.unpack_nested)."""
     check_local(options, f"datasets.{dataset}.source")
     source = Path(options.path).expanduser()
     if not source.exists():
@@ -147,13 +148,16 @@ def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, An
     if source.is_dir():
         # The folder's sha256 too: DVC does not watch the folder, so `--check` and validate
         # compare it with the folder as it is now (changed_since_fetch).
-        return {"origin": f"local folder {options.path}", "refused": copy_regular_files(source, dest),
+        # The archives in it are unpacked as those in an archive are: a download behind a login
+        # often comes in parts (train.zip, test.zip), which a folder holds together.
+        refused = copy_regular_files(source, dest)
+        return {"origin": f"local folder {options.path}", "refused": refused + archives.unpack_nested(dest),
                 "folder_sha256": checksum}
     extraction = archives.extract(source, dest)
     return {
         "origin": f"local archive {options.path}",
         "archives": [{"name": source.name, "sha256": checksum, "bytes": source.stat().st_size}],
-        "refused": extraction.refused,
+        "refused": extraction.refused + archives.unpack_nested(dest, extraction.bytes),
     }
 
 

@@ -835,3 +835,24 @@ def test_a_part_begun_from_another_url_is_not_continued_from_the_new_one(server,
     assert target.read_bytes() == new and result["downloaded"] is True
     assert server.ranges("/download.php?id=4") == [None]
     assert [p.name for p in tmp_path.iterdir()] == ["download.php"]
+
+
+def test_archives_inside_a_downloaded_archive_are_unpacked_as_kaggle_does(server, cache, tmp_path):
+    """A `url` archive holding `train.zip` and `test.tar.gz` (a common packing): the inner
+    archives are unpacked in place, as a Kaggle source's are, and an entry refused inside one is
+    listed with that archive's path (before: left packed, so validate set them aside as 'not an
+    image file' and the dataset had no images)."""
+    train = zip_bytes({"train/cat/0.png": b"c0", "train/dog/0.png": b"d0", "../escape": b"x"})
+    test = tar_bytes({"test/cat/1.png": b"c1", "test/dog/1.png": b"d1"}, "w:gz")
+    data = zip_bytes({"data/train.zip": train, "data/test.tar.gz": test, "README.txt": b"hi"})
+    server.files["/pets.zip"] = data
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("url").fetch(UrlOptions(url=server.url("/pets.zip"), sha256=sha(data)), dest, "pets")
+
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        "README.txt", "data/test/cat/1.png", "data/test/dog/1.png", "data/train/cat/0.png", "data/train/dog/0.png"]
+    assert details["refused"] == [
+        {"archive": "data/train.zip", "entry": "../escape", "reason": "path outside the dataset folder"}]
+    assert not (tmp_path / "escape").exists() and not (dest / "escape").exists()

@@ -286,6 +286,61 @@ def test_local_archive_is_extracted_with_its_checksum(tmp_path, kind):
     assert record["bytes"] == archive.stat().st_size
 
 
+@pytest.mark.parametrize("form", ["archive", "folder"])
+def test_archives_inside_a_local_archive_or_folder_are_unpacked_in_place(tmp_path, form):
+    """A local source holding `train.zip` and `test.tar.gz` (a login-only download's parts in
+    one folder, or one zip of them): the inner archives are unpacked where they lie, as Kaggle's
+    are, refused entries tagged with the inner archive's path (before: copied packed, and
+    validate set them aside as 'not an image file', leaving no images)."""
+    made = tmp_path / "made"
+    (made / "parts").mkdir(parents=True)
+    class_folder_dataset(tmp_path / "train" / "train")
+    class_folder_dataset(tmp_path / "test" / "test")
+    zip_of_folder(tmp_path / "train", made / "parts" / "train.zip")
+    tar_of_folder(tmp_path / "test", made / "parts" / "test.tar.gz")
+    with zipfile.ZipFile(made / "parts" / "train.zip", "a") as handle:
+        handle.writestr("../escape.txt", b"x")
+    source = made if form == "folder" else zip_of_folder(made, tmp_path / "data.zip")
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    assert files_under(dest) == {f"parts/{split}/{label}/{i}.png" for split in ("train", "test") for label in "ab"
+                                 for i in range(2)}
+    assert details["refused"] == [
+        {"archive": "parts/train.zip", "entry": "../escape.txt", "reason": "path outside the dataset folder"}]
+    assert (made / "parts" / "train.zip").is_file(), "the source folder is left as it is"
+
+
+def test_archives_nested_past_the_depth_limit_are_left_packed_and_share_one_budget(tmp_path):
+    """Unpacking stops NESTED_DEPTH levels down (a zip quine must not loop), and the bytes of every
+    inner archive count against the one limit the outer extraction had, so a nest of archives
+    cannot pass it archive by archive."""
+    inner = b"\0" * 600
+    for level in range(archives.NESTED_DEPTH + 1):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as handle:
+            handle.writestr(f"level{level}.zip" if level else "a.bin", inner)
+        inner = buffer.getvalue()
+    dest = tmp_path / "deep"
+    dest.mkdir()
+    (dest / "top.zip").write_bytes(inner)
+
+    archives.unpack_nested(dest)
+
+    # top.zip, then NESTED_DEPTH - 1 levels inside it, are unpacked; the next stays packed.
+    assert files_under(dest) == {"level1.zip"}
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("one.zip", "two.zip"):
+        with zipfile.ZipFile(flat / name, "w") as handle:
+            handle.writestr(name + ".bin", b"\0" * 600)
+    with pytest.raises(UserError, match="1,000-byte limit"):
+        archives.unpack_nested(flat, max_bytes=1000)
+
+
 # --------------------------------------------------------------------------------------------
 # Archive safety.
 
