@@ -179,6 +179,16 @@ def cut_short(path: Path) -> str | None:
             fault = stream_fault(path)
             # Damaged but not cut short: the checksum or the extraction says so.
             return kind if fault is not None and fault.startswith("ends") else None
+    if head.startswith(b"MZ") and (end := _executable_end(path)) is not None:
+        # A self-extracting zip: a Windows executable with the zip appended after its last section.
+        with open(path, "rb") as handle:
+            handle.seek(end)
+            appended = handle.read(4)
+        if len(appended) < 4 and path.stat().st_size < end:
+            return "executable"
+        if appended == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+            return "self-extracting zip archive"
+        return None
     if head[257:262] == b"ustar":
         try:
             with tarfile.open(path, "r:") as handle:
@@ -194,6 +204,25 @@ def cut_short(path: Path) -> str | None:
         except tarfile.TarError:
             return None
     return None
+
+
+def _executable_end(path: Path) -> int | None:
+    """Where a Windows (PE) executable's last section ends in the file, which is where a
+    self-extracting archive's appended data starts; None if the headers are not a PE's."""
+    with open(path, "rb") as handle:
+        handle.seek(0x3C)
+        at = int.from_bytes(handle.read(4), "little")
+        handle.seek(at)
+        header = handle.read(24)
+        if len(header) < 24 or not header.startswith(b"PE\0\0"):
+            return None
+        sections = int.from_bytes(header[6:8], "little")
+        handle.seek(at + 24 + int.from_bytes(header[20:22], "little"))
+        table = handle.read(40 * sections)
+    if not sections or len(table) < 40 * sections:
+        return None
+    return max(int.from_bytes(table[i + 20:i + 24], "little") + int.from_bytes(table[i + 16:i + 20], "little")
+               for i in range(0, len(table), 40))
 
 
 def is_archive(path: Path) -> bool:

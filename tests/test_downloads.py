@@ -736,12 +736,29 @@ def tar_bytes(entries: dict[str, bytes], mode: str) -> bytes:
     return buffer.getvalue()
 
 
+def pe_stub(size: int = 4096) -> bytes:
+    """A Windows executable's bytes (MZ header, PE header, one section ending at `size`), as a
+    self-extracting zip's stub: the zip is appended after its last section."""
+    stub = bytearray(size)
+    stub[:2] = b"MZ"
+    stub[0x3C:0x40] = (0x80).to_bytes(4, "little")
+    stub[0x80:0x84] = b"PE\0\0"
+    stub[0x86:0x88] = (1).to_bytes(2, "little")  # one section
+    stub[0x94:0x96] = (0xE0).to_bytes(2, "little")  # the optional header's size
+    section = 0x80 + 24 + 0xE0
+    stub[section:section + 5] = b".text"
+    stub[section + 16:section + 20] = (size - 0x400).to_bytes(4, "little")  # its size in the file
+    stub[section + 20:section + 24] = (0x400).to_bytes(4, "little")  # where it starts
+    return bytes(stub)
+
+
 CUT_ARCHIVES = {
     "zip": ("/pets.zip", lambda entries: zip_bytes(entries)),
     "tar.gz": ("/pets.tar.gz", lambda entries: tar_bytes(entries, "w:gz")),
     "tar": ("/pets.tar", lambda entries: tar_bytes(entries, "w")),
     "suffixless-zip": ("/files/123", lambda entries: zip_bytes(entries)),
     "unpinned-tar.xz": ("/pets.tar.xz", lambda entries: tar_bytes(entries, "w:xz")),
+    "self-extracting-zip": ("/pets.exe", lambda entries: pe_stub() + zip_bytes(entries)),
 }
 
 
