@@ -170,14 +170,7 @@ def evaluate(
     # Local outputs first: they are written whether or not the tracking server answers.
     splits = pd.read_parquet(data_dir / "splits.parquet")
     test_paths = splits.loc[splits["split"] == "test", "path"].to_list()
-    predictions = pd.DataFrame(
-        {
-            "path": test_paths,
-            "actual": [data.classes[i] for i in y_test],
-            "predicted": [data.classes[i] for i in y_pred],
-            "confidence": probabilities.max(axis=1).round(6),
-        }
-    )
+    predictions = predictions_table(test_paths, data.classes, y_test, probabilities)
     with atomic_path(predictions_path) as temporary:
         predictions.to_csv(temporary, index=False)
     write_figures(figures, history, data.classes, x_test, y_test, probabilities, per_class)
@@ -217,6 +210,25 @@ def evaluate(
                                          evaluation / "classification_report.json", evaluation / "per_class.csv"],
         )
     return record
+
+
+def predictions_table(
+    paths: list[str], classes: list[str], y_test: np.ndarray, probabilities: np.ndarray
+) -> pd.DataFrame:
+    """One row per test image: its path, actual and predicted class, the confidence, and each class's
+    index in params.yaml, by which the DVC confusion plot (.dvc/plots/confusion_ordered.json) orders
+    its axes as confusion.png does, not by name ("10" before "9")."""
+    y_pred = probabilities.argmax(axis=1)
+    return pd.DataFrame(
+        {
+            "path": paths,
+            "actual": [classes[i] for i in y_test],
+            "predicted": [classes[i] for i in y_pred],
+            "confidence": probabilities.max(axis=1).round(6),
+            "actual_index": np.asarray(y_test, dtype=int),
+            "predicted_index": y_pred,
+        }
+    )
 
 
 def write_figures(

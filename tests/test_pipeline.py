@@ -105,7 +105,7 @@ def test_demo_outputs_are_where_the_readme_says(project: tuple[Path, dict[str, s
         for name in ("confusion.png", "confusion_normalized.png", "curves.png", "f1.png", "mistakes.png"):
             assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         predictions = (copy / f"reports/predictions/digits/{backbone}.csv").read_text().splitlines()
-        assert predictions[0] == "path,actual,predicted,confidence"
+        assert predictions[0] == "path,actual,predicted,confidence,actual_index,predicted_index"
         evaluation = copy / "reports/evaluation/digits" / backbone
         per_class = (evaluation / "per_class.csv").read_text().splitlines()
         assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 11

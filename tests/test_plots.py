@@ -14,10 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stages.errors import UserError
-from stages.plots import BUNDLE, main, split_out
+from stages.plots import BUNDLE, VEGA_LITE_VERSION, main, split_out
 
 MAKE = '''\
 """make.py COLOUR: a training curve and two figures."""
@@ -160,3 +161,71 @@ def test_a_class_name_holding_markup_stays_data_in_the_page(tmp_path: Path) -> N
     values = json.loads(specs[0])["data"]["values"]
     assert [value["class"] for value in values] == HOSTILE_CLASSES
     assert page.count("<script") == page.count("</script>") == 2
+
+
+# params.yaml's order, not the order of the names as text: FER lists neutral after surprise, and a
+# class "10" comes after "9" (GTSRB's and any numbered classes).
+ORDERED_CLASSES = ["angry", "surprise", "neutral", "9", "10"]
+
+
+def predictions_csv(path: Path, shift: int) -> None:
+    """evaluate's predictions table: each class mistaken once for every class (`shift` more often for the next)."""
+    from stages.evaluate import predictions_table
+
+    n = len(ORDERED_CLASSES)
+    y_test = np.repeat(np.arange(n), n + shift)
+    predicted = np.array([j for i in range(n) for j in [*range(n), *[(i + 1) % n] * shift]])
+    probabilities = np.eye(n)[predicted] * 0.9 + 0.1 / n
+    predictions_table([f"{i}.png" for i in range(len(y_test))], ORDERED_CLASSES, y_test, probabilities).to_csv(
+        path, index=False
+    )
+
+
+def axes_in_order(page: str) -> list[list[str]]:
+    """The class names on each axis of the page's one confusion plot, as drawn (Vega-Lite 5 to SVG)."""
+    import vl_convert
+
+    specs = re.findall(r"^\s*var spec = (.*);$", page, re.MULTILINE)
+    assert len(specs) == 1, page
+    svg = vl_convert.vegalite_to_svg(json.loads(specs[0]), vl_version=VEGA_LITE_VERSION)
+    labels = [text for text in re.findall(r"<text[^>]*>([^<]*)</text>", svg) if text in ORDERED_CLASSES]
+    n = len(ORDERED_CLASSES)
+    assert labels and len(labels) % n == 0, labels
+    return [labels[start:start + n] for start in range(0, len(labels), n)]
+
+
+def test_the_confusion_plot_orders_its_axes_as_params_yaml(tmp_path: Path) -> None:
+    """evaluate's confusion.png lists the classes in params.yaml's order; DVC's `confusion`
+    template sorted them as text, so its plot of the same predictions put "10" before "9" and
+    "neutral" before "surprise", and a cell did not sit where it does in the PNG. With the
+    pipeline's definition of the predictions plot, `show` and `diff` draw both axes in
+    params.yaml's order."""
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "ordered"
+    root.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONPATH"] = str(ROOT)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    run(["git", "init", "-q"], root, env)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
+    if (ROOT / ".dvc" / "plots").is_dir():  # the project's own plot templates
+        shutil.copytree(ROOT / ".dvc" / "plots", root / ".dvc" / "plots")
+    # The evaluate stage's own definition of the predictions plot, for this one file.
+    plots_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]["do"]["plots"]
+    (definition,) = [entry for entry in plots_yaml if isinstance(entry, dict) and
+                     next(iter(entry)).startswith("reports/predictions/")]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"plots": [{"predictions.csv": next(iter(definition.values()))}]}))
+    (root / ".gitignore").write_text("/dvc_plots\n")
+    predictions_csv(root / "predictions.csv", shift=0)
+    assert axes_in_order(plots((root, env), "show")) == [ORDERED_CLASSES] * 2
+
+    run([*git, "add", "-A"], root, env)
+    run([*git, "commit", "-qm", "first"], root, env)
+    predictions_csv(root / "predictions.csv", shift=2)
+    drawn = axes_in_order(plots((root, env), "diff"))
+    assert drawn == [ORDERED_CLASSES] * len(drawn) and len(drawn) >= 3  # one y axis, an x axis per revision
