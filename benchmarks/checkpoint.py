@@ -84,6 +84,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error(f"--epochs {args.epochs}: at least 2 (the first checkpoint is timed apart from the others)")
+    from stages.backbones import REGISTRY
+    from stages.errors import UserError
+
+    for name in args.models:  # before any model is built and timed, not after the first ones
+        try:
+            REGISTRY.lookup(name)
+        except UserError as error:
+            parser.error(f"--models: {error}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     rows = [measure(name, args.workdir, args.epochs) for name in args.models]
     print(f"{'backbone':<15} {'size':>4} {'params':>11} {'everything: MB/epoch':>21} {'s/epoch':>8} "

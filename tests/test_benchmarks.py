@@ -147,3 +147,23 @@ def test_scale_runs_fetch_validate_and_split_with_the_real_dvc(tmp_path: Path) -
     result = leading_json(run("scale.py", "--files", "60", "--classes", "3", "--workdir", str(tmp_path)).stdout)
     assert result["files"] == 60 and result["accepted"] == 60, result
     assert result["noop_repro_seconds"] >= 0 and result["raw_files_sharing_an_inode_with_the_cache"].endswith("/60")
+
+
+def refused(script: str, *args: str, backend: str | None = None) -> str:
+    """A benchmark given a bad argument: exit status 2 or 1, one line naming it, no traceback."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("KERAS_BACKEND", None)
+    if backend:
+        env["KERAS_BACKEND"] = backend
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_checkpoint_names_an_unknown_model_in_one_line(tmp_path: Path) -> None:
+    line = refused("checkpoint.py", "--models", "mobilenetv9", "--workdir", str(tmp_path / "ckpt"))
+    assert "mobilenetv9" in line and "mobilenetv2" in line, line
+    assert not (tmp_path / "ckpt").exists()
+
