@@ -46,7 +46,7 @@ def child(repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"])
+    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"], choices=["tensorflow", "jax", "torch"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -57,8 +57,10 @@ def main() -> None:
     for backend in args.backends:
         done = subprocess.run(
             [sys.executable, __file__, "--child", "--repeats", str(args.repeats)],
-            env={**os.environ, "KERAS_BACKEND": backend}, capture_output=True, text=True, check=True,
+            env={**os.environ, "KERAS_BACKEND": backend}, capture_output=True, text=True,
         )
+        if done.returncode:
+            raise SystemExit(f"{backend} failed:\n{done.stderr[-3000:]}")
         results[backend] = json.loads(done.stdout.strip().splitlines()[-1])
     layers = list(next(iter(results.values())))
     print(f"float32 input {' x '.join(map(str, SHAPE))}, median of {args.repeats} predict calls, "

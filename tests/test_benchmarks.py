@@ -167,3 +167,7 @@ def test_checkpoint_names_an_unknown_model_in_one_line(tmp_path: Path) -> None:
     assert "mobilenetv9" in line and "mobilenetv2" in line, line
     assert not (tmp_path / "ckpt").exists()
 
+
+def test_cpu_convolutions_names_an_unknown_backend_in_one_line() -> None:
+    line = refused("cpu_convolutions.py", "--backends", "tensorflw", "--repeats", "1")
+    assert "tensorflw" in line, line
