@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes {' '.join(map(str, args.batch_sizes))}: each must be at least 1")
     if args.child:
         measure(args.batch_sizes, args.size, args.repeats)
         return

@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/classmatrix-input"))
     parser.add_argument("--keep", action="store_true", help="keep the generated JPEGs and arrays")
     args = parser.parse_args()
+    if min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes {' '.join(map(str, args.batch_sizes))}: each must be at least 1")
 
     import keras
 

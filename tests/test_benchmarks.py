@@ -171,3 +171,10 @@ def test_checkpoint_names_an_unknown_model_in_one_line(tmp_path: Path) -> None:
 def test_cpu_convolutions_names_an_unknown_backend_in_one_line() -> None:
     line = refused("cpu_convolutions.py", "--backends", "tensorflw", "--repeats", "1")
     assert "tensorflw" in line, line
+
+
+@pytest.mark.parametrize("script", ["input_pipeline.py", "augmentation.py"])
+def test_a_batch_size_below_one_is_refused_in_one_line(script: str, tmp_path: Path) -> None:
+    line = refused(script, "--batch-sizes", "8", "0")
+    assert "--batch-sizes" in line and "0" in line, line
+
