@@ -107,6 +107,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
+    if args.out and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist; create it or name another")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("KERAS_BACKEND", None)
     results = {}

@@ -355,6 +355,8 @@ def main() -> None:
     if args.child:
         args.model, args.batch_size = args.models[0], args.batch_sizes[0]
         raise SystemExit(child(args))
+    if args.out and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist; create it or name another")
 
     env = dict(os.environ)
     env.setdefault("KERAS_BACKEND", "jax")

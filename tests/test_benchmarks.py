@@ -178,3 +178,9 @@ def test_a_batch_size_below_one_is_refused_in_one_line(script: str, tmp_path: Pa
     line = refused(script, "--batch-sizes", "8", "0")
     assert "--batch-sizes" in line and "0" in line, line
 
+
+@pytest.mark.parametrize("script", ["gpu_throughput.py", "fit_shutdown.py"])
+def test_an_out_file_in_a_missing_folder_is_refused_before_anything_runs(script: str, tmp_path: Path) -> None:
+    out = tmp_path / "missing" / "results.json"
+    line = refused(script, "--smoke" if script == "gpu_throughput.py" else "--epochs=1", "--out", str(out), backend="jax" if script == "gpu_throughput.py" else None)
+    assert str(out.parent) in line, line
