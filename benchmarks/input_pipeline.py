@@ -165,7 +165,8 @@ def main() -> None:
 
     folder = args.workdir / f"jpegs-{args.images}-{args.size}"
     arrays = args.workdir / f"arrays-{args.images}-{args.size}"
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    for generated in (folder, arrays):  # only what this script writes: --workdir may hold other files
+        shutil.rmtree(generated, ignore_errors=True)
     started = time.perf_counter()
     paths = generate(folder, args.images, args.classes, args.size)
     generate_seconds = time.perf_counter() - started
@@ -212,7 +213,10 @@ def main() -> None:
         print(f"{row['batch_size']:>5}  {row['ours_img_per_s']:>27,}  {row['course_img_per_s']:>25,}  {row['ratio']:>5}x")
     print(f"decoding once into the .npy (split's way): {decode_seconds:.1f} s, {result['decode_once_img_per_s']} img/s")
     if not args.keep:
-        shutil.rmtree(args.workdir, ignore_errors=True)
+        for generated in (folder, arrays):
+            shutil.rmtree(generated, ignore_errors=True)
+        if not any(args.workdir.iterdir()):
+            args.workdir.rmdir()
 
 
 if __name__ == "__main__":

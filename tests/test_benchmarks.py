@@ -184,3 +184,12 @@ def test_an_out_file_in_a_missing_folder_is_refused_before_anything_runs(script:
     out = tmp_path / "missing" / "results.json"
     line = refused(script, "--smoke" if script == "gpu_throughput.py" else "--epochs=1", "--out", str(out), backend="jax" if script == "gpu_throughput.py" else None)
     assert str(out.parent) in line, line
+
+
+def test_input_pipeline_removes_only_what_it_generated_from_its_workdir(tmp_path: Path) -> None:
+    workdir = tmp_path / "mine"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("not the benchmark's")
+    run("input_pipeline.py", "--images", "8", "--size", "32", "--classes", "2", "--batch-sizes", "4", "--passes", "1",
+        "--workdir", str(workdir))
+    assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
