@@ -62,6 +62,8 @@ CALIBRATION = 64
 # --------------------------------------------------------------------------------------------
 # Preparing the workdir.
 
+MARKER = ".feature-cache-workdir"
+
 
 def prepare_data(out: Path, train: int, val: int, test: int, seed: int) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
     """Digits at 224x224x3 uint8 in the split stage's format, a random split; and the digits
@@ -292,8 +294,14 @@ def main() -> None:
         return
 
     workdir = args.workdir
+    # The run starts from an empty workdir, so it removes the last one's: only a folder this
+    # script made (its MARKER), never one holding someone's other files.
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).is_file():
+        raise SystemExit(f"error: --workdir {workdir} holds files this benchmark did not make; "
+                         "give an empty or new folder")
     shutil.rmtree(workdir, ignore_errors=True)
     (workdir / "host").mkdir(parents=True)
+    (workdir / MARKER).write_text("made by benchmarks/feature_cache.py; removed with the folder by its next run\n")
     counts, spare, spare_labels = prepare_data(workdir / "data", args.train, args.val, args.test, seed=0)
     if args.weights_file:
         shutil.copyfile(args.weights_file, workdir / "host" / WEIGHTS_FILE)

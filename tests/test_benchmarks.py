@@ -193,3 +193,17 @@ def test_input_pipeline_removes_only_what_it_generated_from_its_workdir(tmp_path
     run("input_pipeline.py", "--images", "8", "--size", "32", "--classes", "2", "--batch-sizes", "4", "--passes", "1",
         "--workdir", str(workdir))
     assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
+
+
+def test_feature_cache_refuses_a_workdir_holding_files_it_did_not_make(tmp_path: Path) -> None:
+    """It starts from an empty workdir by removing the last run's; a folder holding other files
+    (a typo'd --workdir) is refused before anything is removed."""
+    workdir = tmp_path / "mine"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("not the benchmark's")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "benchmarks/feature_cache.py", "--workdir", str(workdir)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 1 and done.stderr.strip() == (
+        f"error: --workdir {workdir} holds files this benchmark did not make; give an empty or new folder")
+    assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
