@@ -755,11 +755,9 @@ def test_extraction_stops_before_the_disk_is_full(tmp_path, monkeypatch):
 # What README says about a local folder changed in place, through DVC.
 
 
-def test_a_local_folder_changed_in_place_is_fetched_again_as_the_readme_says(tmp_path):
-    """DVC watches params, not the folder a `local` source names: an image added there leaves the
-    pipeline up to date, and `dvc repro -f -s fetch@<dataset>` then `dvc repro` bring it in,
-    as README.md says."""
-    import subprocess
+def local_folder_project(tmp_path: Path) -> tuple[Path, Path, dict, dict[str, str]]:
+    """A DVC project (this dvc.yaml and stages/) whose dataset toy is a local folder of classes a
+    and b: the project, the folder, its params and the environment that finds this venv's dvc."""
     import sys
 
     from tests.toy import toy_params
@@ -777,6 +775,16 @@ def test_a_local_folder_changed_in_place_is_fetched_again_as_the_readme_says(tmp
         "DVC_NO_ANALYTICS": "1",
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
+    return project, source, params, env
+
+
+def test_a_local_folder_changed_in_place_is_fetched_again_as_the_readme_says(tmp_path):
+    """DVC watches params, not the folder a `local` source names: an image added there leaves the
+    pipeline up to date, and `dvc repro -f -s fetch@<dataset>` then `dvc repro` bring it in,
+    as README.md says."""
+    import subprocess
+
+    project, source, _, env = local_folder_project(tmp_path)
 
     def dvc(*args: str) -> str:
         result = subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True)
@@ -810,21 +818,7 @@ def test_a_local_folder_changed_since_its_fetch_is_said_with_what_to_run(tmp_pat
     import subprocess
     import sys
 
-    from tests.toy import toy_params
-
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
-    shutil.copytree(REPO / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    source = class_folder_dataset(tmp_path / "source")
-    params = toy_params(["a", "b"], source={"kind": "local", "path": str(source)})
-    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
+    project, source, params, env = local_folder_project(tmp_path)
 
     def run(*command: str) -> subprocess.CompletedProcess:
         return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
