@@ -52,6 +52,16 @@ ROOT = Path(__file__).resolve().parents[1]
 REMOTE_REFERENCE = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
 
 
+def dvc_env() -> dict[str, str]:
+    """The environment for dvc and this checkout's stages (not the ones the shared virtual
+    environment was installed from), without the caller's DVC_ variables."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -62,11 +72,7 @@ def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comple
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A committed git + DVC project whose workspace plots differ from HEAD's."""
     root = tmp_path_factory.mktemp("plots")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    # This checkout's stages, not the one the shared virtual environment was installed from.
-    env["PYTHONPATH"] = str(ROOT)
+    env = dvc_env()
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     dvc = [sys.executable, "-m", "dvc"]
     run(["git", "init", "-q"], root, env)
@@ -142,11 +148,7 @@ def test_a_class_name_holding_markup_stays_data_in_the_page(tmp_path: Path) -> N
     Each spec has no "<" left, and still holds the names as they are."""
     root = tmp_path / "hostile"
     root.mkdir()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    # This checkout's stages, not the one the shared virtual environment was installed from.
-    env["PYTHONPATH"] = str(ROOT)
+    env = dvc_env()
     run(["git", "init", "-q"], root, env)
     run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
     rows = "".join(f'"{name}",0.{i + 5}\n' for i, name in enumerate(HOSTILE_CLASSES))
@@ -206,10 +208,7 @@ def test_the_confusion_plot_orders_its_axes_as_params_yaml(tmp_path: Path) -> No
 
     root = tmp_path / "ordered"
     root.mkdir()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DVC_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["PYTHONPATH"] = str(ROOT)
+    env = dvc_env()
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     run(["git", "init", "-q"], root, env)
     run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
