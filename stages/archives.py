@@ -17,6 +17,7 @@ import bz2
 import gzip
 import hashlib
 import lzma
+import re
 import shutil
 import stat
 import tarfile
@@ -49,6 +50,10 @@ class Extraction:
     files: int = 0
     bytes: int = 0
     refused: list[dict[str, str]] = field(default_factory=list)
+
+
+# A pinned checksum's form (downloads' sha256 pins, a local source's).
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -46,7 +46,6 @@ CHUNK = 1 << 16
 TIMEOUT = (15.0, 60.0)
 RETRIES = 4
 BACKOFF_S = 1.0
-SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 # Statuses worth another try; anything else in 4xx is the URL's fault and fails at once.
 TRANSIENT_STATUSES = {408, 425, 429, 500, 502, 503, 504}
@@ -367,7 +366,7 @@ def _reason(error: BaseException) -> str:
 
 def check_url(options: Any, key: str) -> None:
     """The URL and its pinned sha256, checked without downloading; `key` is the source's key."""
-    if not SHA256.fullmatch((options.sha256 or "").strip()):
+    if not archives.SHA256.fullmatch((options.sha256 or "").strip()):
         raise UserError(
             f"{key}.sha256: {options.sha256!r} is not a sha256 (64 hexadecimal characters); "
             f"pin the file's checksum (`sha256sum <file>`) in params.yaml"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import stat
 from dataclasses import asdict, dataclass, field, replace
@@ -109,7 +108,7 @@ def check_local(options: LocalOptions, key: str) -> None:
     if not options.path.strip():
         raise UserError(f"{key}.path: empty; give the dataset's folder or archive (a relative path is from the "
                         "repository root)")
-    if options.sha256 and not re.fullmatch(r"[0-9a-f]{64}", options.sha256.strip().lower()):
+    if options.sha256 and not archives.SHA256.fullmatch(options.sha256.strip()):
         raise UserError(f"{key}.sha256: {options.sha256!r} is not a sha256 (64 hexadecimal characters); give the "
                         "one `python -m stages.fetch --check` prints, or leave it out")
 
