@@ -350,6 +350,11 @@ def main() -> None:
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # Checked here, on the host: a bad value would otherwise fail in a child, on device time.
+    for flag, values, least in (("--batch-sizes", args.batch_sizes, 1), ("--images", [args.images], 1),
+                                ("--size", [args.size], 32), ("--epochs", [args.epochs], 1), ("--warmup", [args.warmup], 0)):
+        if min(values) < least:
+            parser.error(f"{flag} {' '.join(map(str, values))}: each must be at least {least}")
     if args.smoke:
         args.images, args.size, args.batch_sizes, args.warmup, args.epochs = 8, 32, [8], 1, 1
     if args.child:
