@@ -12,7 +12,8 @@ defines are honoured; only the files the source leaves unsplit are divided by th
 One exception: a class none of whose images drew train (a class of one image, say) gets the
 image closest to train put there, so that every class can be learnt.
 
-Writes, in `--out`: `splits.parquet` (path, label, split, plus the manifest's columns),
+Writes, in `--out`: `splits.parquet` (path, label, split, plus the manifest's columns but the
+near-duplicate ones),
 `classes.json`, and for each split `<split>_x.npy` (N, size, size, channels) uint8 and
 `<split>_y.npy` int32 class indices, ready to be memory-mapped by training. `meta.json` holds the
 arrays' sha256 (each split's images, then its labels, in train/val/test order), taken as they are
@@ -197,6 +198,9 @@ def _decode_file(raw: Path, path: str, size: int, channels: int, dataset: str) -
                         "out of the source and fetch again") from None
 
 
+NEAR_COLUMNS = ("dhash", "near_group")
+
+
 def split(dataset: str, params_path: str, manifest_path: Path, raw: Path, out: Path) -> dict[str, int]:
     config = load_params(params_path).dataset(dataset)
     if not manifest_path.exists():
@@ -211,7 +215,9 @@ def split(dataset: str, params_path: str, manifest_path: Path, raw: Path, out: P
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        rows.to_parquet(partial / "splits.parquet", index=False)
+        # Validate's near-duplicate bookkeeping stays in the manifest: here, it would make every
+        # dataset's splits.parquet new when validate took it up, and retrain models on the same data.
+        rows.drop(columns=list(NEAR_COLUMNS), errors="ignore").to_parquet(partial / "splits.parquet", index=False)
         (partial / "classes.json").write_text(json.dumps(config.classes, indent=2) + "\n", encoding="utf-8")
         counts, sha256 = write_arrays(rows, raw, partial, config, dataset)
         write_json_atomic(

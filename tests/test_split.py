@@ -411,6 +411,10 @@ def test_split_writes_uint8_arrays_that_match_splits_parquet(tmp_path):
     assert meta == {"dataset": "toy", "image_size": 16, "channels": 1, "counts": counts, "sha256": digest.hexdigest()}
     table = pd.read_parquet(out / "splits.parquet")
     assert len(table) == 45 and "README.txt" not in set(table["path"])
+    # The manifest's columns but validate's near-duplicate ones: a manifest column added is not new data.
+    manifest = pd.read_parquet(tmp_path / "interim" / "manifest.parquet")
+    assert {"dhash", "near_group"} <= set(manifest.columns)
+    assert list(table.columns) == [c for c in manifest.columns if c not in ("dhash", "near_group")] + ["split"]
     assert counts == {s: int((table["split"] == s).sum()) for s in ("train", "val", "test")}
     assert all(n > 0 for n in counts.values())
     for name in ("train", "val", "test"):
