@@ -148,9 +148,9 @@ def unavailable(what: str, consequence: str) -> Iterator[None]:
                 f"rebinding) when asked to {what}: start it with MLFLOW_SERVER_ALLOWED_HOSTS naming {host}, "
                 f"or use a name it allows; {consequence}"
             ) from None
-        if refusal(error):
+        if advice := refusal(error):
             raise TrackingUnavailable(
-                f"MLflow tracking server {shown_uri()} {refusal(error)} (asked to {what}); {consequence}"
+                f"MLflow tracking server {shown_uri()} {advice} (asked to {what}); {consequence}"
             ) from None
         if not is_unreachable(error):
             # MLflow's messages hold the request's URL, with the tracking URI's credentials: the
