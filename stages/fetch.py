@@ -3,7 +3,8 @@
     python -m stages.fetch --dataset digits --out data/raw/digits --provenance data/raw/digits.provenance.json
 
 DVC reruns fetch@ when a source's params change, not when a `local` folder or archive changes in
-place; `python -m stages.fetch --check [--dataset NAME]` says which have, and what to run.
+place, nor when Kaggle has a new version of an unpinned dataset; `python -m stages.fetch --check
+[--dataset NAME]` says which have, and what to run.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import os
 import shutil
 from pathlib import Path
 
-from stages import archives
+from stages import archives, kaggle_api
 from stages.config import load_params
-from stages.errors import run_stage
+from stages.errors import UserError, run_stage
 from stages.files import write_json_atomic
 from stages.layouts import all_files
-from stages.sources import changed_since_fetch, fetched_with, get_source, local_sha256
+from stages.sources import KaggleOptions, changed_since_fetch, fetched_with, get_source, local_sha256
 
 
 def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
@@ -63,17 +64,29 @@ def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
 
 
 def check(params_path: str, datasets: list[str]) -> list[str]:
-    """A line for each of `datasets` (default: every one with a `local` source), saying whether
-    its folder or archive is still what fetch@ copied (by the provenance record where dvc.yaml
-    puts it), and what to run if not; changed ones first."""
+    """A line for each of `datasets` (default: every one with a `local` or `kaggle` source), saying
+    whether its folder or archive is still what fetch@ copied, or its Kaggle dataset's version
+    still Kaggle's current one (by the provenance record where dvc.yaml puts it), and what to run
+    if not; changed ones first, then one line for the Kaggle datasets Kaggle could not be asked about."""
     params = load_params(params_path)
     changed, others = [], []
-    for name in datasets or [n for n, d in params.datasets.items() if d.source.kind == "local"]:
+    versions, unasked, why = kaggle_api.VersionLookup(), [], ""
+    for name in datasets or [n for n, d in params.datasets.items() if d.source.kind in ("local", "kaggle")]:
         source = params.dataset(name).source
         path = Path(f"data/raw/{name}.provenance.json")
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if source.kind != "local":
-            others.append(f"fetch: {name}'s source is {source.kind}, not local; nothing to check")
+        if source.kind == "kaggle":
+            if unasked and source.options.dataset:
+                unasked.append(name)
+                continue
+            try:
+                line = _kaggle_check(name, source.options, record, path, versions)
+            except kaggle_api.Unreachable as error:
+                unasked, why = [name], str(error).removeprefix(f"datasets.{name}.source: ")
+                continue
+            (changed if line.startswith("fetch@") else others).append(line)
+        elif source.kind != "local":
+            others.append(f"fetch: {name}'s source is {source.kind}, not local or kaggle; nothing to check")
         elif record is None:
             # Nothing to compare with, but the checksum to pin is the source's as it is now.
             here = Path(source.options.path).expanduser()
@@ -96,7 +109,47 @@ def check(params_path: str, datasets: list[str]) -> list[str]:
             checksum = record.get("folder_sha256") or (record.get("archives") or [{}])[0].get("sha256")
             others.append(f"fetch: the local source of {name} is as fetched; pin it (datasets.{name}.source.sha256: "
                           f"{checksum}) so that DVC and CI see a new version")
+    if unasked:
+        others.append(f"fetch: cannot ask Kaggle whether {', '.join(unasked)} "
+                      f"{'has' if len(unasked) == 1 else 'have'} a newer version: {why}")
     return changed + others
+
+
+def _kaggle_check(name: str, options: KaggleOptions, record: dict | None, path: Path,
+                  versions: kaggle_api.VersionLookup) -> str:
+    """--check's line for a kaggle source: a `fetch@` one when Kaggle has a newer version than the
+    one an unpinned source was fetched at (DVC sees params, and the params did not change)."""
+    if options.competition:
+        return f"fetch: {name}'s source is the Kaggle competition {options.competition}, which has no versions; nothing to check"
+    if record is not None and record.get("source") != {"kind": "kaggle", **dataclasses.asdict(options)}:
+        return f"fetch: datasets.{name}.source has changed since the fetch; `dvc repro` fetches it again"
+    try:
+        now = versions(options, name)
+    except kaggle_api.Unreachable:
+        raise
+    except UserError as error:
+        return f"fetch: cannot ask Kaggle for {name}'s current version: {error}"
+    what = f"Kaggle dataset {options.dataset}"
+    if now is None:
+        return f"fetch: Kaggle does not say which version of {what} is current; nothing to compare {name} with"
+    if options.version is not None:
+        newer = (", the latest" if now == options.version
+                 else f"; Kaggle has a newer one, version {now}: to use it, set datasets.{name}.source.version: {now}"
+                 if now > options.version else
+                 f", which Kaggle does not have (its current version is {now}), so fetch fails; set "
+                 f"datasets.{name}.source.version: {now} or lower")
+        return f"fetch: {name} is pinned to version {options.version} of {what}{newer}"
+    if record is None:
+        return (f"fetch: {name} has not been fetched here ({path} is missing); Kaggle's current version of "
+                f"{options.dataset}, which fetch takes, is {now}: to pin it, datasets.{name}.source.version: {now}")
+    then = record.get("version")
+    if then == now:
+        return (f"fetch: {name} is version {now} of {what}, the latest; pin it (datasets.{name}.source.version: "
+                f"{now}) so that DVC and CI see a new version")
+    took = f"version {then}" if then is not None else "a version Kaggle did not name"
+    return (f"fetch@{name}: {what} has a new version, {now} (fetch@{name} took {took}); DVC cannot see it: to use it, "
+            f"pin it, datasets.{name}.source.version: {now}, a params change that `dvc repro` and CI's "
+            "`plan --changed` see")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--provenance", type=Path, help="provenance JSON to write")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--check", action="store_true",
-                        help="say which fetched `local` sources changed since (exit status 1 if any); fetch nothing")
+                        help="say which fetched `local` sources changed since, and which unpinned Kaggle datasets "
+                             "have a newer version (exit status 1 if any); fetch nothing")
     args = parser.parse_args(argv)
     if args.check:
         # Paths in params (data/raw/, a relative source path) are from the repository root, the
@@ -115,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         if params.is_file():  # else load_params says it is not found
             os.chdir(params.parent)
         lines = check(str(params), args.dataset)
-        print("\n".join(lines or [f"fetch: no dataset in {args.params} has a local source"]))
+        print("\n".join(lines or [f"fetch: no dataset in {args.params} has a local or kaggle source"]))
         if any(line.startswith("fetch@") for line in lines):
             raise SystemExit(1)
         return

@@ -186,8 +186,49 @@ class _Session:
         with _kaggle_errors(target, None, self.dataset, api):
             with _quiet():
                 status = api.dataset_status(target.ref, format="json(current_version_number)")
-        version = json.loads(status).get("current_version_number")
-        return version if isinstance(version, int) and version > 0 else None
+        return _version_number(status)
+
+
+def _version_number(status: str) -> int | None:
+    version = json.loads(status).get("current_version_number")
+    return version if isinstance(version, int) and version > 0 else None
+
+
+class Unreachable(UserError):
+    """Kaggle cannot be asked at all (no usable credentials, no connection): asking again, for
+    another dataset, would fail the same way."""
+
+
+class VersionLookup:
+    """For `fetch --check`: Kaggle datasets' current versions, asked with one client, the one
+    fetch uses, authenticated on the first call."""
+
+    def __init__(self) -> None:
+        self._session: _Session | None = None
+
+    def __call__(self, options: Any, dataset: str) -> int | None:
+        """The current version of the dataset `options` names (None if the API does not tell).
+        Raises Unreachable when Kaggle cannot be asked, UserError for this dataset alone."""
+        import requests
+
+        target, _ = check(options, f"datasets.{dataset}.source")
+        self._session = self._session or _Session(dataset)
+        try:
+            api = self._session.api
+        except UserError as error:
+            raise Unreachable(str(error)) from None
+        try:
+            with _quiet():
+                return _version_number(api.dataset_status(target.ref, format="json(current_version_number)"))
+        except Exception as error:
+            mapped = _map_error(error, target, None, dataset, api)
+            if mapped is None:
+                raise
+            # No connection, or credentials rejected or rate-limited: no other dataset would do better.
+            response = getattr(error, "response", None)
+            everywhere = isinstance(error, requests.exceptions.RequestException) and (
+                response is None or response.status_code in (401, 429))
+            raise (Unreachable if everywhere else UserError)(str(mapped)) from None
 
 
 @contextlib.contextmanager

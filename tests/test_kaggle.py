@@ -548,3 +548,124 @@ def test_a_key_file_readable_by_others_warns_once_on_stderr(fake, tmp_path, caps
     warnings = [line for line in captured.err.splitlines() if "chmod 600" in line]
     assert len(warnings) == 1 and "kaggle.json" in warnings[0] and "readable by other users" in warnings[0]
     assert "Your Kaggle API key is readable" not in captured.out  # the client's own warning is not repeated
+
+
+# --------------------------------------------------------------------------------------------
+# `python -m stages.fetch --check`: a new version on Kaggle, which DVC cannot see.
+
+
+def check_project(tmp_path: Path, monkeypatch, pets: dict, local: bool = False) -> Path:
+    """A project whose dataset `pets` has the kaggle source `pets` (and `shapes`, a local folder of
+    cat and dog images, if `local`), run from its folder; returns it."""
+    from tests.toy import toy_params
+
+    project = tmp_path / "project"
+    project.mkdir()
+    params = toy_params(["cat", "dog"])
+    entry = params["datasets"].pop("toy")
+    params["datasets"]["pets"] = {**entry, "source": {"kind": "kaggle", **pets}}
+    if local:
+        for name, data in class_images(7).items():
+            (project / "shapes" / name).parent.mkdir(parents=True, exist_ok=True)
+            (project / "shapes" / name).write_bytes(data)
+        params["datasets"]["shapes"] = {**entry, "source": {"kind": "local", "path": "shapes"}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    monkeypatch.chdir(project)
+    return project
+
+
+def fetch_into_project(name: str) -> dict:
+    return fetch_stage(name, "params.yaml", Path(f"data/raw/{name}"), Path(f"data/raw/{name}.provenance.json"))
+
+
+def run_check(capsys, *argv: str) -> tuple[int, list[str]]:
+    from stages.fetch import main
+
+    capsys.readouterr()
+    try:
+        main(["--check", *argv])
+        status = 0
+    except SystemExit as exit_status:
+        status = exit_status.code
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    return status, captured.out.splitlines()
+
+
+def test_check_sees_a_new_kaggle_version_of_an_unpinned_dataset(fake, tmp_path, monkeypatch, capsys):
+    """Unpinned, fetch takes Kaggle's latest version, and DVC cannot see a newer one: --check asks
+    Kaggle (through the client fetch uses) and reports it like a changed local source, exit 1,
+    with the pin that makes it a params change; before, it said 'not local; nothing to check'."""
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
+    check_project(tmp_path, monkeypatch, {"dataset": "own/pets"})
+    fetch_into_project("pets")
+
+    assert run_check(capsys) == (0, [
+        "fetch: pets is version 1 of Kaggle dataset own/pets, the latest; pin it (datasets.pets.source.version: 1) "
+        "so that DVC and CI see a new version"])
+
+    fake.add_dataset("own/pets", zip_bytes(class_images(100)), version=2)
+    assert run_check(capsys, "--dataset", "pets") == (1, [
+        "fetch@pets: Kaggle dataset own/pets has a new version, 2 (fetch@pets took version 1); DVC cannot see it: "
+        "to use it, pin it, datasets.pets.source.version: 2, a params change that `dvc repro` and CI's "
+        "`plan --changed` see"])
+    assert len(fake.rpc("GetDataset")) == 3  # one for the fetch, one for each check
+
+
+def test_check_says_a_pinned_kaggle_version_is_pinned_and_whether_a_newer_one_exists(fake, tmp_path, monkeypatch, capsys):
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
+    check_project(tmp_path, monkeypatch, {"dataset": "own/pets", "version": 1})
+    assert run_check(capsys) == (0, [  # not fetched yet: the pin is what fetch would take
+        "fetch: pets is pinned to version 1 of Kaggle dataset own/pets, the latest"])
+    fetch_into_project("pets")
+    fake.add_dataset("own/pets", zip_bytes(class_images(100)), version=2)
+    assert run_check(capsys) == (0, [
+        "fetch: pets is pinned to version 1 of Kaggle dataset own/pets; Kaggle has a newer one, version 2: "
+        "to use it, set datasets.pets.source.version: 2"])
+    Path("params.yaml").write_text(Path("params.yaml").read_text().replace("version: 1", "version: 3"))
+    assert run_check(capsys, "--dataset", "pets")[1] == [  # a typo: fetch would get a 404
+        "fetch: datasets.pets.source has changed since the fetch; `dvc repro` fetches it again"]
+    shutil.rmtree("data/raw")
+    assert run_check(capsys, "--dataset", "pets") == (0, [
+        "fetch: pets is pinned to version 3 of Kaggle dataset own/pets, which Kaggle does not have (its current "
+        "version is 2), so fetch fails; set datasets.pets.source.version: 2 or lower"])
+
+
+def test_check_gives_the_kaggle_version_to_pin_before_the_first_fetch_and_says_competitions_have_none(
+        fake, tmp_path, monkeypatch, capsys):
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=3)
+    check_project(tmp_path, monkeypatch, {"dataset": "own/pets"})
+    assert run_check(capsys) == (0, [
+        "fetch: pets has not been fetched here (data/raw/pets.provenance.json is missing); Kaggle's current "
+        "version of own/pets, which fetch takes, is 3: to pin it, datasets.pets.source.version: 3"])
+
+    fake.add_competition("titanic", zip_bytes({"train.csv": b"a\n"}))
+    (Path("params.yaml")).write_text(Path("params.yaml").read_text().replace("dataset: own/pets", "competition: titanic"))
+    assert run_check(capsys) == (0, [
+        "fetch: pets's source is the Kaggle competition titanic, which has no versions; nothing to check"])
+    assert len(fake.rpc("GetDataset")) == 1  # the first check's; a competition is not asked
+
+
+@pytest.mark.parametrize("fault", ["no credentials", "server down", "bad key"])
+def test_check_without_kaggle_is_one_line_and_the_local_checks_still_run(fake, tmp_path, monkeypatch, capsys, fault):
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
+    project = check_project(tmp_path, monkeypatch, {"dataset": "own/pets"}, local=True)
+    fetch_into_project("pets")
+    fetch_into_project("shapes")
+    (project / "shapes" / "cat" / "new.png").write_bytes(png(99))
+    if fault == "no credentials":
+        fake.apply(monkeypatch, credentials="none")
+        reason = "no Kaggle credentials found"
+    elif fault == "bad key":
+        fake.write_kaggle_json(Path(os.environ["KAGGLE_CONFIG_DIR"]), key="wrong")
+        reason = "Kaggle rejected the credentials"
+    else:
+        fake.stop()
+        reason = "cannot reach api.kaggle.com through the proxy"
+
+    status, lines = run_check(capsys)
+
+    assert status == 1 and len(lines) == 2, lines
+    assert lines[0].startswith("fetch@shapes: shapes has changed since fetch@shapes copied it;")
+    assert lines[1].startswith(f"fetch: cannot ask Kaggle whether pets has a newer version: {reason}"), lines[1]
+    assert fake.key not in lines[1]
