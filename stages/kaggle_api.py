@@ -49,6 +49,7 @@ TIMEOUT = (30, 300)
 # run resumes too, so this only saves a re-run on a flaky connection.
 DOWNLOAD_RETRIES = 5
 CACHE_RECORD = "cache.json"
+SLUG = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 @dataclass(frozen=True)
@@ -147,10 +148,16 @@ def check(options: Any, where: str) -> tuple[_Target, list[str]]:
             )
         target = _Target("competition", competition)
     else:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", ref):
+        if not re.fullmatch(SLUG + "/" + SLUG, ref):
+            # A dataset page's URL, or a version page's (kagglehub's handle owner/slug/versions/N
+            # too): the part after kaggle.com/datasets/ would still hold /versions/N.
+            pasted = re.fullmatch(rf"(?:(?:https?://)?(?:www\.)?kaggle\.com/datasets/)?({SLUG}/{SLUG})"
+                                  r"(?:/versions/(\d+))?(?:[/?#].*)?", ref)
+            write = (f"; write `dataset: {pasted[1]}`" + (f" and `version: {pasted[2]}`" if pasted[2] else "")
+                     if pasted and (pasted[2] or "kaggle.com" in ref) else " (e.g. msambare/fer2013)")
             raise UserError(
                 f"{where}.dataset: {ref!r} is not an <owner>/<slug> reference; use the part after "
-                f"kaggle.com/datasets/ (e.g. msambare/fer2013)"
+                f"kaggle.com/datasets/{write}"
             )
         target = _Target("dataset", ref, version)
     files = list(options.files or [])

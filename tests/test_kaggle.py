@@ -488,6 +488,23 @@ def test_malformed_references_are_refused_before_any_request(tmp_path):
     assert "datasets.demo.source.files" in fails(tmp_path, dataset="own/pets", files=["../x.csv"])
 
 
+@pytest.mark.parametrize("pasted, pin", [
+    ("https://www.kaggle.com/datasets/own/pets", "`dataset: own/pets`"),
+    ("https://www.kaggle.com/datasets/own/pets/versions/3", "`dataset: own/pets` and `version: 3`"),
+    ("own/pets/versions/3", "`dataset: own/pets` and `version: 3`"),  # a kagglehub handle
+    ("www.kaggle.com/datasets/own/pets/data?select=train.csv", "`dataset: own/pets`"),
+])
+def test_a_pasted_dataset_url_or_versioned_handle_gets_the_keys_to_write(tmp_path, pasted, pin):
+    """A version page's URL, or kagglehub's `owner/slug/versions/N`: the part after
+    kaggle.com/datasets/, as the message said to use, still holds the version; the message now
+    gives the reference and the version pin to write (before: 'use the part after
+    kaggle.com/datasets/ (e.g. msambare/fer2013)', what was done)."""
+    message = fails(tmp_path, dataset=pasted)
+
+    assert message.startswith(f"datasets.demo.source.dataset: {pasted!r} is not an <owner>/<slug> reference;")
+    assert message.endswith(f"write {pin}"), message
+
+
 # --------------------------------------------------------------------------------------------
 # Safety: hostile archives, secrets, key file permissions.
 
