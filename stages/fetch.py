@@ -147,6 +147,10 @@ def _kaggle_check(name: str, options: KaggleOptions, record: dict | None, path: 
         return (f"fetch: {name} is version {now} of {what}, the latest; pin it (datasets.{name}.source.version: "
                 f"{now}) so that DVC and CI see a new version")
     took = f"version {then}" if then is not None else "a version Kaggle did not name"
+    if isinstance(then, int) and now < then:  # the version fetched was deleted on Kaggle
+        return (f"fetch@{name}: {what}'s current version is {now}, older than the {took} fetch@{name} took (Kaggle "
+                f"no longer has it as current); a new fetch would take {now}: to use it, pin it, "
+                f"datasets.{name}.source.version: {now}, a params change that `dvc repro` and CI's `plan --changed` see")
     return (f"fetch@{name}: {what} has a new version, {now} (fetch@{name} took {took}); DVC cannot see it: to use it, "
             f"pin it, datasets.{name}.source.version: {now}, a params change that `dvc repro` and CI's "
             "`plan --changed` see")

@@ -628,6 +628,14 @@ def test_check_sees_a_new_kaggle_version_of_an_unpinned_dataset(fake, tmp_path, 
         "`plan --changed` see"])
     assert len(fake.rpc("GetDataset")) == 3  # one for the fetch, one for each check
 
+    # Version 2 deleted on Kaggle after fetch@ took it: a new fetch would take 1, not "a new version".
+    fetch_into_project("pets")
+    del fake.datasets["own/pets"].versions[2]
+    assert run_check(capsys) == (1, [
+        "fetch@pets: Kaggle dataset own/pets's current version is 1, older than the version 2 fetch@pets took "
+        "(Kaggle no longer has it as current); a new fetch would take 1: to use it, pin it, "
+        "datasets.pets.source.version: 1, a params change that `dvc repro` and CI's `plan --changed` see"])
+
 
 def test_check_says_a_pinned_kaggle_version_is_pinned_and_whether_a_newer_one_exists(fake, tmp_path, monkeypatch, capsys):
     fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
