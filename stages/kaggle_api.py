@@ -160,13 +160,14 @@ def check(options: Any, where: str) -> tuple[_Target, list[str]]:
                 f"kaggle.com/datasets/{write}"
             )
         target = _Target("dataset", ref, version)
-    files = list(options.files or [])
+    files, seen = list(options.files or []), set()
     for file in files:
         path = archives.safe_member_path(file) if isinstance(file, str) else None
         if path is None or str(path) == ".":
             raise UserError(f"{where}.files: {file!r} is not a relative file path inside the {target.kind}")
-    if len(set(files)) != len(files):
-        raise UserError(f"{where}.files: lists a file twice")
+        if str(path) in seen:  # compared as paths: "a.csv" and "./a.csv" are one file
+            raise UserError(f"{where}.files: lists {path} twice ({file!r}); list each file once")
+        seen.add(str(path))
     return target, files
 
 

@@ -377,6 +377,10 @@ MISTAKES = {
         set_key(["datasets", "gtsrb", "source", "competition"], "gtsrb"),
         ["datasets.gtsrb.source: a kaggle source needs exactly one of"],
     ),
+    "a kaggle file listed twice, once with ./": (
+        set_key(["datasets", "gtsrb", "source", "files"], ["Train.csv", "./Train.csv"]),
+        ["datasets.gtsrb.source.files: lists Train.csv twice ('./Train.csv'); list each file once"],
+    ),
     "a url source whose sha256 is an md5": (
         set_key(["datasets", "digits", "source"],
                 {"kind": "url", "url": "https://example.org/d.zip", "sha256": "d41d8cd98f00b204e9800998ecf8427e"}),
