@@ -22,6 +22,7 @@ from PIL import Image, ImageCms
 MAX_PIXELS = 12_000 * 12_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 EXIF_ORIENTATION = 0x0112
+PHOTOMETRIC, MIN_IS_WHITE = 262, 0  # a TIFF tag and its value
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,12 @@ def _to_mode(image: Image.Image, target: str) -> Image.Image:
         opaque = np.asarray(image) != key if isinstance(key, int) else None  # a 16-bit key, before scaling
         # A PGM/PPM of more than 8 bits opens as 32-bit "I", its values scaled to 0..65535.
         sixteen = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM")
-        image = Image.fromarray(_to_8_bits(np.asarray(image), image.mode, sixteen), mode="L")
+        gray = _to_8_bits(np.asarray(image), image.mode, sixteen)
+        # A TIFF's min-is-white (photometric 0: a DICOM MONOCHROME1 X-ray) stores 0 for white;
+        # Pillow flips it only at 8 bits.
+        if image.format == "TIFF" and getattr(image, "tag_v2", {}).get(PHOTOMETRIC) == MIN_IS_WHITE:
+            np.subtract(255, gray, out=gray)
+        image = Image.fromarray(gray, mode="L")
         if opaque is not None:
             image.putalpha(Image.fromarray(opaque.view(np.uint8) * np.uint8(255)))
     if image.mode == "P":

@@ -261,3 +261,23 @@ def test_an_animation_or_multi_page_file_is_its_first_frame_and_counted(tmp_path
     single = tmp_path / f"still{suffix}"
     frames[1].save(single)
     assert check_image(single).frames == 1
+
+
+@pytest.mark.parametrize("kind", ["uint16", "float32"])
+def test_a_min_is_white_tiff_of_more_than_8_bits_loads_as_it_looks(tmp_path: Path, kind: str) -> None:
+    """A TIFF whose PhotometricInterpretation is 0 ("min-is-white", a DICOM MONOCHROME1 X-ray
+    exported as is) stores 0 for white. Pillow flips an 8-bit one as it loads, but opens a 16-bit
+    or float one with its values as stored: the X-ray loaded as its negative."""
+    from PIL import TiffImagePlugin
+
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    stored = (ramp * 65535).astype(np.uint16) if kind == "uint16" else ramp.astype(np.float32)
+    white_is_zero = TiffImagePlugin.ImageFileDirectory_v2()
+    white_is_zero[262] = 0
+    Image.fromarray(stored).save(tmp_path / "inverted.tif", tiffinfo=white_is_zero)
+    Image.fromarray(255 - np.rint(ramp * 255).astype(np.uint8)).save(tmp_path / "as_seen.tif")
+
+    assert check_image(tmp_path / "inverted.tif").error == ""
+    for channels in (1, 3):
+        np.testing.assert_array_equal(load_image(tmp_path / "inverted.tif", 8, channels),
+                                      load_image(tmp_path / "as_seen.tif", 8, channels))
