@@ -10,10 +10,11 @@ Writes, all before MLflow is contacted:
   accuracy, macro and weighted F1, top-3 accuracy (5+ classes), one-vs-rest ROC AUC, expected
   calibration error, latency at batch 1 and 64, model size, the training cost, the course's
   figures, and the metric that picks this dataset's champion;
-- one prediction per test image (a DVC confusion plot);
+- one prediction per test image (CSV);
 - figures (DVC plots): confusion matrix in counts and normalised, training curves, per-class F1,
   the most confident mistakes;
-- in `--evaluation`: the classification report (JSON) and per-class scores (CSV, a DVC plot).
+- in `--evaluation`: the classification report (JSON), per-class scores (CSV, a DVC plot) and the
+  count of test images per actual and predicted class, every pair (confusion.csv, DVC's confusion plot).
 
 Once the model is registered, the metrics file gains `model_version`.
 
@@ -182,6 +183,8 @@ def evaluate(
     )
     with atomic_path(evaluation / "per_class.csv") as temporary:
         per_class_table.to_csv(temporary, index=False)
+    with atomic_path(evaluation / "confusion.csv") as temporary:
+        confusion_table(data.classes, y_test, y_pred).to_csv(temporary, index=False)
 
     reference = dataclasses.asdict(experiment.dataset.reference)
     record = {
@@ -207,7 +210,8 @@ def evaluate(
         log_evaluation(
             experiment, training_record, record, model, model_file, x_test[:1], probabilities.shape[1],
             data.classes, metrics_path, [predictions_path, *sorted(figures.glob("*.png")),
-                                         evaluation / "classification_report.json", evaluation / "per_class.csv"],
+                                         evaluation / "classification_report.json", evaluation / "per_class.csv",
+                                         evaluation / "confusion.csv"],
         )
     return record
 
@@ -216,8 +220,7 @@ def predictions_table(
     paths: list[str], classes: list[str], y_test: np.ndarray, probabilities: np.ndarray
 ) -> pd.DataFrame:
     """One row per test image: its path, actual and predicted class, the confidence, and each class's
-    index in params.yaml, by which the DVC confusion plot (.dvc/plots/confusion_ordered.json) orders
-    its axes as confusion.png does, not by name ("10" before "9")."""
+    index in params.yaml."""
     y_pred = probabilities.argmax(axis=1)
     return pd.DataFrame(
         {
@@ -227,6 +230,26 @@ def predictions_table(
             "confidence": probabilities.max(axis=1).round(6),
             "actual_index": np.asarray(y_test, dtype=int),
             "predicted_index": y_pred,
+        }
+    )
+
+
+def confusion_table(classes: list[str], y_test: np.ndarray, y_pred: np.ndarray) -> pd.DataFrame:
+    """The DVC confusion plot's data (.dvc/plots/confusion_ordered.json): the count of test images
+    of each actual and predicted class, every pair of classes in params.yaml's order, 0 included,
+    so that the plot has a row and a column for each class as confusion.png does, also one never
+    predicted or with no test image; with each class's index, by which it orders its axes (not by
+    name: "10" before "9")."""
+    n = len(classes)
+    counts = np.bincount(np.asarray(y_test, dtype=int) * n + np.asarray(y_pred, dtype=int), minlength=n * n)
+    actual, predicted = np.divmod(np.arange(n * n), n)
+    return pd.DataFrame(
+        {
+            "actual": [classes[i] for i in actual],
+            "predicted": [classes[j] for j in predicted],
+            "count": counts,
+            "actual_index": actual,
+            "predicted_index": predicted,
         }
     )
 

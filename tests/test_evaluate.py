@@ -416,3 +416,26 @@ def test_a_missing_or_unreadable_history_csv_is_one_line_before_predicting(
     with pytest.raises(UserError, match=r"history\.csv: .*train@toy-net") as raised:
         _evaluate(trained)
     assert "\n" not in str(raised.value)
+
+
+def test_confusion_csv_counts_every_pair_of_classes_from_the_predictions(trained: Path) -> None:
+    """The DVC confusion plot's data: a row per actual and predicted class, every pair in the
+    classes' order, 0 included, counting the predictions CSV's images (which stay one per image)."""
+    import pandas as pd
+
+    _evaluate(trained)
+    out = trained / "reports"
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"actual": str, "predicted": str})
+    confusion = pd.read_csv(out / "evaluation" / "confusion.csv", dtype={"actual": str, "predicted": str})
+    from tests.test_training import CLASSES as classes
+
+    n = len(classes)
+    assert list(confusion.columns) == ["actual", "predicted", "count", "actual_index", "predicted_index"]
+    pairs = list(zip(confusion["actual_index"], confusion["predicted_index"]))
+    assert pairs == [(i, j) for i in range(n) for j in range(n)]
+    assert list(confusion["actual"]) == [classes[i] for i in confusion["actual_index"]]
+    assert list(confusion["predicted"]) == [classes[j] for j in confusion["predicted_index"]]
+    counted = predictions.groupby(["actual_index", "predicted_index"]).size()
+    for row in confusion.itertuples():
+        assert row.count == counted.get((row.actual_index, row.predicted_index), 0)
+    assert confusion["count"].sum() == len(predictions)

@@ -109,6 +109,8 @@ def test_demo_outputs_are_where_the_readme_says(project: tuple[Path, dict[str, s
         evaluation = copy / "reports/evaluation/digits" / backbone
         per_class = (evaluation / "per_class.csv").read_text().splitlines()
         assert per_class[0] == "class,precision,recall,f1,support" and len(per_class) == 11
+        confusion = (evaluation / "confusion.csv").read_text().splitlines()
+        assert confusion[0] == "actual,predicted,count,actual_index,predicted_index" and len(confusion) == 1 + 10 * 10
         report = json.loads((evaluation / "classification_report.json").read_text())
         assert set(report) >= {"0", "9", "accuracy", "macro avg", "weighted avg"}
         metrics = json.loads((copy / f"reports/metrics/demo/digits/{backbone}.json").read_text())
@@ -200,7 +202,7 @@ def test_dvc_plots_render_the_evaluation_offline(project: tuple[Path, dict[str, 
         for name in ("confusion", "confusion_normalized", "curves", "f1", "mistakes"):
             assert f"static/workspace_reports_figures_digits_{backbone}_{name}.png" in images
         assert f"vegaEmbed('#reports_evaluation_digits_{backbone}_per_class_csv'" in page
-        assert f"vegaEmbed('#reports_predictions_digits_{backbone}_csv'" in page
+        assert f"vegaEmbed('#reports_evaluation_digits_{backbone}_confusion_csv'" in page
     assert "static/workspace_reports_leaderboard_demo.png" in images
     assert '<script src="vega-bundle.js"></script>' in page and "https://" not in page.split("<body")[0]
     for backbone in ("small_cnn", "mobilenetv2"):  # the history plot draws a learning curve, not seconds

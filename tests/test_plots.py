@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from stages.errors import UserError
 from stages.plots import BUNDLE, VEGA_LITE_VERSION, main, split_out
@@ -170,17 +172,31 @@ def test_a_class_name_holding_markup_stays_data_in_the_page(tmp_path: Path) -> N
 ORDERED_CLASSES = ["angry", "surprise", "neutral", "9", "10"]
 
 
-def predictions_csv(path: Path, shift: int) -> None:
-    """evaluate's predictions table: each class mistaken once for every class (`shift` more often for the next)."""
-    from stages.evaluate import predictions_table
+def confusion_plot_definition() -> tuple[str, dict]:
+    """The evaluate stage's own definition of its confusion plot: its file and its options."""
+    plots_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]["do"]["plots"]
+    (definition,) = [entry for entry in plots_yaml if isinstance(entry, dict) and
+                     next(iter(entry.values())).get("template") == "confusion_ordered"]
+    path, options = next(iter(definition.items()))
+    # `cache` is an output's option, for a stage's plot; a top-level plot (these tests') has none.
+    return path, {key: value for key, value in options.items() if key != "cache"}
 
+
+def write_confusion_source(path: Path, pipeline_path: str, y_test: np.ndarray, y_pred: np.ndarray) -> None:
+    """What evaluate writes at `pipeline_path` (the plot's file in dvc.yaml) for these predictions."""
+    from stages.evaluate import confusion_table
+
+    assert pipeline_path.endswith("/confusion.csv") and pipeline_path.startswith("reports/evaluation/")
+    confusion_table(ORDERED_CLASSES, y_test, y_pred).to_csv(path, index=False)
+
+
+def confusion_csv(path: Path, shift: int) -> None:
+    """What evaluate writes for the confusion plot: each class mistaken once for every class
+    (`shift` more often for the next)."""
     n = len(ORDERED_CLASSES)
     y_test = np.repeat(np.arange(n), n + shift)
     predicted = np.array([j for i in range(n) for j in [*range(n), *[(i + 1) % n] * shift]])
-    probabilities = np.eye(n)[predicted] * 0.9 + 0.1 / n
-    predictions_table([f"{i}.png" for i in range(len(y_test))], ORDERED_CLASSES, y_test, probabilities).to_csv(
-        path, index=False
-    )
+    write_confusion_source(path, confusion_plot_definition()[0], y_test, predicted)
 
 
 def axes_in_order(page: str) -> list[list[str]]:
@@ -200,12 +216,8 @@ def test_the_confusion_plot_orders_its_axes_as_params_yaml(tmp_path: Path) -> No
     """evaluate's confusion.png lists the classes in params.yaml's order; DVC's `confusion`
     template sorted them as text, so its plot of the same predictions put "10" before "9" and
     "neutral" before "surprise", and a cell did not sit where it does in the PNG. With the
-    pipeline's definition of the predictions plot, `show` and `diff` draw both axes in
+    pipeline's definition of the confusion plot, `show` and `diff` draw both axes in
     params.yaml's order."""
-    import shutil
-
-    import yaml
-
     root = tmp_path / "ordered"
     root.mkdir()
     env = dvc_env()
@@ -214,17 +226,61 @@ def test_the_confusion_plot_orders_its_axes_as_params_yaml(tmp_path: Path) -> No
     run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
     if (ROOT / ".dvc" / "plots").is_dir():  # the project's own plot templates
         shutil.copytree(ROOT / ".dvc" / "plots", root / ".dvc" / "plots")
-    # The evaluate stage's own definition of the predictions plot, for this one file.
-    plots_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]["do"]["plots"]
-    (definition,) = [entry for entry in plots_yaml if isinstance(entry, dict) and
-                     next(iter(entry)).startswith("reports/predictions/")]
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"plots": [{"predictions.csv": next(iter(definition.values()))}]}))
+    # The evaluate stage's own definition of the confusion plot, for this one file.
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"plots": [{"confusion.csv": confusion_plot_definition()[1]}]}))
     (root / ".gitignore").write_text("/dvc_plots\n")
-    predictions_csv(root / "predictions.csv", shift=0)
+    confusion_csv(root / "confusion.csv", shift=0)
     assert axes_in_order(plots((root, env), "show")) == [ORDERED_CLASSES] * 2
 
     run([*git, "add", "-A"], root, env)
     run([*git, "commit", "-qm", "first"], root, env)
-    predictions_csv(root / "predictions.csv", shift=2)
+    confusion_csv(root / "confusion.csv", shift=2)
     drawn = axes_in_order(plots((root, env), "diff"))
     assert drawn == [ORDERED_CLASSES] * len(drawn) and len(drawn) >= 3  # one y axis, an x axis per revision
+
+
+def cells_drawn(page: str) -> dict[tuple[str, str], int]:
+    """The count in each (actual, predicted) cell of the page's one confusion plot, as drawn."""
+    import vl_convert
+
+    (spec,) = re.findall(r"^\s*var spec = (.*);$", page, re.MULTILINE)
+    svg = vl_convert.vegalite_to_svg(json.loads(spec), vl_version=VEGA_LITE_VERSION)
+    found = re.findall(r'aria-label="predicted: ([^;"]*); actual: ([^;"]*); xy_count: (\d+)"', svg)
+    return {(actual, predicted): int(count) for predicted, actual, count in found}
+
+
+def test_the_confusion_plot_shows_every_class_with_zero_cells(tmp_path: Path) -> None:
+    """confusion.png has a row and a column for every class of params.yaml; DVC's plot of the
+    predictions CSV had only the classes found in it, so a class never predicted had no column
+    and one absent from the test split no row. With the pipeline's definition of the plot, every
+    class is on both axes, in params.yaml's order, and a pair nothing fell in is a 0 cell."""
+    root = tmp_path / "every"
+    root.mkdir()
+    env = dvc_env()
+    run(["git", "init", "-q"], root, env)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
+    shutil.copytree(ROOT / ".dvc" / "plots", root / ".dvc" / "plots")
+    pipeline_path, definition = confusion_plot_definition()
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"plots": [{"plot.csv": definition}]}))
+    # "neutral" is never predicted, "10" has no test image; "9" is mistaken for "angry" twice.
+    y_test = np.array([0, 0, 1, 1, 1, 2, 3, 3, 3])
+    y_pred = np.array([0, 1, 1, 1, 3, 0, 0, 0, 3])
+    write_confusion_source(root / "plot.csv", pipeline_path, y_test, y_pred)
+    page = plots((root, env), "show")
+    assert axes_in_order(page) == [ORDERED_CLASSES] * 2
+    n = len(ORDERED_CLASSES)
+    expected = {(ORDERED_CLASSES[i], ORDERED_CLASSES[j]): 0 for i in range(n) for j in range(n)}
+    for i, j in zip(y_test, y_pred):
+        expected[ORDERED_CLASSES[i], ORDERED_CLASSES[j]] += 1
+    assert cells_drawn(page) == expected
+
+    # A commit from before confusion.csv plotted the predictions CSV, one row per image, with this
+    # template: `diff` against it still counts its rows (only the classes found in them).
+    from stages.evaluate import predictions_table
+
+    probabilities = np.eye(n)[y_pred] * 0.9 + 0.1 / n
+    paths = [f"{i}.png" for i in range(len(y_test))]
+    predictions_table(paths, ORDERED_CLASSES, y_test, probabilities).to_csv(root / "plot.csv", index=False)
+    found = {pair: count for pair, count in expected.items() if count}
+    assert {pair: count for pair, count in cells_drawn(plots((root, env), "show")).items() if count} == found
+
