@@ -45,6 +45,14 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 SCRIPT_SUFFIXES = (".php", ".asp", ".aspx", ".ashx", ".jsp", ".cgi", ".pl", ".do", ".action", ".cfm")
 
 
+class DamagedArchive(UserError):
+    """extract's error for a file that is not a whole archive; `detail` says what is wrong."""
+
+    def __init__(self, archive: Path, detail: str) -> None:
+        super().__init__(f"{archive}: not a readable archive ({detail}); download it again")
+        self.detail = detail
+
+
 @dataclass
 class Extraction:
     files: int = 0
@@ -265,23 +273,29 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES, spent
         # tarfile stops at the tar's end, before a compressed stream's CRC: a changed byte in
         # stored data would be extracted unseen, and a damaged .xz or .bz2 raises its own errors.
         if fault := stream_fault(archive):
-            raise UserError(f"{archive}: not a readable archive ({fault}); download it again")
+            raise DamagedArchive(archive, fault)
         return _extract_tar(archive, dest, max_bytes, bound)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
-        detail = " ".join(str(error).split())
-        raise UserError(f"{archive}: not a readable archive ({detail}); download it again") from None
+        raise DamagedArchive(archive, " ".join(str(error).split())) from None
     except (IsADirectoryError, FileExistsError, NotADirectoryError) as error:
         # Entries that clash (a file `a` and a folder `a/`) make an archive that cannot be laid out.
         raise UserError(f"{archive}: entries clash at {error.filename}; the archive is malformed") from None
 
 
-def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES) -> list[dict[str, str]]:
+def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES, source: str = "",
+                  remedy: str = "replace it with a whole copy where the source keeps it, and run fetch again"
+                  ) -> list[dict[str, str]]:
     """Extract the archives lying in the extracted or copied data under `dest` (told by their
     names' suffixes: train.zip, images.tar.gz, Kaggle's train.csv.zip), each into its own folder,
     as `unzip` would, and delete it; then the archives those held, NESTED_DEPTH levels in all.
     Each is extracted as safely as the outer one, and the bytes of all count against the one
     `max_bytes` (`spent`: those the outer extraction wrote). The entries refused, returned, carry
-    the inner archive's path: {"archive": "parts/train.zip", "entry": ..., "reason": ...}."""
+    the inner archive's path: {"archive": "parts/train.zip", "entry": ..., "reason": ...}.
+
+    An inner archive that is not readable stops the fetch in one line naming it by its path in
+    `source` (what the user calls the outer archive or folder) and saying `remedy`: the source
+    itself holds it damaged (the outer download was verified, or is the user's own file), so
+    "download it again" would give the same bytes."""
     refused: list[dict[str, str]] = []
     for _ in range(NESTED_DEPTH):
         nested = sorted(
@@ -291,7 +305,13 @@ def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES
         if not nested:
             break
         for inner in nested:
-            extraction = extract(inner, inner.parent, max_bytes, spent)
+            try:
+                extraction = extract(inner, inner.parent, max_bytes, spent)
+            except DamagedArchive as error:
+                where = f" inside {source}" if source else ""
+                raise UserError(f"{inner.relative_to(dest).as_posix()}{where}: not a readable archive ({error.detail}); "
+                                f"the source itself holds it damaged, so fetching again gives the same bytes: {remedy}"
+                                ) from None
             spent += extraction.bytes
             refused += [{"archive": inner.relative_to(dest).as_posix(), **item} for item in extraction.refused]
             inner.unlink()

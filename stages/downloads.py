@@ -391,7 +391,10 @@ def fetch_url(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     refused: list[dict[str, str]] = []
     if options.extract and archives.is_archive(target):
         extraction = archives.extract(target, dest)
-        refused = extraction.refused + archives.unpack_nested(dest, extraction.bytes)
+        refused = extraction.refused + archives.unpack_nested(
+            dest, extraction.bytes, source=f"{name} from {key}.url",
+            remedy=f"the download matches its pinned sha256; ask the publisher for a whole copy, or unpack {target} "
+                   "yourself, replace or remove it, and fetch that folder as a `local` source")
     else:
         if options.extract and (held := archives.content_format(target)):
             # Kept by its name's suffix (an .xlsx is a zip too); said, so that a dataset archive

@@ -103,7 +103,11 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     refused: list[dict[str, str]] = []
     for file, path, _ in obtained:
         refused += _unpack(path, file, dest)
-    refused += archives.unpack_nested(dest)
+    # Each download unpacked whole (a zip's entries' CRCs are checked): a damaged archive inside is Kaggle's copy.
+    refused += archives.unpack_nested(
+        dest, source=f"kaggle {target.describe()}",
+        remedy=f"tell the owner (on {target.page}); or unpack the download in {folder} yourself, replace or remove it, "
+               "and fetch that folder as a `local` source")
 
     origin = f"kaggle {target.kind} {target.ref}"
     if target.kind == "dataset":

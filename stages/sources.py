@@ -150,13 +150,20 @@ def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, An
         # The archives in it are unpacked as those in an archive are: a download behind a login
         # often comes in parts (train.zip, test.zip), which a folder holds together.
         refused = copy_regular_files(source, dest)
-        return {"origin": f"local folder {options.path}", "refused": refused + archives.unpack_nested(dest),
-                "folder_sha256": checksum}
+        refused += archives.unpack_nested(
+            dest, source=f"local folder {options.path}",
+            remedy=f"replace it (or the archive in {options.path} it came from) with a whole copy, or move it out of "
+                   "the folder, and run fetch again")
+        return {"origin": f"local folder {options.path}", "refused": refused, "folder_sha256": checksum}
     extraction = archives.extract(source, dest)
+    refused = extraction.refused + archives.unpack_nested(
+        dest, extraction.bytes, source=f"local archive {options.path}",
+        remedy=f"re-pack {options.path} with a whole copy of it (or without it), or unpack it yourself and fetch the "
+               "folder as a `local` source")
     return {
         "origin": f"local archive {options.path}",
         "archives": [{"name": source.name, "sha256": checksum, "bytes": source.stat().st_size}],
-        "refused": extraction.refused + archives.unpack_nested(dest, extraction.bytes),
+        "refused": refused,
     }
 
 

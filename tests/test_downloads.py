@@ -724,6 +724,28 @@ def test_an_archive_kept_for_its_suffix_is_named_in_a_note(server, tmp_path, mon
             assert said == ""
 
 
+def test_a_damaged_archive_inside_a_verified_download_says_the_publisher_ships_it_so(server, cache, tmp_path):
+    """A download that matches its pinned sha256 but holds a damaged `data/test.tar.gz`: one line
+    naming the inner archive by its path in the download, saying downloading again gives the same
+    bytes and what to do instead (before: '<raw>.partial/data/test.tar.gz: not a readable archive
+    (...); download it again', naming a folder the failed fetch deletes)."""
+    damaged = bytearray(tar_bytes({"test/cat/1.png": np.random.default_rng(0).bytes(20_000)}, "w:gz"))
+    damaged[len(damaged) // 2] ^= 0xFF
+    data = zip_bytes({"data/train.zip": zip_bytes({"train/cat/0.png": b"c0"}), "data/test.tar.gz": bytes(damaged)})
+    server.files["/pets.zip"] = data
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    with pytest.raises(UserError) as caught:
+        get_source("url").fetch(UrlOptions(url=server.url("/pets.zip"), sha256=sha(data)), dest, "pets")
+
+    message = str(caught.value)
+    assert message.startswith("data/test.tar.gz inside pets.zip from datasets.pets.source.url: not a readable "
+                              "archive (gzip stream: "), message
+    assert "the download matches its pinned sha256" in message and str(cache / "pets" / "pets.zip") in message
+    assert "download it again" not in message and str(dest) not in message and "\n" not in message
+
+
 def tar_bytes(entries: dict[str, bytes], mode: str) -> bytes:
     import tarfile
 

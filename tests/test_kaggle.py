@@ -525,6 +525,19 @@ def test_entries_escaping_dest_are_refused_and_reported(fake, tmp_path):
     assert not [p for p in tmp_path.rglob("*evil.txt")] and not [p for p in tmp_path.rglob("abs.txt")]
 
 
+def test_a_damaged_archive_inside_a_whole_download_is_named_as_kaggles_own(fake, tmp_path):
+    """A dataset whose zip is whole but holds a damaged `parts/train.zip`: one line naming it in
+    the dataset, saying fetching again gives the same bytes, and where to tell the owner (before:
+    '<dest>/parts/train.zip: not a readable archive (...); download it again')."""
+    fake.add_dataset("own/pets", zip_bytes({"parts/train.zip": b"not a zip" * 20, **class_images(0)}))
+
+    message = fails(tmp_path, dataset="own/pets", version=1)
+
+    assert message.startswith("parts/train.zip inside kaggle dataset own/pets version 1: not a readable archive "
+                              "(File is not a zip file); the source itself holds it damaged"), message
+    assert "https://www.kaggle.com/datasets/own/pets/versions/1" in message and "download it again" not in message
+
+
 def params_with_kaggle_source(tmp_path: Path, source: dict) -> Path:
     raw = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")))
     raw["datasets"]["digits"]["source"] = {"kind": "kaggle", **source}

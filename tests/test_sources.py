@@ -313,6 +313,41 @@ def test_archives_inside_a_local_archive_or_folder_are_unpacked_in_place(tmp_pat
     assert (made / "parts" / "train.zip").is_file(), "the source folder is left as it is"
 
 
+@pytest.mark.parametrize("form", ["folder", "archive"])
+def test_a_damaged_archive_inside_a_local_source_is_named_in_it_and_a_fixed_source_fetches(tmp_path, form):
+    """A local folder (or archive) whose `parts/train.zip` is damaged: the fetch stops in one line
+    naming the inner archive by its path in the source and saying the source holds it so (before:
+    '<raw>.partial/parts/train.zip: not a readable archive (...); download it again', naming a
+    folder the failed fetch deletes, with advice that gives the same bytes). The earlier raw
+    folder is kept, and once the source is fixed the fetch runs through."""
+    made = tmp_path / "made"
+    (made / "parts").mkdir(parents=True)
+    class_folder_dataset(tmp_path / "train" / "train")
+    whole = zip_of_folder(tmp_path / "train", tmp_path / "train.zip")
+    (made / "parts" / "train.zip").write_bytes(b"this is not a zip" * 10)
+    source = made if form == "folder" else zip_of_folder(made, tmp_path / "data.zip")
+    params = params_with_local_source(tmp_path, source)
+    out = tmp_path / "raw" / "digits"
+    out.mkdir(parents=True)
+    (out / "earlier.png").write_bytes(b"old")
+    provenance = tmp_path / "raw" / "digits.provenance.json"
+
+    with pytest.raises(UserError) as caught:
+        fetch("digits", str(params), out, provenance)
+
+    message = str(caught.value)
+    assert message.startswith(f"parts/train.zip inside local {form} {source}: not a readable archive "
+                              "(File is not a zip file); the source itself holds it damaged"), message
+    assert "download it again" not in message and ".partial" not in message and "\n" not in message
+    assert files_under(out) == {"earlier.png"} and not out.with_name("digits.partial").exists()
+
+    shutil.copyfile(whole, made / "parts" / "train.zip")
+    if form == "archive":
+        zip_of_folder(made, source)
+    fetch("digits", str(params), out, provenance)
+    assert files_under(out) == {f"parts/train/{label}/{i}.png" for label in "ab" for i in range(2)}
+
+
 def test_archives_nested_past_the_depth_limit_are_left_packed_and_share_one_budget(tmp_path):
     """Unpacking stops NESTED_DEPTH levels down (a zip quine must not loop), and the bytes of every
     inner archive count against the one limit the outer extraction had, so a nest of archives
