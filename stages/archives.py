@@ -278,7 +278,8 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES, spent
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
         raise DamagedArchive(archive, " ".join(str(error).split())) from None
     except (IsADirectoryError, FileExistsError, NotADirectoryError) as error:
-        # Entries that clash (a file `a` and a folder `a/`) make an archive that cannot be laid out.
+        # Entries that clash (a file `a` and a folder `a/`) are refused one by one (_clash): this
+        # is a layout the file system refuses all the same.
         raise UserError(f"{archive}: entries clash at {error.filename}; the archive is malformed") from None
 
 
@@ -355,6 +356,20 @@ def _clashes(out: Path) -> bool:
     return out.is_file() or out.is_symlink()
 
 
+def _clash(dest: Path, target: PurePosixPath, folder: bool) -> str | None:
+    """Why an entry cannot be laid out under `dest` beside what is already there, or None: a
+    folder it needs is a file (a source's file `train` beside its train.zip of `train/...`), or a
+    file entry's path is a folder, or a file (DUPLICATE). What is there is kept."""
+    for above in [*reversed(target.parents[:-1]), *([target] if folder else [])]:
+        if _clashes(dest / above):
+            return f"clashes with the file {above}, already there: a folder cannot take its name; the file is kept"
+    if folder:
+        return None
+    if (dest / target).is_dir():
+        return f"clashes with the folder {target}, already there; the folder is kept"
+    return DUPLICATE if _clashes(dest / target) else None
+
+
 def _extract_zip(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extraction:
     result = Extraction()
     with zipfile.ZipFile(archive) as handle:
@@ -368,7 +383,10 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extra
                 _refuse(result, info.filename, "symbolic link")
                 continue
             if info.is_dir():
-                (dest / target).mkdir(parents=True, exist_ok=True)
+                if (clash := _clash(dest, target, folder=True)) is not None:
+                    _refuse(result, info.filename, clash)
+                else:
+                    (dest / target).mkdir(parents=True, exist_ok=True)
                 continue
             if info.flag_bits & 0x1:
                 _refuse(result, info.filename, "encrypted (the zip needs a password); extract it yourself and "
@@ -379,8 +397,8 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extra
                 _refuse(result, info.filename, f"compressed with method {info.compress_type} ({method}), which Python "
                                                "cannot read; re-pack the archive with standard deflate")
                 continue
-            if _clashes(dest / target):
-                _refuse(result, info.filename, DUPLICATE)
+            if (clash := _clash(dest, target, folder=False)) is not None:
+                _refuse(result, info.filename, clash)
                 continue
             ratio = info.file_size / max(info.compress_size, 1)
             if info.file_size > BOMB_MIN_BYTES and ratio > BOMB_RATIO:
@@ -417,13 +435,16 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extra
                 _refuse(result, member.name, NOT_UTF8_ENTRY)
                 continue
             if member.isdir():
-                (dest / target).mkdir(parents=True, exist_ok=True)
+                if (clash := _clash(dest, target, folder=True)) is not None:
+                    _refuse(result, member.name, clash)
+                else:
+                    (dest / target).mkdir(parents=True, exist_ok=True)
                 continue
             if not member.isfile():
                 _refuse(result, member.name, "device, fifo or other special file")
                 continue
-            if _clashes(dest / target):
-                _refuse(result, member.name, DUPLICATE)
+            if (clash := _clash(dest, target, folder=False)) is not None:
+                _refuse(result, member.name, clash)
                 continue
             _check_budget(result, member.size, max_bytes, archive, bound)
             out = dest / target

@@ -348,6 +348,41 @@ def test_a_damaged_archive_inside_a_local_source_is_named_in_it_and_a_fixed_sour
     assert files_under(out) == {f"parts/train/{label}/{i}.png" for label in "ab" for i in range(2)}
 
 
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_inner_archive_whose_folder_is_a_file_already_there_refuses_those_entries(tmp_path, kind):
+    """A folder holding a file `train` (notes, no suffix) beside `train.zip` of `train/a/0.png`
+    ...: the inner archive's entries under `train/` are refused with the reason, the file kept,
+    the rest extracted; and the reverse, an entry `notes` where the folder has a folder `notes/`.
+    Before: the fetch stopped with '<raw>.partial/train.zip: entries clash at <raw>.partial/train/a;
+    the archive is malformed', blaming an archive that is fine and naming a folder it deletes."""
+    made = tmp_path / "made"
+    class_folder_dataset(made / "train")
+    (made / "notes.txt").write_bytes(b"inner")
+    source = tmp_path / "source"
+    (source / "notes.txt").mkdir(parents=True)
+    (source / "notes.txt" / "kept.txt").write_bytes(b"folder")
+    (source / "train").write_bytes(b"a file")
+    (zip_of_folder if kind == "zip" else tar_of_folder)(made, source / f"train.{kind}")
+    (source / "other").mkdir()
+    (source / "other" / "0.png").write_bytes(b"x")
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    assert files_under(dest) == {"train", "notes.txt/kept.txt", "other/0.png"}
+    assert (dest / "train").read_bytes() == b"a file" and (dest / "notes.txt" / "kept.txt").read_bytes() == b"folder"
+    # The folder entries (`train/`, `train/a/`) too: the zip's and the tar's name them.
+    reasons = {item["entry"].rstrip("/"): item["reason"] for item in details["refused"]}
+    assert {item["archive"] for item in details["refused"]} == {f"train.{kind}"}
+    under = ("train", "train/a", "train/b", *(f"train/{label}/{i}.png" for label in "ab" for i in range(2)))
+    assert reasons == {
+        **{entry: "clashes with the file train, already there: a folder cannot take its name; the file is kept"
+           for entry in under},
+        "notes.txt": "clashes with the folder notes.txt, already there; the folder is kept",
+    }
+
+
 def test_archives_nested_past_the_depth_limit_are_left_packed_and_share_one_budget(tmp_path):
     """Unpacking stops NESTED_DEPTH levels down (a zip quine must not loop), and the bytes of every
     inner archive count against the one limit the outer extraction had, so a nest of archives
