@@ -48,7 +48,7 @@ SCRIPT_SUFFIXES = (".php", ".asp", ".aspx", ".ashx", ".jsp", ".cgi", ".pl", ".do
 class DamagedArchive(UserError):
     """extract's error for a file that is not a whole archive; `detail` says what is wrong."""
 
-    def __init__(self, archive: Path, detail: str) -> None:
+    def __init__(self, archive: Path | str, detail: str) -> None:
         super().__init__(f"{archive}: not a readable archive ({detail}); download it again")
         self.detail = detail
 
@@ -256,31 +256,39 @@ def safe_member_path(name: str) -> PurePosixPath | None:
     return PurePosixPath(*parts) if parts else PurePosixPath(".")
 
 
-def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES, spent: int = 0) -> Extraction:
+def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES, spent: int = 0,
+            name: str = "") -> Extraction:
     """Extract `archive` into `dest`, refusing unsafe entries; raise UserError on a bad archive.
-    `spent`: bytes already written toward `max_bytes` (by the archives this one came inside)."""
+    `spent`: bytes already written toward `max_bytes` (by the archives this one came inside or
+    beside); `name`: what to call the archive in an error (its path, if not given)."""
+    name = name or str(archive)
     dest.mkdir(parents=True, exist_ok=True)
     room = shutil.disk_usage(dest).free - FREE_MARGIN_BYTES
     if room < max_bytes - spent:
         max_bytes = max(room, 0)
-        bound = f"free space on {dest} ({max_bytes:,} bytes, keeping {FREE_MARGIN_BYTES // 1024**3} GiB free)"
+        refusal = (f"{name}: expands past the free space on {dest} ({max_bytes:,} bytes, keeping "
+                   f"{FREE_MARGIN_BYTES // 1024**3} GiB free); refusing it: free some space and run again "
+                   "(or it is a zip bomb)")
     else:
-        bound = f"{max_bytes:,}-byte limit"
+        # A fixed limit: free space would not move it.
+        earlier = f" with the {spent:,} bytes extracted before it" if spent else ""
+        refusal = (f"{name}: expands past the {max_bytes:,}-byte limit{earlier}; refusing it (a zip bomb's sign; a "
+                   "dataset that large has to be extracted by hand and fetched as a `local` folder)")
         max_bytes -= spent
     try:
         if extraction_format(archive) == "zip":
-            return _extract_zip(archive, dest, max_bytes, bound)
+            return _extract_zip(archive, dest, max_bytes, refusal)
         # tarfile stops at the tar's end, before a compressed stream's CRC: a changed byte in
         # stored data would be extracted unseen, and a damaged .xz or .bz2 raises its own errors.
         if fault := stream_fault(archive):
-            raise DamagedArchive(archive, fault)
-        return _extract_tar(archive, dest, max_bytes, bound)
+            raise DamagedArchive(name, fault)
+        return _extract_tar(archive, dest, max_bytes, refusal)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
-        raise DamagedArchive(archive, " ".join(str(error).split())) from None
+        raise DamagedArchive(name, " ".join(str(error).split())) from None
     except (IsADirectoryError, FileExistsError, NotADirectoryError) as error:
         # Entries that clash (a file `a` and a folder `a/`) are refused one by one (_clash): this
         # is a layout the file system refuses all the same.
-        raise UserError(f"{archive}: entries clash at {error.filename}; the archive is malformed") from None
+        raise UserError(f"{name}: entries clash at {error.filename}; the archive is malformed") from None
 
 
 def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES, source: str = "",
@@ -306,15 +314,16 @@ def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES
         if not nested:
             break
         for inner in nested:
+            name = inner.relative_to(dest).as_posix()
+            where = f" inside {source}" if source else ""
             try:
-                extraction = extract(inner, inner.parent, max_bytes, spent)
+                extraction = extract(inner, inner.parent, max_bytes, spent, name=f"{name}{where}")
             except DamagedArchive as error:
-                where = f" inside {source}" if source else ""
-                raise UserError(f"{inner.relative_to(dest).as_posix()}{where}: not a readable archive ({error.detail}); "
+                raise UserError(f"{name}{where}: not a readable archive ({error.detail}); "
                                 f"the source itself holds it damaged, so fetching again gives the same bytes: {remedy}"
                                 ) from None
             spent += extraction.bytes
-            refused += [{"archive": inner.relative_to(dest).as_posix(), **item} for item in extraction.refused]
+            refused += [{"archive": name, **item} for item in extraction.refused]
             inner.unlink()
     return refused
 
@@ -323,12 +332,9 @@ def _refuse(result: Extraction, entry: str, reason: str) -> None:
     result.refused.append({"entry": entry, "reason": reason})
 
 
-def _check_budget(result: Extraction, size: int, max_bytes: int, archive: Path, bound: str) -> None:
+def _check_budget(result: Extraction, size: int, max_bytes: int, refusal: str) -> None:
     if result.bytes + size > max_bytes:
-        raise UserError(
-            f"{archive}: expands past the {bound}; refusing it "
-            "(a zip bomb, or free some space and run again)"
-        )
+        raise UserError(refusal)
 
 
 # What zipfile can decompress; Deflate64 (method 9, written by Windows for large zips) and the
@@ -370,7 +376,7 @@ def _clash(dest: Path, target: PurePosixPath, folder: bool) -> str | None:
     return DUPLICATE if _clashes(dest / target) else None
 
 
-def _extract_zip(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extraction:
+def _extract_zip(archive: Path, dest: Path, max_bytes: int, refusal: str) -> Extraction:
     result = Extraction()
     with zipfile.ZipFile(archive) as handle:
         for info in handle.infolist():
@@ -405,7 +411,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extra
                 _refuse(result, info.filename, f"expands to {info.file_size:,} bytes from {info.compress_size:,}"
                                                f" ({ratio:,.0f}:1, a zip bomb's ratio)")
                 continue
-            _check_budget(result, info.file_size, max_bytes, archive, bound)
+            _check_budget(result, info.file_size, max_bytes, refusal)
             out = dest / target
             out.parent.mkdir(parents=True, exist_ok=True)
             written = 0
@@ -413,14 +419,14 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extra
                 # The declared size can lie; count what really comes out.
                 while block := source.read(1 << 20):
                     written += len(block)
-                    _check_budget(result, written, max_bytes, archive, bound)
+                    _check_budget(result, written, max_bytes, refusal)
                     sink.write(block)
             result.files += 1
             result.bytes += written
     return result
 
 
-def _extract_tar(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extraction:
+def _extract_tar(archive: Path, dest: Path, max_bytes: int, refusal: str) -> Extraction:
     result = Extraction()
     with tarfile.open(archive) as handle:
         for member in handle:
@@ -446,7 +452,7 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, bound: str) -> Extra
             if (clash := _clash(dest, target, folder=False)) is not None:
                 _refuse(result, member.name, clash)
                 continue
-            _check_budget(result, member.size, max_bytes, archive, bound)
+            _check_budget(result, member.size, max_bytes, refusal)
             out = dest / target
             out.parent.mkdir(parents=True, exist_ok=True)
             source = handle.extractfile(member)

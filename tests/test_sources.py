@@ -411,6 +411,27 @@ def test_archives_nested_past_the_depth_limit_are_left_packed_and_share_one_budg
         archives.unpack_nested(flat, max_bytes=1000)
 
 
+def test_the_byte_limit_names_the_inner_archive_in_its_source_and_what_the_earlier_ones_wrote(tmp_path):
+    """Inner archives share one byte limit: the line names the one that passed it by its path in
+    the source, counts what was extracted before it, and gives advice that helps (before:
+    '<raw>.partial/two.zip: expands past the 1,000-byte limit; refusing it (a zip bomb, or free
+    some space and run again)': a folder the failed fetch deletes, an archive of 600 bytes said
+    to pass 1,000 alone, and free space, which does not move a fixed limit)."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("one.zip", "two.zip"):
+        with zipfile.ZipFile(flat / name, "w") as handle:
+            handle.writestr(name + ".bin", b"\0" * 600)
+
+    with pytest.raises(UserError) as caught:
+        archives.unpack_nested(flat, max_bytes=1000, source="local folder data/parts")
+
+    message = str(caught.value)
+    assert message.startswith("two.zip inside local folder data/parts: expands past the 1,000-byte limit with the "
+                              "600 bytes extracted before it; refusing it"), message
+    assert "free some space" not in message and str(flat) not in message
+
+
 # --------------------------------------------------------------------------------------------
 # Archive safety.
 
