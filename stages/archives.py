@@ -316,15 +316,18 @@ def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES
         for inner in nested:
             name = inner.relative_to(dest).as_posix()
             where = f" inside {source}" if source else ""
+            # Moved aside first, its suffix kept: an entry of its own name (images.zip zipped
+            # again as images.zip) would be refused as a duplicate of it, then deleted with it.
+            aside = inner.rename(inner.with_name(f".unpacking-{inner.name}"))
             try:
-                extraction = extract(inner, inner.parent, max_bytes, spent, name=f"{name}{where}")
+                extraction = extract(aside, inner.parent, max_bytes, spent, name=f"{name}{where}")
             except DamagedArchive as error:
                 raise UserError(f"{name}{where}: not a readable archive ({error.detail}); "
                                 f"the source itself holds it damaged, so fetching again gives the same bytes: {remedy}"
                                 ) from None
             spent += extraction.bytes
             refused += [{"archive": name, **item} for item in extraction.refused]
-            inner.unlink()
+            aside.unlink()
     return refused
 
 

@@ -383,6 +383,27 @@ def test_an_inner_archive_whose_folder_is_a_file_already_there_refuses_those_ent
     }
 
 
+@pytest.mark.parametrize("inner", ["images.zip", "IMAGES.ZIP", "images.tar.gz"])
+def test_an_archive_holding_an_archive_of_its_own_name_is_unpacked_not_lost(tmp_path, inner):
+    """`images.zip` zipped again as `images.zip` (a host or a user re-packing a download): the
+    entry lies where its archive lies. Before: refused as a 'duplicate: an earlier entry has the
+    same path, and it is kept', then the archive it was kept for was deleted, so the dataset had
+    no images and the refusal said they were kept."""
+    folder = class_folder_dataset(tmp_path / "made")
+    packed = (zip_of_folder if inner.lower().endswith(".zip") else tar_of_folder)(folder, tmp_path / inner)
+    source = tmp_path / "source"
+    source.mkdir()
+    with zipfile.ZipFile(source / inner, "w") as handle:
+        handle.write(packed, inner)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    assert details["refused"] == []
+    assert files_under(dest) == {"a/0.png", "a/1.png", "b/0.png", "b/1.png"}
+
+
 def test_archives_nested_past_the_depth_limit_are_left_packed_and_share_one_budget(tmp_path):
     """Unpacking stops NESTED_DEPTH levels down (a zip quine must not loop), and the bytes of every
     inner archive count against the one limit the outer extraction had, so a nest of archives
