@@ -295,8 +295,9 @@ def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES
                   remedy: str = "replace it with a whole copy where the source keeps it, and run fetch again"
                   ) -> list[dict[str, str]]:
     """Extract the archives lying in the extracted or copied data under `dest` (told by their
-    names' suffixes: train.zip, images.tar.gz, Kaggle's train.csv.zip), each into its own folder,
-    as `unzip` would, and delete it; then the archives those held, NESTED_DEPTH levels in all.
+    names' suffixes: train.zip, images.tar.gz, Kaggle's train.csv.zip; not hidden ones), each
+    into its own folder, as `unzip` would, and delete it; then the archives those held,
+    NESTED_DEPTH levels in all.
     Each is extracted as safely as the outer one, and the bytes of all count against the one
     `max_bytes` (`spent`: those the outer extraction wrote). The entries refused, returned, carry
     the inner archive's path: {"archive": "parts/train.zip", "entry": ..., "reason": ...}.
@@ -307,9 +308,12 @@ def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES
     "download it again" would give the same bytes."""
     refused: list[dict[str, str]] = []
     for _ in range(NESTED_DEPTH):
+        # Hidden ones are a system's, not data (macOS's `._train.zip` beside train.zip is its
+        # metadata, no zip): left as they are, as validate sets them aside (layouts.not_an_image).
         nested = sorted(
             p for p in dest.rglob("*")
             if p.name.lower().endswith(ARCHIVE_SUFFIXES) and p.is_file() and not p.is_symlink()
+            and not any(part.startswith(".") for part in p.relative_to(dest).parts)
         )
         if not nested:
             break

@@ -383,6 +383,31 @@ def test_an_inner_archive_whose_folder_is_a_file_already_there_refuses_those_ent
     }
 
 
+@pytest.mark.parametrize("form", ["archive", "folder"])
+def test_macos_metadata_beside_an_inner_archive_is_kept_as_a_file_not_unpacked(tmp_path, form):
+    """A zip made by macOS's Finder holds `__MACOSX/parts/._train.zip` (AppleDouble metadata,
+    not a zip) beside `parts/train.zip`; a folder copied from a Mac's FAT drive holds
+    `parts/._train.zip`. Hidden files are left as they are (validate sets them aside as hidden
+    files, as it does `._x.jpg`). Before: taken for a damaged archive, so the fetch stopped."""
+    made = tmp_path / "made"
+    (made / "parts").mkdir(parents=True)
+    class_folder_dataset(tmp_path / "train" / "train")
+    zip_of_folder(tmp_path / "train", made / "parts" / "train.zip")
+    apple = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)
+    hidden = "__MACOSX/parts/._train.zip" if form == "archive" else "parts/._train.zip"
+    (made / hidden).parent.mkdir(parents=True, exist_ok=True)
+    (made / hidden).write_bytes(apple)
+    source = made if form == "folder" else zip_of_folder(made, tmp_path / "data.zip")
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    assert details["refused"] == []
+    assert files_under(dest) == {hidden, *(f"parts/train/{label}/{i}.png" for label in "ab" for i in range(2))}
+    assert (dest / hidden).read_bytes() == apple
+
+
 @pytest.mark.parametrize("inner", ["images.zip", "IMAGES.ZIP", "images.tar.gz"])
 def test_an_archive_holding_an_archive_of_its_own_name_is_unpacked_not_lost(tmp_path, inner):
     """`images.zip` zipped again as `images.zip` (a host or a user re-packing a download): the
