@@ -132,6 +132,7 @@ def evaluate(
     from stages.backbones import load_saved_model
     from stages.loader import array_batches, keras_input
 
+    runtime.import_keras_quietly()
     runtime.keep_tensorflow_out()
     import keras
 

@@ -404,9 +404,11 @@ def _train(
                 f"run {stage} again (dvc repro {stage})"
             )
 
+    from stages import runtime
+
+    runtime.import_keras_quietly()
     import keras
 
-    from stages import runtime
     from stages.backbones import base_of, build_model, split_at_features, unfreeze_top
     from stages.loader import array_batches, class_weights, keras_input
 

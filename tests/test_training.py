@@ -977,6 +977,55 @@ def test_train_and_evaluate_on_other_backends_never_import_tensorflow(backend: s
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] > 0.2, "better than chance (0.1)"
 
 
+WRITES_WHILE_KERAS_LOADS = """
+import importlib.abc, os, runpy, sys, warnings
+
+
+class Noisy(importlib.abc.MetaPathFinder):
+    # What must still come through while Keras is imported: a Python warning, and an error line
+    # as a native library writes it, straight to stderr's file descriptor.
+    def find_spec(self, name, path, target=None):
+        if name == "keras":
+            warnings.warn("a warning while Keras is imported")
+            os.write(2, b"E0000 00:00:1796649244.397629    8474 fake.cc:1] an error logged while Keras is imported\\n")
+        return None
+
+
+sys.meta_path.insert(0, Noisy())
+sys.argv = ["stages.{stage}", *sys.argv[1:]]
+runpy.run_module("stages.{stage}", run_name="__main__")
+"""
+
+
+def test_train_and_evaluate_leave_out_tensorflows_start_up_lines_but_not_warnings_or_errors(
+    tmp_path: Path, tracking: str
+) -> None:
+    """train and evaluate set TF_CPP_MIN_LOG_LEVEL to 2, but the lines TensorFlow's native
+    libraries log while Keras imports them ignore it (abseil/abseil-cpp#1957): abseil's notice,
+    oneDNN's and cuda's info lines came twice on every stage's stderr, as predict's did. Now they
+    are left out, as predict leaves them out; a Python warning or an error line still comes."""
+    data = write_prepared(tmp_path / "data")
+    params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 1})
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    env |= {"KERAS_BACKEND": "tensorflow", "MLFLOW_TRACKING_URI": tracking}
+    common = ["--experiment", "toy-net", "--data", str(data), "--params", str(params)]
+    steps = {
+        "train": [*common, "--out", str(tmp_path / "model")],
+        "evaluate": [*common, "--model", str(tmp_path / "model"), "--metrics", str(tmp_path / "metrics.json"),
+                     "--predictions", str(tmp_path / "predictions.csv"), "--figures", str(tmp_path / "figures"),
+                     "--evaluation", str(tmp_path / "evaluation")],
+    }
+    for stage, args in steps.items():
+        result = subprocess.run([sys.executable, "-c", WRITES_WHILE_KERAS_LOADS.format(stage=stage), *args], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "a warning while Keras is imported" in result.stderr, result.stderr
+        assert "] an error logged while Keras is imported" in result.stderr, result.stderr
+        below_errors = [line for line in result.stderr.splitlines() if line[:1] in "IW" and line[1:5].isdigit()]
+        assert below_errors == [] and "absl::InitializeLog" not in result.stderr, result.stderr
+        assert f"{stage}@toy-net: " in result.stdout
+
+
 INFERENCE_XLA = """
 import sys
 from pathlib import Path
