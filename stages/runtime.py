@@ -7,12 +7,14 @@ directly, so the training path stays free of TensorFlow on the other backends.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -104,6 +106,25 @@ def xla_refused(model: Any) -> str | None:
 # 8474 port.cc:153] oneDNN custom operations are on ..."), and the notice abseil writes above them.
 NATIVE_LOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^\s\]]+:\d+\] ")
 NATIVE_LOG_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+# What shows an NVIDIA GPU to this machine, driver loaded or not: the driver (/proc/driver/nvidia),
+# its device files (/dev/nvidia0, nvidiactl; a container given one GPU may have /dev/nvidia3
+# alone), WSL 2's GPU (/dev/dxg, no /dev/nvidia*), Jetson's (/dev/nvhost-ctrl-gpu), or a PCI
+# device of NVIDIA's (vendor 0x10de) whose driver is not loaded.
+NVIDIA_SIGNS = ("/proc/driver/nvidia", "/dev/nvidia*", "/dev/dxg", "/dev/nvhost-ctrl-gpu")
+PCI_VENDORS = "/sys/bus/pci/devices/*/vendor"
+
+
+def nvidia_device() -> bool:
+    """Whether this machine shows any sign of an NVIDIA GPU (NVIDIA_SIGNS, PCI_VENDORS)."""
+    if any(glob.glob(sign) for sign in NVIDIA_SIGNS):
+        return True
+    for vendor in glob.glob(PCI_VENDORS):
+        try:
+            if Path(vendor).read_text().strip().lower() == "0x10de":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def import_keras_quietly() -> None:
@@ -114,7 +135,10 @@ def import_keras_quietly() -> None:
     line whatever the level (abseil/abseil-cpp#1957). So stderr's file descriptor is sent to a
     file while Keras is imported, and what came there is written back but those lines. Every
     other line (a Python warning, an error, a line at or above the level) is written back as it
-    came."""
+    came. On TensorFlow, on a machine with no sign of an NVIDIA GPU (nvidia_device()), TensorFlow
+    also looks for GPUs then, and its error line "failed call to cuInit" is left out too: there
+    is no GPU for it to have failed on. Where there is one, that line is written back, as TensorFlow
+    logs it when something first asks for the devices."""
     if "keras" in sys.modules:
         return
     try:
@@ -129,8 +153,15 @@ def import_keras_quietly() -> None:
     saved = os.dup(2)
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
+        no_gpu = False
         try:
-            import keras  # noqa: F401
+            import keras
+
+            if keras.backend.backend() == "tensorflow" and not nvidia_device():
+                import tensorflow as tf
+
+                no_gpu = True
+                tf.config.list_physical_devices("GPU")  # where TensorFlow calls cuInit
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
@@ -139,6 +170,8 @@ def import_keras_quietly() -> None:
             for line in caught.read().decode("utf-8", "replace").splitlines(keepends=True):
                 found = NATIVE_LOG_LINE.match(line)
                 if line.rstrip("\n") == NATIVE_LOG_NOTICE or found and "IWEF".index(found.group(1)) < level:
+                    continue
+                if no_gpu and found and found.group(1) == "E" and "] failed call to cuInit: " in line:
                     continue
                 sys.stderr.write(line)
             sys.stderr.flush()

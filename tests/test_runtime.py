@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from stages.runtime import Accelerator, accelerator, precision_policy
@@ -75,3 +80,33 @@ def test_jax_auto_precision_reads_a_cuda_or_rocm_capability(monkeypatch, capabil
     device = accelerator()
     assert device.kind == "gpu"
     assert precision_policy("auto", device) == policy
+
+
+LOOKS_FOR_GPUS = """
+import sys
+from stages import runtime
+runtime.NVIDIA_SIGNS, runtime.PCI_VENDORS = (sys.argv[1],), sys.argv[2]
+runtime.import_keras_quietly()
+print(runtime.accelerator().kind)  # what train asks first, as evaluate's and predict's first model does
+"""
+
+
+@pytest.mark.parametrize("sign", ["none", "device-file", "pci-device"])
+def test_tensorflows_cuinit_error_is_left_out_only_where_no_nvidia_gpu_shows(tmp_path: Path, sign: str) -> None:
+    """On a machine without a GPU, TensorFlow logged `E0000 ... failed call to cuInit: ...` on
+    every train, evaluate and predict, an error line at the level the stages keep (2) although
+    nothing had failed. It is left out where the machine shows no sign of an NVIDIA GPU; where it
+    shows one (a device file, or an NVIDIA PCI device without its driver), the line still comes."""
+    if Path("/proc/driver/nvidia").exists() or list(Path("/dev").glob("nvidia*")):
+        pytest.skip("an NVIDIA GPU is here: cuInit does not fail, there is no line to keep or leave out")
+    (tmp_path / "vendor").write_text("0x10de\n" if sign == "pci-device" else "0x8086\n")
+    if sign == "device-file":
+        (tmp_path / "nvidia0").touch()
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", LOOKS_FOR_GPUS, str(tmp_path / "nvidia0"), str(tmp_path / "vendor")],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "cpu", result.stderr[-3000:]
+    cuinit = [line for line in result.stderr.splitlines() if "] failed call to cuInit: " in line]
+    assert len(cuinit) == (0 if sign == "none" else 1), result.stderr
