@@ -142,15 +142,16 @@ def keras_cache_dir() -> Path:
 
 def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     """Load the keras dataset, write it as PNGs under `dest`, and return the provenance details."""
-    import keras
-
-    from stages import archives
+    from stages import archives, runtime
 
     name = options.name
     if name not in KERAS_FILES:
         raise UserError(f"datasets.{dataset}.source.name: {name!r} is not one of {', '.join(KERAS_FILES)}")
     if name == "cifar100" and options.label_mode not in ("fine", "coarse"):
         raise UserError(f"datasets.{dataset}.source.label_mode: {options.label_mode!r} is not fine or coarse")
+    # Without TensorFlow's start-up lines below TF_CPP_MIN_LOG_LEVEL, as train and predict.
+    runtime.import_keras_quietly()
+    import keras
     names = class_names(options)
     cache = keras_cache_dir()
     files = KERAS_FILES[name]

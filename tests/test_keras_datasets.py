@@ -394,6 +394,26 @@ def test_importing_the_module_does_not_import_keras():
     assert completed.stdout.strip() == "[]"
 
 
+def test_a_name_keras_lacks_is_refused_before_keras_is_imported_and_keras_comes_in_quietly():
+    """A name keras.datasets lacks is one line before Keras (and TensorFlow, ~10 s, with its
+    start-up lines) is imported; a good one imports Keras through runtime.import_keras_quietly,
+    as train, evaluate and predict do, not bare (the fetch printed abseil's notice and oneDNN's
+    and cuda's info lines, twice)."""
+    code = (
+        "import sys; from types import SimpleNamespace as N; from pathlib import Path\n"
+        "from stages import keras_datasets as k, runtime; from stages.errors import UserError\n"
+        "try: k.fetch(N(name='nope', label_mode='fine'), Path('unused'), 'd')\n"
+        "except UserError as error: print(error)\n"
+        "print(sorted({'keras', 'tensorflow'} & set(sys.modules)))\n"
+        "runtime.import_keras_quietly = lambda: print('quietly') or sys.exit(0)\n"
+        "k.fetch(N(name='mnist', label_mode='fine'), Path('unused'), 'd')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.splitlines() == [
+        "datasets.d.source.name: 'nope' is not one of mnist, fashion_mnist, cifar10, cifar100", "[]", "quietly"]
+
+
 def test_class_names_are_complete_unique_and_safe_as_folder_names():
     assert {name: len(names) for name, names in CLASS_NAMES.items()} == {
         "cifar10": 10, "cifar100": 100, "cifar100_coarse": 20, "mnist": 10, "fashion_mnist": 10,
