@@ -154,11 +154,15 @@ def check(options: Any, where: str) -> tuple[_Target, list[str]]:
     else:
         if not re.fullmatch(SLUG + "/" + SLUG, ref):
             # A dataset page's URL, or a version page's (kagglehub's handle owner/slug/versions/N
-            # too): the part after kaggle.com/datasets/ would still hold /versions/N.
-            pasted = re.fullmatch(rf"(?:(?:https?://)?(?:www\.)?kaggle\.com/datasets/)?({SLUG}/{SLUG})"
-                                  r"(?:/versions/(\d+))?(?:[/?#].*)?", ref)
+            # too): the part after kaggle.com/datasets/ would still hold /versions/N. Another page's
+            # host (kaggle.com/competitions/titanic) is no owner.
+            pasted = re.fullmatch(rf"(?:(?:https?://)?(?:www\.)?kaggle\.com/datasets/)?(?!(?:www\.)?kaggle\.com/)"
+                                  rf"({SLUG}/{SLUG})(?:/versions/(\d+))?(?:[/?#].*)?", ref)
+            contest = re.fullmatch(rf"(?:https?://)?(?:www\.)?kaggle\.com/competitions/({SLUG})(?:[/?#].*)?", ref)
             write = (f"; write `dataset: {pasted[1]}`" + (f" and `version: {pasted[2]}`" if pasted[2] else "")
-                     if pasted and (pasted[2] or "kaggle.com" in ref) else " (e.g. msambare/fer2013)")
+                     if pasted and (pasted[2] or "kaggle.com" in ref)
+                     else f"; it is a competition's page: write `competition: {contest[1]}`" if contest
+                     else " (e.g. msambare/fer2013)")
             raise UserError(
                 f"{where}.dataset: {ref!r} is not an <owner>/<slug> reference; use the part after "
                 f"kaggle.com/datasets/{write}"

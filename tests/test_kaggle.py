@@ -505,6 +505,21 @@ def test_a_pasted_dataset_url_or_versioned_handle_gets_the_keys_to_write(tmp_pat
     assert message.endswith(f"write {pin}"), message
 
 
+@pytest.mark.parametrize("pasted, hint", [
+    ("kaggle.com/competitions/titanic", "`competition: titanic`"),
+    ("https://www.kaggle.com/competitions/titanic/data", "`competition: titanic`"),
+    ("www.kaggle.com/code/alice/eda", "(e.g. msambare/fer2013)"),
+])
+def test_a_pasted_url_of_another_kaggle_page_is_not_read_as_owner_and_slug(tmp_path, pasted, hint):
+    """A page that is not a dataset's, pasted without https://: its host is not an owner (before:
+    'write `dataset: kaggle.com/competitions`', a reference that is wrong again); a competition's
+    page gives the key to write instead."""
+    message = fails(tmp_path, dataset=pasted)
+
+    assert "`dataset: " not in message, message
+    assert message.endswith(hint), message
+
+
 # --------------------------------------------------------------------------------------------
 # Safety: hostile archives, secrets, key file permissions.
 
