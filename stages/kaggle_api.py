@@ -237,13 +237,14 @@ class VersionLookup:
             with _quiet():
                 return _version_number(api.dataset_status(target.ref, format="json(current_version_number)"))
         except Exception as error:
-            mapped = _map_error(error, target, None, dataset, api)
-            if mapped is None:
-                raise
-            # No connection, or credentials rejected or rate-limited: no other dataset would do better.
+            # No connection, or credentials rejected or rate-limited: no other dataset would do better,
+            # so the line, said once for them all, names none of them.
             response = getattr(error, "response", None)
             everywhere = isinstance(error, requests.exceptions.RequestException) and (
                 response is None or response.status_code in (401, 429))
+            mapped = _map_error(error, None if everywhere else target, None, dataset, api)
+            if mapped is None:
+                raise
             raise (Unreachable if everywhere else UserError)(str(mapped)) from None
 
 

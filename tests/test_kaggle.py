@@ -722,3 +722,22 @@ def test_check_without_kaggle_is_one_line_and_the_local_checks_still_run(fake, t
     assert lines[0].startswith("fetch@shapes: shapes has changed since fetch@shapes copied it;")
     assert lines[1].startswith(f"fetch: cannot ask Kaggle whether pets has a newer version: {reason}"), lines[1]
     assert fake.key not in lines[1]
+
+
+def test_check_without_kaggle_does_not_pin_its_one_line_on_the_first_dataset_asked(fake, tmp_path, monkeypatch, capsys):
+    """The line for every dataset Kaggle could not be asked about is about Kaggle, not about the
+    first one asked (before: '... whether pets, zoo have a newer version: cannot reach
+    api.kaggle.com ... while fetching dataset own/more version 2', a fetch --check never makes,
+    of a version it never asks for, naming one of the two)."""
+    project = check_project(tmp_path, monkeypatch, {"dataset": "own/more", "version": 2})
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    params["datasets"]["zoo"] = {**params["datasets"]["pets"], "source": {"kind": "kaggle", "dataset": "own/pets"}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    fake.stop()
+
+    _, lines = run_check(capsys)
+
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("fetch: cannot ask Kaggle whether pets, zoo have a newer version: cannot reach "
+                               "api.kaggle.com through the proxy"), lines[0]
+    assert "own/more" not in lines[0] and "version 2" not in lines[0] and "fetching dataset" not in lines[0], lines[0]
