@@ -63,6 +63,10 @@ def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
     return record
 
 
+# --check's line for what it could not check; with no change seen, the exit status is then 2.
+UNCHECKED = "fetch: cannot ask Kaggle"
+
+
 def check(params_path: str, datasets: list[str]) -> list[str]:
     """A line for each of `datasets` (default: every one with a `local` or `kaggle` source), saying
     whether its folder or archive is still what fetch@ copied, or its Kaggle dataset's version
@@ -110,7 +114,7 @@ def check(params_path: str, datasets: list[str]) -> list[str]:
             others.append(f"fetch: the local source of {name} is as fetched; pin it (datasets.{name}.source.sha256: "
                           f"{checksum}) so that DVC and CI see a new version")
     if unasked:
-        others.append(f"fetch: cannot ask Kaggle whether {', '.join(unasked)} "
+        others.append(f"{UNCHECKED} whether {', '.join(unasked)} "
                       f"{'has' if len(unasked) == 1 else 'have'} a newer version: {why}")
     return changed + others
 
@@ -128,7 +132,7 @@ def _kaggle_check(name: str, options: KaggleOptions, record: dict | None, path: 
     except kaggle_api.Unreachable:
         raise
     except UserError as error:
-        return f"fetch: cannot ask Kaggle for {name}'s current version: {error}"
+        return f"{UNCHECKED} for {name}'s current version: {error}"
     what = f"Kaggle dataset {options.dataset}"
     if now is None:
         return f"fetch: Kaggle does not say which version of {what} is current; nothing to compare {name} with"
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--check", action="store_true",
                         help="say which fetched `local` sources changed since, and which unpinned Kaggle datasets "
-                             "have a newer version (exit status 1 if any); fetch nothing")
+                             "have a newer version (exit status 1 if any; 2 if none, but Kaggle could not be asked); fetch nothing")
     args = parser.parse_args(argv)
     if args.check:
         # Paths in params (data/raw/, a relative source path) are from the repository root, the
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(lines or [f"fetch: no dataset in {args.params} has a local or kaggle source"]))
         if any(line.startswith("fetch@") for line in lines):
             raise SystemExit(1)
+        if any(line.startswith(UNCHECKED) for line in lines):  # nothing changed as far as it could see
+            raise SystemExit(2)
         return
     if len(args.dataset) != 1 or not args.out or not args.provenance:
         parser.error("give one --dataset, --out and --provenance (or --check)")
