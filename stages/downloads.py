@@ -390,7 +390,12 @@ def fetch_url(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     fetched = download(options.url, target, sha256=pinned, what=f"{key}.url")
     refused: list[dict[str, str]] = []
     if options.extract and archives.is_archive(target):
-        extraction = archives.extract(target, dest)
+        try:
+            extraction = archives.extract(target, dest)
+        except archives.DamagedArchive as error:
+            raise UserError(f"{target}: not a readable archive ({error.detail}); it matches {key}.sha256, so "
+                            "downloading it again gives the same bytes: ask the publisher for a whole copy (or, if "
+                            "the pin was taken from a damaged copy, pin the whole file's sha256)") from None
         refused = extraction.refused + archives.unpack_nested(
             dest, extraction.bytes, source=f"{name} from {key}.url",
             remedy=f"the download matches its pinned sha256; ask the publisher for a whole copy, or unpack {target} "

@@ -155,7 +155,11 @@ def fetch_local(options: LocalOptions, dest: Path, dataset: str) -> dict[str, An
             remedy=f"replace it (or the archive in {options.path} it came from) with a whole copy, or move it out of "
                    "the folder, and run fetch again")
         return {"origin": f"local folder {options.path}", "refused": refused, "folder_sha256": checksum}
-    extraction = archives.extract(source, dest)
+    try:
+        extraction = archives.extract(source, dest)
+    except archives.DamagedArchive as error:  # the user's own file: no download to repeat
+        raise UserError(f"datasets.{dataset}.source.path: {options.path} is not a readable archive ({error.detail}); "
+                        "replace it with a whole copy, or point the path at one, and run fetch again") from None
     refused = extraction.refused + archives.unpack_nested(
         dest, extraction.bytes, source=f"local archive {options.path}",
         remedy=f"re-pack {options.path} with a whole copy of it (or without it), or unpack it yourself and fetch the "

@@ -746,6 +746,24 @@ def test_a_damaged_archive_inside_a_verified_download_says_the_publisher_ships_i
     assert "download it again" not in message and str(dest) not in message and "\n" not in message
 
 
+def test_a_verified_download_that_is_a_damaged_archive_says_the_publisher_ships_it_so(server, cache, tmp_path):
+    """The download itself matches its pinned sha256 but is no whole archive: downloading it again
+    gives the same bytes, so the line says so (before: 'download it again')."""
+    damaged = bytearray(tar_bytes({"cat/1.png": np.random.default_rng(0).bytes(20_000)}, "w:gz"))
+    damaged[len(damaged) // 2] ^= 0xFF
+    server.files["/pets.tar.gz"] = bytes(damaged)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    with pytest.raises(UserError) as caught:
+        get_source("url").fetch(UrlOptions(url=server.url("/pets.tar.gz"), sha256=sha(bytes(damaged))), dest, "pets")
+
+    message = str(caught.value)
+    assert message.startswith(f"{cache / 'pets' / 'pets.tar.gz'}: not a readable archive (gzip stream: "), message
+    assert "it matches datasets.pets.source.sha256, so downloading it again gives the same bytes" in message
+    assert "\n" not in message
+
+
 def tar_bytes(entries: dict[str, bytes], mode: str) -> bytes:
     import tarfile
 

@@ -313,6 +313,21 @@ def test_archives_inside_a_local_archive_or_folder_are_unpacked_in_place(tmp_pat
     assert (made / "parts" / "train.zip").is_file(), "the source folder is left as it is"
 
 
+def test_a_damaged_local_archive_says_to_replace_it_not_to_download_it(tmp_path):
+    """A local source that is a damaged archive is the user's own file: the line names the key and
+    says to replace it (before: '<path>: not a readable archive (...); download it again')."""
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"this is not a zip" * 10)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    with pytest.raises(UserError) as caught:
+        get_source("local").fetch(LocalOptions(path=str(bad)), dest, "pets")
+
+    assert str(caught.value) == (f"datasets.pets.source.path: {bad} is not a readable archive (File is not a zip "
+                                 "file); replace it with a whole copy, or point the path at one, and run fetch again")
+
+
 @pytest.mark.parametrize("form", ["folder", "archive"])
 def test_a_damaged_archive_inside_a_local_source_is_named_in_it_and_a_fixed_source_fetches(tmp_path, form):
     """A local folder (or archive) whose `parts/train.zip` is damaged: the fetch stops in one line
