@@ -946,6 +946,17 @@ def test_keeping_tensorflow_out_on_another_backend_lasts_until_something_imports
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
+def train_and_evaluate_arguments(tmp_path: Path, data: Path, params: Path) -> dict[str, list[str]]:
+    """The arguments of the toy-net experiment's train and evaluate stages, outputs in tmp_path."""
+    common = ["--experiment", "toy-net", "--data", str(data), "--params", str(params)]
+    return {
+        "train": [*common, "--out", str(tmp_path / "model")],
+        "evaluate": [*common, "--model", str(tmp_path / "model"), "--metrics", str(tmp_path / "metrics.json"),
+                     "--predictions", str(tmp_path / "predictions.csv"), "--figures", str(tmp_path / "figures"),
+                     "--evaluation", str(tmp_path / "evaluation")],
+    }
+
+
 @pytest.mark.parametrize(
     "backend",
     [
@@ -958,13 +969,7 @@ def test_train_and_evaluate_on_other_backends_never_import_tensorflow(backend: s
     data = write_prepared(tmp_path / "data")
     params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 3}, augmentation={"rotation": 8, "zoom": 0.1})
     env = {**os.environ, "KERAS_BACKEND": backend, "MLFLOW_TRACKING_URI": tracking}
-    common = ["--experiment", "toy-net", "--data", str(data), "--params", str(params)]
-    steps = {
-        "train": [*common, "--out", str(tmp_path / "model")],
-        "evaluate": [*common, "--model", str(tmp_path / "model"), "--metrics", str(tmp_path / "metrics.json"),
-                     "--predictions", str(tmp_path / "predictions.csv"), "--figures", str(tmp_path / "figures"),
-                     "--evaluation", str(tmp_path / "evaluation")],
-    }
+    steps = train_and_evaluate_arguments(tmp_path, data, params)
     for stage, args in steps.items():
         result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW.format(stage=stage), *args], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=900)
@@ -1011,13 +1016,7 @@ def test_train_and_evaluate_leave_out_tensorflows_start_up_lines_but_not_warning
     params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 1})
     env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
     env |= {"KERAS_BACKEND": "tensorflow", "MLFLOW_TRACKING_URI": tracking}
-    common = ["--experiment", "toy-net", "--data", str(data), "--params", str(params)]
-    steps = {
-        "train": [*common, "--out", str(tmp_path / "model")],
-        "evaluate": [*common, "--model", str(tmp_path / "model"), "--metrics", str(tmp_path / "metrics.json"),
-                     "--predictions", str(tmp_path / "predictions.csv"), "--figures", str(tmp_path / "figures"),
-                     "--evaluation", str(tmp_path / "evaluation")],
-    }
+    steps = train_and_evaluate_arguments(tmp_path, data, params)
     for stage, args in steps.items():
         result = subprocess.run([sys.executable, "-c", WRITES_WHILE_KERAS_LOADS.format(stage=stage), *args], cwd=REPO,
                                 env=env, capture_output=True, text=True, timeout=900)
