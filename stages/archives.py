@@ -291,11 +291,29 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES, spent
         raise UserError(f"{name}: entries clash at {error.filename}; the archive is malformed") from None
 
 
+def holds_no_tar(path: Path) -> bool:
+    """Whether a file named `.tar` holds no tar, plain or compressed: PyTorch's `checkpoint.pth.tar`
+    and `model_best.pth.tar` (a pickle, or a zip of records since torch 1.6). A tar cut short or
+    otherwise damaged still has its `ustar` (or its stream's) magic, and is not this."""
+    if not path.name.lower().endswith(".tar"):
+        return False
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if head[257:262] == b"ustar" or any(head.startswith(magic) for magic, _, _ in STREAMS):
+        return False
+    try:
+        with tarfile.open(path, "r:") as handle:  # an old (v7) tar has no magic
+            return handle.next() is None
+    except (tarfile.TarError, EOFError, ValueError):
+        return True
+
+
 def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES, source: str = "",
                   remedy: str = "replace it with a whole copy where the source keeps it, and run fetch again"
                   ) -> list[dict[str, str]]:
     """Extract the archives lying in the extracted or copied data under `dest` (told by their
-    names' suffixes: train.zip, images.tar.gz, Kaggle's train.csv.zip; not hidden ones), each
+    names' suffixes: train.zip, images.tar.gz, Kaggle's train.csv.zip; not hidden ones, nor a
+    `.tar` that holds no tar, holds_no_tar), each
     into its own folder, as `unzip` would, and delete it; then the archives those held,
     NESTED_DEPTH levels in all.
     Each is extracted as safely as the outer one, and the bytes of all count against the one
@@ -313,7 +331,7 @@ def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES
         nested = sorted(
             p for p in dest.rglob("*")
             if p.name.lower().endswith(ARCHIVE_SUFFIXES) and p.is_file() and not p.is_symlink()
-            and not any(part.startswith(".") for part in p.relative_to(dest).parts)
+            and not any(part.startswith(".") for part in p.relative_to(dest).parts) and not holds_no_tar(p)
         )
         if not nested:
             break

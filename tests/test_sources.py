@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import stat
 import tarfile
 import uuid
@@ -421,6 +422,61 @@ def test_macos_metadata_beside_an_inner_archive_is_kept_as_a_file_not_unpacked(t
     assert details["refused"] == []
     assert files_under(dest) == {hidden, *(f"parts/train/{label}/{i}.png" for label in "ab" for i in range(2))}
     assert (dest / hidden).read_bytes() == apple
+
+
+def torch_zip_checkpoint() -> bytes:
+    """What `torch.save` (1.6 and later) writes to `model_best.pth.tar`: a zip of its records."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as handle:
+        for record in ("data.pkl", ".format_version", "byteorder", "data/0", "version"):
+            handle.writestr(f"model_best.pth/{record}", b"\x80\x02}q\x00." if record == "data.pkl" else b"3\n")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content", ["pickle", "torch zip"])
+def test_a_checkpoint_named_tar_in_a_local_folder_is_kept_as_a_file(tmp_path, content):
+    """PyTorch's ImageNet example names its checkpoints `checkpoint.pth.tar` and
+    `model_best.pth.tar`: a pickle (torch.save before 1.6) or a zip of records, no tar. Such a
+    file is left as it is (validate sets it aside as not an image) and the data is fetched.
+    Before: a pickle stopped the fetch as 'not a readable archive ... the source itself holds it
+    damaged'; a zip was unpacked into `model_best.pth/data.pkl` ... and the checkpoint deleted."""
+    source = class_folder_dataset(tmp_path / "source")
+    checkpoint = pickle.dumps({"epoch": 90, "state_dict": {}}, protocol=2) if content == "pickle" \
+        else torch_zip_checkpoint()
+    (source / "model_best.pth.tar").write_bytes(checkpoint)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    details = get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    assert details["refused"] == []
+    assert files_under(dest) == {"model_best.pth.tar", *(f"{label}/{i}.png" for label in "ab" for i in range(2))}
+    assert (dest / "model_best.pth.tar").read_bytes() == checkpoint
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz"])
+def test_a_damaged_tar_inside_a_local_folder_still_stops_the_fetch(tmp_path, kind):
+    """The other side of the rule above: a `.tar` (or `.tar.gz`) that is one, cut short or with
+    a changed byte, is damaged data, and stops the fetch in one line naming it."""
+    packed = tmp_path / f"train.{kind}"
+    with tarfile.open(packed, "w" if kind == "tar" else "w:gz") as handle:
+        handle.add(write_png(tmp_path / "made" / "0.png", seed=1, size=64), arcname="train/a/0.png")
+    damaged = bytearray(packed.read_bytes())
+    if kind == "tar":
+        damaged = damaged[:2000]  # inside the image's data
+    else:
+        damaged[len(damaged) // 2] ^= 0xFF
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / f"train.{kind}").write_bytes(bytes(damaged))
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    with pytest.raises(UserError) as caught:
+        get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    assert str(caught.value).startswith(f"train.{kind} inside local folder {source}: not a readable archive ("), \
+        str(caught.value)
 
 
 @pytest.mark.parametrize("inner", ["images.zip", "IMAGES.ZIP", "images.tar.gz"])
