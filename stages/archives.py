@@ -284,7 +284,9 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES, spent
             raise DamagedArchive(name, fault)
         return _extract_tar(archive, dest, max_bytes, refusal)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
-        raise DamagedArchive(name, " ".join(str(error).split())) from None
+        # A zip cut short lacks its central directory, which zipfile calls 'File is not a zip file'.
+        kind = cut_short(archive)
+        raise DamagedArchive(name, f"ends before the {kind}'s end" if kind else " ".join(str(error).split())) from None
     except (IsADirectoryError, FileExistsError, NotADirectoryError) as error:
         # Entries that clash (a file `a` and a folder `a/`) are refused one by one (_clash): this
         # is a layout the file system refuses all the same.

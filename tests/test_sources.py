@@ -479,6 +479,36 @@ def test_a_damaged_tar_inside_a_local_folder_still_stops_the_fetch(tmp_path, kin
         str(caught.value)
 
 
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_an_archive_cut_short_inside_a_local_folder_is_said_to_be(tmp_path, kind):
+    """`parts/train.zip` (or `.tar`) copied only in part, as an interrupted copy leaves it: the
+    line says it ends before its end (before: '(File is not a zip file)', which reads as a file
+    of another kind, and '(unexpected end of data)' for the tar)."""
+    made = tmp_path / "made"
+    write_png(made / "train" / "a" / "0.png", seed=1, size=64)
+    packed = (zip_of_folder if kind == "zip" else plain_tar_of_folder)(made, tmp_path / f"train.{kind}")
+    source = tmp_path / "source"
+    (source / "parts").mkdir(parents=True)
+    (source / "parts" / f"train.{kind}").write_bytes(packed.read_bytes()[:4000])  # inside the image's data
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    with pytest.raises(UserError) as caught:
+        get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    assert str(caught.value).startswith(f"parts/train.{kind} inside local folder {source}: not a readable archive "
+                                        f"(ends before the {kind} archive's end); the source itself holds it damaged"), \
+        str(caught.value)
+
+
+def plain_tar_of_folder(folder: Path, archive: Path) -> Path:
+    """An uncompressed tar of the folder's contents, with paths relative to it."""
+    with tarfile.open(archive, "w") as handle:
+        for path in sorted(folder.iterdir()):
+            handle.add(path, arcname=path.name)
+    return archive
+
+
 @pytest.mark.parametrize("inner", ["images.zip", "IMAGES.ZIP", "images.tar.gz"])
 def test_an_archive_holding_an_archive_of_its_own_name_is_unpacked_not_lost(tmp_path, inner):
     """`images.zip` zipped again as `images.zip` (a host or a user re-packing a download): the
