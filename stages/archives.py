@@ -202,21 +202,27 @@ def cut_short(path: Path) -> str | None:
         if appended == b"PK\x03\x04" and not zipfile.is_zipfile(path):
             return "self-extracting zip archive"
         return None
-    if head[257:262] == b"ustar":
-        try:
-            with tarfile.open(path, "r:") as handle:
-                for _ in handle:
-                    pass
-                end = handle.offset
-            with open(path, "rb") as raw:
-                raw.seek(end)
-                if raw.read(512) != bytes(512):  # tarfile takes a file that stops between members as whole
-                    return "tar archive"
-        except tarfile.ReadError:
-            return "tar archive"
-        except tarfile.TarError:
-            return None
-    return None
+    return "tar archive" if _tar_ends_early(path) else None
+
+
+def _tar_ends_early(path: Path) -> bool:
+    """Whether a plain tar (`ustar` in its first header) ends before the zero block that ends a
+    tar: tarfile takes one that stops between members, or inside a header, for a whole one."""
+    with open(path, "rb") as handle:
+        if handle.read(512)[257:262] != b"ustar":
+            return False
+    try:
+        with tarfile.open(path, "r:") as handle:
+            for _ in handle:
+                pass
+            end = handle.offset
+        with open(path, "rb") as raw:
+            raw.seek(end)
+            return raw.read(512) != bytes(512)
+    except tarfile.ReadError:
+        return True
+    except tarfile.TarError:
+        return False
 
 
 def _executable_end(path: Path) -> int | None:
@@ -282,6 +288,8 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES, spent
         # stored data would be extracted unseen, and a damaged .xz or .bz2 raises its own errors.
         if fault := stream_fault(archive):
             raise DamagedArchive(name, fault)
+        if _tar_ends_early(archive):  # else what came before the cut would be extracted, and the rest lost unsaid
+            raise DamagedArchive(name, "ends before the tar archive's end")
         return _extract_tar(archive, dest, max_bytes, refusal)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
         # A zip cut short lacks its central directory, which zipfile calls 'File is not a zip file'.

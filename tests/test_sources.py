@@ -501,6 +501,34 @@ def test_an_archive_cut_short_inside_a_local_folder_is_said_to_be(tmp_path, kind
         str(caught.value)
 
 
+@pytest.mark.parametrize("where", ["between members", "inside a header"])
+@pytest.mark.parametrize("form", ["folder", "archive"])
+def test_a_plain_tar_cut_between_members_stops_the_fetch(tmp_path, where, form):
+    """A plain tar cut where its last image's header starts (or inside that header): tarfile
+    takes it for a whole tar of the images before. Before: those were extracted and the rest
+    dropped without a word (a local folder's `parts/train.tar`, or a local `data.tar`)."""
+    made = class_folder_dataset(tmp_path / "made")
+    packed = plain_tar_of_folder(made, tmp_path / "train.tar")
+    with tarfile.open(packed) as handle:
+        last = handle.getmembers()[-1].offset
+    cut = packed.read_bytes()[:last + (100 if where == "inside a header" else 0)]
+    source = tmp_path / "source"
+    (source / "parts").mkdir(parents=True)
+    (source / "parts" / "train.tar").write_bytes(cut)
+    if form == "archive":
+        source = tmp_path / "data.tar"
+        source.write_bytes(cut)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+
+    with pytest.raises(UserError) as caught:
+        get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
+
+    named = f"parts/train.tar inside local folder {source}" if form == "folder" else str(source)
+    assert str(caught.value).startswith(f"{named}: not a readable archive (ends before the tar archive's end)"), \
+        str(caught.value)
+
+
 def plain_tar_of_folder(folder: Path, archive: Path) -> Path:
     """An uncompressed tar of the folder's contents, with paths relative to it."""
     with tarfile.open(archive, "w") as handle:
