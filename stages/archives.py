@@ -17,6 +17,7 @@ import bz2
 import gzip
 import hashlib
 import lzma
+import os
 import re
 import shutil
 import stat
@@ -272,8 +273,9 @@ def extract(archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES, spent
     room = shutil.disk_usage(dest).free - FREE_MARGIN_BYTES
     if room < max_bytes - spent:
         max_bytes = max(room, 0)
-        refusal = (f"{name}: expands past the free space on {dest} ({max_bytes:,} bytes, keeping "
-                   f"{FREE_MARGIN_BYTES // 1024**3} GiB free); refusing it: free some space and run again "
+        # Named by the file system's mount point, as `df` names it: `dest` may be a folder the failed fetch deletes.
+        refusal = (f"{name}: expands past the free space on {mount_point(dest)} ({max_bytes:,} bytes, keeping "
+                   f"{FREE_MARGIN_BYTES // 1024**3} GiB free); refusing it: free some space there and run again "
                    "(or it is a zip bomb)")
     else:
         # A fixed limit: free space would not move it.
@@ -316,6 +318,14 @@ def holds_no_tar(path: Path) -> bool:
             return handle.next() is None
     except (tarfile.TarError, EOFError, ValueError):
         return True
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system holding `path` (an existing folder)."""
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
 
 
 def unpack_nested(dest: Path, spent: int = 0, max_bytes: int = DEFAULT_MAX_BYTES, source: str = "",

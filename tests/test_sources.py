@@ -1013,8 +1013,40 @@ def test_extraction_stops_before_the_disk_is_full(tmp_path, monkeypatch):
     with pytest.raises(UserError) as caught:
         archives.extract(archive, dest)
 
-    assert f"expands past the free space on {dest} (1,000 bytes, keeping 1 GiB free)" in str(caught.value)
+    assert f"expands past the free space on {mount_point(dest)} (1,000 bytes, keeping 1 GiB free)" in str(caught.value)
     assert not (dest / "b.bin").exists()
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system holding `path`, as `df` names it."""
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def test_the_free_space_line_names_the_file_system_not_the_folder_fetch_deletes(tmp_path, monkeypatch):
+    """A local folder whose `parts/train.zip` passes the free space: the line names the file
+    system to free space on (before: '... expands past the free space on
+    <raw>.partial/parts (...)', a folder the failed fetch deletes)."""
+    source = tmp_path / "source"
+    (source / "parts").mkdir(parents=True)
+    with zipfile.ZipFile(source / "parts" / "train.zip", "w") as handle:
+        handle.writestr("a/0.bin", b"\1" * 600)
+        handle.writestr("b/0.bin", b"\2" * 600)
+    params = params_with_local_source(tmp_path, source)
+    out = tmp_path / "raw" / "digits"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(archives.shutil, "disk_usage", lambda path: usage._replace(free=archives.FREE_MARGIN_BYTES + 1000))
+
+    with pytest.raises(UserError) as caught:
+        fetch("digits", str(params), out, tmp_path / "raw" / "digits.provenance.json")
+
+    message = str(caught.value)
+    assert message.startswith(f"parts/train.zip inside local folder {source}: expands past the free space on "
+                              f"{mount_point(out.parent)} (1,000 bytes, keeping 1 GiB free); refusing it: free some "
+                              "space there and run again"), message
+    assert ".partial" not in message
 
 
 # --------------------------------------------------------------------------------------------
