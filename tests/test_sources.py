@@ -524,8 +524,9 @@ def test_a_plain_tar_cut_between_members_stops_the_fetch(tmp_path, where, form):
     with pytest.raises(UserError) as caught:
         get_source("local").fetch(LocalOptions(path=str(source)), dest, "toy")
 
-    named = f"parts/train.tar inside local folder {source}" if form == "folder" else str(source)
-    assert str(caught.value).startswith(f"{named}: not a readable archive (ends before the tar archive's end)"), \
+    named = (f"parts/train.tar inside local folder {source}:" if form == "folder"
+             else f"datasets.toy.source.path: {source} is")
+    assert str(caught.value).startswith(f"{named} not a readable archive (ends before the tar archive's end)"), \
         str(caught.value)
 
 
