@@ -203,6 +203,24 @@ def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
                 "MLFLOW_TRACKING_URI at the store that has them, or train and evaluate again there: "
                 f"dvc repro --force --downstream train@<experiment> ..., naming the train stage of each{which}"
             )
+        # Metrics files are kept in git and name a version by number, which means something only in the
+        # store that evaluated them: in another (a cleared mlflow.db, another server) it can be another
+        # experiment's version.
+        if "backbone" in rows:
+            strays = [
+                (int(n), f"{dataset}-{backbone}", by_number[int(n)].tags.get("experiment", ""))
+                for n, backbone in zip(rows["model_version"], rows["backbone"])
+                if by_number[int(n)].tags.get("experiment", f"{dataset}-{backbone}") != f"{dataset}-{backbone}"
+            ]
+            if strays:
+                raise UserError(
+                    "report: "
+                    + "; ".join(f"the metrics of {mine} name version {n} of {dataset}, which {tracking.shown_uri()} "
+                                f"holds for {theirs}" for n, mine, theirs in strays)
+                    + " (metrics from another tracking store); point MLFLOW_TRACKING_URI at the store that evaluated "
+                    "them, or train and evaluate again there: dvc repro --force --downstream "
+                    + " ".join(f"train@{mine}" for _, mine, _ in strays)
+                )
         # The data the suite's evaluations saw: the data_version tag of their registered versions.
         data_versions = {by_number[int(n)].tags.get("data_version", "") for n in rows["model_version"]}
         if len(data_versions) != 1:

@@ -544,3 +544,22 @@ def test_the_closing_line_names_each_datasets_first_row_by_the_suites_rank_metri
     assert line == "first by test balanced accuracy: flowers x mobilenetv2 at 33.33%, shapes x small_cnn at 60.00%"
     one = report_stage.summary(leaderboard(rows[:1], "accuracy"), "accuracy")
     assert one == "first by test accuracy: flowers x mobilenetv2 at 33.33%"
+
+
+def test_a_metrics_file_naming_another_experiments_version_is_a_user_error(
+    registry: MlflowClient, suite: tuple[Path, Path, Path]
+) -> None:
+    """Metrics files are kept in git and name their registered version by number, which is only
+    meaningful in the store that evaluated them. After a cleared mlflow.db (or a switch to another
+    tracking server) in which only some experiments were trained and evaluated again, a number from
+    the old store can name another experiment's version in the new one. Before, the report took it
+    as the row's own: both rows were marked `yes (v1, ...)` champion, with the other's scores."""
+    params, metrics, out = suite
+    mobile = register(registry, 0.914089, experiment="digits-mobilenetv2")  # version 1 in the new store
+    write_metrics(metrics, "mobilenetv2", 0.914089, mobile)
+    write_metrics(metrics, "small_cnn", 0.975945, 1)  # from the old store, where version 1 was small_cnn's
+
+    with pytest.raises(UserError, match=r"the metrics of digits-small_cnn name version 1 of digits, which "
+                       r"sqlite:///\S+ holds for digits-mobilenetv2 \(metrics from another tracking store\)") as error:
+        report_stage.report("demo", str(params), metrics, out)
+    assert "dvc repro --force --downstream train@digits-small_cnn" in str(error.value)
