@@ -307,10 +307,17 @@ def report(suite: str, params_path: str, metrics_dir: Path, out: Path) -> pd.Dat
     table = table.sort_values(
         ["dataset", config.rank_by, "champion", "backbone"], ascending=[True, False, False, True], kind="stable"
     ).reset_index(drop=True)
-    # A champion from an earlier evaluation (other params, say) that none of today's rows beat.
+    # A champion that none of today's rows beat: from an earlier evaluation (other params, say), or
+    # from another suite's experiment on the same dataset (the registered model is the dataset's).
+    def registered_by(experiment: str) -> str:
+        spec = params.experiments.get(experiment)
+        if spec is not None and spec.suite != suite:
+            return f"evaluate@{experiment} of suite {spec.suite}"
+        return "an earlier evaluation"
+
     elsewhere = [
         f"- {dataset}: the champion is version {champion.version} ({champion.experiment or 'unknown experiment'}, "
-        f"{metric.replace('_', ' ')} {100 * champion.score:.2f}%), registered by an earlier evaluation; "
+        f"{metric.replace('_', ' ')} {100 * champion.score:.2f}%), registered by {registered_by(champion.experiment)}; "
         "none of the rows above beats it."
         for dataset, (metric, champion) in sorted(champions.items())
         if not table.loc[table["dataset"] == dataset, "champion"].any()

@@ -563,3 +563,29 @@ def test_a_metrics_file_naming_another_experiments_version_is_a_user_error(
                        r"sqlite:///\S+ holds for digits-mobilenetv2 \(metrics from another tracking store\)") as error:
         report_stage.report("demo", str(params), metrics, out)
     assert "dvc repro --force --downstream train@digits-small_cnn" in str(error.value)
+
+
+def test_a_champion_from_another_suites_experiment_is_named_so(
+    registry: MlflowClient, suite: tuple[Path, Path, Path]
+) -> None:
+    """Two suites with experiments on one dataset share its registered model and its champion:
+    report@demo may leave the alias on the other suite's better version. Before, the leaderboard
+    said it was "registered by an earlier evaluation", though the other suite's evaluate made it,
+    whenever it ran; it now names that experiment and its suite."""
+    params, metrics, out = suite
+    text = params.read_text(encoding="utf-8")
+    marker = "  digits-mobilenetv2:\n    suite: demo\n"
+    assert marker in text
+    params.write_text(text.replace(marker, "  digits-mobilenetv2:\n    suite: course\n"), encoding="utf-8")
+    small = register(registry, 0.90, experiment="digits-small_cnn")
+    other = register(registry, 0.95, experiment="digits-mobilenetv2")
+    write_metrics(metrics, "small_cnn", 0.90, small)
+
+    report_stage.report("demo", str(params), metrics, out)
+
+    assert champion(registry) == other
+    markdown = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert (
+        f"- digits: the champion is version {other} (digits-mobilenetv2, accuracy 95.00%), registered by "
+        "evaluate@digits-mobilenetv2 of suite course; none of the rows above beats it."
+    ) in markdown
