@@ -235,9 +235,14 @@ def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
         live = _live_runs(client, {v.run_id for v in versions if v.run_id})
         alive = [v for v in versions if not v.run_id or v.run_id in live]
         candidates = [c for c in (_candidate(v, metric) for v in alive) if c is not None]
+        replaced = "first"  # what the alias leaves, for the line that says it moved
         try:
             holder = client.get_model_version_by_alias(dataset, CHAMPION)
             current = _candidate(holder, metric) if not holder.run_id or holder.run_id in live else None
+            if current is None:
+                deleted = holder.run_id and holder.run_id not in live
+                why = "whose run was deleted" if deleted else f"which has no test_{metric} tag"
+                replaced = f"from version {holder.version}, {why}"
         except MlflowException as error:
             if tracking.is_unreachable(error):
                 raise
@@ -247,7 +252,7 @@ def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
             continue
         if current is None or chosen.version != current.version:
             client.set_registered_model_alias(dataset, CHAMPION, str(chosen.version))
-            before = f"from version {current.version} ({current.score:.4f})" if current else "first"
+            before = f"from version {current.version} ({current.score:.4f})" if current else replaced
             print(f"report: {dataset}@{CHAMPION} -> version {chosen.version} ({metric} {chosen.score:.4f}; {before})")
         champions[str(dataset)] = (metric, chosen)
     return champions

@@ -589,3 +589,21 @@ def test_a_champion_from_another_suites_experiment_is_named_so(
         f"- digits: the champion is version {other} (digits-mobilenetv2, accuracy 95.00%), registered by "
         "evaluate@digits-mobilenetv2 of suite course; none of the rows above beats it."
     ) in markdown
+
+
+def test_the_alias_taken_from_a_deleted_runs_version_is_not_called_the_first(
+    registry: MlflowClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When the alias leaves a version whose run was deleted, the report's line says so. Before, it
+    said `first`, as if the dataset had had no champion."""
+    experiment = registry.create_experiment("digits")
+    old_run = registry.create_run(experiment).info.run_id
+    update_champions(table([register(registry, 0.95, run_id=old_run)]))
+    registry.delete_run(old_run)
+    capsys.readouterr()
+
+    update_champions(table([register(registry, 0.95, run_id=registry.create_run(experiment).info.run_id)]))
+
+    assert "report: digits@champion -> version 2 (accuracy 0.9500; from version 1, whose run was deleted)" in (
+        capsys.readouterr().out
+    )
