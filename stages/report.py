@@ -236,11 +236,12 @@ def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
         alive = [v for v in versions if not v.run_id or v.run_id in live]
         candidates = [c for c in (_candidate(v, metric) for v in alive) if c is not None]
         replaced = "first"  # what the alias leaves, for the line that says it moved
+        deleted = False
         try:
             holder = client.get_model_version_by_alias(dataset, CHAMPION)
             current = _candidate(holder, metric) if not holder.run_id or holder.run_id in live else None
             if current is None:
-                deleted = holder.run_id and holder.run_id not in live
+                deleted = bool(holder.run_id and holder.run_id not in live)
                 why = "whose run was deleted" if deleted else f"which has no test_{metric} tag"
                 replaced = f"from version {holder.version}, {why}"
         except MlflowException as error:
@@ -249,6 +250,10 @@ def update_champions(table: pd.DataFrame) -> dict[str, tuple[str, Candidate]]:
             current = None
         chosen = choose_champion(current, candidates, data_version)
         if chosen is None:
+            if deleted:  # no version to move it to, and predict must not load one `mlflow gc` removes
+                client.delete_registered_model_alias(dataset, CHAMPION)
+                print(f"report: {dataset}@{CHAMPION} removed from version {holder.version}, whose run was deleted; "
+                      f"no other version of {dataset} can take it (train and evaluate one again: dvc repro)")
             continue
         if current is None or chosen.version != current.version:
             client.set_registered_model_alias(dataset, CHAMPION, str(chosen.version))

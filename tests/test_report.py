@@ -607,3 +607,25 @@ def test_the_alias_taken_from_a_deleted_runs_version_is_not_called_the_first(
     assert "report: digits@champion -> version 2 (accuracy 0.9500; from version 1, whose run was deleted)" in (
         capsys.readouterr().out
     )
+
+
+def test_the_alias_leaves_a_deleted_runs_version_even_with_no_other_to_take_it(
+    registry: MlflowClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The only version of a dataset, its run deleted in MLflow's UI: the alias is removed, with a
+    line saying so. Before, it stayed there, and predict kept loading a model `mlflow gc` removes."""
+    from mlflow.exceptions import MlflowException
+
+    run = registry.create_run(registry.create_experiment("digits")).info.run_id
+    rows = table([register(registry, 0.95, run_id=run)])
+    update_champions(rows)
+    registry.delete_run(run)
+    capsys.readouterr()
+
+    assert update_champions(rows) == {}
+
+    assert capsys.readouterr().out == (
+        "report: digits@champion removed from version 1, whose run was deleted; no other version of digits can take "
+        "it (train and evaluate one again: dvc repro)\n")
+    with pytest.raises(MlflowException):
+        registry.get_model_version_by_alias("digits", "champion")
