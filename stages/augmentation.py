@@ -1,7 +1,8 @@
 """Augmentation inside the model: Keras layers that run in training only, on any backend.
 
 A dataset's `augmentation` (params.yaml) becomes a `keras.Sequential` named `augmentation` at the
-front of its models: RandomFlip (two, horizontal then vertical, for `horizontal_and_vertical`),
+front of its models (AugmentationSteps: called without `training`, as `model(images)`, it passes
+the images unchanged): RandomFlip (two, horizontal then vertical, for `horizontal_and_vertical`),
 then one RandomAffine for rotation, zoom and translation together, then RandomContrast.
 
 Why one RandomAffine rather than Keras's RandomRotation, RandomZoom and RandomTranslation: each of
@@ -59,14 +60,33 @@ def augmentation_layers(augmentation: Any, seed: int, dtype: str = "float32") ->
         steps.append(
             layers.RandomContrast(factor, value_range=(0, 255), seed=seed + CONTRAST_SEED, dtype=dtype, name="contrast")
         )
-    return keras.Sequential(steps, name="augmentation") if steps else None
+    return layer_classes()["AugmentationSteps"](steps, name="augmentation") if steps else None
 
 
 def layer_classes() -> dict[str, type]:
     """This module's serializable layers, registered with Keras (loading a model needs them)."""
     if not _CLASSES:
         _CLASSES["RandomAffine"] = _define_random_affine()
+        _CLASSES["AugmentationSteps"] = _define_augmentation_steps()
     return dict(_CLASSES)
+
+
+def _define_augmentation_steps() -> type:
+    import keras
+
+    @keras.saving.register_keras_serializable(package="classmatrix")
+    class AugmentationSteps(keras.Sequential):
+        """The augmentation layers in order, augmenting only when the model trains.
+
+        Keras's RandomFlip and RandomContrast take a call without `training` for training, so
+        `model(images)`, Keras's call for a small batch, would augment; here such a call is
+        inference, as in predict and evaluate. fit passes training=True.
+        """
+
+        def call(self, inputs: Any, training: bool = False, mask: Any = None, **kwargs: Any) -> Any:
+            return super().call(inputs, training=training, mask=mask, **kwargs)
+
+    return AugmentationSteps
 
 
 def affine_rows(angle: Any, scale: Any, shift_y: Any, shift_x: Any, height: int, width: int) -> tuple:
@@ -169,7 +189,7 @@ def _define_random_affine() -> type:
             scale = 1.0 + uniform(self.zoom)
             return angle, scale, uniform(self.translation), uniform(self.translation)
 
-        def call(self, images: Any, training: bool = True) -> Any:
+        def call(self, images: Any, training: bool = False) -> Any:
             if not training:
                 return images
             height, width = images.shape[1], images.shape[2]

@@ -169,3 +169,25 @@ def test_a_model_with_random_affine_compiles_with_xla_trains_saves_and_loads_in_
     assert type(layer).__name__ == "RandomAffine"
     assert (layer.rotation, layer.zoom, layer.translation, layer.seed) == (10, 0.1, 0.1, 0)
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+
+
+def test_the_model_called_without_training_does_not_augment_before_or_after_saving(keras, tmp_path: Path):
+    """`model(images)`, Keras's call for a small batch, is inference: the same probabilities as
+    predict, for a model as built and as loaded. Keras's RandomFlip and RandomContrast (and a
+    layer's own default) took a call without `training` for training and augmented."""
+    model = build_model(
+        BackboneConfig(model="cnn", input_size=None, weights=None, freeze=False, head=HeadConfig(pool="avg", dense=[], dropout=0.0),
+                       options={"filters": [4], "convs_per_block": 1, "dropout": 0.0}),
+        image_size=16, channels=3, num_classes=2,
+        augmentation=Augmentation(flip="horizontal_and_vertical", rotation=20, zoom=0.1, contrast=0.5), seed=0,
+    )
+    images = np.random.default_rng(5).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = load_saved_model(path, "test")
+
+    for classifier in (model, loaded):
+        expected = classifier.predict(images, verbose=0)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(classifier(images)), expected, atol=1e-6)
+        trained = keras.ops.convert_to_numpy(classifier(images, training=True))
+        assert np.abs(trained - expected).max() > 1e-4, "training still augments"
