@@ -143,8 +143,10 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
             problems.append(f"{path}: no such file or folder")
     unique, seen = [], set()
     for file in files:  # a file named and also in a folder given, or in two folders given
-        if file.resolve() not in seen:
-            seen.add(file.resolve())
+        # By its real folder and its own name: two links to one file (a DVC symlink cache's copies
+        # of the same bytes) are two images to the user, each with its line.
+        if (key := (file.parent.resolve(), file.name)) not in seen:
+            seen.add(key)
             unique.append(file)
     return unique, problems, left_out
 

@@ -127,6 +127,24 @@ def test_a_link_to_a_folder_in_a_folder_given_is_followed_once(tmp_path: Path) -
     assert files[1].resolve() == image.resolve()
 
 
+def test_two_links_to_one_image_are_two_files_each_classified(tmp_path: Path) -> None:
+    """A DVC checkout with `cache.type: symlink`: two images of the same bytes are two links to
+    one cache file. Before: the second was dropped as "the same file", neither classified nor
+    left out nor counted. A file reached twice by the same name (named, and in a folder given;
+    through a link to its folder) is still one."""
+    cached = write_png(tmp_path / "cache" / "ab12.png", 0).rename(tmp_path / "cache" / "ab12")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "one.png").symlink_to(cached)
+    (folder / "two.png").symlink_to(cached)
+    (tmp_path / "again").symlink_to(folder)
+
+    files, problems, left_out = image_files([folder / "two.png", folder, tmp_path / "again"])
+
+    assert files == [folder / "two.png", folder / "one.png"]
+    assert problems == [] and left_out == []
+
+
 # --------------------------------------------------------------------------------------------
 # decode
 
