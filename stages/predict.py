@@ -109,18 +109,24 @@ def load(uri: str, scratch: Path) -> LoadedModel:
     return LoadedModel(model, list(metadata["classes"]), int(metadata["image_size"]), int(metadata["channels"]), uri)
 
 
-def files_under(folder: Path) -> list[Path]:
+def files_under(folder: Path) -> tuple[list[Path], list[str]]:
     """Every file under `folder`, sorted, links to folders followed (each real folder once, so a
     loop ends); a dangling link too (a git-annex or DVC link whose data is absent): it is tried and
-    reported as unreadable, not passed over in silence."""
-    found, seen = [], set()
-    for here, subfolders, names in os.walk(folder, followlinks=True):
+    reported as unreadable, not passed over in silence. And one message per folder that could not
+    be listed (another user's, mode 700): os.walk would pass over it without a word."""
+    found, seen, unlisted = [], set(), []
+
+    def refused(error: OSError) -> None:
+        unlisted.append(f"{error.filename}: cannot list this folder ([Errno {error.errno}] {error.strerror}); "
+                        "its images were not classified")
+
+    for here, subfolders, names in os.walk(folder, onerror=refused, followlinks=True):
         if (real := os.path.realpath(here)) in seen:
             subfolders[:] = []
             continue
         seen.add(real)
         found += [p for name in names if (p := Path(here) / name).is_file() or not p.exists()]
-    return sorted(found)
+    return sorted(found), unlisted
 
 
 def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
@@ -130,10 +136,11 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
     files, problems, left_out = [], [], []
     for path in paths:
         if path.is_dir():
-            found = files_under(path)
+            found, unlisted = files_under(path)
+            problems.extend(unlisted)
             # As validate judges them: by the path within the folder (hidden folders included).
             images = [p for p in found if not not_an_image(p.relative_to(path).as_posix())]
-            if not images:
+            if not images and not unlisted:
                 problems.append(f"{path}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
             files.extend(images)
             left_out.extend(p for p in found if not_an_image(p.relative_to(path).as_posix()))
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     for problem in unreadable:
         print(f"error: {problem}", file=sys.stderr)
-    missing = f"; {len(problems)} of the paths given had no image (named above)" if problems else ""
+    missing = f"; {len(problems)} of the paths given, or folders in them, gave no image (named above)" if problems else ""
     if left_out:
         print(left_out_note(left_out), file=sys.stderr)
     print(f"predict: {len(results)} of {len(results) + len(unreadable)} files classified with {loaded.uri}{missing}", file=sys.stderr)

@@ -127,6 +127,35 @@ def test_a_link_to_a_folder_in_a_folder_given_is_followed_once(tmp_path: Path) -
     assert files[1].resolve() == image.resolve()
 
 
+def test_a_folder_predict_may_not_read_is_named_not_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subfolder another user made private (mode 700), or a folder given that is: the listing
+    is refused (as root it is not, so the refusal is made here as a user gets it). Before: os.walk
+    passed over it without a word, its images neither classified nor counted, and the folder
+    given was "no image files in this folder". Now each is named with the reason."""
+    import errno
+    import os
+
+    folder = tmp_path / "photos"
+    image = write_png(folder / "open" / "a.png", 0)
+    locked = folder / "locked"
+    write_png(locked / "b.png", 0)
+    scandir = os.scandir
+
+    def refusing(path: object = ".") -> object:
+        if Path(os.fsdecode(path)) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+
+    files, problems, left_out = image_files([folder, locked])
+
+    assert files == [image] and left_out == []
+    assert problems == [f"{locked}: cannot list this folder ([Errno 13] Permission denied); its images were not classified"] * 2
+
+
 def test_two_links_to_one_image_are_two_files_each_classified(tmp_path: Path) -> None:
     """A DVC checkout with `cache.type: symlink`: two images of the same bytes are two links to
     one cache file. Before: the second was dropped as "the same file", neither classified nor
