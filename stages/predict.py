@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         with tracking.unavailable(f"load the {args.dataset} model", "nothing was classified"):
             loaded = load(model_uri(args.dataset, args.alias, args.version, args.run), Path(scratch))
     results, unreadable = predict(loaded, files)
+    if hasattr(sys.stdout, "reconfigure"):
+        # A name that is not UTF-8 (Latin-1 from a Windows zip) holds its bytes as surrogates, which
+        # a UTF-8 locale's stdout refuses: printed as those bytes, as ls and find print it.
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         for path, label, confidence in results:
             print(f"{path}\t{label}\t{confidence:.4f}")

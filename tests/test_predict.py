@@ -475,6 +475,35 @@ def test_a_run_of_another_dataset_is_refused_not_classified_with(
         assert lines[0].startswith(expected), lines[0]
 
 
+def test_a_file_name_that_is_not_utf8_is_printed_as_its_bytes_not_a_traceback(
+    registry: MlflowClient, tmp_path: Path, loaded: LoadedModel
+) -> None:
+    """`café.png` named in Latin-1 (a zip made on Windows, an old camera's card): its name is not
+    UTF-8. In a UTF-8 locale (en_US.UTF-8; PYTHONIOENCODING=utf-8 here, which this machine's C
+    locale would not be) Python's stdout refuses it. Before: UnicodeEncodeError's traceback at its
+    line, the files after it and the summary lost, exit 1. Now its line holds the name's own bytes,
+    as ls and find print it, so that the path can be used."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "photos"
+    write_png(folder / "a.png", 0)
+    write_png(Path(os.fsdecode(bytes(folder) + b"/caf\xe9.png")), 255)
+    write_png(folder / "z.png", 0)
+    register(registry, tmp_path, loaded, "toy")
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.predict", "--dataset", "toy", str(folder)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, timeout=600,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )  # fmt: skip
+    err = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "predict: 3 of 3 files classified with models:/toy@champion"
+    lines = [line.split(b"\t")[:2] for line in done.stdout.splitlines()]
+    assert lines == [[bytes(folder / "a.png"), b"a"], [bytes(folder) + b"/caf\xe9.png", b"c"], [bytes(folder / "z.png"), b"a"]]
+
+
 def test_a_reader_that_stops_early_is_no_traceback(registry: MlflowClient, tmp_path: Path, loaded: LoadedModel) -> None:
     """`predict ... | head -1`: the reader closes the pipe before predict has written its lines.
     Before: BrokenPipeError's traceback (or Python's "Exception ignored ... BrokenPipeError") on
