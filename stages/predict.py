@@ -201,12 +201,19 @@ def predict(loaded: LoadedModel, files: list[Path]) -> tuple[list[tuple[Path, st
     return results, problems
 
 
+def version_number(text: str) -> int:
+    """--version's value: a registered version's number, counted from 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a version number (1, 2, ...)")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="the registered model's name: the dataset's key")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--alias", help="a registry alias (default: champion)")
-    which.add_argument("--version", type=int, help="a registered version number")
+    which.add_argument("--version", type=version_number, help="a registered version number")
     which.add_argument("--run", help="an MLflow run id: that run's registered (or logged) model")
     parser.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     args = parser.parse_args(argv)

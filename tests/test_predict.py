@@ -384,6 +384,16 @@ def test_main_rejects_alias_and_version_together(capsys: pytest.CaptureFixture[s
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("version", ["0", "-1"])
+def test_a_version_below_one_is_a_usage_error(capsys: pytest.CaptureFixture[str], version: str) -> None:
+    """Registered versions count from 1: --version 0 or -1 is a usage error saying so (before,
+    MLflow's 'Invalid Model Version stage: -1. Value must be one of None, Staging, ...')."""
+    with pytest.raises(SystemExit) as exit_info:
+        predict_stage.main(["--dataset", "digits", "--version", version, "a.png"])
+    assert exit_info.value.code == 2
+    assert f"argument --version: {version} is not a version number (1, 2, ...)" in capsys.readouterr().err
+
+
 def test_a_version_whose_files_are_gone_is_one_error_line(
     registry: MlflowClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
