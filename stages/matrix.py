@@ -29,9 +29,10 @@ and with `--suite`, runs and pushes the suite's report. `summary` writes `dvc pa
 `local` runs the matrix on one machine with several GPUs: the shared stages once (split, weights),
 then one `dvc --wait-for-lock repro --single-item train@<experiment> evaluate@<experiment>` per
 experiment, each pinned to its own GPU with CUDA_VISIBLE_DEVICES, as many at once as there are
-GPUs (or `--jobs` on CPUs), then the report. DVC releases its repository lock while a stage's
-command runs, so the runs overlap and each records its stages in dvc.lock when it finishes; the
-MLflow experiments are made before the runs start, so they never race to create them.
+GPUs (or `--jobs` on CPUs), then the report (with `--pattern`, only if the rest of the suite is
+up to date). DVC releases its repository lock while a stage's command runs, so the runs overlap
+and each records its stages in dvc.lock when it finishes; the MLflow experiments are made before
+the runs start, so they never race to create them.
 
 Each step is a thin call to the real DVC command line; the same commands run a matrix by hand.
 """
@@ -562,7 +563,18 @@ def local(params_path: str, suite: str, patterns: list[str], slots: list[str | N
             + "; their output is above, prefixed with their names; the others are recorded in dvc.lock"
         )
     if report:
-        dvc("--wait-for-lock", "repro", f"report@{suite}")
+        # The report reproduces every experiment of the suite: with a pattern, the others would be
+        # trained here, one after another outside the pool. As `gather --suite`, only if they are up to date.
+        members = load_params(params_path).suite_experiments(suite)
+        others = [name for name in members if name not in names]
+        late = behind([f"evaluate@{name}" for name in others]) if others else []
+        if late:
+            print(f"matrix: report@{suite} not made: {len(late)} of the suite's {len(members)} experiments "
+                  f"{'is' if len(late) == 1 else 'are'} not up to date ({'; '.join(late[:3])}"
+                  f"{f' and {len(late) - 3} more' if len(late) > 3 else ''}); `dvc repro report@{suite}` makes it, "
+                  "training them", flush=True)
+        else:
+            dvc("--wait-for-lock", "repro", f"report@{suite}")
     return results
 
 

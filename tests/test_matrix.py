@@ -890,3 +890,31 @@ def test_a_bundle_folder_used_again_holds_only_this_run(tmp_path: Path, monkeypa
     (origin / "metrics-a.json").write_text('{"a": 99}')  # retrained since: gather must leave it
     gather([folder])
     assert (origin / "metrics-a.json").read_text() == '{"a": 99}'
+
+
+@pytest.mark.parametrize("late", [True, False], ids=["others behind", "others up to date"])
+def test_local_with_a_pattern_does_not_train_the_rest_of_the_suite_for_its_report(monkeypatch, capsys, late):
+    """`matrix local --suite demo --pattern digits-small_cnn --jobs 1` (docs/setups.md's
+    `--pattern 'ham10000-*'`): its closing `dvc repro report@demo` trained every other experiment
+    of the suite that was not up to date, one after another outside the pool (seen: it retrained
+    digits-mobilenetv2, whose params had changed; for the course, every other dataset's download
+    and model). The report is made only when the rest of the suite is up to date, as `gather
+    --suite` does; else one line says which are behind and how to make it."""
+    from stages import tracking
+
+    ran: list[tuple] = []
+    asked: list[list[str]] = []
+    monkeypatch.setattr(matrix, "dvc", lambda *args, **kwargs: ran.append(args))
+    monkeypatch.setattr(matrix, "run_pool", lambda jobs, slots: {name: 0 for name, _ in jobs})
+    monkeypatch.setattr(tracking, "experiment_id", lambda dataset: "1")
+    reason = "evaluate@digits-mobilenetv2 (from weights@digits-mobilenetv2) params.yaml: experiments.digits-mobilenetv2 modified"
+    monkeypatch.setattr(matrix, "behind", lambda targets: asked.append(targets) or ([reason] if late else []))
+
+    matrix.main(["local", "--suite", "demo", "--pattern", "digits-small_cnn", "--params", PARAMS, "--jobs", "1"])
+
+    assert asked == [["evaluate@digits-mobilenetv2"]]
+    made = ("--wait-for-lock", "repro", "report@demo") in ran
+    assert made is not late
+    if late:
+        assert (f"matrix: report@demo not made: 1 of the suite's 2 experiments is not up to date ({reason}); "
+                "`dvc repro report@demo` makes it, training them") in capsys.readouterr().out
