@@ -485,7 +485,9 @@ def summary(base: str) -> str:
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no message"])[-1]
             raise UserError(f"`dvc {what} diff {base} --md` failed: {last}")
-        body = result.stdout.strip() or f"No {what} changed."
+        body = result.stdout.strip()
+        if len(body.splitlines()) <= 2:  # nothing, or a table's header and rule with no rows
+            body = f"No {what} changed."
         sections.append(f"### {what.capitalize()} against `{base}`\n\n{body}\n")
     return "\n".join(sections)
 
