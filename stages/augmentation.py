@@ -33,7 +33,6 @@ def augmentation_layers(augmentation: Any, seed: int, dtype: str = "float32") ->
     """The `augmentation` Sequential for a config.Augmentation, or None when there is none.
 
     Its layers compute in `dtype` whatever the dtype policy: pixel values 0-255, interpolated."""
-    import keras
     from keras import layers
 
     steps = []

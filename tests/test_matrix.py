@@ -186,8 +186,8 @@ def test_gather_keeps_lock_values_as_dvc_reads_them(tmp_path: Path, monkeypatch:
     assert parse_yaml(text, "dvc.lock")["stages"]["train@digits-a"]["params"]["params.yaml"]["training"]["distribution"] == "off"
 
 
-def test_summary_reports_params_and_metrics_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`summary --base HEAD` in a git + DVC repository: the changed param and metric, as Markdown."""
+def summary_project(tmp_path: Path) -> dict[str, str]:
+    """A git + DVC repository with one param and one metric, committed; the environment to run DVC in."""
     env = _env()
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
@@ -199,6 +199,12 @@ def test_summary_reports_params_and_metrics_changes(tmp_path: Path, monkeypatch:
     )
     subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-qm", "base"], cwd=tmp_path, check=True)
+    return env
+
+
+def test_summary_reports_params_and_metrics_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`summary --base HEAD` in a git + DVC repository: the changed param and metric, as Markdown."""
+    env = summary_project(tmp_path)
     (tmp_path / "params.yaml").write_text("training:\n  epochs: 8\n")
     (tmp_path / "metrics.json").write_text('{"accuracy": 0.95}')
     monkeypatch.chdir(tmp_path)
@@ -214,22 +220,11 @@ def test_summary_reports_params_and_metrics_changes(tmp_path: Path, monkeypatch:
     assert str(error.value) == "`dvc params diff nonexist --md` failed: ERROR: unknown Git revision 'nonexist'", error.value
 
 
-
 def test_summary_says_no_params_changed_rather_than_an_empty_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A retrain that changed only metrics (a code change, the weekly run): `dvc params diff --md`
     prints a table header with no rows, and the summary (a pull request's body) showed that empty
     table instead of its "No params changed." line."""
-    env = _env()
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, env=env, check=True)
-    (tmp_path / "params.yaml").write_text("training:\n  epochs: 5\n")
-    (tmp_path / "metrics.json").write_text('{"accuracy": 0.9}')
-    (tmp_path / "dvc.yaml").write_text(
-        "stages:\n  train:\n    cmd: 'true'\n    params: [training.epochs]\n    metrics:\n      - metrics.json:\n          cache: false\n"
-    )
-    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
-    subprocess.run([*git, "commit", "-qm", "base"], cwd=tmp_path, check=True)
+    env = summary_project(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", env["PATH"])
     assert summary("HEAD") == "### Params against `HEAD`\n\nNo params changed.\n\n### Metrics against `HEAD`\n\nNo metrics changed.\n"
