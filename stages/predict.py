@@ -201,6 +201,17 @@ def predict(loaded: LoadedModel, files: list[Path]) -> tuple[list[tuple[Path, st
     return results, problems
 
 
+CONTROL = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def shown(path: Path) -> str:
+    """A path for predict's tab-separated line: one holding a tab, newline or carriage return (a
+    name a script made) has them written as \\t, \\n, \\r (and its backslashes doubled), as
+    `ls --quoting-style=escape` does; else it would break its line into more columns or lines."""
+    text = str(path)
+    return text.translate(CONTROL) if any(c in text for c in "\t\n\r") else text
+
+
 def version_number(text: str) -> int:
     """--version's value: a registered version's number, counted from 1."""
     if not text.strip().isdigit() or int(text) < 1:
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
         for path, label, confidence in results:
-            print(f"{path}\t{label}\t{confidence:.4f}")
+            print(f"{shown(path)}\t{label}\t{confidence:.4f}")
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader stopped early (`predict ... | head`): the rest of the lines go nowhere, as

@@ -174,6 +174,16 @@ def test_two_links_to_one_image_are_two_files_each_classified(tmp_path: Path) ->
     assert problems == [] and left_out == []
 
 
+def test_a_name_with_a_tab_or_newline_keeps_its_line_whole() -> None:
+    """predict's lines are path, label, confidence, tab-separated: a name holding a tab gave four
+    columns, one holding a newline two lines. Such a name is written escaped; others as they are."""
+    from stages.predict import shown
+
+    assert shown(Path("photos/a\tb.png")) == "photos/a\\tb.png"
+    assert shown(Path("photos/x\\y\nz\r.png")) == "photos/x\\\\y\\nz\\r.png"
+    assert shown(Path("photos/x\\y café.png")) == "photos/x\\y café.png"
+
+
 # --------------------------------------------------------------------------------------------
 # decode
 
