@@ -109,7 +109,11 @@ def map_label(raw_label: str | None, class_map: Mapping[str, str]) -> str | None
     label the map does not name is then set aside by validate as not a declared class)."""
     if raw_label is None:
         return None
-    return class_map.get(raw_label, raw_label)
+    if raw_label in class_map:
+        return class_map[raw_label]
+    # A folder `Pâtes` spelt decomposed (NFD, as macOS zips write names) is the map's `Pâtes`.
+    nfc = unicodedata.normalize("NFC", raw_label)
+    return next((name for key, name in class_map.items() if unicodedata.normalize("NFC", key) == nfc), raw_label)
 
 
 def not_an_image(path: str) -> str:

@@ -917,6 +917,24 @@ def test_folders_class_map_renames_class_folders(tmp_path):
     assert set(split["label"]) == {"with_mask", "without_mask"}
 
 
+def test_a_class_map_names_a_class_folder_spelt_decomposed(tmp_path):
+    """A zip made on macOS holds the folder `Pâtes` decomposed (NFD); params.yaml's class_map
+    names it composed (NFC). The map applies: the images are `pasta`, not the undeclared `Pâtes`."""
+    import unicodedata
+
+    raw = tmp_path / "raw"
+    for n in range(2):
+        write_image(raw / "train" / unicodedata.normalize("NFD", "Pâtes") / f"{n}.png")
+        write_image(raw / "train" / "Pain" / f"{n}.png")
+    layout = {"kind": "folders", "splits": {"train": "train"}, "class_map": {"Pâtes": "pasta", "Pain": "bread"}}
+    cfg = config(layout, ["pasta", "bread"])
+
+    manifest, _ = manifest_rows(cfg, raw)
+
+    assert (manifest["status"] == "ok").all(), manifest[["path", "reason"]].to_string()
+    assert Counter(manifest["label"]) == {"pasta": 2, "bread": 2}
+
+
 def test_every_layout_takes_a_class_map():
     for name, kind in layouts.REGISTRY.items():
         assert "class_map" in kind.options.__dataclass_fields__, name
