@@ -109,11 +109,20 @@ def map_label(raw_label: str | None, class_map: Mapping[str, str]) -> str | None
     label the map does not name is then set aside by validate as not a declared class)."""
     if raw_label is None:
         return None
-    if raw_label in class_map:
-        return class_map[raw_label]
-    # A folder `Pâtes` spelt decomposed (NFD, as macOS zips write names) is the map's `Pâtes`.
-    nfc = unicodedata.normalize("NFC", raw_label)
-    return next((name for key, name in class_map.items() if unicodedata.normalize("NFC", key) == nfc), raw_label)
+    name = _named(raw_label, class_map)
+    return raw_label if name is None else name
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def _named(name: str, mapping: Mapping[str, str]) -> str | None:
+    """`mapping`'s value for a folder or label `name`, or None. A folder `Pâtes` spelt decomposed
+    (NFD, as macOS zips write names) is the `Pâtes` params.yaml writes composed."""
+    if name in mapping:
+        return mapping[name]
+    return next((value for key, value in mapping.items() if _nfc(key) == _nfc(name)), None)
 
 
 def not_an_image(path: str) -> str:
@@ -157,9 +166,16 @@ def _check_root(root: str, key: str) -> None:
 
 
 def _root(raw: Path, root: str) -> PurePosixPath:
-    if root and not (raw / root).is_dir():
+    """The root as spelt on disk (a folder `Données` may be spelt decomposed there, see `_named`)."""
+    folder = raw
+    for part in PurePosixPath(root).parts if root else ():
+        if not (folder / part).is_dir() and folder.is_dir():
+            part = next((child.name for child in folder.iterdir() if child.is_dir() and _nfc(child.name) == _nfc(part)),
+                        part)
+        folder = folder / part
+    if root and not folder.is_dir():
         raise UserError(f"{raw / root}: the layout root does not exist; check layout.root in params.yaml")
-    return PurePosixPath(root) if root else PurePosixPath()
+    return PurePosixPath(folder.relative_to(raw).as_posix()) if root else PurePosixPath()
 
 
 def _under_root(
@@ -174,10 +190,11 @@ def _under_root(
         return Candidate(text, reason=f"outside the layout root '{root}'")
     if not splits:
         return parts, None
-    if len(parts) < 2 or parts[0] not in splits:
+    split = _named(parts[0], splits) if len(parts) > 1 else None
+    if split is None:
         where = f"folder '{parts[0]}'" if len(parts) > 1 else "the layout root"
         return Candidate(text, reason=f"stray file: in {where}, not in a split folder ({', '.join(splits)})")
-    return parts[1:], splits[parts[0]]
+    return parts[1:], split
 
 
 # --------------------------------------------------------------------------------------------

@@ -935,6 +935,25 @@ def test_a_class_map_names_a_class_folder_spelt_decomposed(tmp_path):
     assert Counter(manifest["label"]) == {"pasta": 2, "bread": 2}
 
 
+def test_a_root_and_split_folders_spelt_decomposed_are_found(tmp_path):
+    """A macOS zip holds `Données/Entraînement/` decomposed (NFD); params.yaml names the root and
+    the split folder composed (NFC). Both are found: the images are accepted in train."""
+    import unicodedata
+
+    raw = tmp_path / "raw"
+    folder = raw / unicodedata.normalize("NFD", "Données")
+    for n in range(2):
+        write_image(folder / unicodedata.normalize("NFD", "Entraînement") / "chat" / f"{n}.png")
+        write_image(folder / "Test" / "chat" / f"{n}.png")
+    layout = {"kind": "folders", "root": "Données", "splits": {"Entraînement": "train", "Test": "test"}}
+    cfg = config(layout, ["chat"])
+
+    found = run_layout(cfg, raw)
+
+    assert {c.reason for c in found.values()} == {""}
+    assert Counter(c.source_split for c in found.values()) == {"train": 2, "test": 2}
+
+
 def test_every_layout_takes_a_class_map():
     for name, kind in layouts.REGISTRY.items():
         assert "class_map" in kind.options.__dataclass_fields__, name
