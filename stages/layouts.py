@@ -315,6 +315,21 @@ def _unreadable(path: Path, error: BaseException, limit: int = 200) -> UserError
     return UserError(f"{path}: cannot be read as a CSV file ({text}); check layout.file in params.yaml")
 
 
+def _not_utf8(path: Path) -> UserError | None:
+    """The one-line error for a CSV file that is not UTF-8 text (Excel on Windows saves "CSV" in
+    Windows-1252), naming the line of its first such byte; None when the file is UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        return UserError(
+            f"{path}: not UTF-8 text (line {line} holds the byte 0x{data[error.start]:02x}, as a file saved in "
+            "Windows-1252 or Latin-1 does); save it as UTF-8 (iconv -f cp1252 -t utf-8), then fetch again"
+        )
+    return None
+
+
 def _too_many_fields(path: Path) -> UserError:
     """The one-line error naming the first line with more fields than the CSV's header."""
     with open(path, encoding="utf-8-sig", newline="") as handle:
@@ -346,7 +361,9 @@ def read_table(raw: Path, relpath: str) -> Any:
         raise _too_many_fields(path) from None
     except pd.errors.ParserError as error:  # a later line is
         raise (_too_many_fields(path) if "fields in line" in str(error) else _unreadable(path, error)) from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
+    except UnicodeDecodeError as error:
+        raise (_not_utf8(path) or _unreadable(path, error)) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as error:
         raise _unreadable(path, error) from None
     frame.columns = [str(name).strip() for name in frame.columns]
     return frame
@@ -682,7 +699,9 @@ def _read_header(path: Path) -> list[str]:
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
             return [name.strip() for name in next(csvmodule.reader(handle), [])]
-    except (OSError, UnicodeDecodeError, csvmodule.Error) as error:
+    except UnicodeDecodeError as error:
+        raise (_not_utf8(path) or _unreadable(path, error)) from None
+    except (OSError, csvmodule.Error) as error:
         raise _unreadable(path, error) from None
 
 
@@ -703,7 +722,7 @@ def _read_arrow(path: Path, header: list[str], columns: list[str]) -> Any:
             ),
         )
     except (pa.ArrowInvalid, OSError) as error:
-        raise _unreadable(path, error) from None
+        raise ((_not_utf8(path) if "invalid UTF8" in str(error) else None) or _unreadable(path, error)) from None
 
 
 def _decode_values(tokens: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -532,6 +532,33 @@ def test_csv_file_errors_are_one_line(tmp_path, layout, expected):
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("kind", "layout", "rows"),
+    [
+        ("csv", {"path_column": "file"}, 5000),
+        ("pixels_csv", {"pixels_column": "pixels"}, 5000),  # past the header: Arrow finds it
+        ("pixels_csv", {"pixels_column": "pixels"}, 0),  # in the first block: the header's reader finds it
+    ],
+)
+def test_a_label_csv_saved_in_windows_1252_is_one_line_saying_to_save_it_as_utf8(tmp_path, kind, layout, rows):
+    """Excel on Windows saves "CSV" in Windows-1252: `crème` is one byte 0xe8, not UTF-8. The
+    line names the file, the line holding the byte, and to save it as UTF-8 (before: it said to
+    check layout.file in params.yaml, which names the file rightly)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    filler = [f"{n}.png,1 2 3 4,bread" for n in range(rows)]
+    lines = ["file,pixels,label", *filler, "crème.png,1 2 3 4,crème"]
+    (raw / "labels.csv").write_bytes(("\n".join(lines) + "\n").encode("cp1252"))
+    cfg = config({"kind": kind, "file": "labels.csv", "label_column": "label", **layout}, ["bread"], channels=1)
+
+    with pytest.raises(UserError) as caught:
+        layouts.get_layout(kind).candidates(cfg.layout.options, raw)
+    message = str(caught.value)
+    assert f"labels.csv: not UTF-8 text (line {rows + 2} holds the byte 0xe8" in message, message
+    assert "save it as UTF-8" in message and "check layout.file" not in message
+    assert "\n" not in message
+
+
 # Mistakes that need no data are found as params.yaml is read (`python -m stages.config`, and
 # every stage), naming the dataset's key; the toy dataset is `toy`.
 @pytest.mark.parametrize(
