@@ -360,7 +360,7 @@ def validate(
         )
     for outcome in report.outcomes:
         if not outcome.success and not outcome.hard:
-            print(f"validate@{dataset}: warning: {outcome.name}: {outcome.observed}")
+            print(f"validate@{dataset}: warning: {outcome.name}: {outcome.observed.translate(ONE_LINE)}")
     if report.hard_failures and not len(manifest):
         # Every rule fails on nothing; the rules' remedies (replace the broken files) would mislead.
         raise UserError(
@@ -373,11 +373,16 @@ def validate(
         key = f"datasets.{dataset}"
         remedy = REMEDIES.get(failure.name, "").format(key=key)
         raise UserError(
-            f"validate@{dataset}: expectation {failure.name} failed: {failure.observed}{more}; "
+            f"validate@{dataset}: expectation {failure.name} failed: {failure.observed.translate(ONE_LINE)}{more}; "
             f"{remedy + ', or ' if remedy else ''}take {failure.name} out of {key}.validation.hard to only warn; "
             f"see {report.docs_index} and {manifest_path}"
         )
     return summary
+
+
+# A file name a script made may hold a newline, a carriage return or a tab: in a rule's text on
+# the stage's warning or error line they are written \n, \r, \t, so that the line stays one.
+ONE_LINE = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
 # What a split folder's usual names mean, for the advice when a layout has no splits.

@@ -635,3 +635,27 @@ def test_digits_and_blank_images_are_not_compared_so_they_cannot_flood_the_repor
     assert rule["success"] and rule["observed"] == (
         "no near-duplicates in two splits or under two labels; 0 of 1817 ok images compared (the rest too small or "
         "too uniform)")
+
+
+def test_a_file_name_holding_a_newline_keeps_the_failure_and_warnings_on_one_line(tmp_path, capsys):
+    """A file name a script made with a newline (or a carriage return, a tab) in it, named by a
+    failing rule: the stage's error and its warnings stay one line each, the characters written
+    `\\n`, `\\r`, `\\t` (before: the error went on a second line at the name's newline)."""
+    raw = clean_raw(tmp_path / "raw", {"a": 3, "b": 3, "c": 3})
+    write_png(raw / "a" / "tiny\nsecond line.png", seed=50, size=4)
+    write_png(raw / "b" / "tiny\rback\tand tab.png", seed=51, size=4)
+    hard = write_params(tmp_path, validation={"min_side": 8})
+    (tmp_path / "soft").mkdir()
+    soft = write_params(tmp_path / "soft", validation={"min_side": 8, "hard": []})
+
+    _, _, _, error = run_validate(tmp_path, raw, hard)
+    capsys.readouterr()
+    _, _, _, summary = run_validate(tmp_path / "soft", raw, soft)
+
+    assert isinstance(error, UserError)
+    assert "\n" not in str(error) and "\r" not in str(error) and "\t" not in str(error)
+    assert "a/tiny\\nsecond line.png 4x4" in str(error) and "b/tiny\\rback\\tand tab.png 4x4" in str(error)
+    assert not isinstance(summary, Exception), summary
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warning.startswith("validate@toy: warning: image_size_bounds: 2 ok images outside [8, 20000] px: ")
+    assert "a/tiny\\nsecond line.png 4x4" in warning and "\r" not in warning
