@@ -466,9 +466,11 @@ def _describe_undecodable(checks: pd.DataFrame, maximum: float) -> str:
         # GX fails a mean over no rows; there is no fraction to quote.
         return f"no candidate files, so no undecodable fraction (max {_percent(maximum)})"
     bad = int(files["undecodable"].sum())
+    # The files themselves, the first few: which to replace is what a failure must say.
+    named = f": {_some(list(files.loc[files['undecodable'] == 1, 'path']))}" if bad else ""
     return (
         f"{_percent(bad / len(files))} undecodable ({bad} of {_count(len(files), 'file')}; "
-        f"max {_percent(maximum)})"
+        f"max {_percent(maximum)}){named}"
     )
 
 

@@ -209,7 +209,8 @@ def test_too_many_undecodable_files_fail(tmp_path):
     assert failed(report) == ["undecodable_fraction"]
     fraction = outcome(report, "undecodable_fraction")
     assert fraction.hard is False
-    assert fraction.observed == "40% undecodable (4 of 10 files; max 25%)"
+    assert fraction.observed == (
+        "40% undecodable (4 of 10 files; max 25%): broken.png, broken0.png, broken1.png, broken2.png")
     assert report.hard_failures == []
 
 
@@ -230,7 +231,8 @@ def test_images_with_unusable_pixels_count_as_undecodable(tmp_path):
 
     report = check(clean_rows() + nan, tmp_path)
 
-    assert outcome(report, "undecodable_fraction").observed == "40% undecodable (4 of 10 files; max 25%)"
+    assert outcome(report, "undecodable_fraction").observed == (
+        "40% undecodable (4 of 10 files; max 25%): broken.png, nan0.tif, nan1.tif, nan2.tif")
 
 
 @pytest.mark.parametrize(

@@ -659,3 +659,20 @@ def test_a_file_name_holding_a_newline_keeps_the_failure_and_warnings_on_one_lin
     (warning,) = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert warning.startswith("validate@toy: warning: image_size_bounds: 2 ok images outside [8, 20000] px: ")
     assert "a/tiny\\nsecond line.png 4x4" in warning and "\r" not in warning
+
+
+def test_too_many_undecodable_files_fail_the_stage_in_a_line_naming_them(tmp_path):
+    """The README's promise: a hard rule's failure is one line naming the files. The fraction of
+    undecodable files gave only a count (before: '33.33% undecodable (2 of 6 files; max 5%)'), and
+    which files to replace was left to the manifest."""
+    raw = clean_raw(tmp_path / "raw", {"a": 1, "b": 1, "c": 1})
+    (raw / "a" / "broken.png").write_bytes(b"not a png")
+    (raw / "b" / "empty.jpg").write_bytes(b"")
+    params = write_params(tmp_path)
+
+    _, _, _, error = run_validate(tmp_path, raw, params)
+
+    assert isinstance(error, UserError)
+    assert str(error).startswith(
+        "validate@toy: expectation undecodable_fraction failed: 33.33% undecodable (2 of 6 files; max 5%): "
+        "a/broken.png, b/empty.jpg; replace the broken files in the source")
