@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests import toy
 from stages import layouts
-from stages.config import DatasetConfig, SplitPolicy, parse_params
+from stages.config import DatasetConfig, SplitPolicy, ValidationRules, parse_params
 from stages.errors import UserError
 from stages.validate import COLUMNS, build_manifest, validate
 
@@ -676,3 +676,19 @@ def test_too_many_undecodable_files_fail_the_stage_in_a_line_naming_them(tmp_pat
     assert str(error).startswith(
         "validate@toy: expectation undecodable_fraction failed: 33.33% undecodable (2 of 6 files; max 5%): "
         "a/broken.png, b/empty.jpg; replace the broken files in the source")
+
+
+def test_a_hard_list_replaces_the_default_one_as_the_readme_says(tmp_path):
+    """`hard: [no_near_duplicates]`, the README's "add it to validation.hard" done literally on a
+    params.yaml with no `hard` key, replaces the default list: a class short of min_per_class is
+    then only a warning. The README says so and names the default list to keep (before: it said
+    only "add it", and the default rules went soft without a word)."""
+    raw = clean_raw(tmp_path / "raw", {"a": 3, "b": 3, "c": 1})
+    params = write_params(tmp_path, validation={"min_per_class": 3, "hard": ["no_near_duplicates"]})
+
+    _, _, _, summary = run_validate(tmp_path, raw, params)
+
+    assert not isinstance(summary, Exception) and summary["rules_failed"] == 1
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8").split())
+    default = ", ".join(ValidationRules().hard)
+    assert f"a list given there replaces the default one, `[{default}]`" in readme
