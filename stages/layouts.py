@@ -226,12 +226,14 @@ def folders(options: FoldersOptions, raw: Path) -> list[Candidate]:
 
 def _place(path: PurePosixPath, root: PurePosixPath, splits: dict[str, str], class_map: Mapping[str, str]) -> Candidate:
     text = path.as_posix()
+    # A hidden file is a system's (.DS_Store), not a misplaced image, wherever it lies.
+    hidden = reason if (reason := not_an_image(text)).startswith(("hidden file", "in a hidden folder")) else ""
     placed = _under_root(path, root, splits)
     if isinstance(placed, Candidate):
-        return placed
+        return Candidate(text, reason=hidden) if hidden else placed
     parts, source_split = placed
     if len(parts) < 2:
-        return Candidate(text, source_split=source_split, reason="stray file: not inside a class folder")
+        return Candidate(text, source_split=source_split, reason=hidden or "stray file: not inside a class folder")
     label = map_label(parts[0], class_map)
     return Candidate(text, label=label, source_split=source_split, reason=not_an_image(text))
 

@@ -1084,6 +1084,25 @@ def test_hidden_files_and_files_in_hidden_folders_are_set_aside_as_hidden(tmp_pa
     assert found["a/0.png"].reason == found["b/0.png"].reason == ""
 
 
+@pytest.mark.parametrize("splits", [{}, {"train": "train"}])
+def test_a_hidden_file_outside_the_class_folders_is_set_aside_as_hidden_not_stray(tmp_path, splits):
+    """macOS's `.DS_Store` at the raw folder's top (or beside the split folders) is hidden, as
+    docs/reliability.md says of hidden files whatever their place; before, it counted as
+    "stray file: not inside a class folder" (or "not in a split folder"), the reason for a real
+    image misplaced."""
+    raw = tmp_path / "raw"
+    top = raw / "train" if splits else raw
+    write_image(top / "a" / "0.png")
+    write_image(top / "b" / "0.png")
+    (raw / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (top / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+
+    found = run_layout(config({"kind": "folders", "splits": splits}, ["a", "b"]), raw)
+
+    assert found[".DS_Store"].reason == "hidden file ('.DS_Store')"
+    assert found[(top / ".DS_Store").relative_to(raw).as_posix()].reason == "hidden file ('.DS_Store')"
+
+
 def test_a_layout_root_may_hold_a_colon(tmp_path):
     """A local folder may hold `Photos: 2019/` (no archive entry may): the root check refuses only
     what leaves the raw folder."""
