@@ -193,7 +193,10 @@ def _under_root(
     split = _named(parts[0], splits) if len(parts) > 1 else None
     if split is None:
         where = f"folder '{parts[0]}'" if len(parts) > 1 else "the layout root"
-        return Candidate(text, reason=f"stray file: in {where}, not in a split folder ({', '.join(splits)})")
+        # Facemask's Train/ under `splits: {train: ...}`: names are compared as written.
+        near = next((name for name in splits if len(parts) > 1 and name.casefold() == parts[0].casefold()), None)
+        hint = f"; layout.splits names '{near}', which differs in case only: write '{parts[0]}'" if near else ""
+        return Candidate(text, reason=f"stray file: in {where}, not in a split folder ({', '.join(splits)}){hint}")
     return parts[1:], split
 
 

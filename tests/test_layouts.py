@@ -1103,6 +1103,20 @@ def test_a_hidden_file_outside_the_class_folders_is_set_aside_as_hidden_not_stra
     assert found[(top / ".DS_Store").relative_to(raw).as_posix()].reason == "hidden file ('.DS_Store')"
 
 
+def test_a_split_folder_named_in_another_case_says_so(tmp_path):
+    """Facemask's `Train/` under `splits: {train: train}`: every file was a stray, and nothing
+    said why but the count; the reason now names the split folder that differs in case only."""
+    raw = tmp_path / "raw"
+    write_image(raw / "Train" / "a" / "0.png")
+    write_image(raw / "test" / "a" / "0.png")
+
+    found = run_layout(config({"kind": "folders", "splits": {"train": "train", "test": "test"}}, ["a"]), raw)
+
+    assert found["Train/a/0.png"].reason == ("stray file: in folder 'Train', not in a split folder (train, test); "
+                                             "layout.splits names 'train', which differs in case only: write 'Train'")
+    assert found["test/a/0.png"].reason == ""
+
+
 def test_a_layout_root_may_hold_a_colon(tmp_path):
     """A local folder may hold `Photos: 2019/` (no archive entry may): the root check refuses only
     what leaves the raw folder."""
