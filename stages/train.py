@@ -174,6 +174,9 @@ class Checkpoint:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._static: tuple[str, frozenset[int]] | None = None  # (file name, model indices) written by this process
+        # The run of a checkpoint read() could not use but whose state it read (its static file
+        # gone): the stopped process left it RUNNING, and the caller closes it as a discarded one.
+        self.abandoned_run = ""
 
     def save(self, state: TrainingState, model: Any, optimizer: Any, best: list[np.ndarray], static: Any = ()) -> None:
         variables = model.variables
@@ -206,6 +209,7 @@ class Checkpoint:
     def read(self) -> tuple[TrainingState, dict[str, np.ndarray]] | None:
         if not self.path.exists():
             return None
+        state = None
         try:
             with np.load(self.path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
@@ -219,6 +223,7 @@ class Checkpoint:
                         arrays[f"best_{j}"] = archive[f"model_{i}"]
         except (OSError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError) as error:
             print(f"train: ignoring unreadable checkpoint {self.path} ({type(error).__name__}: {error}); starting over")
+            self.abandoned_run = state.run_id if state is not None else ""
             return None
         return state, arrays
 
@@ -460,7 +465,7 @@ def _train(
         # A data-parallel run's epochs trained on batches trimmed to a multiple of its devices.
         setup = f"{keras.backend.backend()} {policy}" + (f" on {replicas.count} devices" if replicas.count > 1 else "")
         resumed = checkpoint.read()
-        discarded = resumed[0].run_id if resumed is not None else ""
+        discarded = resumed[0].run_id if resumed is not None else checkpoint.abandoned_run
         if resumed is not None and resumed[0].code != code:
             print(f"train@{experiment.name}: the checkpoint was written by other code (the stages/ modules train "
                   "runs) or other versions of Keras and its backend; starting over")

@@ -470,18 +470,8 @@ def test_a_checkpoint_written_by_other_code_is_not_resumed(tmp_path: Path, track
     going on under the new code. The same code resumes it (the other resume tests)."""
     import shutil
 
-    from stages import train as train_module
-
-    save = train_module.Checkpoint.save
-
-    def save_then_die(self, state, model, optimizer, best, static=()):
-        save(self, state, model, optimizer, best, static)
-        raise Interrupted
-
     train = {"epochs": 2, "early_stopping_patience": 10, "batch_size": 64}
-    monkeypatch.setattr(train_module.Checkpoint, "save", save_then_die)
-    with pytest.raises(Interrupted):
-        train_toy(tmp_path, "cut", SMALL_CNN, train)
+    cut_after_first_checkpoint(tmp_path, train, monkeypatch)
     assert (tmp_path / "cut" / "checkpoint.npz").exists()
 
     code = tmp_path / "code"
@@ -624,6 +614,23 @@ def test_a_model_trained_in_float16_loads_for_inference_without_warnings(tmp_pat
     assert "mixed_float16" in {layer.dtype_policy.name for layer in model.layers if layer.weights}
     x = np.load(tmp_path / "data" / "test_x.npy")[:32]
     np.testing.assert_array_equal(model.predict(x, verbose=0), trained.predict(x, verbose=0))
+
+
+def cut_after_first_checkpoint(tmp_path: Path, train: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train the toy experiment into tmp_path/cut, stopped (Interrupted) just after its first
+    checkpoint is written, as Ctrl-C there would; saving works again afterwards."""
+    from stages import train as train_module
+
+    save = train_module.Checkpoint.save
+
+    def save_then_die(self, state, model, optimizer, best, static=()):
+        save(self, state, model, optimizer, best, static)
+        raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.Checkpoint, "save", save_then_die)
+        with pytest.raises(Interrupted):
+            train_toy(tmp_path, "cut", SMALL_CNN, train)
 
 
 def _npz_bytes() -> bytes:
@@ -1367,21 +1374,34 @@ def test_a_run_whose_checkpoint_is_discarded_is_not_left_running(tmp_path: Path,
     in MLflow for good."""
     from mlflow.tracking import MlflowClient
 
-    from stages import train as train_module
-
-    save = train_module.Checkpoint.save
-
-    def save_then_die(self, state, model, optimizer, best, static=()):
-        save(self, state, model, optimizer, best, static)
-        raise Interrupted
-
-    monkeypatch.setattr(train_module.Checkpoint, "save", save_then_die)
-    with pytest.raises(Interrupted):
-        train_toy(tmp_path, "cut", SMALL_CNN, {"epochs": 3, "early_stopping_patience": 10, "batch_size": 64})
-    monkeypatch.setattr(train_module.Checkpoint, "save", save)
+    cut_after_first_checkpoint(tmp_path, {"epochs": 3, "early_stopping_patience": 10, "batch_size": 64}, monkeypatch)
     client = MlflowClient(tracking)
     (cut,) = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
     assert cut.info.status == "RUNNING"
     _, record = train_toy(tmp_path, "cut", SMALL_CNN, {"epochs": 2, "early_stopping_patience": 10, "batch_size": 64})
     assert record["run_id"] != cut.info.run_id
+    assert client.get_run(cut.info.run_id).info.status != "RUNNING", "the abandoned run is still RUNNING"
+
+
+def test_a_run_whose_checkpoint_lost_its_static_file_is_not_left_running(tmp_path: Path, tracking: str, monkeypatch) -> None:
+    """checkpoint.npz names a static file (a frozen base's variables) that is gone: the rerun
+    ignores the checkpoint as unreadable and starts over, and the interrupted run, whose state it
+    could still read, is closed as a discarded one's is; before, it stayed RUNNING for good."""
+    from mlflow.tracking import MlflowClient
+
+    from stages import train as train_module
+
+    train = {"epochs": 3, "early_stopping_patience": 10, "batch_size": 64}
+    cut_after_first_checkpoint(tmp_path, train, monkeypatch)
+    path = tmp_path / "cut" / train_module.CHECKPOINT
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays["static"] = np.array(json.dumps({"file": "checkpoint.static-gone.npz", "model": [0], "best": []}))
+    np.savez(path, **arrays)
+    client = MlflowClient(tracking)
+    (cut,) = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+
+    _, record = train_toy(tmp_path, "cut", SMALL_CNN, train)
+
+    assert record["run_id"] != cut.info.run_id and record["epochs_run"] == 3
     assert client.get_run(cut.info.run_id).info.status != "RUNNING", "the abandoned run is still RUNNING"
