@@ -367,15 +367,11 @@ def pneumonia() -> Miniature:
         folder, name = copy.rsplit("/", 1)
         fork = f"chest_xray/__MACOSX/{folder[len('chest_xray/'):]}/._{name}"
         mini.tree[fork] = APPLE_DOUBLE
-        mini.set_aside[fork] = "stray file: in folder '__MACOSX', not in a split folder"
-    for store, reason in (
-        ("chest_xray/.DS_Store", "stray file: in the layout root, not in a split folder"),
-        ("chest_xray/train/.DS_Store", "stray file: not inside a class folder"),
-        ("chest_xray/train/NORMAL/.DS_Store", "hidden file ('.DS_Store')"),
-        ("chest_xray/chest_xray/.DS_Store", "stray file: in folder 'chest_xray', not in a split folder"),
-    ):
+        mini.set_aside[fork] = f"hidden file ('._{name}')"  # a system's file wherever it lies, not a stray
+    for store in ("chest_xray/.DS_Store", "chest_xray/train/.DS_Store", "chest_xray/train/NORMAL/.DS_Store",
+                  "chest_xray/chest_xray/.DS_Store"):
         mini.tree[store] = DS_STORE
-        mini.set_aside[store] = reason
+        mini.set_aside[store] = "hidden file ('.DS_Store')"
     mini.archive = zip_bytes(mini.tree)
     mini.validation = {"min_per_class": 13}
     mini.notes = ("8/2/3 train/val/test JPEGs a class, 100-150 px, repeated under chest_xray/chest_xray and "
