@@ -200,12 +200,14 @@ class _Session:
         """The dataset's current version number, as the API reports it (None if it does not)."""
         api = self.api
         with _kaggle_errors(target, None, self.dataset, api):
-            with _quiet():
-                status = api.dataset_status(target.ref, format="json(current_version_number)")
-        return _version_number(status)
+            return _asked_version(api, target)
 
 
-def _version_number(status: str) -> int | None:
+def _asked_version(api: Any, target: _Target) -> int | None:
+    """The dataset's current version number, asked of Kaggle (None if the API does not tell); the
+    client's errors go up as they are."""
+    with _quiet():
+        status = api.dataset_status(target.ref, format="json(current_version_number)")
     version = json.loads(status).get("current_version_number")
     return version if isinstance(version, int) and version > 0 else None
 
@@ -234,8 +236,7 @@ class VersionLookup:
         except UserError as error:
             raise Unreachable(str(error)) from None
         try:
-            with _quiet():
-                return _version_number(api.dataset_status(target.ref, format="json(current_version_number)"))
+            return _asked_version(api, target)
         except Exception as error:
             # No connection, or credentials rejected or rate-limited: no other dataset would do better,
             # so the line, said once for them all, names none of them.
