@@ -19,8 +19,9 @@ Accounting. Over the real files under raw, files in = accepted + set aside: each
 candidate. The table layouts add candidates that name no file: a CSV row whose image does not
 exist ("missing: ..."), the extra rows when a CSV names one file several times ("duplicate row:
 ..."), and pixel rows that cannot be decoded. Those are named `<csv file>::<row>` (the row as a
-spreadsheet numbers it: the header is row 1, the first data row is row 2), so the manifest has
-one row per real file plus these extra rows, and every path in it is unique.
+spreadsheet numbers it, and as every message names it: the header is row 1, a blank line is a
+row, a quoted cell holding a line break stays one row), so the manifest has one row per real
+file plus these extra rows, and every path in it is unique.
 """
 
 from __future__ import annotations
@@ -349,6 +350,33 @@ def _too_many_fields(path: Path) -> UserError:
     return UserError(f"{path}: a line has more fields than the header; fix it, then fetch again")
 
 
+def _blank(record: list[str]) -> bool:
+    """Whether a record is a blank line (empty, or spaces only), which pandas and Arrow skip."""
+    return len(record) <= 1 and not "".join(record).strip()
+
+
+def spreadsheet_rows(path: Path, records: int) -> range | list[int]:
+    """The row of each of the `records` data records read from a CSV, as a spreadsheet numbers
+    it: the header is row 1, and a blank line, which the readers skip, is a row too (a quoted
+    cell holding a line break stays one row). Without blank lines, data record i is row i + 2."""
+    with open(path, "rb") as handle:
+        breaks, last = 0, b""
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            breaks, last = breaks + chunk.count(b"\n"), chunk
+    if breaks + (not last.endswith(b"\n")) == records + 1:
+        # One line a record, none blank: counted, not parsed again (FER-2013's 300 MB).
+        return range(2, records + 2)
+    limit = csvmodule.field_size_limit(1 << 30)  # a pixel cell may exceed the 128 KiB default
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            rows = [number for number, record in enumerate(csvmodule.reader(handle), 1) if not _blank(record)][1:]
+    finally:
+        csvmodule.field_size_limit(limit)
+    # Should this reader ever tell the records apart otherwise than pandas or Arrow did, a row
+    # number off is better than one naming another record's neighbour at random: count them.
+    return rows if len(rows) == records else range(2, records + 2)
+
+
 def read_table(raw: Path, relpath: str) -> Any:
     """A CSV under raw as a pandas DataFrame, every cell as text ("" for an empty cell), column
     names stripped."""
@@ -588,8 +616,9 @@ def csv_layout(options: CsvOptions, raw: Path) -> list[Candidate]:
         groups = frame[options.group_column].tolist() if options.group_column else None
         filters = {name: (frame[name].tolist(), set(values)) for name, values in options.filter.items()}
 
+        rows = spreadsheet_rows(path, len(frame))
         for i, name in enumerate(names):
-            row = i + 2  # as a spreadsheet numbers it: the header is row 1
+            row = rows[i]
             member = f"{csv_name}::{row}"
             name = name.strip()
             if not name:
@@ -720,6 +749,9 @@ def _read_arrow(path: Path, header: list[str], columns: list[str]) -> Any:
         return pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(column_names=header, skip_rows=1, block_size=1 << 24),
+            # A line of spaces is a blank line, skipped as an empty one is (and as pandas skips
+            # both for a label CSV), not a row of one field that stops the parser.
+            parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "error" if row.text.strip() else "skip"),
             convert_options=pacsv.ConvertOptions(
                 include_columns=columns,
                 column_types={name: pa.string() for name in columns},
@@ -878,9 +910,10 @@ def _pixel_rows(options: PixelsCsvOptions, raw: Path, spec: PixelsFile, csv_name
     labels = table.column(options.label_column).to_pylist()
     splits = table.column(options.split_column).to_pylist() if options.split_column else None
     size = "x".join(str(n) for n in (shape[1], shape[0], *shape[2:]))
+    rows = spreadsheet_rows(path, count)
     result = []
     for i in range(count):
-        member = f"{csv_name}::{i + 2}"  # the row as a spreadsheet numbers it: the header is row 1
+        member = f"{csv_name}::{rows[i]}"
         raw_label = labels[i].strip()
         label = map_label(raw_label or None, options.class_map)
         split, reason = spec.split, ""

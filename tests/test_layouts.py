@@ -470,6 +470,40 @@ def test_csv_line_with_more_fields_than_the_header_is_one_line_naming_it(tmp_pat
         )
 
 
+# The rows below as a spreadsheet shows them: a blank line and a line of spaces are rows there,
+# and a quoted cell holding a line break is one row (4, over lines 4 and 5 of the file).
+BLANK_LINES_CSV = [
+    "file,label,notes",  # row 1
+    "a.png,cat,",  # row 2
+    "",  # row 3
+    'b.png,dog,"two',  # row 4
+    'lines"',
+    "   ",  # row 5
+    "gone.png,cat,",  # row 6
+    "a.png,cat,",  # row 7
+    ",cat,",  # row 8
+]
+
+
+@pytest.mark.parametrize("newline, bom", [("\n", ""), ("\r\n", ""), ("\r\n", "\ufeff")], ids=["lf", "crlf", "bom-crlf"])
+def test_csv_rows_are_numbered_as_a_spreadsheet_shows_them_blank_lines_included(tmp_path, newline, bom):
+    """Blank lines are skipped by the CSV reader but are rows in a spreadsheet (and lines in an
+    editor): a message and a `<csv>::<row>` path name the row the user sees. Before, every row
+    below a blank line was named one too high per blank line above it."""
+    raw = tmp_path / "raw"
+    for name in ("a.png", "b.png"):
+        write_image(raw / name)
+    (raw / "labels.csv").write_bytes((bom + newline.join(BLANK_LINES_CSV) + newline).encode("utf-8"))
+    layout = {"kind": "csv", "file": "labels.csv", "path_column": "file", "label_column": "label"}
+    found = run_layout(config(layout, ["cat", "dog"]), raw)
+
+    assert (found["a.png"].label, found["b.png"].label) == ("cat", "dog")
+    assert found["labels.csv::6"].reason == "missing: listed in labels.csv row 6 but not found (looked for gone.png)"
+    assert found["labels.csv::7"].reason == "duplicate row: a.png is already listed in labels.csv row 2"
+    assert found["labels.csv::8"].reason == "no file: labels.csv row 8 has an empty column 'file'"
+    assert {path for path in found if "::" in path} == {"labels.csv::6", "labels.csv::7", "labels.csv::8"}
+
+
 def test_csv_names_find_files_whose_names_are_decomposed_on_disk(tmp_path):
     """A zip made on macOS holds `café.png` decomposed (NFD); the CSV names it composed (NFC).
     The row finds the file, which keeps its name on disk."""
@@ -795,6 +829,26 @@ def test_pixel_columns_in_rgb_with_a_given_width(tmp_path):
     found = run_layout(config(layout, ["4"]), raw)
 
     np.testing.assert_array_equal(found["hmnist_2_3_RGB.csv::2"].pixels, image)
+
+
+@pytest.mark.parametrize("newline, bom", [("\n", ""), ("\r\n", ""), ("\r\n", "\ufeff")], ids=["lf", "crlf", "bom-crlf"])
+def test_pixel_rows_are_numbered_as_a_spreadsheet_shows_them_blank_lines_included(tmp_path, newline, bom):
+    """As for a label CSV: a blank line (empty, or spaces only) is a row in a spreadsheet, so the
+    `<csv>::<row>` of every row below it names the row the user sees. Before, they were one too
+    high per blank line above, and a line of spaces stopped Arrow's parser."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    images = np.random.default_rng(5).integers(0, 256, (3, 2, 2), dtype=np.uint8)
+    cells = [" ".join(map(str, image.ravel().tolist())) for image in images]
+    lines = ["emotion,pixels", f"0,{cells[0]}", "", f"1,{cells[1]}", "  ", "", "1,1 2 3", f"0,{cells[2]}"]
+    (raw / "faces.csv").write_bytes((bom + newline.join(lines) + newline).encode("utf-8"))
+    layout = {"kind": "pixels_csv", "file": "faces.csv", "label_column": "emotion", "pixels_column": "pixels"}
+    found = run_layout(config(layout, ["0", "1"], image_size=2, channels=1), raw)
+
+    assert {path for path in found if "::" in path} == {"faces.csv::2", "faces.csv::4", "faces.csv::7", "faces.csv::8"}
+    for row, image in zip((2, 4, 8), images):
+        np.testing.assert_array_equal(found[f"faces.csv::{row}"].pixels, image)
+    assert found["faces.csv::7"].reason == "undecodable: 3 pixel values, expected 4 (2x2)"
 
 
 @pytest.mark.parametrize(
