@@ -336,18 +336,33 @@ def _not_utf8(path: Path) -> UserError | None:
     return None
 
 
-def _too_many_fields(path: Path) -> UserError:
-    """The one-line error naming the first line with more fields than the CSV's header."""
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = csvmodule.reader(handle)
-        header = len(next(rows))
-        for row in rows:
-            if len(row) > header and any(cell.strip() for cell in row[header:]):
-                return UserError(
-                    f"{path}: line {rows.line_num} has {len(row)} fields, the header {header} (a comma inside an "
-                    "unquoted field?); quote that field or fix the line, then fetch again"
-                )
-    return UserError(f"{path}: a line has more fields than the header; fix it, then fetch again")
+def _wrong_fields(path: Path, arrow: bool = False) -> UserError | None:
+    """The one-line error naming the first row with more fields than the CSV's header, or, for
+    Arrow (which refuses any other number, where pandas fills a short row), fewer; None if none
+    has. The row is named as in every other message, as a spreadsheet numbers it, and where a
+    quoted line break above makes that differ, so is the line where it starts in a text editor."""
+    limit = csvmodule.field_size_limit(1 << 30)  # a pixel cell may exceed the 128 KiB default
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            records = csvmodule.reader(handle)
+            header, line = 0, 1
+            for row, record in enumerate(records, 1):
+                # pandas reads empty extra fields (`a.png,dog,` under `file,label`); Arrow does not.
+                long = len(record) > header and (arrow or any(cell.strip() for cell in record[header:]))
+                if _blank(record):
+                    pass
+                elif not header:
+                    header = len(record)
+                elif long or arrow and len(record) < header:
+                    where = f"row {row}" + (f" (line {line})" if line != row else "")
+                    hint = " (a comma inside an unquoted field?); quote that field or fix the line" if long else (
+                        "; fix the line")
+                    return UserError(f"{path}: {where} has {len(record)} fields, the header {header}{hint}, "
+                                     "then fetch again")
+                line = records.line_num + 1
+    finally:
+        csvmodule.field_size_limit(limit)
+    return None
 
 
 def _blank(record: list[str]) -> bool:
@@ -390,10 +405,10 @@ def read_table(raw: Path, relpath: str) -> Any:
             # would have its extra ones dropped with only a warning: that is an error here.
             warnings.simplefilter("error", pd.errors.ParserWarning)
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", index_col=False)
-    except pd.errors.ParserWarning:  # the first data line is the long one
-        raise _too_many_fields(path) from None
+    except pd.errors.ParserWarning as warning:  # the first data line is the long one
+        raise (_wrong_fields(path) or _unreadable(path, warning)) from None
     except pd.errors.ParserError as error:  # a later line is
-        raise (_too_many_fields(path) if "fields in line" in str(error) else _unreadable(path, error)) from None
+        raise ("fields in line" in str(error) and _wrong_fields(path) or _unreadable(path, error)) from None
     except UnicodeDecodeError as error:
         raise (_not_utf8(path) or _unreadable(path, error)) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as error:
@@ -759,7 +774,10 @@ def _read_arrow(path: Path, header: list[str], columns: list[str]) -> Any:
             ),
         )
     except (pa.ArrowInvalid, OSError) as error:
-        raise ((_not_utf8(path) if "invalid UTF8" in str(error) else None) or _unreadable(path, error)) from None
+        # Arrow's message names no row for either, and quotes a row of pixel values.
+        named = _not_utf8(path) if "invalid UTF8" in str(error) else None
+        named = named or (_wrong_fields(path, arrow=True) if "columns, got" in str(error) else None)
+        raise (named or _unreadable(path, error)) from None
 
 
 def _decode_values(tokens: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -453,21 +453,39 @@ def test_csv_with_a_delimiter_ending_each_line_reads_its_columns_in_place(tmp_pa
 
 def test_csv_line_with_more_fields_than_the_header_is_one_line_naming_it(tmp_path):
     """An unquoted comma inside a field shifts that row's columns; pandas would drop the extra
-    field with a warning. It is one line naming the file and the line instead."""
+    field with a warning. It is one line naming the file and the row instead."""
     raw = tmp_path / "raw"
     write_image(raw / "0.png")
     layout = {"kind": "csv", "file": "labels.csv", "path_column": "file", "label_column": "label"}
     # The long line first (pandas warns and drops a field), or later (pandas fails to tokenize).
-    for text, line in (("file,label\nimg,2.png,cat\n0.png,dog\n", 2), ("file,label\n0.png,dog\nimg,2.png,cat\n", 3)):
+    for text, row in (("file,label\nimg,2.png,cat\n0.png,dog\n", 2), ("file,label\n0.png,dog\nimg,2.png,cat\n", 3)):
         (raw / "labels.csv").write_text(text, encoding="utf-8")
 
         with pytest.raises(UserError) as caught:
             run_layout(config(layout, ["cat", "dog"]), raw)
 
         assert str(caught.value) == (
-            f"{raw / 'labels.csv'}: line {line} has 3 fields, the header 2 (a comma inside an unquoted field?); "
+            f"{raw / 'labels.csv'}: row {row} has 3 fields, the header 2 (a comma inside an unquoted field?); "
             "quote that field or fix the line, then fetch again"
         )
+
+
+def test_a_long_row_below_blank_lines_and_a_quoted_line_break_is_named_by_row_and_line(tmp_path):
+    """Rows are named as a spreadsheet numbers them, as in every other message; where a quoted
+    cell holding a line break sits above, the line a text editor shows differs, so it is named
+    too: the line where the long row starts."""
+    raw = tmp_path / "raw"
+    write_image(raw / "0.png")
+    (raw / "labels.csv").write_text('file,label\r\n\r\n"0\r\n.png",dog\r\n"img,2\r\n.png",cat,x\r\n', encoding="utf-8")
+    layout = {"kind": "csv", "file": "labels.csv", "path_column": "file", "label_column": "label"}
+
+    with pytest.raises(UserError) as caught:
+        run_layout(config(layout, ["cat", "dog"]), raw)
+
+    assert str(caught.value) == (
+        f"{raw / 'labels.csv'}: row 4 (line 5) has 3 fields, the header 2 (a comma inside an unquoted field?); "
+        "quote that field or fix the line, then fetch again"
+    )
 
 
 # The rows below as a spreadsheet shows them: a blank line and a line of spaces are rows there,
@@ -849,6 +867,24 @@ def test_pixel_rows_are_numbered_as_a_spreadsheet_shows_them_blank_lines_include
     for row, image in zip((2, 4, 8), images):
         np.testing.assert_array_equal(found[f"faces.csv::{row}"].pixels, image)
     assert found["faces.csv::7"].reason == "undecodable: 3 pixel values, expected 4 (2x2)"
+
+
+@pytest.mark.parametrize("line, fields, hint", [
+    ("1,1 2 3 4,Training,x", 4, " (a comma inside an unquoted field?); quote that field or fix the line"),
+    ("1,1 2 3 4", 2, "; fix the line"),
+], ids=["more", "fewer"])
+def test_a_pixel_row_with_another_number_of_fields_is_one_line_naming_its_row(tmp_path, line, fields, hint):
+    """Arrow refuses a row with more or fewer fields than the header, but its message names no
+    row (and quotes 10 KB of pixel values for FER-2013): the row is named as for a label CSV."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "faces.csv").write_text(f"emotion,pixels,Usage\n0,1 2 3 4,Training\n\n{line}\n", encoding="utf-8")
+    layout = {"kind": "pixels_csv", "file": "faces.csv", "label_column": "emotion", "pixels_column": "pixels"}
+
+    with pytest.raises(UserError) as caught:
+        run_layout(config(layout, ["0", "1"], image_size=2, channels=1), raw)
+
+    assert str(caught.value) == f"{raw / 'faces.csv'}: row 4 has {fields} fields, the header 3{hint}, then fetch again"
 
 
 @pytest.mark.parametrize(
