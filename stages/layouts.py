@@ -743,27 +743,32 @@ class PixelsCsvOptions:
     class_map: dict[str, str] = field(default_factory=dict)
 
 
-def _read_header(path: Path) -> list[str]:
-    """The column names of a CSV file (its first row), stripped."""
+def _read_header(path: Path) -> tuple[list[str], int]:
+    """The column names of a CSV file, stripped, and the row they are on: its first row that is
+    not a blank line, as pandas takes it for a label CSV."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            return [name.strip() for name in next(csvmodule.reader(handle), [])]
+            for row, record in enumerate(csvmodule.reader(handle), 1):
+                if not _blank(record):
+                    return [name.strip() for name in record], row
+            return [], 1
     except UnicodeDecodeError as error:
         raise (_not_utf8(path) or _unreadable(path, error)) from None
     except (OSError, csvmodule.Error) as error:
         raise _unreadable(path, error) from None
 
 
-def _read_arrow(path: Path, header: list[str], columns: list[str]) -> Any:
-    """The chosen columns of a CSV as a pyarrow Table of strings ("" for an empty cell). Arrow's
-    C++ parser reads FER-2013's 300 MB in about half a second, where pandas takes four."""
+def _read_arrow(path: Path, header: list[str], header_row: int, columns: list[str]) -> Any:
+    """The chosen columns of a CSV as a pyarrow Table of strings ("" for an empty cell), from the
+    row below the header's. Arrow's C++ parser reads FER-2013's 300 MB in about half a second,
+    where pandas takes four."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     try:
         return pacsv.read_csv(
             path,
-            read_options=pacsv.ReadOptions(column_names=header, skip_rows=1, block_size=1 << 24),
+            read_options=pacsv.ReadOptions(column_names=header, skip_rows=header_row, block_size=1 << 24),
             # A line of spaces is a blank line, skipped as an empty one is (and as pandas skips
             # both for a label CSV), not a row of one field that stops the parser.
             parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "error" if row.text.strip() else "skip"),
@@ -879,7 +884,7 @@ def pixels_csv(options: PixelsCsvOptions, raw: Path) -> list[Candidate]:
 
 def _pixel_rows(options: PixelsCsvOptions, raw: Path, spec: PixelsFile, csv_name: str) -> list[Candidate]:
     path = _csv_path(raw, spec.file)
-    header = _read_header(path)
+    header, header_row = _read_header(path)
     wanted = [("label_column", options.label_column), ("pixels_column", options.pixels_column),
               ("split_column", options.split_column)]
     require_columns(path, header, wanted)
@@ -895,7 +900,8 @@ def _pixel_rows(options: PixelsCsvOptions, raw: Path, spec: PixelsFile, csv_name
             )
     else:
         pixel_columns = [options.pixels_column]
-    table = _read_arrow(path, header, list(dict.fromkeys(c for c in (*(c for _, c in wanted), *pixel_columns) if c)))
+    columns = list(dict.fromkeys(c for c in (*(c for _, c in wanted), *pixel_columns) if c))
+    table = _read_arrow(path, header, header_row, columns)
     count = table.num_rows
     if not count:
         return []

@@ -887,6 +887,27 @@ def test_a_pixel_row_with_another_number_of_fields_is_one_line_naming_its_row(tm
     assert str(caught.value) == f"{raw / 'faces.csv'}: row 4 has {fields} fields, the header 3{hint}, then fetch again"
 
 
+def test_a_header_below_a_blank_line_is_the_header_in_both_csv_layouts(tmp_path):
+    """pandas skips blank lines before the header, so a label CSV starting with one was read; the
+    pixels CSV's header was taken from that blank line (no columns at all). Both read it now, and
+    name the rows below as a spreadsheet does: the header is row 2 there."""
+    raw = tmp_path / "raw"
+    write_image(raw / "a.png")
+    (raw / "labels.csv").write_text("\nfile,label\na.png,cat\ngone.png,cat\n", encoding="utf-8")
+    (raw / "faces.csv").write_text("  \nemotion,pixels\n0,1 2 3 4\n1,5 6 7 8\n1,1 2 3\n", encoding="utf-8")
+    labels = {"kind": "csv", "file": "labels.csv", "path_column": "file", "label_column": "label"}
+    pixels = {"kind": "pixels_csv", "file": "faces.csv", "label_column": "emotion", "pixels_column": "pixels"}
+
+    found = run_layout(config(labels, ["cat"]), raw)
+    assert found["labels.csv::4"].reason == "missing: listed in labels.csv row 4 but not found (looked for gone.png)"
+    assert (found["a.png"].label, found["a.png"].reason) == ("cat", "")
+
+    found = run_layout(config(pixels, ["0", "1"], image_size=2, channels=1), raw)
+    np.testing.assert_array_equal(found["faces.csv::3"].pixels, [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(found["faces.csv::4"].pixels, [[5, 6], [7, 8]])
+    assert found["faces.csv::5"].reason == "undecodable: 3 pixel values, expected 4 (2x2)"
+
+
 @pytest.mark.parametrize(
     ("layout", "expected"),
     [
