@@ -4,7 +4,14 @@
 
 DVC reruns fetch@ when a source's params change, not when a `local` folder or archive changes in
 place, nor when Kaggle has a new version of an unpinned dataset; `python -m stages.fetch --check
-[--dataset NAME]` says which have, and what to run.
+[--dataset NAME]` says which have, and what to run. With `--pin` it also writes each new Kaggle
+version of an unpinned dataset into params.yaml (`datasets.<name>.source.version: N`, the rest of the
+file as it was), which DVC and CI's `plan --changed` then see: what the weekly retrain runs, to
+propose it as a pull request.
+
+--check's exit status: 0 nothing new; 1 a change that is not in params.yaml (to act on by hand, or
+to pin); 2 Kaggle could not be asked (and no such change seen); 3 with --pin, new versions pinned
+and nothing else seen (so a script can tell "pinned" from "nothing new" from "could not ask").
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from stages import archives, kaggle_api
 from stages.config import load_params
 from stages.errors import UserError, run_stage
-from stages.files import write_json_atomic
+from stages.files import write_json_atomic, write_text_atomic
 from stages.layouts import all_files
 from stages.sources import KaggleOptions, changed_since_fetch, fetched_with, get_source, local_sha256
 
@@ -65,15 +74,19 @@ def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
 
 # --check's line for what it could not check; with no change seen, the exit status is then 2.
 UNCHECKED = "fetch: cannot ask Kaggle"
+# --check --pin's line for a version it wrote into params.yaml; with nothing else seen, exit status 3.
+PINNED = "fetch: pinned"
 
 
-def check(params_path: str, datasets: list[str]) -> list[str]:
+def check(params_path: str, datasets: list[str], pin: bool = False) -> list[str]:
     """A line for each of `datasets` (default: every one with a `local` or `kaggle` source), saying
     whether its folder or archive is still what fetch@ copied, or its Kaggle dataset's version
     still Kaggle's current one (by the provenance record where dvc.yaml puts it), and what to run
-    if not; changed ones first, then one line for the Kaggle datasets Kaggle could not be asked about."""
+    if not; changed ones first, then one line for the Kaggle datasets Kaggle could not be asked about.
+    With `pin`, a newer Kaggle version of an unpinned dataset is written into params.yaml, and its
+    line says so."""
     params = load_params(params_path)
-    changed, others = [], []
+    changed, others, pins = [], [], {}
     versions, unasked, why = kaggle_api.VersionLookup(), [], ""
     for name in datasets or [n for n, d in params.datasets.items() if d.source.kind in ("local", "kaggle")]:
         source = params.dataset(name).source
@@ -84,11 +97,15 @@ def check(params_path: str, datasets: list[str]) -> list[str]:
                 unasked.append(name)
                 continue
             try:
-                line = _kaggle_check(name, source.options, record, path, versions)
+                line, newer = _kaggle_check(name, source.options, record, path, versions)
             except kaggle_api.Unreachable as error:
                 unasked, why = [name], str(error).removeprefix(f"datasets.{name}.source: ")
                 continue
-            (changed if line.startswith("fetch@") else others).append(line)
+            if pin and newer is not None:
+                pins[name] = newer
+                line = (f"{PINNED} {name}: datasets.{name}.source.version: {newer} written into {Path(params_path).name} "
+                        f"(Kaggle dataset {source.options.dataset}'s new version; fetch@{name} took version {record['version']})")
+            (changed if line.startswith(("fetch@", PINNED)) else others).append(line)
         elif source.kind != "local":
             others.append(f"fetch: {name}'s source is {source.kind}, not local or kaggle; nothing to check")
         elif record is None:
@@ -113,6 +130,8 @@ def check(params_path: str, datasets: list[str]) -> list[str]:
             checksum = record.get("folder_sha256") or (record.get("archives") or [{}])[0].get("sha256")
             others.append(f"fetch: the local source of {name} is as fetched; pin it (datasets.{name}.source.sha256: "
                           f"{checksum}) so that DVC and CI see a new version")
+    if pins:
+        pin_versions(Path(params_path), pins)
     if unasked:
         others.append(f"{UNCHECKED} whether {', '.join(unasked)} "
                       f"{'has' if len(unasked) == 1 else 'have'} a newer version: {why}")
@@ -120,44 +139,83 @@ def check(params_path: str, datasets: list[str]) -> list[str]:
 
 
 def _kaggle_check(name: str, options: KaggleOptions, record: dict | None, path: Path,
-                  versions: kaggle_api.VersionLookup) -> str:
+                  versions: kaggle_api.VersionLookup) -> tuple[str, int | None]:
     """--check's line for a kaggle source: a `fetch@` one when Kaggle has a newer version than the
-    one an unpinned source was fetched at (DVC sees params, and the params did not change)."""
+    one an unpinned source was fetched at (DVC sees params, and the params did not change); and
+    that version, which --pin writes into params.yaml (else None)."""
     if options.competition:
-        return f"fetch: {name}'s source is the Kaggle competition {options.competition}, which has no versions; nothing to check"
+        return f"fetch: {name}'s source is the Kaggle competition {options.competition}, which has no versions; nothing to check", None
     if record is not None and record.get("source") != {"kind": "kaggle", **dataclasses.asdict(options)}:
-        return f"fetch: datasets.{name}.source has changed since the fetch; `dvc repro` fetches it again"
+        return f"fetch: datasets.{name}.source has changed since the fetch; `dvc repro` fetches it again", None
     try:
         now = versions(options, name)
     except kaggle_api.Unreachable:
         raise
     except UserError as error:
-        return f"{UNCHECKED} for {name}'s current version: {error}"
+        return f"{UNCHECKED} for {name}'s current version: {error}", None
     what = f"Kaggle dataset {options.dataset}"
     if now is None:
-        return f"fetch: Kaggle does not say which version of {what} is current; nothing to compare {name} with"
+        return f"fetch: Kaggle does not say which version of {what} is current; nothing to compare {name} with", None
     if options.version is not None:
         newer = (", the latest" if now == options.version
                  else f"; Kaggle has a newer one, version {now}: to use it, set datasets.{name}.source.version: {now}"
                  if now > options.version else
                  f", which Kaggle does not have (its current version is {now}), so fetch fails; set "
                  f"datasets.{name}.source.version: {now} or lower")
-        return f"fetch: {name} is pinned to version {options.version} of {what}{newer}"
+        return f"fetch: {name} is pinned to version {options.version} of {what}{newer}", None
     if record is None:
         return (f"fetch: {name} has not been fetched here ({path} is missing); Kaggle's current version of "
-                f"{options.dataset}, which fetch takes, is {now}: to pin it, datasets.{name}.source.version: {now}")
+                f"{options.dataset}, which fetch takes, is {now}: to pin it, datasets.{name}.source.version: {now}"), None
     then = record.get("version")
     if then == now:
         return (f"fetch: {name} is version {now} of {what}, the latest; pin it (datasets.{name}.source.version: "
-                f"{now}) so that DVC and CI see a new version")
+                f"{now}) so that DVC and CI see a new version"), None
     took = f"version {then}" if then is not None else "a version Kaggle did not name"
-    if isinstance(then, int) and now < then:  # the version fetched was deleted on Kaggle
+    if isinstance(then, int) and now < then:  # the version fetched was deleted on Kaggle: a person decides
         return (f"fetch@{name}: {what}'s current version is {now}, older than the {took} fetch@{name} took (Kaggle "
                 f"no longer has it as current); a new fetch would take {now}: to use it, pin it, "
-                f"datasets.{name}.source.version: {now}, a params change that `dvc repro` and CI's `plan --changed` see")
+                f"datasets.{name}.source.version: {now}, a params change that `dvc repro` and CI's `plan --changed` see"), None
     return (f"fetch@{name}: {what} has a new version, {now} (fetch@{name} took {took}); DVC cannot see it: to use it, "
             f"pin it, datasets.{name}.source.version: {now}, a params change that `dvc repro` and CI's "
-            "`plan --changed` see")
+            "`plan --changed` see"), (now if isinstance(then, int) else None)
+
+
+def pin_versions(path: Path, pins: dict[str, int]) -> None:
+    """Write `version: N` into each named dataset's source in the params file, as text inserted
+    after its `dataset:` value (found by PyYAML's node positions), so that the rest of the file
+    stays byte for byte: a YAML round trip rewraps long flow mappings, and DVC's dump unquotes
+    "off", which PyYAML then reads as false. Checked by reading the result back."""
+    text = path.read_text(encoding="utf-8")
+    if not text.endswith("\n"):
+        text += "\n"
+    expected, document, edits = yaml.safe_load(text), yaml.compose(text), []
+    for name, version in pins.items():
+        source = _mapping_node(document, "datasets", name, "source")
+        keys = {key.value: (key, value) for key, value in source.value} if source is not None else {}
+        if "dataset" not in keys or "version" in keys:  # reached through a merge key, or `version: null`, say
+            raise UserError(f"{path}: cannot write datasets.{name}.source.version into it; set it to {version} by hand")
+        key, value = keys["dataset"]
+        if source.flow_style:
+            edits.append((value.end_mark.index, f", version: {version}"))
+        else:  # a line of its own after the `dataset:` one (and its comment), indented as it is
+            edits.append((text.index("\n", value.end_mark.index) + 1, f"{' ' * key.start_mark.column}version: {version}\n"))
+        # A new mapping, not the one read: a source another dataset shares (an anchor) must not change.
+        expected["datasets"][name]["source"] = {**expected["datasets"][name]["source"], "version": version}
+    for at, insert in sorted(edits, reverse=True):
+        text = text[:at] + insert + text[at:]
+    if yaml.safe_load(text) != expected:
+        raise UserError(f"{path}: cannot write the new versions into it ({', '.join(f'datasets.{n}.source.version: {v}' for n, v in pins.items())}); "
+                        "set them by hand")
+    write_text_atomic(path, text)
+
+
+def _mapping_node(node: yaml.Node, *keys: str) -> yaml.MappingNode | None:
+    """The mapping at `keys` in a composed YAML document, if each key is written there as such."""
+    for wanted in keys:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        node = next((value for key, value in node.value if key.value == wanted), None)
+    return node if isinstance(node, yaml.MappingNode) else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check", action="store_true",
                         help="say which fetched `local` sources changed since, and which unpinned Kaggle datasets "
                              "have a newer version (exit status 1 if any; 2 if none, but Kaggle could not be asked); fetch nothing")
+    parser.add_argument("--pin", action="store_true",
+                        help="with --check, write each newer Kaggle version of an unpinned dataset into params.yaml "
+                             "(datasets.<name>.source.version: N; nothing else changes); exit status 3 if it pinned "
+                             "some and saw nothing else (1 or 2 as above otherwise)")
     args = parser.parse_args(argv)
     if args.check:
         # Paths in params (data/raw/, a relative source path) are from the repository root, the
@@ -176,13 +238,17 @@ def main(argv: list[str] | None = None) -> None:
         params = Path(args.params).resolve()
         if params.is_file():  # else load_params says it is not found
             os.chdir(params.parent)
-        lines = check(str(params), args.dataset)
+        lines = check(str(params), args.dataset, pin=args.pin)
         print("\n".join(lines or [f"fetch: no dataset in {args.params} has a local or kaggle source"]))
         if any(line.startswith("fetch@") for line in lines):
             raise SystemExit(1)
         if any(line.startswith(UNCHECKED) for line in lines):  # nothing changed as far as it could see
             raise SystemExit(2)
+        if any(line.startswith(PINNED) for line in lines):
+            raise SystemExit(3)
         return
+    if args.pin:
+        parser.error("--pin goes with --check")
     if len(args.dataset) != 1 or not args.out or not args.provenance:
         parser.error("give one --dataset, --out and --provenance (or --check)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a keras.datasets source imports TensorFlow

@@ -741,3 +741,127 @@ def test_check_without_kaggle_does_not_pin_its_one_line_on_the_first_dataset_ask
     assert lines[0].startswith("fetch: cannot ask Kaggle whether pets, zoo have a newer version: cannot reach "
                                "api.kaggle.com through the proxy"), lines[0]
     assert "own/more" not in lines[0] and "version 2" not in lines[0] and "fetching dataset" not in lines[0], lines[0]
+
+
+# `--check --pin`: what the weekly retrain runs, so that a new version comes as a params change.
+
+PINNED_PARAMS = """\
+# The project's params (a comment that must survive)
+datasets:
+  pets:
+    source:
+      kind: kaggle
+      dataset: own/pets   # <owner>/<slug>
+      files: [cat/0.png]
+    layout: {kind: folders}
+  zoo:
+    source: {kind: kaggle, dataset: "own/zoo"}   # flow style, quoted
+    layout: {kind: folders}
+  held:
+    source: {kind: kaggle, dataset: own/held, version: 1}
+    layout: {kind: folders}
+  titanic:
+    source: {kind: kaggle, competition: titanic}
+    layout: {kind: folders}
+training:
+  distribution: "off"
+"""
+
+
+def pin_project(tmp_path: Path, monkeypatch, fake) -> Path:
+    """PINNED_PARAMS with every other key toy_params has, each dataset fetched at version 1 (and
+    the competition once), and version 2 of each on Kaggle; returns params.yaml."""
+    from tests.toy import toy_params
+
+    toy = toy_params(["cat", "dog"])["datasets"]["toy"]
+    rest = "".join(f"    {key}: {json.dumps(value)}\n" for key, value in toy.items() if key not in ("source", "layout"))
+    text = PINNED_PARAMS.replace("    layout: {kind: folders}\n", "    layout: {kind: folders}\n" + rest)
+    text += "".join(f"{key}: {{}}\n" for key in ("backbones", "experiments", "suites"))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(text, encoding="utf-8")
+    monkeypatch.chdir(project)
+    for slug in ("pets", "zoo", "held"):
+        fake.add_dataset(f"own/{slug}", zip_bytes(class_images(0)), version=1, files={"cat/0.png": png(1)})
+    fake.add_competition("titanic", zip_bytes(class_images(0)))
+    for name in ("pets", "zoo", "held", "titanic"):
+        fetch_into_project(name)
+    for slug in ("pets", "zoo", "held"):
+        fake.add_dataset(f"own/{slug}", zip_bytes(class_images(100)), version=2, files={"cat/0.png": png(2)})
+    return project / "params.yaml"
+
+
+def test_check_pin_writes_each_new_version_into_params_keeping_the_rest_of_the_file(fake, tmp_path, monkeypatch, capsys):
+    """--pin writes `version: N` into the source of each unpinned dataset Kaggle has a newer
+    version of, the rest of params.yaml byte for byte (comments, quotes, flow style): a params
+    change that `dvc repro` and CI's `plan --changed` see. A pinned dataset and a competition are
+    not touched. Exit status 3: pinned, nothing else to do."""
+    params = pin_project(tmp_path, monkeypatch, fake)
+    before = params.read_text(encoding="utf-8")
+
+    status, lines = run_check(capsys, "--pin")
+
+    assert status == 3, lines
+    assert params.read_text(encoding="utf-8") == (
+        before.replace("      dataset: own/pets   # <owner>/<slug>\n",
+                       "      dataset: own/pets   # <owner>/<slug>\n      version: 2\n")
+        .replace('{kind: kaggle, dataset: "own/zoo"}', '{kind: kaggle, dataset: "own/zoo", version: 2}'))
+    assert lines[:2] == [f"fetch: pinned {name}: datasets.{name}.source.version: 2 written into params.yaml "
+                         f"(Kaggle dataset own/{name}'s new version; fetch@{name} took version 1)" for name in ("pets", "zoo")]
+    assert lines[2] == ("fetch: held is pinned to version 1 of Kaggle dataset own/held; Kaggle has a newer one, "
+                        "version 2: to use it, set datasets.held.source.version: 2")
+    assert lines[3].startswith("fetch: titanic's source is the Kaggle competition titanic")
+    assert len(lines) == 4
+
+    # Pinned now: a second run finds nothing new and writes nothing.
+    after = params.read_text(encoding="utf-8")
+    status, lines = run_check(capsys, "--pin", "--dataset", "pets", "--dataset", "zoo")
+    assert status == 0 and params.read_text(encoding="utf-8") == after, lines
+    assert lines == ["fetch: datasets.pets.source has changed since the fetch; `dvc repro` fetches it again",
+                     "fetch: datasets.zoo.source has changed since the fetch; `dvc repro` fetches it again"]
+
+
+def test_check_pin_leaves_params_alone_when_kaggle_cannot_be_asked_or_has_gone_back(fake, tmp_path, monkeypatch, capsys):
+    """Without an answer from Kaggle nothing is pinned (exit 2, its one line); a current version
+    older than the one fetched (the newer one deleted on Kaggle) is left to a person (exit 1)."""
+    params = pin_project(tmp_path, monkeypatch, fake)
+    before = params.read_text(encoding="utf-8")
+    fake.apply(monkeypatch, credentials="none")
+
+    status, lines = run_check(capsys, "--pin")
+
+    assert status == 2 and params.read_text(encoding="utf-8") == before, lines
+    assert lines[-1].startswith("fetch: cannot ask Kaggle whether pets, zoo, held have a newer version: no Kaggle credentials found")
+
+    fake.apply(monkeypatch)
+    del fake.datasets["own/pets"].versions[2]
+    fetch_into_project("pets")  # at version 1, the current one
+    fake.add_dataset("own/pets", zip_bytes(class_images(100)), version=2, files={"cat/0.png": png(2)})
+    fetch_into_project("pets")
+    del fake.datasets["own/pets"].versions[2]
+    status, lines = run_check(capsys, "--pin", "--dataset", "pets")
+    assert status == 1 and params.read_text(encoding="utf-8") == before, lines
+    assert lines == ["fetch@pets: Kaggle dataset own/pets's current version is 1, older than the version 2 fetch@pets took "
+                     "(Kaggle no longer has it as current); a new fetch would take 1: to use it, pin it, "
+                     "datasets.pets.source.version: 1, a params change that `dvc repro` and CI's `plan --changed` see"]
+
+
+@pytest.mark.parametrize("shared", ["anchor", "merge key"])
+def test_pin_refuses_a_source_it_cannot_edit_alone_and_writes_nothing(tmp_path, shared):
+    """A source written once for two datasets (a YAML anchor) or through a merge key cannot take
+    one dataset's version as inserted text: one line saying to set it by hand, the file untouched."""
+    from stages.fetch import pin_versions
+
+    source = ("    source: &kaggle {kind: kaggle, dataset: own/pets}\n" if shared == "anchor"
+              else "    source: {<<: *kaggle}\n")
+    text = ("base: &kaggle {kind: kaggle, dataset: own/pets}\n" if shared == "merge key" else "") + (
+        "datasets:\n  pets:\n" + source + "  zoo:\n    source: *kaggle\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(text, encoding="utf-8")
+
+    with pytest.raises(UserError) as caught:
+        pin_versions(params, {"pets": 2})
+
+    assert str(caught.value).startswith(f"{params}: cannot write ")
+    assert "datasets.pets.source.version" in str(caught.value) and str(caught.value).endswith("by hand")
+    assert params.read_text(encoding="utf-8") == text
