@@ -6,6 +6,7 @@
     python -m stages.matrix gather out/* --suite demo
     python -m stages.matrix summary --base origin/main
     python -m stages.matrix local --suite course --gpus 0,1,2,3
+    python -m stages.matrix pin --suite course
 
 `plan` turns params.yaml into the jobs of a GitHub Actions matrix (JSON on stdout, and into
 $GITHUB_OUTPUT when set): `prepare`, one job per dataset of the chosen experiments, running its
@@ -25,6 +26,12 @@ plot data) into a folder for the next job. `gather` merges such folders back int
 their dvc.lock entries (two jobs that recorded the same stage differently stop it), their files,
 and with `--suite`, runs and pushes the suite's report. `summary` writes `dvc params diff` and
 `dvc metrics diff` against a revision as Markdown, for a job summary or a pull-request comment.
+
+`pin` is the weekly retrain's look at Kaggle: for the suite's datasets with an unpinned Kaggle
+dataset source, it pulls their provenance records from the DVC remote (only those, not the data)
+and runs `python -m stages.fetch --check --pin` on them, which writes each new version into
+params.yaml; its exit status is the check's (3: pinned; 2: Kaggle could not be asked), and into
+$GITHUB_OUTPUT it writes `title`, "Pin <dataset> to Kaggle version N, ..." (empty: nothing pinned).
 
 `local` runs the matrix on one machine with several GPUs: the shared stages once (split, weights),
 then one `dvc --wait-for-lock repro --single-item train@<experiment> evaluate@<experiment>` per
@@ -75,6 +82,14 @@ def select(params_path: str, suite: str, patterns: list[str]) -> dict[str, list[
     for name in names:
         by_dataset.setdefault(params.experiments[name].dataset, []).append(name)
     return by_dataset
+
+
+def unpinned_kaggle(params_path: str, suite: str) -> list[str]:
+    """`suite`'s datasets whose source is a Kaggle dataset with no `version`: those whose new
+    versions DVC cannot see, and `fetch --check --pin` pins."""
+    params = load_params(params_path)
+    return [name for name in select(params_path, suite, [])
+            if (source := params.dataset(name).source).kind == "kaggle" and source.options.dataset and source.options.version is None]
 
 
 def plan(params_path: str, suite: str, patterns: list[str], per_job: int, changed: bool = False) -> dict[str, Any]:
@@ -676,6 +691,10 @@ def main(argv: list[str] | None = None) -> None:
     local_.add_argument("--params", default="params.yaml")
     s = commands.add_parser("summary", help="params and metrics diff against a revision, as Markdown")
     s.add_argument("--base", default="HEAD")
+    pin = commands.add_parser("pin", help="pull the provenance records of the suite's unpinned Kaggle datasets, then "
+                                          "`fetch --check --pin` them (exit status: the check's)")
+    pin.add_argument("--suite", required=True)
+    pin.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
     if args.command == "plan":
@@ -768,6 +787,33 @@ def main(argv: list[str] | None = None) -> None:
             slots = [None] * max(args.jobs, 0)
         results = local(args.params, args.suite, args.pattern, slots, report=not args.no_report)
         print(f"matrix: {len(results)} experiments reproduced")
+    elif args.command == "pin":
+        names = unpinned_kaggle(args.params, args.suite)
+        if not names:
+            print(f"matrix: suite {args.suite} has no Kaggle dataset without a version; nothing to check")
+            return
+        records = [f"data/raw/{name}.provenance.json" for name in names]  # fetch@'s, as dvc.yaml names them
+        if has_remote():
+            # The records alone, each one output of its fetch@ stage: the data beside them may be
+            # gigabytes, and the check compares only the versions. --allow-missing: a dataset never
+            # fetched has no record, which the check says.
+            dvc("pull", "--allow-missing", *records)
+        elif os.environ.get("GITHUB_ACTIONS") == "true":
+            raise UserError("matrix pin: no default DVC remote, which holds the provenance records the check compares "
+                            "Kaggle's versions with; dvc remote add -d storage s3://<bucket>/classmatrix and commit .dvc/config")
+        else:
+            print(f"{NO_REMOTE} the provenance records here are compared")
+        from stages import fetch
+
+        params = str(Path(args.params).resolve())  # the check runs from the params file's folder
+        sys.stdout.flush()
+        try:
+            fetch.main(["--check", "--pin", "--params", params, *(arg for name in names for arg in ("--dataset", name))])
+        finally:
+            # The pull request's title: what it pinned, whatever else the check saw (its exit status).
+            versions = {name: load_params(params).dataset(name).source.options.version for name in names}
+            pinned = [f"{name} to Kaggle version {version}" for name, version in versions.items() if version is not None]
+            to_github_output({"title": f"Pin {', '.join(pinned)}" if pinned else ""})
     elif args.command == "summary":
         text = summary(args.base)
         print(text)

@@ -865,3 +865,32 @@ def test_pin_refuses_a_source_it_cannot_edit_alone_and_writes_nothing(tmp_path, 
     assert str(caught.value).startswith(f"{params}: cannot write ")
     assert "datasets.pets.source.version" in str(caught.value) and str(caught.value).endswith("by hand")
     assert params.read_text(encoding="utf-8") == text
+
+
+def test_matrix_pin_checks_the_suites_unpinned_kaggle_datasets_and_titles_the_pull_request(fake, tmp_path, monkeypatch, capsys):
+    """`python -m stages.matrix pin --suite S` (the weekly retrain's job) checks the unpinned Kaggle
+    datasets of the suite's experiments only (not `zoo`, another suite's, nor the pinned or the
+    competition), pins them, and writes the pull request's title to $GITHUB_OUTPUT; exit status 3."""
+    from stages import matrix
+
+    params = pin_project(tmp_path, monkeypatch, fake)
+    small_cnn = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["backbones"]["small_cnn"]
+    experiments = {f"{name}-small_cnn": {"suite": "other" if name == "zoo" else "weekly", "dataset": name, "backbone": "small_cnn"}
+                   for name in ("pets", "zoo", "held", "titanic")}
+    params.write_text(params.read_text(encoding="utf-8").replace("backbones: {}\nexperiments: {}\nsuites: {}\n", yaml.safe_dump(
+        {"backbones": {"small_cnn": small_cnn}, "experiments": experiments, "suites": {"weekly": {}, "other": {}}})))
+    monkeypatch.setenv("GITHUB_OUTPUT", str(tmp_path / "github_output"))
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # matrix.main puts this venv's bin first: undone after the test
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_status:
+        matrix.main(["pin", "--suite", "weekly"])
+
+    assert exit_status.value.code == 3
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "matrix: no default DVC remote (dvc remote add -d ...): the provenance records here are compared"
+    assert out[1:] == ["fetch: pinned pets: datasets.pets.source.version: 2 written into params.yaml "
+                       "(Kaggle dataset own/pets's new version; fetch@pets took version 1)"]
+    assert "source: {kind: kaggle, dataset: \"own/zoo\"}" in params.read_text(encoding="utf-8")
+    assert (tmp_path / "github_output").read_text() == "title=Pin pets to Kaggle version 2\n"

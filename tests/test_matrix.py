@@ -937,3 +937,74 @@ def test_local_with_a_pattern_does_not_train_the_rest_of_the_suite_for_its_repor
     if late:
         assert (f"matrix: report@demo not made: 1 of the suite's 2 experiments is not up to date ({reason}); "
                 "`dvc repro report@demo` makes it, training them") in capsys.readouterr().out
+
+
+PIN_PIPELINE = """\
+stages:
+  fetch:
+    foreach: [pets, held, titanic, zoo]
+    do:
+      cmd: python make.py ${item}
+      outs:
+        - data/raw/${item}
+        - data/raw/${item}.provenance.json
+"""
+# fetch@'s outputs in miniature: the raw folder and a provenance record as fetch writes it.
+PIN_MAKE = """\
+import dataclasses, json, sys
+from pathlib import Path
+import yaml
+from stages.sources import KaggleOptions
+name = sys.argv[1]
+source = {k: v for k, v in yaml.safe_load(open("params.yaml"))["datasets"][name]["source"].items() if k != "kind"}
+Path(f"data/raw/{name}").mkdir(parents=True, exist_ok=True)
+Path(f"data/raw/{name}/image.png").write_text("pixels of " + name)
+record = {"source": {"kind": "kaggle", **dataclasses.asdict(KaggleOptions(**source))}, "version": 1}
+Path(f"data/raw/{name}.provenance.json").write_text(json.dumps(record))
+"""
+
+
+def test_pin_pulls_only_the_records_of_the_suites_unpinned_kaggle_datasets_then_checks_them(tmp_path: Path) -> None:
+    """`matrix pin` (the weekly retrain's pin job) pulls from the DVC remote the provenance record of
+    each unpinned Kaggle dataset of the suite, and nothing else (`dvc pull <record>` is one output of
+    fetch@, not the raw folder beside it), then runs `fetch --check --pin` on them: here Kaggle
+    cannot be asked (no credentials), and its one line and exit status 2 come through, for the job to fail."""
+    from fake_kaggle import CLEARED
+    from tests.toy import toy_params
+
+    params = toy_params(["cat", "dog"])
+    toy = params["datasets"].pop("toy")
+    sources = {"pets": {"dataset": "own/pets"}, "held": {"dataset": "own/held", "version": 1},
+               "titanic": {"competition": "titanic"}, "zoo": {"dataset": "own/zoo"}}
+    for name, source in sources.items():
+        params["datasets"][name] = {**toy, "source": {"kind": "kaggle", **source}}
+        params["experiments"][f"{name}-small_cnn"] = {"suite": "other" if name == "zoo" else "weekly",
+                                                      "dataset": name, "backbone": "small_cnn"}
+    params["backbones"] = {"small_cnn": yaml.safe_load((REPO / "params.yaml").read_text())["backbones"]["small_cnn"]}
+    params["suites"] = {"weekly": {}, "other": {}}
+    origin, env = stale_origin(tmp_path, ran=False, pipeline=PIN_PIPELINE)
+    (origin / "params.yaml").write_text(yaml.safe_dump(params))
+    (origin / "make.py").write_text(PIN_MAKE)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    for command in (["dvc", "repro", "-q"], ["dvc", "push", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "fetched"]):
+        subprocess.run(command, cwd=origin, env=env, check=True)
+    runner = tmp_path / "runner"
+    subprocess.run(["git", "clone", "-q", str(origin), str(runner)], env=env, check=True)
+    (tmp_path / "home").mkdir()
+    env = {key: value for key, value in env.items() if key not in CLEARED} | {
+        "HOME": str(tmp_path / "home"), "KAGGLE_CONFIG_DIR": str(tmp_path / "home"), "GITHUB_ACTIONS": "true",
+        "GITHUB_OUTPUT": str(tmp_path / "github_output")}
+
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "pin", "--suite", "weekly"], cwd=runner, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "$ dvc pull --allow-missing data/raw/pets.provenance.json"
+    assert lines[-1].startswith("fetch: cannot ask Kaggle whether pets has a newer version: no Kaggle credentials found")
+    assert json.loads((runner / "data/raw/pets.provenance.json").read_text())["version"] == 1
+    assert sorted(p.name for p in (runner / "data/raw").iterdir()) == [".gitignore", "pets.provenance.json"]  # not the raw folder
+    cached = [p for p in (runner / ".dvc/cache").rglob("*") if p.is_file() and not p.is_relative_to(runner / ".dvc/cache/runs")]
+    assert len(cached) == 1  # the record's object: the raw folder's listing and files were not downloaded
+    assert (runner / "params.yaml").read_text() == (origin / "params.yaml").read_text()
+    assert (tmp_path / "github_output").read_text() == "title=\n"  # nothing pinned: no pull request
