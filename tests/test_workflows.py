@@ -76,10 +76,10 @@ def test_retraining_steps_are_thin_calls_to_the_matrix_command() -> None:
     workflow = load("retrain.yml")
     scripts = run_scripts(workflow)
     calls = [line.strip() for script in scripts for line in script.splitlines() if "stages.matrix" in line]
-    assert {re.search(r"stages\.matrix (\w+)", call).group(1) for call in calls} == {"plan", "run", "gather", "summary"}
+    assert {re.search(r"stages\.matrix (\w+)", call).group(1) for call in calls} == {"plan", "run", "gather", "summary", "pin"}
     assert not any("pip install" in script or "uv " in script for script in scripts)
     # Every job installs the README's way; the GPU jobs with the CUDA builds of JAX and TensorFlow.
-    assert sum(script.strip() == "make env" for script in scripts) == 3
+    assert sum(script.strip() == "make env" for script in scripts) == 4
     assert [step["run"].split("#")[0].strip() for step in workflow["jobs"]["train"]["steps"] if "make" in step.get("run", "")] == [
         "make env-gpu"]
     # The fan-out: matrices from the plan job; GPU runners configurable; two retrainings never race.
@@ -267,3 +267,66 @@ def test_retrain_wiring_is_consistent() -> None:
     [propose] = [step for step in jobs["report"]["steps"] if "REPORT" in step.get("env", {})]
     assert propose["env"]["REPORT"] == "${{ steps.gather.outputs.report }}"
     assert 'elif [ "$REPORT" = "not made" ]; then\n  title="Retrain $SUITE, partial' in propose["run"]
+
+
+def test_the_pin_job_asks_kaggle_weekly_and_proposes_new_versions_as_a_pull_request() -> None:
+    """A new version of an unpinned Kaggle dataset changes nothing in git, so neither a push nor
+    `plan --changed` can see it: the `pin` job, on the schedule and by hand (not on a push), runs
+    `matrix pin` (README), opens a pull request for what it pinned, whose merge is a push to
+    params.yaml that retrains, and fails when the check could not settle (Kaggle not asked, exit 2)."""
+    workflow = load("retrain.yml")
+    job = workflow["jobs"]["pin"]
+    assert job["if"] == "${{ github.event_name == 'schedule' || github.event_name == 'workflow_dispatch' }}"
+    assert job["environment"] == "retrain" and "needs" not in job
+    assert job["permissions"] == {"contents": "write", "pull-requests": "write"}
+    scripts = run_scripts({"jobs": {"pin": job}})
+    assert scripts[0].strip() == "make env"
+    [ask] = [step for step in job["steps"] if "stages.matrix pin --suite" in step.get("run", "")]
+    assert ask["id"] == "pin" and '.venv/bin/python -m stages.matrix pin --suite "$SUITE" || status=$?' in ask["run"]
+    assert set(ask["env"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "KAGGLE_API_TOKEN"}
+    assert "python -m stages.matrix pin --suite" in (REPO / "README.md").read_text()
+    [propose] = [step for step in job["steps"] if "gh pr create" in step.get("run", "")]
+    assert propose["if"] == "${{ steps.pin.outputs.title != '' }}"
+    assert propose["env"]["TITLE"] == "${{ steps.pin.outputs.title }}"
+    assert 'gh pr create --base main --head "$branch" --title "$TITLE"' in propose["run"]
+    # Merging the pull request is a push to params.yaml, which the push trigger retrains.
+    assert "params.yaml" in workflow["on"]["push"]["paths"]
+    # The check's status decides last: exit 2 (or 1) fails the job, after any pull request.
+    assert job["steps"][-1]["env"] == {"STATUS": "${{ steps.pin.outputs.status }}"}
+    for status, fails in (("0", False), ("3", False), ("1", True), ("2", True)):
+        done = subprocess.run(["bash", "-e", "-c", job["steps"][-1]["run"]], env={"STATUS": status, "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True)
+        assert (done.returncode != 0) == fails, status
+
+
+def test_the_pin_pull_request_commits_only_params_yaml_on_a_branch_of_its_own(tmp_path: Path) -> None:
+    """The pin job's pull request step, `git push` and `gh` stood in for: one commit by
+    github-actions[bot] of params.yaml alone (not pin.log or anything else in the checkout), on its
+    own branch, never main, titled with what was pinned."""
+    import shutil
+
+    [step] = [step for step in load("retrain.yml")["jobs"]["pin"]["steps"] if "gh pr create" in step.get("run", "")]
+    calls, bin_dir = tmp_path / "calls", tmp_path / "bin"
+    bin_dir.mkdir()
+    real_git = shutil.which("git")
+    (bin_dir / "git").write_text(f'#!/bin/bash\nif [ "$1" = push ]; then echo "git $*" >> {calls}; exit 0; fi\nexec {real_git} "$@"\n')
+    (bin_dir / "gh").write_text(f'#!/bin/bash\necho "gh $*" >> {calls}\n')
+    for tool in ("git", "gh"):
+        (bin_dir / tool).chmod(0o755)
+    repo = tmp_path / "repo"
+    retrained_repository(repo)
+    (repo / "params.yaml").write_text("datasets: {}\n")
+    subprocess.run([real_git, "add", "params.yaml"], cwd=repo, check=True)
+    subprocess.run([real_git, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "params"], cwd=repo, check=True)
+    (repo / "params.yaml").write_text("datasets: {pets: {source: {version: 2}}}\n")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "SUITE": "course", "RUN_ID": "42", "GH_TOKEN": "token",
+           "GITHUB_REPOSITORY": "o/r", "RUN_URL": "https://github.com/o/r/actions/runs/42", "TITLE": "Pin pets to Kaggle version 2"}
+
+    subprocess.run(["bash", "-e", "-c", step["run"]], cwd=repo, env=env, check=True, capture_output=True, text=True)
+
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "git push https://x-access-token:token@github.com/o/r.git pin/course-42"
+    assert lines[1].startswith("gh pr create --base main --head pin/course-42 --title Pin pets to Kaggle version 2 --body ")
+    show = subprocess.run([real_git, "show", "--name-only", "--format=%an%n%s", "pin/course-42"], cwd=repo,
+                          capture_output=True, text=True, check=True)
+    assert show.stdout.split("\n")[:4] == ["github-actions[bot]", "Pin pets to Kaggle version 2", "", "params.yaml"]
