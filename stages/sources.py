@@ -350,9 +350,12 @@ def changed_since_fetch(dataset: str, options: Any, record: dict[str, Any]) -> s
         return None
     if then is None or (checksum := now()) == then:
         return None
+    # The suite's report, not a bare `dvc repro`: that would go on to every dataset of params.yaml,
+    # the course's Kaggle downloads and manual steps included.
+    suite = f"`dvc repro report@<suite>`, for a suite that trains on {dataset},"
     if options.sha256:
         return (f"{options.path} has changed since fetch@{dataset} copied it, and is not the pinned version; if it "
-                f"is the version to use, set datasets.{dataset}.source.sha256: {checksum}, and `dvc repro` fetches it")
+                f"is the version to use, set datasets.{dataset}.source.sha256: {checksum}, and {suite} fetches it")
     return (f"{options.path} has changed since fetch@{dataset} copied it; run `dvc repro -f -s fetch@{dataset}` "
-            "(DVC watches the source's params, not its files), then `dvc repro` again; or pin it, "
+            f"(DVC watches the source's params, not its files), then {suite.removesuffix(',')}; or pin it, "
             f"datasets.{dataset}.source.sha256: {checksum}, so that DVC and CI see the next change")

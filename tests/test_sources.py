@@ -1167,6 +1167,10 @@ def test_changed_since_fetch_sees_a_renamed_image_and_a_replaced_archive(tmp_pat
 
     line = sources.changed_since_fetch("toy", options, record)
     assert line and line.startswith(f"{source} has changed since fetch@toy copied it; run `dvc repro -f -s fetch@toy`")
+    # What to run next is the suite's report: a bare `dvc repro` would go on to every dataset of
+    # params.yaml, the course's Kaggle downloads included.
+    assert "then `dvc repro report@<suite>`, for a suite that trains on toy;" in line
+    assert "`dvc repro` again" not in line
 
 
 @pytest.mark.parametrize("form", ["folder", "zip"])
@@ -1193,7 +1197,8 @@ def test_a_pinned_local_source_is_fetched_only_as_the_pinned_version(tmp_path, f
     assert not (tmp_path / "again").exists()
     record = json.loads(json.dumps({"source": {"kind": "local", **vars(pinned)}, **record}))
     line = sources.changed_since_fetch("toy", pinned, record)
-    assert line and line.endswith(f"set datasets.toy.source.sha256: {changed}, and `dvc repro` fetches it")
+    assert line and line.endswith(f"set datasets.toy.source.sha256: {changed}, and `dvc repro report@<suite>`, for a "
+                                  "suite that trains on toy, fetches it")
 
 
 def test_a_local_pin_that_is_not_a_sha256_is_refused_when_params_are_read():
