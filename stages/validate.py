@@ -331,6 +331,15 @@ def validate(
         more = f" and {len(undeclared) - 5} more" if len(undeclared) > 5 else ""
         advice = (f"if they belong, add them to datasets.{dataset}.classes or map them with "
                   f"datasets.{dataset}.layout.class_map")
+        # A folder named in another case than its class (Circle/ for circle): adding it to the
+        # classes would make two classes of one, so give the map to write.
+        cased = {str(label): name for label in undeclared.index for name in config.classes
+                 if str(label) != name and str(label).lower() == name.lower()}
+        if cased:
+            pairs = ", ".join(f"{label}: {name}" for label, name in cased.items())
+            others = "" if len(cased) == len(undeclared) else f"; for the others, {advice}"
+            advice = (f"{', '.join(cased)} differ from datasets.{dataset}.classes in case only: map them, "
+                      f"datasets.{dataset}.layout.class_map: {{{pairs}}}{others}")
         if found := _folders_above_the_classes(manifest, config):
             root, folders = found
             advice = (f"the class folders sit one level down, in '{root}' (an archive's top folder): set "

@@ -440,6 +440,20 @@ def test_the_root_advice_is_not_given_when_some_class_folders_are_already_in_pla
     assert "backup (1); if they belong, add them to datasets.toy.classes" in out and "layout.root" not in out
 
 
+def test_class_folders_named_in_another_case_get_the_class_map_to_set_as_the_advice(tmp_path, capsys):
+    """Circle/ for the class circle: every image was set aside as an undeclared label and the note
+    said to add 'Circle' to the classes, which would make circle and Circle two classes."""
+    clean_raw(tmp_path / "raw", {"A": 3, "B": 3, "c": 3, "extra": 1})
+
+    _, _, _, summary = run_validate(tmp_path, tmp_path / "raw", write_params(tmp_path, validation={"min_per_class": 0}))
+
+    assert not isinstance(summary, Exception), summary
+    out = capsys.readouterr().out
+    assert ("A (3), B (3), extra (1); A, B differ from datasets.toy.classes in case only: map them, "
+            "datasets.toy.layout.class_map: {A: a, B: b}; for the others, if they belong, add them to "
+            "datasets.toy.classes") in out, out
+
+
 @pytest.mark.parametrize(
     ("grouping", "why"),
     [
