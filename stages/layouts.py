@@ -175,7 +175,18 @@ def _root(raw: Path, root: str) -> PurePosixPath:
                         part)
         folder = folder / part
     if root and not folder.is_dir():
-        raise UserError(f"{raw / root}: the layout root does not exist; check layout.root in params.yaml")
+        # Say what is there: a `local` folder source is copied without its own name, so a root
+        # copied from an archive's example (the README's `flowers`) names a folder that is not.
+        here = folder.parent
+        while here != raw and not here.is_dir():
+            here = here.parent
+        names = sorted(child.name for child in (here.iterdir() if here.is_dir() else ())
+                       if child.is_dir() and not child.name.startswith("."))
+        held = (f"the folders {', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+                if names else "no folders")
+        raise UserError(f"{raw / root}: the layout root does not exist; {here} holds {held}: set layout.root in "
+                        "params.yaml to the folder the class (or split) folders sit in, or remove it if they are "
+                        "these (a local folder source is copied without its own name)")
     return PurePosixPath(folder.relative_to(raw).as_posix()) if root else PurePosixPath()
 
 

@@ -1092,6 +1092,25 @@ def test_a_root_and_split_folders_spelt_decomposed_are_found(tmp_path):
     assert Counter(c.source_split for c in found.values()) == {"train": 2, "test": 2}
 
 
+def test_a_root_that_is_not_there_names_the_folders_that_are_and_what_to_set(tmp_path):
+    """A `local` folder source is copied without its own name, so the README's `root: "flowers"`
+    (for a zip) copied onto a folder source finds nothing. Before, the error said only that the root
+    does not exist; now it names what the raw folder holds and the fix."""
+    raw = tmp_path / "raw"
+    for label in ("circle", "square"):
+        write_image(raw / label / "0.png")
+    cfg = config({"kind": "folders", "root": "shapes"}, ["circle", "square"])
+
+    with pytest.raises(UserError) as error:
+        run_layout(cfg, raw)
+
+    assert str(error.value) == (
+        f"{raw / 'shapes'}: the layout root does not exist; {raw} holds the folders circle, square: set "
+        "layout.root in params.yaml to the folder the class (or split) folders sit in, or remove it if they are "
+        "these (a local folder source is copied without its own name)"
+    )
+
+
 def test_every_layout_takes_a_class_map():
     for name, kind in layouts.REGISTRY.items():
         assert "class_map" in kind.options.__dataclass_fields__, name
