@@ -30,7 +30,7 @@ from stages.config import load_params
 from stages.errors import UserError, run_stage
 from stages.files import write_json_atomic, write_text_atomic
 from stages.layouts import all_files
-from stages.sources import KaggleOptions, changed_since_fetch, fetched_with, get_source, local_sha256
+from stages.sources import KaggleOptions, changed_since_fetch, fetched_with, get_source, local_sha256, suite_repro
 
 
 def fetch(dataset: str, params_path: str, out: Path, provenance: Path) -> dict:
@@ -119,7 +119,7 @@ def check(params_path: str, datasets: list[str], pin: bool = False) -> list[str]
                    else f"; to pin its local source: datasets.{name}.source.sha256: {now}")
             others.append(f"fetch: {name} has not been fetched here ({path} is missing){pin}")
         elif not fetched_with(source.options, record):
-            others.append(f"fetch: datasets.{name}.source has changed since the fetch; `dvc repro` fetches it again")
+            others.append(f"fetch: datasets.{name}.source has changed since the fetch; {suite_repro(name)} fetches it again")
         elif not Path(source.options.path).expanduser().exists():
             others.append(f"fetch: {source.options.path} is not here; the copy fetch@{name} made is all there is")
         elif line := changed_since_fetch(name, source.options, record):
@@ -146,7 +146,7 @@ def _kaggle_check(name: str, options: KaggleOptions, record: dict | None, path: 
     if options.competition:
         return f"fetch: {name}'s source is the Kaggle competition {options.competition}, which has no versions; nothing to check", None
     if record is not None and record.get("source") != {"kind": "kaggle", **dataclasses.asdict(options)}:
-        return f"fetch: datasets.{name}.source has changed since the fetch; `dvc repro` fetches it again", None
+        return f"fetch: datasets.{name}.source has changed since the fetch; {suite_repro(name)} fetches it again", None
     try:
         now = versions(options, name)
     except kaggle_api.Unreachable:

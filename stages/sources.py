@@ -334,6 +334,13 @@ def fetched_with(options: LocalOptions, record: dict[str, Any]) -> bool:
     return record.get("source") == {"kind": "local", **asdict(options)}
 
 
+def suite_repro(dataset: str) -> str:
+    """The command that fetches `dataset` again, as advice: the suite's report, not a bare `dvc
+    repro`, which would go on to every dataset of params.yaml, the course's Kaggle downloads and
+    manual steps included."""
+    return f"`dvc repro report@<suite>`, for a suite that trains on {dataset},"
+
+
 def changed_since_fetch(dataset: str, options: Any, record: dict[str, Any]) -> str | None:
     """For a `local` source whose params are those `record` (fetch's provenance) was fetched
     with: a line saying its folder or archive has changed since, and what to run. DVC reruns
@@ -350,9 +357,7 @@ def changed_since_fetch(dataset: str, options: Any, record: dict[str, Any]) -> s
         return None
     if then is None or (checksum := now()) == then:
         return None
-    # The suite's report, not a bare `dvc repro`: that would go on to every dataset of params.yaml,
-    # the course's Kaggle downloads and manual steps included.
-    suite = f"`dvc repro report@<suite>`, for a suite that trains on {dataset},"
+    suite = suite_repro(dataset)
     if options.sha256:
         return (f"{options.path} has changed since fetch@{dataset} copied it, and is not the pinned version; if it "
                 f"is the version to use, set datasets.{dataset}.source.sha256: {checksum}, and {suite} fetches it")

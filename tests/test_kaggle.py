@@ -677,7 +677,8 @@ def test_check_says_a_pinned_kaggle_version_is_pinned_and_whether_a_newer_one_ex
         "to use it, set datasets.pets.source.version: 2"])
     Path("params.yaml").write_text(Path("params.yaml").read_text().replace("version: 1", "version: 3"))
     assert run_check(capsys, "--dataset", "pets")[1] == [  # a typo: fetch would get a 404
-        "fetch: datasets.pets.source has changed since the fetch; `dvc repro` fetches it again"]
+        "fetch: datasets.pets.source has changed since the fetch; `dvc repro report@<suite>`, for a suite that "
+        "trains on pets, fetches it again"]
     shutil.rmtree("data/raw")
     assert run_check(capsys, "--dataset", "pets") == (0, [
         "fetch: pets is pinned to version 3 of Kaggle dataset own/pets, which Kaggle does not have (its current "
@@ -817,8 +818,8 @@ def test_check_pin_writes_each_new_version_into_params_keeping_the_rest_of_the_f
     after = params.read_text(encoding="utf-8")
     status, lines = run_check(capsys, "--pin", "--dataset", "pets", "--dataset", "zoo")
     assert status == 0 and params.read_text(encoding="utf-8") == after, lines
-    assert lines == ["fetch: datasets.pets.source has changed since the fetch; `dvc repro` fetches it again",
-                     "fetch: datasets.zoo.source has changed since the fetch; `dvc repro` fetches it again"]
+    assert lines == [f"fetch: datasets.{name}.source has changed since the fetch; `dvc repro report@<suite>`, for a "
+                     f"suite that trains on {name}, fetches it again" for name in ("pets", "zoo")]
 
 
 def test_check_pin_leaves_params_alone_when_kaggle_cannot_be_asked_or_has_gone_back(fake, tmp_path, monkeypatch, capsys):
