@@ -532,9 +532,14 @@ def _train(
         for phase in phases[state.phase_index :]:
             if phase.number == 2:
                 trainable_layers = unfreeze_top(model, phase.unfreeze or 0)
-                first = next(layer.name for layer in base_of(model).layers if layer.trainable)
-                print(f"train@{experiment.name}: phase 2 fine-tunes {trainable_layers} base layers with weights, "
-                      f"whole blocks from {first}, at lr {phase.learning_rate}")
+                layers = base_of(model).layers
+                first = next(layer for layer in layers if layer.trainable)
+                if first is layers[0]:  # unfreeze 0, or a cut widened down to the first block: the input layer
+                    print(f"train@{experiment.name}: phase 2 fine-tunes the whole base ({trainable_layers} layers with "
+                          f"weights; BatchNormalization stays frozen) at lr {phase.learning_rate}")
+                else:
+                    print(f"train@{experiment.name}: phase 2 fine-tunes {trainable_layers} base layers with weights, "
+                          f"whole blocks from {first.name}, at lr {phase.learning_rate}")
             cache = phase.number == 1 and _use_feature_cache(experiment, model, len(data.x["train"]) + len(data.x["val"]))
             if cache:
                 features, head = split_at_features(model)

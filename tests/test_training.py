@@ -814,6 +814,24 @@ def test_phase_two_fine_tunes_the_top_of_the_base_with_batch_normalization_froze
     assert not unchanged, f"phase 2 won, so every unfrozen layer of the base must have moved: {unchanged}"
 
 
+def test_phase_two_with_unfreeze_0_says_it_trains_the_whole_base(tmp_path: Path, tracking: str, pretrained, capsys) -> None:
+    """unfreeze: 0 trains every layer of the base but BatchNormalization; the line says so, not
+    "whole blocks from input_layer"."""
+    import keras
+
+    from stages.backbones import base_of
+
+    train = {"epochs": 1, "fine_tune": {"epochs": 1, "learning_rate": 1e-4, "unfreeze": 0}}
+    model, record = train_toy(tmp_path, "tuned", pretrained["backbone"], train, pretrained["folder"])
+    assert [p["phase"] for p in record["phases"]] == [1, 2]
+    base = base_of(model)
+    with_weights = sum(1 for layer in base.layers if layer.weights and not isinstance(layer, keras.layers.BatchNormalization))
+    said = capsys.readouterr().out
+    assert (f"train@toy-net: phase 2 fine-tunes the whole base ({with_weights} layers with weights; "
+            "BatchNormalization stays frozen) at lr 0.0001\n") in said
+    assert "whole blocks from" not in said
+
+
 def test_a_phase_two_that_diverges_stops_there_and_keeps_phase_ones_weights(tmp_path: Path, tracking: str, pretrained) -> None:
     # Adam's first steps are about the learning rate itself: weights near float32's largest, then inf.
     train = {"epochs": 2, "fine_tune": {"epochs": 4, "learning_rate": 1.0e38, "unfreeze": 12}}
