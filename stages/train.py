@@ -661,10 +661,17 @@ def _check_plan(experiment: Experiment, phases: list[Phase], base: Any, train_im
 
     training = experiment.training
     name = f"train@{experiment.name}"
+    why = "it trains from scratch" if not experiment.backbone.weights else "its base is not frozen"
     if training.fine_tune.epochs and len(phases) == 1:
-        why = "it trains from scratch" if not experiment.backbone.weights else "its base is not frozen"
         print(f"{name}: one phase, as {why} ({experiment.training_key('fine_tune.epochs')}, phase 2, is for a "
               "pretrained frozen base)")
+    # Phase 2's other keys, set by the experiment itself, would otherwise go unused without a word.
+    unused = [f"fine_tune.{key}" for key in ("learning_rate", "unfreeze") if f"fine_tune.{key}" in experiment.train_overrides]
+    if unused and len(phases) == 1:
+        why = (f"{experiment.training_key('fine_tune.epochs')} is 0" if is_frozen(experiment)
+               else f"{why} (phase 2 is for a pretrained frozen base)")
+        print(f"{name}: {', '.join(experiment.training_key(key) for key in unused)} "
+              f"{'are' if len(unused) > 1 else 'is'} not applied: there is no phase 2, as {why}")
     if training.batch_size > train_images:
         print(f"{name}: {experiment.training_key('batch_size')} {training.batch_size} is more than the "
               f"{train_images} training images: each epoch is one batch of them all")

@@ -893,6 +893,28 @@ def test_training_says_which_params_do_not_apply(tmp_path: Path, tracking: str, 
     assert [phase["phase"] for phase in record["phases"]] == [1]
 
 
+def test_phase_two_settings_an_experiment_gives_without_a_phase_two_are_named(tmp_path: Path, tracking: str, capsys) -> None:
+    """fine_tune.unfreeze and learning_rate set in an experiment whose base trains from scratch
+    (or whose fine_tune.epochs is 0) are not used: the stage says so rather than drop them."""
+    train = {"epochs": 1, "fine_tune": {"unfreeze": 4, "learning_rate": 1e-4}}
+    _, record = train_toy(tmp_path, "out", SMALL_CNN, train)
+    assert [phase["phase"] for phase in record["phases"]] == [1]
+    assert ("train@toy-net: experiments.toy-net.train.fine_tune.learning_rate, experiments.toy-net.train."
+            "fine_tune.unfreeze are not applied: there is no phase 2, as it trains from scratch (phase 2 is for a "
+            "pretrained frozen base)\n") in capsys.readouterr().out
+
+    # A pretrained frozen base whose phase 2 is off: the plan is checked before the model is used.
+    from stages.config import load_params
+    from stages.train import _check_plan, plan_phases
+
+    backbone = {"model": "mobilenetv2", "weights": "imagenet", "input_size": 32, "options": {"alpha": 0.35}}
+    params = write_params(tmp_path / "off.yaml", backbone, {"fine_tune": {"epochs": 0, "unfreeze": 4}})
+    experiment = load_params(params).experiment("toy-net")
+    _check_plan(experiment, plan_phases(experiment), None, 100)
+    assert capsys.readouterr().out == ("train@toy-net: experiments.toy-net.train.fine_tune.unfreeze is not applied: "
+                                       "there is no phase 2, as experiments.toy-net.train.fine_tune.epochs is 0\n")
+
+
 def test_the_pinned_weights_are_what_the_base_starts_from(tmp_path: Path, tracking: str, pretrained) -> None:
     import keras
 
