@@ -609,8 +609,12 @@ def _train(
                 # A loss that is no longer finite stops the phase at once, as Keras's TerminateOnNaN.
                 state.done = diverged or (not improved and state.wait >= training.early_stopping_patience)
                 if diverged:
+                    # With no finite epoch yet, the error below names the key to lower instead.
+                    key = experiment.training_key("learning_rate" if phase.number == 1 else "fine_tune.learning_rate")
+                    kept = (f", keeping the best weights so far; if it recurs, lower {key} ({phase.learning_rate})"
+                            if state.best_epoch >= 0 else "")
                     print(f"train@{experiment.name}: phase {phase.number} diverged at epoch {state.epoch} "
-                          f"(loss {logs['loss']}, val_loss {logs['val_loss']}); it stops there")
+                          f"(loss {logs['loss']}, val_loss {logs['val_loss']}); it stops there{kept}")
                 run_log.epoch(state)
                 checkpoint.save(state, model, fit_model.optimizer, best, static(model))
             if state.best_epoch < 0:  # phase 1 had no epoch with a finite validation loss

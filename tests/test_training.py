@@ -832,11 +832,18 @@ def test_phase_two_with_unfreeze_0_says_it_trains_the_whole_base(tmp_path: Path,
     assert "whole blocks from" not in said
 
 
-def test_a_phase_two_that_diverges_stops_there_and_keeps_phase_ones_weights(tmp_path: Path, tracking: str, pretrained) -> None:
+def test_a_phase_two_that_diverges_stops_there_and_keeps_phase_ones_weights(
+    tmp_path: Path, tracking: str, pretrained, capsys
+) -> None:
     # Adam's first steps are about the learning rate itself: weights near float32's largest, then inf.
     train = {"epochs": 2, "fine_tune": {"epochs": 4, "learning_rate": 1.0e38, "unfreeze": 12}}
     model, record = train_toy(tmp_path, "tuned", pretrained["backbone"], train, pretrained["folder"])
     history = pd.read_csv(tmp_path / "tuned" / "history.csv")
+    # The line names the key to lower: phase 2's own learning rate, not phase 1's.
+    said = [line for line in capsys.readouterr().out.splitlines() if "diverged" in line]
+    assert len(said) == 1 and said[0].startswith("train@toy-net: phase 2 diverged at epoch 3 (loss ")
+    assert said[0].endswith("; it stops there, keeping the best weights so far; if it recurs, lower "
+                            "experiments.toy-net.train.fine_tune.learning_rate (1e+38)")
 
     assert list(history["phase"]) == [1, 1, 2]  # phase 2 stopped at its first epoch
     assert not np.isfinite(history["loss"].iloc[2]) or not np.isfinite(history["val_loss"].iloc[2])
