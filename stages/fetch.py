@@ -113,11 +113,11 @@ def check(params_path: str, datasets: list[str], pin: bool = False) -> list[str]
             here = Path(source.options.path).expanduser()
             now = local_sha256(here) if here.is_dir() or archives.is_archive(here) else None
             pinned = source.options.sha256.strip().lower()
-            pin = ("" if now is None else "; its local source is the pinned version" if now == pinned
-                   else f"; its local source is not the pinned version, which fetch refuses: if it is the version "
-                        f"to use, set datasets.{name}.source.sha256: {now}" if pinned
-                   else f"; to pin its local source: datasets.{name}.source.sha256: {now}")
-            others.append(f"fetch: {name} has not been fetched here ({path} is missing){pin}")
+            advice = ("" if now is None else "; its local source is the pinned version" if now == pinned
+                      else f"; its local source is not the pinned version, which fetch refuses: if it is the version "
+                           f"to use, set datasets.{name}.source.sha256: {now}" if pinned
+                      else f"; to pin its local source: datasets.{name}.source.sha256: {now}")
+            others.append(f"fetch: {name} has not been fetched here ({path} is missing){advice}")
         elif not fetched_with(source.options, record):
             others.append(f"fetch: datasets.{name}.source has changed since the fetch; {suite_repro(name)} fetches it again")
         elif not Path(source.options.path).expanduser().exists():

@@ -847,6 +847,30 @@ def test_check_pin_leaves_params_alone_when_kaggle_cannot_be_asked_or_has_gone_b
                      "datasets.pets.source.version: 1, a params change that `dvc repro` and CI's `plan --changed` see"]
 
 
+def test_a_local_source_checked_first_neither_pins_without_pin_nor_stops_pin(fake, tmp_path, monkeypatch, capsys):
+    """A local source not yet fetched, checked before the Kaggle dataset (`birds` sorts first),
+    must not change what --pin means for it (before: its line's advice was kept in the variable
+    that held --pin, so a folder there pinned `pets` without --pin, and a folder missing kept
+    --pin from pinning it)."""
+    fake.add_dataset("own/pets", zip_bytes(class_images(0)), version=1)
+    project = check_project(tmp_path, monkeypatch, {"dataset": "own/pets"}, local=True)
+    fetch_into_project("pets")
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    params["datasets"]["birds"] = params["datasets"].pop("shapes")
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    before = (project / "params.yaml").read_text(encoding="utf-8")
+    fake.add_dataset("own/pets", zip_bytes(class_images(100)), version=2)
+
+    status, lines = run_check(capsys)  # the folder is there: its line offers a sha256 to pin
+    assert status == 1 and lines[0].startswith("fetch@pets: Kaggle dataset own/pets has a new version, 2"), lines
+    assert (project / "params.yaml").read_text(encoding="utf-8") == before  # no --pin: nothing written
+
+    shutil.rmtree(project / "shapes")
+    status, lines = run_check(capsys, "--pin")
+    assert status == 3 and lines[0].startswith("fetch: pinned pets: datasets.pets.source.version: 2"), lines
+    assert yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))["datasets"]["pets"]["source"]["version"] == 2
+
+
 @pytest.mark.parametrize("shared", ["anchor", "merge key"])
 def test_pin_refuses_a_source_it_cannot_edit_alone_and_writes_nothing(tmp_path, shared):
     """A source written once for two datasets (a YAML anchor) or through a merge key cannot take
