@@ -28,7 +28,7 @@ import yaml
 from stages import archives, kaggle_api
 from stages.config import load_params
 from stages.errors import UserError, run_stage
-from stages.files import write_json_atomic, write_text_atomic
+from stages.files import atomic_path, write_json_atomic
 from stages.layouts import all_files
 from stages.sources import KaggleOptions, changed_since_fetch, fetched_with, get_source, local_sha256, suite_repro
 
@@ -185,9 +185,13 @@ def pin_versions(path: Path, pins: dict[str, int]) -> None:
     after its `dataset:` value (found by PyYAML's node positions), so that the rest of the file
     stays byte for byte: a YAML round trip rewraps long flow mappings, and DVC's dump unquotes
     "off", which PyYAML then reads as false. Checked by reading the result back."""
-    text = path.read_text(encoding="utf-8")
+    # newline="": a file saved with CRLF keeps them, and the version line gets them too (read as
+    # universal newlines and written back, every line of it would change).
+    with path.open(encoding="utf-8", newline="") as handle:
+        text = handle.read()
+    newline = "\r\n" if "\r\n" in text else "\n"
     if not text.endswith("\n"):
-        text += "\n"
+        text += newline
     expected, document, edits = yaml.safe_load(text), yaml.compose(text), []
     for name, version in pins.items():
         source = _mapping_node(document, "datasets", name, "source")
@@ -198,7 +202,7 @@ def pin_versions(path: Path, pins: dict[str, int]) -> None:
         if source.flow_style:
             edits.append((value.end_mark.index, f", version: {version}"))
         else:  # a line of its own after the `dataset:` one (and its comment), indented as it is
-            edits.append((text.index("\n", value.end_mark.index) + 1, f"{' ' * key.start_mark.column}version: {version}\n"))
+            edits.append((text.index("\n", value.end_mark.index) + 1, f"{' ' * key.start_mark.column}version: {version}{newline}"))
         # A new mapping, not the one read: a source another dataset shares (an anchor) must not change.
         expected["datasets"][name]["source"] = {**expected["datasets"][name]["source"], "version": version}
     for at, insert in sorted(edits, reverse=True):
@@ -206,7 +210,8 @@ def pin_versions(path: Path, pins: dict[str, int]) -> None:
     if yaml.safe_load(text) != expected:
         raise UserError(f"{path}: cannot write the new versions into it ({', '.join(f'datasets.{n}.source.version: {v}' for n, v in pins.items())}); "
                         "set them by hand")
-    write_text_atomic(path, text)
+    with atomic_path(path) as temporary:  # as bytes: no newline translation on the way out either
+        temporary.write_bytes(text.encode("utf-8"))
 
 
 def _mapping_node(node: yaml.Node, *keys: str) -> yaml.MappingNode | None:

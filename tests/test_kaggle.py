@@ -892,6 +892,23 @@ def test_pin_refuses_a_source_it_cannot_edit_alone_and_writes_nothing(tmp_path, 
     assert params.read_text(encoding="utf-8") == text
 
 
+def test_pin_keeps_the_crlf_line_endings_of_a_params_file_saved_on_windows(tmp_path):
+    """A params.yaml with CRLF line endings (Windows editors, git's autocrlf) gets its version line
+    with CRLF too, the rest byte for byte (before: read with universal newlines and written back
+    with LF, every line of the file changed in the pull request)."""
+    from stages.fetch import pin_versions
+
+    text = ("# params\r\ndatasets:\r\n  pets:\r\n    source:\r\n      kind: kaggle\r\n      dataset: own/pets  # c\r\n"
+            "      files: [a.png]\r\n  zoo:\r\n    source: {kind: kaggle,\r\n      dataset: own/zoo}\r\n")
+    params = tmp_path / "params.yaml"
+    params.write_bytes(text.encode())
+
+    pin_versions(params, {"pets": 2, "zoo": 5})
+
+    assert params.read_bytes().decode() == (
+        text.replace("# c\r\n", "# c\r\n      version: 2\r\n").replace("own/zoo}", "own/zoo, version: 5}"))
+
+
 def test_matrix_pin_checks_the_suites_unpinned_kaggle_datasets_and_titles_the_pull_request(fake, tmp_path, monkeypatch, capsys):
     """`python -m stages.matrix pin --suite S` (the weekly retrain's job) checks the unpinned Kaggle
     datasets of the suite's experiments only (not `zoo`, another suite's, nor the pinned or the
