@@ -207,7 +207,11 @@ def pin_versions(path: Path, pins: dict[str, int]) -> None:
         expected["datasets"][name]["source"] = {**expected["datasets"][name]["source"], "version": version}
     for at, insert in sorted(edits, reverse=True):
         text = text[:at] + insert + text[at:]
-    if yaml.safe_load(text) != expected:
+    try:
+        written = yaml.safe_load(text)
+    except yaml.YAMLError:  # a shape the line cannot go into (an explicit `? dataset` key, say)
+        written = None
+    if written != expected:
         raise UserError(f"{path}: cannot write the new versions into it ({', '.join(f'datasets.{n}.source.version: {v}' for n, v in pins.items())}); "
                         "set them by hand")
     with atomic_path(path) as temporary:  # as bytes: no newline translation on the way out either

@@ -892,6 +892,27 @@ def test_pin_refuses_a_source_it_cannot_edit_alone_and_writes_nothing(tmp_path, 
     assert params.read_text(encoding="utf-8") == text
 
 
+@pytest.mark.parametrize("source", ["      kind: kaggle\n      ? dataset\n      : own/pets\n",
+                                    "      kind: kaggle\n      dataset: >-\n        own/pets\n\n"],
+                         ids=["explicit key", "folded scalar"])
+def test_pin_that_would_break_the_yaml_is_the_one_line_to_set_it_by_hand(tmp_path, source):
+    """Legal YAML the inserted line would make illegal (an explicit `? dataset` key, a block scalar
+    ending in a blank line) is the refusal's one line, the file untouched (before: PyYAML's
+    ScannerError or ParserError, a traceback)."""
+    from stages.fetch import pin_versions
+
+    text = "datasets:\n  pets:\n    source:\n" + source + "  zoo:\n    source: {kind: kaggle, dataset: own/zoo}\n"
+    params = tmp_path / "params.yaml"
+    params.write_text(text, encoding="utf-8")
+
+    with pytest.raises(UserError) as caught:
+        pin_versions(params, {"pets": 2})
+
+    assert str(caught.value) == (f"{params}: cannot write the new versions into it (datasets.pets.source.version: 2); "
+                                 "set them by hand")
+    assert params.read_text(encoding="utf-8") == text
+
+
 def test_pin_keeps_the_crlf_line_endings_of_a_params_file_saved_on_windows(tmp_path):
     """A params.yaml with CRLF line endings (Windows editors, git's autocrlf) gets its version line
     with CRLF too, the rest byte for byte (before: read with universal newlines and written back
