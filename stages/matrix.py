@@ -792,6 +792,10 @@ def main(argv: list[str] | None = None) -> None:
         if not names:
             print(f"matrix: suite {args.suite} has no Kaggle dataset without a version; nothing to check")
             return
+        # The records are pulled where the check reads them, from the params file's folder (the
+        # repository root, where DVC runs fetch@), whatever folder this runs from.
+        params = str(Path(args.params).resolve())
+        os.chdir(Path(params).parent)
         records = [f"data/raw/{name}.provenance.json" for name in names]  # fetch@'s, as dvc.yaml names them
         if has_remote():
             # The records alone, each one output of its fetch@ stage: the data beside them may be
@@ -805,7 +809,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{NO_REMOTE} the provenance records here are compared")
         from stages import fetch
 
-        params = str(Path(args.params).resolve())  # the check runs from the params file's folder
         sys.stdout.flush()
         try:
             fetch.main(["--check", "--pin", "--params", params, *(arg for name in names for arg in ("--dataset", name))])

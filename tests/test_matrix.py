@@ -1008,3 +1008,14 @@ def test_pin_pulls_only_the_records_of_the_suites_unpinned_kaggle_datasets_then_
     assert len(cached) == 1  # the record's object: the raw folder's listing and files were not downloaded
     assert (runner / "params.yaml").read_text() == (origin / "params.yaml").read_text()
     assert (tmp_path / "github_output").read_text() == "title=\n"  # nothing pinned: no pull request
+
+    # From a sub-folder, given --params: the record is pulled where the check reads it, the params
+    # file's folder (before: `dvc pull` took the path from the sub-folder, and failed).
+    (runner / "data/raw/pets.provenance.json").unlink()
+    (runner / "notebooks").mkdir()
+    done = subprocess.run([sys.executable, "-m", "stages.matrix", "pin", "--suite", "weekly", "--params", "../params.yaml"],
+                          cwd=runner / "notebooks", env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0] == "$ dvc pull --allow-missing data/raw/pets.provenance.json"
+    assert done.stdout.splitlines()[-1].startswith("fetch: cannot ask Kaggle whether pets has a newer version: ")
+    assert json.loads((runner / "data/raw/pets.provenance.json").read_text())["version"] == 1
