@@ -30,7 +30,8 @@ and with `--suite`, runs and pushes the suite's report. `summary` writes `dvc pa
 `pin` is the weekly retrain's look at Kaggle: for the suite's datasets with an unpinned Kaggle
 dataset source, it pulls their provenance records from the DVC remote (only those, not the data)
 and runs `python -m stages.fetch --check --pin` on them, which writes each new version into
-params.yaml; its exit status is the check's (3: pinned; 2: Kaggle could not be asked), and into
+params.yaml; its exit status is the check's (0: nothing new; 3: pinned; 2: Kaggle could not be
+asked; 1: a change left to a person, such as the version fetched deleted on Kaggle), and into
 $GITHUB_OUTPUT it writes `title`, "Pin <dataset> to Kaggle version N, ..." (empty: nothing pinned).
 
 `local` runs the matrix on one machine with several GPUs: the shared stages once (split, weights),
