@@ -5,9 +5,10 @@
 DVC reruns fetch@ when a source's params change, not when a `local` folder or archive changes in
 place, nor when Kaggle has a new version of an unpinned dataset; `python -m stages.fetch --check
 [--dataset NAME]` says which have, and what to run. With `--pin` it also writes each new Kaggle
-version of an unpinned dataset into params.yaml (`datasets.<name>.source.version: N`, the rest of the
-file as it was), which DVC and CI's `plan --changed` then see: what the weekly retrain runs, to
-propose it as a pull request.
+version into params.yaml (`datasets.<name>.source.version: N`, the rest of the file as it was):
+for an unpinned dataset, a newer one than fetch@ took; for a pinned one, a newer one than its pin.
+DVC and CI's `plan --changed` then see a params change: what the weekly retrain runs, to propose
+it as a pull request.
 
 --check's exit status: 0 nothing new; 1 a change that is not in params.yaml (to act on by hand, or
 to pin); 2 Kaggle could not be asked (and no such change seen); 3 with --pin, new versions pinned
@@ -83,8 +84,8 @@ def check(params_path: str, datasets: list[str], pin: bool = False) -> list[str]
     whether its folder or archive is still what fetch@ copied, or its Kaggle dataset's version
     still Kaggle's current one (by the provenance record where dvc.yaml puts it), and what to run
     if not; changed ones first, then one line for the Kaggle datasets Kaggle could not be asked about.
-    With `pin`, a newer Kaggle version of an unpinned dataset is written into params.yaml, and its
-    line says so."""
+    With `pin`, a newer Kaggle version than an unpinned dataset was fetched at, or than a pinned
+    one's pin, is written into params.yaml, and its line says so."""
     params = load_params(params_path)
     changed, others, pins = [], [], {}
     versions, unasked, why = kaggle_api.VersionLookup(), [], ""
@@ -103,8 +104,10 @@ def check(params_path: str, datasets: list[str], pin: bool = False) -> list[str]
                 continue
             if pin and newer is not None:
                 pins[name] = newer
+                was = (f"it was pinned to version {source.options.version}" if source.options.version is not None
+                       else f"fetch@{name} took version {record['version']}")
                 line = (f"{PINNED} {name}: datasets.{name}.source.version: {newer} written into {Path(params_path).name} "
-                        f"(Kaggle dataset {source.options.dataset}'s new version; fetch@{name} took version {record['version']})")
+                        f"(Kaggle dataset {source.options.dataset}'s new version; {was})")
             (changed if line.startswith(("fetch@", PINNED)) else others).append(line)
         elif source.kind != "local":
             others.append(f"fetch: {name}'s source is {source.kind}, not local or kaggle; nothing to check")
@@ -142,7 +145,8 @@ def _kaggle_check(name: str, options: KaggleOptions, record: dict | None, path: 
                   versions: kaggle_api.VersionLookup) -> tuple[str, int | None]:
     """--check's line for a kaggle source: a `fetch@` one when Kaggle has a newer version than the
     one an unpinned source was fetched at (DVC sees params, and the params did not change); and
-    that version, which --pin writes into params.yaml (else None)."""
+    the version --pin writes into params.yaml (else None): that one, or for a pinned source, a
+    newer version than its pin."""
     if options.competition:
         return f"fetch: {name}'s source is the Kaggle competition {options.competition}, which has no versions; nothing to check", None
     if record is not None and record.get("source") != {"kind": "kaggle", **dataclasses.asdict(options)}:
@@ -162,7 +166,8 @@ def _kaggle_check(name: str, options: KaggleOptions, record: dict | None, path: 
                  if now > options.version else
                  f", which Kaggle does not have (its current version is {now}), so fetch fails; set "
                  f"datasets.{name}.source.version: {now} or lower")
-        return f"fetch: {name} is pinned to version {options.version} of {what}{newer}", None
+        return f"fetch: {name} is pinned to version {options.version} of {what}{newer}", (
+            now if now > options.version else None)
     if record is None:
         return (f"fetch: {name} has not been fetched here ({path} is missing); Kaggle's current version of "
                 f"{options.dataset}, which fetch takes, is {now}: to pin it, datasets.{name}.source.version: {now}"), None
@@ -182,7 +187,8 @@ def _kaggle_check(name: str, options: KaggleOptions, record: dict | None, path: 
 
 def pin_versions(path: Path, pins: dict[str, int]) -> None:
     """Write `version: N` into each named dataset's source in the params file, as text inserted
-    after its `dataset:` value (found by PyYAML's node positions), so that the rest of the file
+    after its `dataset:` value, or in place of the value of the `version:` it has (found by
+    PyYAML's node positions), so that the rest of the file
     stays byte for byte: a YAML round trip rewraps long flow mappings, and DVC's dump unquotes
     "off", which PyYAML then reads as false. Checked by reading the result back."""
     # newline="": a file saved with CRLF keeps them, and the version line gets them too (read as
@@ -196,17 +202,22 @@ def pin_versions(path: Path, pins: dict[str, int]) -> None:
     for name, version in pins.items():
         source = _mapping_node(document, "datasets", name, "source")
         keys = {key.value: (key, value) for key, value in source.value} if source is not None else {}
-        if "dataset" not in keys or "version" in keys:  # reached through a merge key, or `version: null`, say
+        if "dataset" not in keys:  # reached through a merge key, say
             raise UserError(f"{path}: cannot write datasets.{name}.source.version into it; set it to {version} by hand")
         key, value = keys["dataset"]
-        if source.flow_style:
-            edits.append((value.end_mark.index, f", version: {version}"))
+        if "version" in keys:  # a pin to move on (or `version: null`): its value replaced, as written
+            old = keys["version"][1]
+            start, end = old.start_mark.index, old.end_mark.index
+            edits.append((start, end, f"{'' if start < end else ' '}{version}"))
+        elif source.flow_style:
+            edits.append((value.end_mark.index, value.end_mark.index, f", version: {version}"))
         else:  # a line of its own after the `dataset:` one (and its comment), indented as it is
-            edits.append((text.index("\n", value.end_mark.index) + 1, f"{' ' * key.start_mark.column}version: {version}{newline}"))
+            at = text.index("\n", value.end_mark.index) + 1
+            edits.append((at, at, f"{' ' * key.start_mark.column}version: {version}{newline}"))
         # A new mapping, not the one read: a source another dataset shares (an anchor) must not change.
         expected["datasets"][name]["source"] = {**expected["datasets"][name]["source"], "version": version}
-    for at, insert in sorted(edits, reverse=True):
-        text = text[:at] + insert + text[at:]
+    for start, end, insert in sorted(edits, reverse=True):
+        text = text[:start] + insert + text[end:]
     try:
         written = yaml.safe_load(text)
     except yaml.YAMLError:  # a shape the line cannot go into (an explicit `? dataset` key, say)
@@ -237,8 +248,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="say which fetched `local` sources changed since, and which unpinned Kaggle datasets "
                              "have a newer version (exit status 1 if any; 2 if none, but Kaggle could not be asked); fetch nothing")
     parser.add_argument("--pin", action="store_true",
-                        help="with --check, write each newer Kaggle version of an unpinned dataset into params.yaml "
-                             "(datasets.<name>.source.version: N; nothing else changes); exit status 3 if it pinned "
+                        help="with --check, write each newer Kaggle version into params.yaml (an unpinned dataset's "
+                             "pin, a pinned one's new pin: datasets.<name>.source.version: N; nothing else changes); "
+                             "exit status 3 if it pinned "
                              "some and saw nothing else (1 or 2 as above otherwise)")
     args = parser.parse_args(argv)
     if args.check:

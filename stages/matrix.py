@@ -27,12 +27,13 @@ their dvc.lock entries (two jobs that recorded the same stage differently stop i
 and with `--suite`, runs and pushes the suite's report. `summary` writes `dvc params diff` and
 `dvc metrics diff` against a revision as Markdown, for a job summary or a pull-request comment.
 
-`pin` is the weekly retrain's look at Kaggle: for the suite's datasets with an unpinned Kaggle
-dataset source, it pulls their provenance records from the DVC remote (only those, not the data)
-and runs `python -m stages.fetch --check --pin` on them, which writes each new version into
-params.yaml; its exit status is the check's (0: nothing new; 3: pinned; 2: Kaggle could not be
-asked; 1: a change left to a person, such as the version fetched deleted on Kaggle), and into
-$GITHUB_OUTPUT it writes `title`, "Pin <dataset> to Kaggle version N, ..." (empty: nothing pinned).
+`pin` is the weekly retrain's look at Kaggle: for the suite's Kaggle datasets, it pulls the
+provenance records of the unpinned ones from the DVC remote (only those, not the data) and runs
+`python -m stages.fetch --check --pin` on them all, which writes each new version into
+params.yaml (an unpinned dataset's first pin, a pinned one's next); its exit status is the
+check's (0: nothing new; 3: pinned; 2: Kaggle could not be asked; 1: a change left to a person,
+such as the version fetched deleted on Kaggle), and into $GITHUB_OUTPUT it writes `title`, "Pin
+<dataset> to Kaggle version N, ..." (empty: nothing pinned).
 
 `local` runs the matrix on one machine with several GPUs: the shared stages once (split, weights),
 then one `dvc --wait-for-lock repro --single-item train@<experiment> evaluate@<experiment>` per
@@ -85,12 +86,13 @@ def select(params_path: str, suite: str, patterns: list[str]) -> dict[str, list[
     return by_dataset
 
 
-def unpinned_kaggle(params_path: str, suite: str) -> list[str]:
-    """`suite`'s datasets whose source is a Kaggle dataset with no `version`: those whose new
-    versions DVC cannot see, and `fetch --check --pin` pins."""
+def kaggle_datasets(params_path: str, suite: str) -> dict[str, int | None]:
+    """`suite`'s datasets whose source is a Kaggle dataset (not a competition, which has no
+    versions), each with its pinned version (None: unpinned), which `fetch --check --pin` moves on
+    to a newer version Kaggle has."""
     params = load_params(params_path)
-    return [name for name in select(params_path, suite, [])
-            if (source := params.dataset(name).source).kind == "kaggle" and source.options.dataset and source.options.version is None]
+    return {name: source.options.version for name in select(params_path, suite, [])
+            if (source := params.dataset(name).source).kind == "kaggle" and source.options.dataset}
 
 
 def plan(params_path: str, suite: str, patterns: list[str], per_job: int, changed: bool = False) -> dict[str, Any]:
@@ -693,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     s = commands.add_parser("summary", help="params and metrics diff against a revision, as Markdown")
     s.add_argument("--base", default="HEAD")
     pin = commands.add_parser("pin", help="pull the provenance records of the suite's unpinned Kaggle datasets, then "
-                                          "`fetch --check --pin` them (exit status: the check's)")
+                                          "`fetch --check --pin` its Kaggle datasets (exit status: the check's)")
     pin.add_argument("--suite", required=True)
     pin.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
@@ -789,16 +791,20 @@ def main(argv: list[str] | None = None) -> None:
         results = local(args.params, args.suite, args.pattern, slots, report=not args.no_report)
         print(f"matrix: {len(results)} experiments reproduced")
     elif args.command == "pin":
-        names = unpinned_kaggle(args.params, args.suite)
-        if not names:
-            print(f"matrix: suite {args.suite} has no Kaggle dataset without a version; nothing to check")
+        pins = kaggle_datasets(args.params, args.suite)
+        if not pins:
+            print(f"matrix: suite {args.suite} has no Kaggle dataset; nothing to check")
             return
         # The records are pulled where the check reads them, from the params file's folder (the
         # repository root, where DVC runs fetch@), whatever folder this runs from.
         params = str(Path(args.params).resolve())
         os.chdir(Path(params).parent)
-        records = [f"data/raw/{name}.provenance.json" for name in names]  # fetch@'s, as dvc.yaml names them
-        if has_remote():
+        # An unpinned dataset's new version is one newer than fetch@ took, in its provenance record;
+        # a pinned one's, one newer than its pin, which needs no record.
+        records = [f"data/raw/{name}.provenance.json" for name, version in pins.items() if version is None]
+        if not records:
+            pass
+        elif has_remote():
             # The records alone, each one output of its fetch@ stage: the data beside them may be
             # gigabytes, and the check compares only the versions. --allow-missing: a dataset never
             # fetched has no record, which the check says.
@@ -812,11 +818,11 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.stdout.flush()
         try:
-            fetch.main(["--check", "--pin", "--params", params, *(arg for name in names for arg in ("--dataset", name))])
+            fetch.main(["--check", "--pin", "--params", params, *(arg for name in pins for arg in ("--dataset", name))])
         finally:
             # The pull request's title: what it pinned, whatever else the check saw (its exit status).
-            versions = {name: load_params(params).dataset(name).source.options.version for name in names}
-            pinned = [f"{name} to Kaggle version {version}" for name, version in versions.items() if version is not None]
+            now = {name: load_params(params).dataset(name).source.options.version for name in pins}
+            pinned = [f"{name} to Kaggle version {now[name]}" for name in pins if now[name] != pins[name]]
             to_github_output({"title": f"Pin {', '.join(pinned)}" if pinned else ""})
     elif args.command == "summary":
         text = summary(args.base)

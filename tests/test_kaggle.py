@@ -794,9 +794,9 @@ def pin_project(tmp_path: Path, monkeypatch, fake) -> Path:
 
 def test_check_pin_writes_each_new_version_into_params_keeping_the_rest_of_the_file(fake, tmp_path, monkeypatch, capsys):
     """--pin writes `version: N` into the source of each unpinned dataset Kaggle has a newer
-    version of, the rest of params.yaml byte for byte (comments, quotes, flow style): a params
-    change that `dvc repro` and CI's `plan --changed` see. A pinned dataset and a competition are
-    not touched. Exit status 3: pinned, nothing else to do."""
+    version of, and moves a pinned one's `version` on to it, the rest of params.yaml byte for byte
+    (comments, quotes, flow style): a params change that `dvc repro` and CI's `plan --changed` see.
+    A competition is not touched. Exit status 3: pinned, nothing else to do."""
     params = pin_project(tmp_path, monkeypatch, fake)
     before = params.read_text(encoding="utf-8")
 
@@ -806,11 +806,14 @@ def test_check_pin_writes_each_new_version_into_params_keeping_the_rest_of_the_f
     assert params.read_text(encoding="utf-8") == (
         before.replace("      dataset: own/pets   # <owner>/<slug>\n",
                        "      dataset: own/pets   # <owner>/<slug>\n      version: 2\n")
-        .replace('{kind: kaggle, dataset: "own/zoo"}', '{kind: kaggle, dataset: "own/zoo", version: 2}'))
+        .replace('{kind: kaggle, dataset: "own/zoo"}', '{kind: kaggle, dataset: "own/zoo", version: 2}')
+        .replace("{kind: kaggle, dataset: own/held, version: 1}", "{kind: kaggle, dataset: own/held, version: 2}"))
     assert lines[:2] == [f"fetch: pinned {name}: datasets.{name}.source.version: 2 written into params.yaml "
                          f"(Kaggle dataset own/{name}'s new version; fetch@{name} took version 1)" for name in ("pets", "zoo")]
-    assert lines[2] == ("fetch: held is pinned to version 1 of Kaggle dataset own/held; Kaggle has a newer one, "
-                        "version 2: to use it, set datasets.held.source.version: 2")
+    # A pinned dataset's pin moves on to Kaggle's newer version: else, once pinned, the weekly
+    # job would never propose another.
+    assert lines[2] == ("fetch: pinned held: datasets.held.source.version: 2 written into params.yaml "
+                        "(Kaggle dataset own/held's new version; it was pinned to version 1)")
     assert lines[3].startswith("fetch: titanic's source is the Kaggle competition titanic")
     assert len(lines) == 4
 
@@ -913,6 +916,29 @@ def test_pin_that_would_break_the_yaml_is_the_one_line_to_set_it_by_hand(tmp_pat
     assert params.read_text(encoding="utf-8") == text
 
 
+@pytest.mark.parametrize("written, moved", [
+    ("    source:\n      kind: kaggle\n      dataset: own/pets\n      version: 1   # pinned\n",
+     "    source:\n      kind: kaggle\n      dataset: own/pets\n      version: 3   # pinned\n"),
+    ("    source: {kind: kaggle, version: 1, dataset: own/pets}\n", "    source: {kind: kaggle, version: 3, dataset: own/pets}\n"),
+    ("    source: {kind: kaggle, dataset: own/pets, version: null}\n", "    source: {kind: kaggle, dataset: own/pets, version: 3}\n"),
+    ("    source:\n      kind: kaggle\n      dataset: own/pets\n      version:\n",
+     "    source:\n      kind: kaggle\n      dataset: own/pets\n      version: 3\n"),
+], ids=["block", "flow", "null", "empty"])
+def test_pin_moves_a_written_version_on_in_place(tmp_path, written, moved):
+    """A source that has a `version:` (a pin, or null, or empty) gets its value replaced where it
+    is written, its comment and the key's place kept."""
+    from stages.fetch import pin_versions
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"datasets:\n  pets:\n{written}  zoo:\n    source: {{kind: kaggle, dataset: own/zoo, version: 1}}\n",
+                      encoding="utf-8")
+
+    pin_versions(params, {"pets": 3})
+
+    assert params.read_text(encoding="utf-8") == (
+        f"datasets:\n  pets:\n{moved}  zoo:\n    source: {{kind: kaggle, dataset: own/zoo, version: 1}}\n")
+
+
 def test_pin_keeps_the_crlf_line_endings_of_a_params_file_saved_on_windows(tmp_path):
     """A params.yaml with CRLF line endings (Windows editors, git's autocrlf) gets its version line
     with CRLF too, the rest byte for byte (before: read with universal newlines and written back
@@ -931,9 +957,10 @@ def test_pin_keeps_the_crlf_line_endings_of_a_params_file_saved_on_windows(tmp_p
 
 
 def test_matrix_pin_checks_the_suites_unpinned_kaggle_datasets_and_titles_the_pull_request(fake, tmp_path, monkeypatch, capsys):
-    """`python -m stages.matrix pin --suite S` (the weekly retrain's job) checks the unpinned Kaggle
-    datasets of the suite's experiments only (not `zoo`, another suite's, nor the pinned or the
-    competition), pins them, and writes the pull request's title to $GITHUB_OUTPUT; exit status 3."""
+    """`python -m stages.matrix pin --suite S` (the weekly retrain's job) checks the Kaggle datasets
+    of the suite's experiments only (not `zoo`, another suite's, nor the competition), pins the
+    unpinned one and moves the pinned one's pin on, and writes the pull request's title to
+    $GITHUB_OUTPUT; exit status 3."""
     from stages import matrix
 
     params = pin_project(tmp_path, monkeypatch, fake)
@@ -953,7 +980,14 @@ def test_matrix_pin_checks_the_suites_unpinned_kaggle_datasets_and_titles_the_pu
     assert exit_status.value.code == 3
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "matrix: no default DVC remote (dvc remote add -d ...): the provenance records here are compared"
-    assert out[1:] == ["fetch: pinned pets: datasets.pets.source.version: 2 written into params.yaml "
+    assert out[1:] == ["fetch: pinned held: datasets.held.source.version: 2 written into params.yaml "
+                       "(Kaggle dataset own/held's new version; it was pinned to version 1)",
+                       "fetch: pinned pets: datasets.pets.source.version: 2 written into params.yaml "
                        "(Kaggle dataset own/pets's new version; fetch@pets took version 1)"]
     assert "source: {kind: kaggle, dataset: \"own/zoo\"}" in params.read_text(encoding="utf-8")
-    assert (tmp_path / "github_output").read_text() == "title=Pin pets to Kaggle version 2\n"
+    assert (tmp_path / "github_output").read_text() == "title=Pin held to Kaggle version 2, pets to Kaggle version 2\n"
+
+    # Run again: nothing newer than the pins, so nothing pinned, and no title (the pins already
+    # set are not named again as if new).
+    matrix.main(["pin", "--suite", "weekly"])  # exit status 0
+    assert (tmp_path / "github_output").read_text().endswith("title=\n")

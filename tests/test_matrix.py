@@ -967,7 +967,8 @@ Path(f"data/raw/{name}.provenance.json").write_text(json.dumps(record))
 def test_pin_pulls_only_the_records_of_the_suites_unpinned_kaggle_datasets_then_checks_them(tmp_path: Path) -> None:
     """`matrix pin` (the weekly retrain's pin job) pulls from the DVC remote the provenance record of
     each unpinned Kaggle dataset of the suite, and nothing else (`dvc pull <record>` is one output of
-    fetch@, not the raw folder beside it), then runs `fetch --check --pin` on them: here Kaggle
+    fetch@, not the raw folder beside it), then runs `fetch --check --pin` on the suite's Kaggle
+    datasets, pinned ones too: here Kaggle
     cannot be asked (no credentials), and its one line and exit status 2 come through, for the job to fail."""
     from fake_kaggle import CLEARED
     from tests.toy import toy_params
@@ -1001,7 +1002,8 @@ def test_pin_pulls_only_the_records_of_the_suites_unpinned_kaggle_datasets_then_
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "$ dvc pull --allow-missing data/raw/pets.provenance.json"
-    assert lines[-1].startswith("fetch: cannot ask Kaggle whether pets has a newer version: no Kaggle credentials found")
+    # held, pinned, is asked about too (a newer version than its pin), with no record to pull.
+    assert lines[-1].startswith("fetch: cannot ask Kaggle whether held, pets have a newer version: no Kaggle credentials found")
     assert json.loads((runner / "data/raw/pets.provenance.json").read_text())["version"] == 1
     assert sorted(p.name for p in (runner / "data/raw").iterdir()) == [".gitignore", "pets.provenance.json"]  # not the raw folder
     cached = [p for p in (runner / ".dvc/cache").rglob("*") if p.is_file() and not p.is_relative_to(runner / ".dvc/cache/runs")]
@@ -1017,5 +1019,5 @@ def test_pin_pulls_only_the_records_of_the_suites_unpinned_kaggle_datasets_then_
                           cwd=runner / "notebooks", env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stdout.splitlines()[0] == "$ dvc pull --allow-missing data/raw/pets.provenance.json"
-    assert done.stdout.splitlines()[-1].startswith("fetch: cannot ask Kaggle whether pets has a newer version: ")
+    assert done.stdout.splitlines()[-1].startswith("fetch: cannot ask Kaggle whether held, pets have a newer version: ")
     assert json.loads((runner / "data/raw/pets.provenance.json").read_text())["version"] == 1

@@ -302,7 +302,8 @@ def test_the_pin_job_asks_kaggle_weekly_and_proposes_new_versions_as_a_pull_requ
 def test_the_pin_pull_request_commits_only_params_yaml_on_a_branch_of_its_own(tmp_path: Path) -> None:
     """The pin job's pull request step, `git push` and `gh` stood in for: one commit by
     github-actions[bot] of params.yaml alone (not pin.log or anything else in the checkout), on its
-    own branch, never main, titled with what was pinned."""
+    own branch, never main, titled with what was pinned; and none where a pull request of that
+    title exists (Dependabot's way: closing one skips those versions)."""
     import shutil
 
     [step] = [step for step in load("retrain.yml")["jobs"]["pin"]["steps"] if "gh pr create" in step.get("run", "")]
@@ -310,7 +311,9 @@ def test_the_pin_pull_request_commits_only_params_yaml_on_a_branch_of_its_own(tm
     bin_dir.mkdir()
     real_git = shutil.which("git")
     (bin_dir / "git").write_text(f'#!/bin/bash\nif [ "$1" = push ]; then echo "git $*" >> {calls}; exit 0; fi\nexec {real_git} "$@"\n')
-    (bin_dir / "gh").write_text(f'#!/bin/bash\necho "gh $*" >> {calls}\n')
+    # `gh pr list` answers the titles in $PROPOSED (the pull requests there are, open or closed).
+    (bin_dir / "gh").write_text(f'#!/bin/bash\necho "gh $*" >> {calls}\n'
+                                'if [ "$1 $2" = "pr list" ]; then printf "%s" "$PROPOSED"; fi\n')
     for tool in ("git", "gh"):
         (bin_dir / tool).chmod(0o755)
     repo = tmp_path / "repo"
@@ -320,13 +323,23 @@ def test_the_pin_pull_request_commits_only_params_yaml_on_a_branch_of_its_own(tm
     subprocess.run([real_git, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "params"], cwd=repo, check=True)
     (repo / "params.yaml").write_text("datasets: {pets: {source: {version: 2}}}\n")
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "SUITE": "course", "RUN_ID": "42", "GH_TOKEN": "token",
-           "GITHUB_REPOSITORY": "o/r", "RUN_URL": "https://github.com/o/r/actions/runs/42", "TITLE": "Pin pets to Kaggle version 2"}
+           "GITHUB_REPOSITORY": "o/r", "RUN_URL": "https://github.com/o/r/actions/runs/42", "TITLE": "Pin pets to Kaggle version 2",
+           "PROPOSED": "Retrain course (run 41)\nPin pets to Kaggle version 1\nPin pets to Kaggle version 2, zoo to Kaggle version 5\n"}
 
     subprocess.run(["bash", "-e", "-c", step["run"]], cwd=repo, env=env, check=True, capture_output=True, text=True)
 
     lines = calls.read_text().splitlines()
-    assert lines[0] == "git push https://x-access-token:token@github.com/o/r.git pin/course-42"
-    assert lines[1].startswith("gh pr create --base main --head pin/course-42 --title Pin pets to Kaggle version 2 --body ")
+    assert lines[0].startswith("gh pr list --state all ")
+    assert lines[1] == "git push https://x-access-token:token@github.com/o/r.git pin/course-42"
+    assert lines[2].startswith("gh pr create --base main --head pin/course-42 --title Pin pets to Kaggle version 2 --body ")
     show = subprocess.run([real_git, "show", "--name-only", "--format=%an%n%s", "pin/course-42"], cwd=repo,
                           capture_output=True, text=True, check=True)
     assert show.stdout.split("\n")[:4] == ["github-actions[bot]", "Pin pets to Kaggle version 2", "", "params.yaml"]
+
+    # A pull request of that title exists (open, or closed to skip those versions): not proposed again.
+    calls.unlink()
+    subprocess.run([real_git, "switch", "-q", "-"], cwd=repo, check=True)
+    done = subprocess.run(["bash", "-e", "-c", step["run"]], cwd=repo, check=True, capture_output=True, text=True,
+                          env=env | {"PROPOSED": env["PROPOSED"] + "Pin pets to Kaggle version 2\n", "RUN_ID": "43"})
+    assert [line.split()[:3] for line in calls.read_text().splitlines()] == [["gh", "pr", "list"]]
+    assert "not proposed again" in done.stdout
