@@ -278,6 +278,32 @@ APPLICATIONS = {
     "efficientnetv2l": ("EfficientNetV2L", "none", 480, 32),
     "convnexttiny": ("ConvNeXtTiny", "none", 224, 32),
 }
+# The layers of each keras.applications base (include_top=False, built with weights=None), so
+# that params are checked against phase 2's `unfreeze` without building a base (which imports the
+# backend and takes seconds). The input size and MobileNetV2's alpha do not change them
+# (tests/test_backbones.py checks each base it builds against this table). A family not listed
+# (the custom CNN, the efficientnet package's) is checked by train@ on the built base.
+BASE_LAYERS = {
+    "vgg16": 19, "resnet50v2": 190, "resnet101v2": 377, "resnet152v2": 564, "mobilenetv2": 154,
+    "inceptionv3": 311, "densenet121": 427, "densenet169": 595, "densenet201": 707, "nasnetmobile": 769,
+    "nasnetlarge": 1039, "efficientnetb0": 237, "efficientnetb1": 339, "efficientnetb2": 339,
+    "efficientnetb3": 384, "efficientnetb4": 474, "efficientnetb5": 576, "efficientnetb6": 666,
+    "efficientnetb7": 813, "efficientnetv2b0": 270, "efficientnetv2b1": 334, "efficientnetv2b2": 349,
+    "efficientnetv2b3": 409, "efficientnetv2s": 513, "efficientnetv2m": 740, "efficientnetv2l": 1028,
+    "convnexttiny": 133,
+}
+# Built for ImageNet weights, these have one layer more: Keras adds a Rescaling (see _application).
+RESCALED_FOR_IMAGENET = {f"efficientnetb{i}" for i in range(8)}
+
+
+def base_layers(model: str, pretrained: bool) -> int | None:
+    """How many layers registry model `model`'s base has, built with ImageNet weights or without;
+    None where BASE_LAYERS does not say."""
+    if model not in BASE_LAYERS:
+        return None
+    return BASE_LAYERS[model] + (1 if pretrained and model in RESCALED_FOR_IMAGENET else 0)
+
+
 for _name, (_factory, _preprocessing, _native, _minimum) in APPLICATIONS.items():
     register_backbone(_name, preprocessing=_preprocessing, native_input_size=_native, min_input_size=_minimum,
                       options=APPLICATION_OPTIONS.get(_name, ()))(_application(_factory))

@@ -472,6 +472,7 @@ def _check_references(params: Params, source: str) -> None:
         if spec.backbone_overrides:  # the backbone as the experiment has it (the entry itself is checked above)
             _check_backbone(experiment.backbone, f"{where}.backbone_overrides", _override_keys(spec.backbone_overrides),
                             f"backbones.{spec.backbone}", source)
+        _check_unfreeze(experiment, source)
         if experiment.backbone.model == "cnn":
             # Each block halves the side: past log2 of it, a pooling layer gets nothing to pool.
             side = experiment.backbone.input_size or experiment.dataset.image_size
@@ -512,6 +513,28 @@ def _check_training(training: TrainingConfig, where: str, overridden: set[str], 
     ):
         if not within:
             raise ConfigError(f"{source}: {where if key in overridden else 'training'}.{key}: {value} is out of range; use {allowed}")
+
+
+def _check_unfreeze(experiment: Experiment, source: str) -> None:
+    """Phase 2's `unfreeze` against the layers of the base, where backbones.BASE_LAYERS knows them:
+    train@ refuses more, but only after fetch, validate, split and weights have run. The default
+    (20) is more than VGG16's 19 layers, so an experiment may inherit it without a word."""
+    from stages import backbones
+
+    tune, backbone = experiment.training.fine_tune, experiment.backbone
+    if not (tune.epochs and backbone.weights and backbone.freeze):  # no phase 2 (train.plan_phases)
+        return
+    layers = backbones.base_layers(backbone.model, pretrained=True)
+    if layers is None or tune.unfreeze <= layers:
+        return
+    what = f"is more than the {layers} layers of {backbone.model}'s base"
+    own = f"experiments.{experiment.name}.train.fine_tune.unfreeze"
+    if "fine_tune.unfreeze" in experiment.train_overrides:
+        raise ConfigError(f"{source}: {own}: {tune.unfreeze} {what}; use at most {layers}, or 0 for all of them")
+    raise ConfigError(
+        f"{source}: training.fine_tune.unfreeze: {tune.unfreeze} (inherited by experiments.{experiment.name}) {what}; "
+        f"set {own} to at most {layers}, or 0 for all of them"
+    )
 
 
 def _check_backbone(backbone: BackboneConfig, where: str, overridden: set[str], inherited: str, source: str) -> None:

@@ -104,6 +104,10 @@ def test_backbone_builds_trains_one_step_and_predicts_probabilities(keras, name,
     assert ("resize" in names) == (size != IMAGE_SIZE)
     assert ("to_rgb" in names) == (spec.rgb and channels == 1)
     assert {"to_float", "preprocess", "features", "dense_1", "predictions"} <= names
+    # The table params check phase 2's `unfreeze` against, without building a base (here at a
+    # small input, and MobileNetV2 at alpha 0.35: neither changes the count).
+    if name in backbones.APPLICATIONS:
+        assert len(base.layers) == backbones.base_layers(name, pretrained=False)
     assert base.trainable  # no pretrained weights: the base must learn
     # From scratch, BatchNormalization momentum is lowered to 0.9 so its statistics track the data.
     norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
@@ -630,6 +634,8 @@ def test_efficientnet_from_the_pinned_file_is_built_as_for_keras_own_imagenet_we
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype("float32")
     expected = (x / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     np.testing.assert_allclose(np.asarray(stem_input(x)), expected, atol=1e-5)
+    # That rescaling is a layer more than the base without weights has, which params count on.
+    assert len(base.layers) == backbones.base_layers("efficientnetb0", pretrained=True) == backbones.BASE_LAYERS["efficientnetb0"] + 1
 
 
 def test_a_pinned_file_other_than_the_one_keras_loads_is_a_user_error(keras, tmp_path):

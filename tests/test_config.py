@@ -835,3 +835,52 @@ def test_a_pretrained_family_with_no_weights_file_listed_is_refused_when_params_
 
     assert message.startswith("params.yaml: backbones.mnv3.weights: mobilenetv3small has no ImageNet weights file "
                               "listed in stages/weights.py (PUBLISHED); add it there, or set weights: null")
+
+
+def test_a_phase_two_unfreezing_more_layers_than_the_base_has_is_refused_when_params_are_read(raw):
+    """The default `unfreeze: 20` is more than VGG16's 19 layers: an experiment that inherits it
+    was refused by train@, after fetch, validate, split and weights had run. The line names the
+    inherited key, the experiment, and the key to set."""
+    raw["experiments"]["food11-vgg16"].pop("train")
+
+    message = config_error(raw)
+
+    assert message == (
+        "params.yaml: training.fine_tune.unfreeze: 20 (inherited by experiments.food11-vgg16) is more than the 19 "
+        "layers of vgg16's base; set experiments.food11-vgg16.train.fine_tune.unfreeze to at most 19, or 0 for all of them"
+    )
+
+
+def test_an_experiments_own_unfreeze_beyond_its_base_is_named_under_the_experiment(raw):
+    raw["experiments"]["food11-vgg16"]["train"] = {"fine_tune": {"unfreeze": 25}}
+
+    assert config_error(raw) == (
+        "params.yaml: experiments.food11-vgg16.train.fine_tune.unfreeze: 25 is more than the 19 layers of vgg16's "
+        "base; use at most 19, or 0 for all of them"
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"train": {"fine_tune": {"epochs": 0}}},  # no phase 2
+        {"backbone_overrides": {"freeze": False}},  # the whole base trains in phase 1: no phase 2
+        {"backbone_overrides": {"weights": None, "freeze": False}},  # from scratch: no phase 2
+        {"train": {"fine_tune": {"unfreeze": 19}}},  # every layer, counted
+        {"train": {"fine_tune": {"unfreeze": 0}}},  # every layer
+    ],
+    ids=["no fine-tuning epochs", "not frozen", "from scratch", "all 19 layers", "unfreeze 0"],
+)
+def test_an_unfreeze_beyond_the_base_is_only_refused_where_there_is_a_phase_two(raw, change):
+    raw["experiments"]["food11-vgg16"].pop("train")
+    raw["experiments"]["food11-vgg16"].update(change)
+
+    parse_params(raw, "params.yaml")
+
+
+def test_a_family_without_a_known_layer_count_is_left_to_train(raw):
+    """The efficientnet package's bases are not in the table of layer counts: train@ checks them
+    on the built base."""
+    raw["experiments"]["food11-efn_b7"]["train"] = {"fine_tune": {"unfreeze": 100000}}
+
+    parse_params(raw, "params.yaml")
