@@ -24,8 +24,9 @@ data-parallel devices, code (CODE_MODULES) and library versions resumes; any oth
 On a GPU it trains in mixed precision with XLA.
 
 Writes into `--out`: `model.keras`, `history.csv` (one row per epoch, a DVC plot) and
-`training.json` (the resolved configuration, the MLflow run id, phases, timings). Params and
-per-epoch metrics go to MLflow as the run trains.
+`training.json` (the resolved configuration, the MLflow run id, phases, timings; phase 2's
+record says what it trained: base_layers_trained, trained_from). Params and per-epoch metrics go
+to MLflow as the run trains; what phase 2 trained, as tags when it ends.
 """
 
 from __future__ import annotations
@@ -310,6 +311,7 @@ class RunLog:
             elif not self.online:  # the run was there all along: what has it got?
                 self.logged_through = self._last_step(state.run_id)
             self._log_epochs(state)
+            self._tag_phases(state)
             tracking.mlflow_client().tracking.MlflowClient().set_terminated(state.run_id)
 
     def _log_epochs(self, state: TrainingState) -> None:
@@ -329,6 +331,21 @@ class RunLog:
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
             client.log_batch(state.run_id, metrics=metrics[start : start + 1000])
         state.logged_epochs = len(state.history)
+
+    def _tag_phases(self, state: TrainingState) -> None:
+        """What phase 2 trained (its phase record's base_layers_trained and trained_from) as the
+        run's tags `phase2_<key>`: tags, not params, as params are the resolved configuration that
+        params_hash hashes; and a tag may be set again when a failed finish is retried."""
+        from mlflow.entities import RunTag
+
+        tags = [
+            RunTag(f"phase{record['phase']}_{key}", "whole base" if record[key] is None else str(record[key]))
+            for record in state.phases
+            for key in ("base_layers_trained", "trained_from")
+            if key in record
+        ]
+        if tags:
+            tracking.mlflow_client().tracking.MlflowClient().log_batch(state.run_id, tags=tags)
 
     def _create(self, run_key: str) -> str:
         from mlflow.entities import Param
@@ -530,10 +547,12 @@ def _train(
                 unfreeze_top(model, phase.unfreeze or 0)
 
         for phase in phases[state.phase_index :]:
+            tuned: dict[str, Any] = {}  # what phase 2 trains, for its record in training.json and the run's tags
             if phase.number == 2:
                 trainable_layers = unfreeze_top(model, phase.unfreeze or 0)
                 layers = base_of(model).layers
                 first = next(layer for layer in layers if layer.trainable)
+                tuned = {"base_layers_trained": trainable_layers, "trained_from": None if first is layers[0] else first.name}
                 if first is layers[0]:  # unfreeze 0, or a cut widened down to the first block: the input layer
                     print(f"train@{experiment.name}: phase 2 fine-tunes the whole base ({trainable_layers} layers with "
                           f"weights; BatchNormalization stays frozen) at lr {phase.learning_rate}")
@@ -639,6 +658,7 @@ def _train(
                 "feature_cache_seconds": round(cache_seconds, 2),
                 "seconds": round(state.phase_seconds + cache_seconds, 2),
                 "images_per_second": round(images / max(state.phase_seconds + cache_seconds, 1e-9), 1),
+                **tuned,
             })
             state.phase_index += 1
             state.phase_epoch, state.phase_seconds, state.wait, state.done = 0, 0.0, 0, False

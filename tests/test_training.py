@@ -812,6 +812,15 @@ def test_phase_two_fine_tunes_the_top_of_the_base_with_batch_normalization_froze
             assert np.array_equal(value, start[path]), f"{path} changed but was frozen"
     unchanged = [path for path in top if np.array_equal(weights[path], start[path])]
     assert not unchanged, f"phase 2 won, so every unfrozen layer of the base must have moved: {unchanged}"
+    # What phase 2 trained is recorded, as the printed line says it, in training.json and the run.
+    trained = sum(1 for layer in tuned if layer.weights)
+    assert {key: record["phases"][1][key] for key in ("base_layers_trained", "trained_from")} == {
+        "base_layers_trained": trained, "trained_from": "block_15_expand"}
+    assert "trained_from" not in record["phases"][0]
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking).get_run(record["run_id"]).data.tags
+    assert (tags["phase2_base_layers_trained"], tags["phase2_trained_from"]) == (str(trained), "block_15_expand")
 
 
 def test_phase_two_with_unfreeze_0_says_it_trains_the_whole_base(tmp_path: Path, tracking: str, pretrained, capsys) -> None:
@@ -830,6 +839,11 @@ def test_phase_two_with_unfreeze_0_says_it_trains_the_whole_base(tmp_path: Path,
     assert (f"train@toy-net: phase 2 fine-tunes the whole base ({with_weights} layers with weights; "
             "BatchNormalization stays frozen) at lr 0.0001\n") in said
     assert "whole blocks from" not in said
+    assert (record["phases"][1]["base_layers_trained"], record["phases"][1]["trained_from"]) == (with_weights, None)
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking).get_run(record["run_id"]).data.tags
+    assert (tags["phase2_base_layers_trained"], tags["phase2_trained_from"]) == (str(with_weights), "whole base")
 
 
 def test_a_phase_two_that_diverges_stops_there_and_keeps_phase_ones_weights(
