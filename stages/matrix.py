@@ -802,17 +802,15 @@ def main(argv: list[str] | None = None) -> None:
         # An unpinned dataset's new version is one newer than fetch@ took, in its provenance record;
         # a pinned one's, one newer than its pin, which needs no record.
         records = [f"data/raw/{name}.provenance.json" for name, version in pins.items() if version is None]
-        if not records:
-            pass
-        elif has_remote():
+        if records and has_remote():
             # The records alone, each one output of its fetch@ stage: the data beside them may be
             # gigabytes, and the check compares only the versions. --allow-missing: a dataset never
             # fetched has no record, which the check says.
             dvc("pull", "--allow-missing", *records)
-        elif os.environ.get("GITHUB_ACTIONS") == "true":
+        elif records and os.environ.get("GITHUB_ACTIONS") == "true":
             raise UserError("matrix pin: no default DVC remote, which holds the provenance records the check compares "
                             "Kaggle's versions with; dvc remote add -d storage s3://<bucket>/classmatrix and commit .dvc/config")
-        else:
+        elif records:
             print(f"{NO_REMOTE} the provenance records here are compared")
         from stages import fetch
 
