@@ -3,16 +3,18 @@
     python -m stages.fetch --dataset digits --out data/raw/digits --provenance data/raw/digits.provenance.json
 
 DVC reruns fetch@ when a source's params change, not when a `local` folder or archive changes in
-place, nor when Kaggle has a new version of an unpinned dataset; `python -m stages.fetch --check
-[--dataset NAME]` says which have, and what to run. With `--pin` it also writes each new Kaggle
-version into params.yaml (`datasets.<name>.source.version: N`, the rest of the file as it was):
-for an unpinned dataset, a newer one than fetch@ took; for a pinned one, a newer one than its pin.
-DVC and CI's `plan --changed` then see a params change: what the weekly retrain runs, to propose
-it as a pull request.
+place, nor when Kaggle has a new version of an unpinned dataset, or new or re-uploaded files for a
+competition (which has no versions); `python -m stages.fetch --check [--dataset NAME]` says which
+have, and what to run. With `--pin` it also writes each new Kaggle dataset version into params.yaml
+(`datasets.<name>.source.version: N`, the rest of the file as it was): for an unpinned dataset, a
+newer one than fetch@ took; for a pinned one, a newer one than its pin. DVC and CI's `plan
+--changed` then see a params change: what the weekly retrain runs, to propose it as a pull request.
+A competition has nothing to pin: its change is for a person to fetch.
 
---check's exit status: 0 nothing new; 1 a change that is not in params.yaml (to act on by hand, or
-to pin); 2 Kaggle could not be asked (and no such change seen); 3 with --pin, new versions pinned
-and nothing else seen (so a script can tell "pinned" from "nothing new" from "could not ask").
+--check's exit status: 0 nothing new (or nothing to tell it by: a competition fetched before its
+file list was recorded); 1 a change that is not in params.yaml (to act on by hand, or to pin); 2
+Kaggle could not be asked (and no such change seen); 3 with --pin, new versions pinned and nothing
+else seen (so a script can tell "pinned" from "nothing new" from "could not ask").
 """
 
 from __future__ import annotations
@@ -81,9 +83,10 @@ PINNED = "fetch: pinned"
 
 def check(params_path: str, datasets: list[str], pin: bool = False) -> list[str]:
     """A line for each of `datasets` (default: every one with a `local` or `kaggle` source), saying
-    whether its folder or archive is still what fetch@ copied, or its Kaggle dataset's version
-    still Kaggle's current one (by the provenance record where dvc.yaml puts it), and what to run
-    if not; changed ones first, then one line for the Kaggle datasets Kaggle could not be asked about.
+    whether its folder or archive is still what fetch@ copied, its Kaggle dataset's version still
+    Kaggle's current one, or its Kaggle competition's files still those Kaggle lists (by the
+    provenance record where dvc.yaml puts it), and what to run if not; changed ones first, then
+    one line for the Kaggle sources Kaggle could not be asked about.
     With `pin`, a newer Kaggle version than an unpinned dataset was fetched at, or than a pinned
     one's pin, is written into params.yaml, and its line says so."""
     params = load_params(params_path)
@@ -94,13 +97,11 @@ def check(params_path: str, datasets: list[str], pin: bool = False) -> list[str]
         path = Path(f"data/raw/{name}.provenance.json")
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         if source.kind == "kaggle":
-            if unasked and source.options.dataset:
-                unasked.append(name)
-                continue
             try:
                 line, newer = _kaggle_check(name, source.options, record, path, versions)
-            except kaggle_api.Unreachable as error:
-                unasked, why = [name], str(error).removeprefix(f"datasets.{name}.source: ")
+            except kaggle_api.Unreachable as error:  # the lookup asks no more after the first
+                unasked.append((name, bool(source.options.competition)))
+                why = why or str(error).removeprefix(f"datasets.{name}.source: ")
                 continue
             if pin and newer is not None:
                 pins[name] = newer
@@ -136,21 +137,23 @@ def check(params_path: str, datasets: list[str], pin: bool = False) -> list[str]
     if pins:
         pin_versions(Path(params_path), pins)
     if unasked:
-        others.append(f"{UNCHECKED} whether {', '.join(unasked)} "
-                      f"{'has' if len(unasked) == 1 else 'have'} a newer version: {why}")
+        datasets, contests = ([n for n, competition in unasked if competition == kind] for kind in (False, True))
+        what = ([f"whether {', '.join(datasets)} {'has' if len(datasets) == 1 else 'have'} a newer version"] if datasets
+                else []) + ([f"whether the files of {', '.join(contests)} changed"] if contests else [])
+        others.append(f"{UNCHECKED} {' or '.join(what)}: {why}")
     return changed + others
 
 
 def _kaggle_check(name: str, options: KaggleOptions, record: dict | None, path: Path,
                   versions: kaggle_api.VersionLookup) -> tuple[str, int | None]:
     """--check's line for a kaggle source: a `fetch@` one when Kaggle has a newer version than the
-    one an unpinned source was fetched at (DVC sees params, and the params did not change); and
-    the version --pin writes into params.yaml (else None): that one, or for a pinned source, a
-    newer version than its pin."""
-    if options.competition:
-        return f"fetch: {name}'s source is the Kaggle competition {options.competition}, which has no versions; nothing to check", None
+    one an unpinned source was fetched at, or other files for a competition (DVC sees params, and
+    the params did not change); and the version --pin writes into params.yaml (else None): that
+    one, or for a pinned source, a newer version than its pin."""
     if record is not None and record.get("source") != {"kind": "kaggle", **dataclasses.asdict(options)}:
         return f"fetch: datasets.{name}.source has changed since the fetch; {suite_repro(name)} fetches it again", None
+    if options.competition:
+        return _competition_check(name, options, record, path, versions), None
     try:
         now = versions(options, name)
     except kaggle_api.Unreachable:
@@ -183,6 +186,36 @@ def _kaggle_check(name: str, options: KaggleOptions, record: dict | None, path: 
     return (f"fetch@{name}: {what} has a new version, {now} (fetch@{name} took {took}); DVC cannot see it: to use it, "
             f"pin it, datasets.{name}.source.version: {now}, a params change that `dvc repro` and CI's "
             "`plan --changed` see"), (now if isinstance(then, int) else None)
+
+
+def _competition_check(name: str, options: KaggleOptions, record: dict | None, path: Path,
+                       lookup: kaggle_api.VersionLookup) -> str:
+    """--check's line for a Kaggle competition, which has no versions but can change (its hosts
+    re-upload or add files): a `fetch@` one when Kaggle's list of its files (name, size, creation
+    date) differs from the one fetch recorded. There is no version to pin, so --pin leaves it."""
+    what = f"Kaggle competition {options.competition}"
+    if record is None:
+        return (f"fetch: {name} has not been fetched here ({path} is missing); its source is the {what}, which has no "
+                f"versions: once fetched, --check compares Kaggle's list of its files with the one fetch@{name} recorded")
+    then = record.get("competition_files")
+    if not (isinstance(then, list) and all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in then)):
+        return (f"fetch: {path} holds no list of {what}'s files (fetch@{name} ran before fetch recorded one), so --check "
+                f"cannot tell whether they changed; `dvc repro -f -s fetch@{name}` records it")
+    try:
+        now = lookup.competition_files(options, name)
+    except kaggle_api.Unreachable:
+        raise
+    except UserError as error:
+        return f"{UNCHECKED} for the files of {name}: {error}"
+    was, now_by = {f["name"]: f for f in then}, {f["name"]: f for f in now}
+    changes = {"added": now_by.keys() - was.keys(), "removed": was.keys() - now_by.keys(),
+               "changed in size or date": {n for n in now_by.keys() & was.keys() if now_by[n] != was[n]}}
+    said = "; ".join(f"{change}: {', '.join(sorted(names)[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+                     for change, names in changes.items() if names)
+    if not said:
+        return f"fetch: {name}'s source is the {what}, whose {len(now)} files Kaggle lists as fetch@{name} took them"
+    return (f"fetch@{name}: {what}'s files have changed since fetch@{name} took them ({said}); run `dvc repro -f -s "
+            f"fetch@{name}` (DVC watches the source's params, not Kaggle), then {suite_repro(name).removesuffix(',')}")
 
 
 def pin_versions(path: Path, pins: dict[str, int]) -> None:
@@ -245,8 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--provenance", type=Path, help="provenance JSON to write")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--check", action="store_true",
-                        help="say which fetched `local` sources changed since, and which unpinned Kaggle datasets "
-                             "have a newer version (exit status 1 if any; 2 if none, but Kaggle could not be asked); fetch nothing")
+                        help="say which fetched `local` sources changed since, which unpinned Kaggle datasets "
+                             "have a newer version, and which Kaggle competitions' files changed (exit status 1 if any; "
+                             "2 if none, but Kaggle could not be asked); fetch nothing")
     parser.add_argument("--pin", action="store_true",
                         help="with --check, write each newer Kaggle version into params.yaml (an unpinned dataset's "
                              "pin, a pinned one's new pin: datasets.<name>.source.version: N; nothing else changes); "

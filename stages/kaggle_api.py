@@ -15,7 +15,10 @@
    Last-Modified and MD5 the server announces, and the body is read only when they differ.
 3. An interrupted download resumes: the client's `download_file` retries in-process with HTTP Range
    requests, and across runs through its `.kaggle-partial` marker (same ETag and size).
-4. Archives are extracted with `stages.archives` (unsafe entries refused and reported), including
+4. A competition's file list (each file's name, size and creation date, as Kaggle lists them) goes
+   into the provenance: a competition has no versions, and `fetch --check` compares that list
+   with Kaggle's to see a file added, removed or re-uploaded.
+5. Archives are extracted with `stages.archives` (unsafe entries refused and reported), including
    the zips Kaggle nests inside its bundles (`train.csv.zip`).
 """
 
@@ -49,6 +52,8 @@ TIMEOUT = (30, 300)
 # run resumes too, so this only saves a re-run on a flaky connection.
 DOWNLOAD_RETRIES = 5
 CACHE_RECORD = "cache.json"
+# Files asked for on each page of a competition's file list (the client's own default is 20).
+LIST_PAGE = 200
 SLUG = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
@@ -90,6 +95,9 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
     session = _Session(dataset)
     if target.kind == "dataset" and target.version is None:
         target = _Target("dataset", target.ref, session.current_version(target))
+    # A competition has no versions: its file list stands in for one, for `fetch --check`. Asked
+    # before the download, so that a file re-uploaded meanwhile is seen as a change, not missed.
+    listed = session.competition_files(target, files) if target.kind == "competition" else None
     # A dataset version never changes, so a verified archive of it needs no request at all.
     immutable = target.kind == "dataset" and target.version is not None
     folder = _cache_folder(dataset, target)
@@ -127,6 +135,7 @@ def fetch(options: Any, dest: Path, dataset: str) -> dict[str, Any]:
             for file, path, _ in obtained
         ],
         "refused": refused,
+        **({"competition_files": listed} if listed is not None else {}),
         "this_run": {"downloaded": any(downloaded for _, _, downloaded in obtained)},
     }
 
@@ -202,6 +211,11 @@ class _Session:
         with _kaggle_errors(target, None, self.dataset, api):
             return _asked_version(api, target)
 
+    def competition_files(self, target: _Target, files: list[str]) -> list[dict[str, Any]]:
+        api = self.api
+        with _kaggle_errors(target, None, self.dataset, api):
+            return _listed_files(api, target, files)
+
 
 def _asked_version(api: Any, target: _Target) -> int | None:
     """The dataset's current version number, asked of Kaggle (None if the API does not tell); the
@@ -212,31 +226,74 @@ def _asked_version(api: Any, target: _Target) -> int | None:
     return version if isinstance(version, int) and version > 0 else None
 
 
+def _listed_files(api: Any, target: _Target, files: list[str]) -> list[dict[str, Any]]:
+    """The competition's data files as Kaggle lists them, every page, by name: each one's name,
+    size and creation date (only `files`, if given: a change elsewhere is not fetched). The
+    client's errors go up as they are."""
+    from kagglesdk.competitions.types.competition_api_service import ApiListDataFilesRequest
+
+    wanted, listed, token = {str(archives.safe_member_path(file)) for file in files}, [], None
+    with api.build_kaggle_client() as kaggle:
+        while True:
+            request = ApiListDataFilesRequest()
+            request.competition_name = target.ref
+            request.page_size = LIST_PAGE
+            request.page_token = token
+            response = kaggle.competitions.competition_api_client.list_data_files(request)
+            listed += response.files
+            if not response.next_page_token or response.next_page_token == token:
+                break
+            token = response.next_page_token
+    return sorted(
+        ({"name": file.name, "bytes": file.total_bytes,
+          # As the client writes a date (it reads Kaggle's UTC dates without their zone).
+          "created": file.creation_date.isoformat(timespec="milliseconds") + "Z" if file.creation_date else None}
+         for file in listed if not wanted or file.name in wanted),
+        key=lambda file: file["name"])
+
+
 class Unreachable(UserError):
     """Kaggle cannot be asked at all (no usable credentials, no connection): asking again, for
     another dataset, would fail the same way."""
 
 
 class VersionLookup:
-    """For `fetch --check`: Kaggle datasets' current versions, asked with one client, the one
-    fetch uses, authenticated on the first call."""
+    """For `fetch --check`: Kaggle datasets' current versions, and competitions' file lists (their
+    stand-in for versions), asked with one client, the one fetch uses, authenticated on the first
+    call. Once Kaggle cannot be asked, it is not asked again: each later call raises the same."""
 
     def __init__(self) -> None:
         self._session: _Session | None = None
+        self._unreachable: Unreachable | None = None
 
     def __call__(self, options: Any, dataset: str) -> int | None:
         """The current version of the dataset `options` names (None if the API does not tell).
         Raises Unreachable when Kaggle cannot be asked, UserError for this dataset alone."""
+        return self._ask(options, dataset, _asked_version)
+
+    def competition_files(self, options: Any, dataset: str) -> list[dict[str, Any]]:
+        """The files of the competition `options` names, as fetch records them; raises as above."""
+        return self._ask(options, dataset, lambda api, target: _listed_files(api, target, options.files or []))
+
+    def _ask(self, options: Any, dataset: str, question: Any) -> Any:
+        target, _ = check(options, f"datasets.{dataset}.source")
+        if self._unreachable is None:
+            try:
+                return self._asked(target, dataset, question)
+            except Unreachable as error:
+                self._unreachable = error
+        raise self._unreachable
+
+    def _asked(self, target: _Target, dataset: str, question: Any) -> Any:
         import requests
 
-        target, _ = check(options, f"datasets.{dataset}.source")
         self._session = self._session or _Session(dataset)
         try:
             api = self._session.api
         except UserError as error:
             raise Unreachable(str(error)) from None
         try:
-            return _asked_version(api, target)
+            return question(api, target)
         except Exception as error:
             # No connection, or credentials rejected or rate-limited: no other dataset would do better,
             # so the line, said once for them all, names none of them.

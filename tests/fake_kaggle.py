@@ -12,6 +12,7 @@ Endpoints (POST, JSON, https://api.kaggle.com/v1/<service>/<method>), as the cli
     datasets.DatasetApiService/GetDataset            currentVersionNumber (dataset_status)
     datasets.DatasetApiService/DownloadDataset       302 to the archive (a version, a file)
     competitions.CompetitionApiService/DownloadDataFiles, DownloadDataFile
+    competitions.CompetitionApiService/ListDataFiles  the files (name, totalBytes, creationDate), paged
 and GET https://storage.googleapis.com/kaggle-fake/... for the archives (ETag, Last-Modified,
 x-goog-hash md5, Accept-Ranges; Range and If-Range answered with 206/200/416). Errors use Kaggle's
 JSON shape, {"code": 403, "message": "..."}.
@@ -29,6 +30,7 @@ import base64
 import datetime
 import email.utils
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -36,6 +38,7 @@ import socket
 import ssl
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -44,6 +47,8 @@ from typing import Any
 API_HOST = "api.kaggle.com"
 STORAGE_HOST = "storage.googleapis.com"
 HOSTS = (API_HOST, STORAGE_HOST)
+# The creationDate ListDataFiles gives a competition's files unless add_competition is told another.
+CREATED = "2024-01-02T03:04:05.000Z"
 RULES_MESSAGE = "You must accept this competition's rules before you'll be able to download files."
 # Every variable through which a real credential or a real proxy could leak into a test.
 CLEARED = (
@@ -105,6 +110,8 @@ class _Competition:
     archive: bytes = b""
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     rules_accepted: bool = True
+    # What ListDataFiles answers: name -> (totalBytes, creationDate); a test may change it.
+    listed: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +203,8 @@ class FakeKaggle:
         # API hands out later work.
         self.links_expire_on_cut = False
         self._expired_links: set[str] = set()
+        # The most files one ListDataFiles page holds, whatever pageSize asks for.
+        self.list_page_limit = 20
         self._lock = threading.Lock()
         self.ca, cert, key = _certificates(self.root / "tls")
         self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -250,14 +259,21 @@ class FakeKaggle:
             entry.files[(version, name)] = self._put(f"/kaggle-fake/datasets/{ref}/{version}/files/{name}.zip", data)
 
     def add_competition(
-        self, slug: str, archive: bytes, files: dict[str, bytes] | None = None, rules_accepted: bool = True
+        self, slug: str, archive: bytes, files: dict[str, bytes] | None = None, rules_accepted: bool = True,
+        created: str = CREATED,
     ) -> None:
+        """Serve `archive` as the competition's bundle, and `files` one by one. ListDataFiles lists
+        the bundle's files and `files` (as Kaggle lists the files the bundle zips), each with its
+        size and the creation date `created`; adding it again is a re-upload."""
         entry = self.competitions.setdefault(slug, _Competition())
         entry.archive = archive
         entry.rules_accepted = rules_accepted
         self._put(f"/kaggle-fake/competitions/{slug}/{slug}.zip", archive)
+        with zipfile.ZipFile(io.BytesIO(archive)) as bundle:
+            entry.listed = {i.filename: (i.file_size, created) for i in bundle.infolist() if not i.is_dir()}
         for name, data in (files or {}).items():
             entry.files[name] = self._put(f"/kaggle-fake/competitions/{slug}/files/{name}", data)
+            entry.listed[name] = (len(data), created)
 
     def _put(self, path: str, data: bytes) -> tuple[str, bytes]:
         self.blobs[path] = Blob(data)
@@ -390,13 +406,20 @@ class FakeKaggle:
             if (version, name) not in dataset.files:
                 return 404, {"code": 404, "message": f"File {name} not found"}
             return 302, dataset.files[(version, name)][0]
-        if method in ("DownloadDataFiles", "DownloadDataFile"):
+        if method in ("DownloadDataFiles", "DownloadDataFile", "ListDataFiles"):
             slug = body.get("competitionName", "")
             competition = self.competitions.get(slug)
             if competition is None:
                 return 404, {"code": 404, "message": f"Competition {slug} not found"}
             if not competition.rules_accepted:
                 return 403, {"code": 403, "message": RULES_MESSAGE}
+            if method == "ListDataFiles":
+                # Pages in name order; the token is the offset of the next page.
+                names, start = sorted(competition.listed), int(body.get("pageToken") or 0)
+                end = start + min(int(body.get("pageSize") or 20), self.list_page_limit)
+                files = [{"ref": "", "name": name, "totalBytes": competition.listed[name][0],
+                          "creationDate": competition.listed[name][1]} for name in names[start:end]]
+                return 200, {"files": files, **({"nextPageToken": str(end)} if end < len(names) else {})}
             if method == "DownloadDataFiles":
                 return 302, f"/kaggle-fake/competitions/{slug}/{slug}.zip"
             name = body.get("fileName", "")

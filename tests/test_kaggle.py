@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 
 
-from fake_kaggle import RULES_MESSAGE, FakeKaggle  # noqa: E402
+from fake_kaggle import CREATED, RULES_MESSAGE, FakeKaggle  # noqa: E402
 
 from stages import kaggle_api  # noqa: E402
 from stages.errors import UserError  # noqa: E402
@@ -171,6 +171,8 @@ def test_competition_files_subset(fake, tmp_path):
     assert files_under(dest) == {"sample.csv": b"id\n1\n"}
     assert [s.body for s in fake.rpc("DownloadDataFile")] == [{"competitionName": "pets-challenge", "fileName": "sample.csv"}]
     assert fake.rpc("DownloadDataFiles") == []
+    # For `fetch --check`: Kaggle's list of the files fetched, not of the whole competition.
+    assert details["competition_files"] == [{"name": "sample.csv", "bytes": 5, "created": CREATED}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,8 +698,119 @@ def test_check_gives_the_kaggle_version_to_pin_before_the_first_fetch_and_says_c
     fake.add_competition("titanic", zip_bytes({"train.csv": b"a\n"}))
     (Path("params.yaml")).write_text(Path("params.yaml").read_text().replace("dataset: own/pets", "competition: titanic"))
     assert run_check(capsys) == (0, [
-        "fetch: pets's source is the Kaggle competition titanic, which has no versions; nothing to check"])
+        "fetch: pets has not been fetched here (data/raw/pets.provenance.json is missing); its source is the Kaggle "
+        "competition titanic, which has no versions: once fetched, --check compares Kaggle's list of its files with "
+        "the one fetch@pets recorded"])
     assert len(fake.rpc("GetDataset")) == 1  # the first check's; a competition is not asked
+    assert fake.rpc("ListDataFiles") == []
+
+
+# A competition has no versions, but its hosts can re-upload or add files: --check compares Kaggle's
+# list of them (name, size, creation date) with the one fetch recorded.
+
+BUNDLE = {"train.csv": b"id,label\n1,cat\n", **class_images(0)}
+FETCH_AGAIN = ("run `dvc repro -f -s fetch@pets` (DVC watches the source's params, not Kaggle), then "
+               "`dvc repro report@<suite>`, for a suite that trains on pets")
+
+
+def competition_project(tmp_path: Path, monkeypatch, fake, local: bool = False) -> Path:
+    """check_project with `pets` the Kaggle competition titanic (five files), fetched."""
+    fake.add_competition("titanic", zip_bytes(BUNDLE))
+    project = check_project(tmp_path, monkeypatch, {"competition": "titanic"}, local=local)
+    fetch_into_project("pets")
+    return project
+
+
+def test_check_says_a_competition_kaggle_lists_as_fetched_is_unchanged(fake, tmp_path, monkeypatch, capsys):
+    """fetch records the competition's files as Kaggle's list gives them, every page of it; --check
+    lists them again (before: 'which has no versions; nothing to check', whatever Kaggle had)."""
+    fake.list_page_limit = 2
+    competition_project(tmp_path, monkeypatch, fake)
+
+    record = json.loads(Path("data/raw/pets.provenance.json").read_text(encoding="utf-8"))
+    assert record["competition_files"] == [{"name": name, "bytes": len(data), "created": CREATED}
+                                           for name, data in sorted(BUNDLE.items())]
+    assert [s.body.get("pageToken") for s in fake.rpc("ListDataFiles")] == [None, "2", "4"]
+
+    assert run_check(capsys) == (0, [
+        "fetch: pets's source is the Kaggle competition titanic, whose 5 files Kaggle lists as fetch@pets took them"])
+    assert len(fake.rpc("ListDataFiles")) == 6
+
+
+def test_check_names_a_competition_file_reuploaded_with_another_size_or_date(fake, tmp_path, monkeypatch, capsys):
+    """A file re-uploaded (another size, or only another creation date) is a change DVC cannot see:
+    exit 1, the files named and what to run; --pin writes nothing for a competition."""
+    project = competition_project(tmp_path, monkeypatch, fake)
+    before = (project / "params.yaml").read_text(encoding="utf-8")
+    listed = fake.competitions["titanic"].listed
+    listed["train.csv"] = (listed["train.csv"][0] + 7, CREATED)
+    listed["cat/1.png"] = (listed["cat/1.png"][0], "2025-03-04T05:06:07.000Z")
+
+    for argv in ([], ["--pin"]):
+        assert run_check(capsys, *argv) == (1, [
+            "fetch@pets: Kaggle competition titanic's files have changed since fetch@pets took them (changed in "
+            f"size or date: cat/1.png, train.csv); {FETCH_AGAIN}"])
+    assert (project / "params.yaml").read_text(encoding="utf-8") == before
+
+
+def test_check_names_a_file_added_to_or_removed_from_a_competition(fake, tmp_path, monkeypatch, capsys):
+    competition_project(tmp_path, monkeypatch, fake)
+    fake.add_competition("titanic", zip_bytes(BUNDLE), files={"extra.csv": b"id\n1\n"})
+
+    assert run_check(capsys) == (1, [
+        f"fetch@pets: Kaggle competition titanic's files have changed since fetch@pets took them (added: extra.csv); "
+        f"{FETCH_AGAIN}"])
+
+    fetch_into_project("pets")  # what `dvc repro -f -s fetch@pets` runs
+    assert run_check(capsys)[0] == 0
+    del fake.competitions["titanic"].listed["cat/0.png"]
+    assert run_check(capsys) == (1, [
+        f"fetch@pets: Kaggle competition titanic's files have changed since fetch@pets took them (removed: cat/0.png); "
+        f"{FETCH_AGAIN}"])
+
+
+def test_check_of_a_competition_fetched_before_its_files_were_recorded_says_it_cannot_tell(
+        fake, tmp_path, monkeypatch, capsys):
+    """A provenance record from before fetch recorded the list: --check cannot tell, says how to
+    record one, and asks Kaggle nothing; the other datasets are checked as ever."""
+    competition_project(tmp_path, monkeypatch, fake, local=True)
+    fetch_into_project("shapes")
+    path = Path("data/raw/pets.provenance.json")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    del record["competition_files"]
+    path.write_text(json.dumps(record), encoding="utf-8")
+    asked = len(fake.seen)
+
+    status, lines = run_check(capsys)
+
+    assert status == 0 and len(lines) == 2, lines
+    assert lines[0] == (
+        "fetch: data/raw/pets.provenance.json holds no list of Kaggle competition titanic's files (fetch@pets ran before "
+        "fetch recorded one), so --check cannot tell whether they changed; `dvc repro -f -s fetch@pets` records it")
+    assert lines[1].startswith("fetch: the local source of shapes is as fetched")
+    assert len(fake.seen) == asked
+
+
+@pytest.mark.parametrize("fault", ["no credentials", "rules not accepted"])
+def test_check_of_a_competition_kaggle_cannot_be_asked_about_is_exit_status_2(fake, tmp_path, monkeypatch, capsys, fault):
+    project = competition_project(tmp_path, monkeypatch, fake)
+    if fault == "no credentials":
+        params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+        params["datasets"]["zoo"] = {**params["datasets"]["pets"], "source": {"kind": "kaggle", "dataset": "own/zoo"}}
+        (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+        fake.apply(monkeypatch, credentials="none")
+        start = ("fetch: cannot ask Kaggle whether zoo has a newer version or whether the files of pets changed: "
+                 "no Kaggle credentials found")
+    else:
+        fake.competitions["titanic"].rules_accepted = False
+        start = (f"fetch: cannot ask Kaggle for the files of pets: datasets.pets.source: Kaggle refused access to "
+                 f"competition titanic (HTTP 403: {RULES_MESSAGE}): you must accept this competition's rules")
+
+    status, lines = run_check(capsys)
+
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(start), lines[0]
+    assert fake.key not in lines[0]
 
 
 @pytest.mark.parametrize("fault", ["no credentials", "server down", "bad key"])
@@ -835,7 +948,8 @@ def test_check_pin_leaves_params_alone_when_kaggle_cannot_be_asked_or_has_gone_b
     status, lines = run_check(capsys, "--pin")
 
     assert status == 2 and params.read_text(encoding="utf-8") == before, lines
-    assert lines[-1].startswith("fetch: cannot ask Kaggle whether pets, zoo, held have a newer version: no Kaggle credentials found")
+    assert lines[-1].startswith("fetch: cannot ask Kaggle whether pets, zoo, held have a newer version or whether the "
+                                "files of titanic changed: no Kaggle credentials found")
 
     fake.apply(monkeypatch)
     del fake.datasets["own/pets"].versions[2]
