@@ -857,6 +857,28 @@ def test_check_without_kaggle_does_not_pin_its_one_line_on_the_first_dataset_ask
     assert "own/more" not in lines[0] and "version 2" not in lines[0] and "fetching dataset" not in lines[0], lines[0]
 
 
+def test_check_without_kaggle_still_says_a_source_changed_since_its_fetch(fake, tmp_path, monkeypatch, capsys):
+    """A source whose params changed since its fetch needs no answer from Kaggle: its line is said
+    even after Kaggle could not be asked about an earlier one (before: it joined the 'cannot ask'
+    line, which said only that its version was unknown)."""
+    fake.add_dataset("own/zoo", zip_bytes(class_images(0)), version=1)
+    project = check_project(tmp_path, monkeypatch, {"dataset": "own/pets"})
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    params["datasets"]["zoo"] = {**params["datasets"]["pets"], "source": {"kind": "kaggle", "dataset": "own/zoo"}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    fetch_into_project("zoo")
+    params["datasets"]["zoo"]["source"]["version"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    fake.stop()
+
+    status, lines = run_check(capsys)
+
+    assert status == 2 and len(lines) == 2, lines
+    assert lines[0] == ("fetch: datasets.zoo.source has changed since the fetch; `dvc repro report@<suite>`, for a suite "
+                        "that trains on zoo, fetches it again")
+    assert lines[1].startswith("fetch: cannot ask Kaggle whether pets has a newer version: cannot reach api.kaggle.com")
+
+
 # `--check --pin`: what the weekly retrain runs, so that a new version comes as a params change.
 
 PINNED_PARAMS = """\
