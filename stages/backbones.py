@@ -278,11 +278,11 @@ APPLICATIONS = {
     "efficientnetv2l": ("EfficientNetV2L", "none", 480, 32),
     "convnexttiny": ("ConvNeXtTiny", "none", 224, 32),
 }
-# The layers of each keras.applications base (include_top=False, built with weights=None), so
-# that params are checked against phase 2's `unfreeze` without building a base (which imports the
-# backend and takes seconds). The input size and MobileNetV2's alpha do not change them
-# (tests/test_backbones.py checks each base it builds against this table). A family not listed
-# (the custom CNN, the efficientnet package's) is checked by train@ on the built base.
+# The layers of each pretrained base (include_top=False, built with weights=None), so that params
+# are checked against phase 2's `unfreeze` without building a base (which imports the backend and
+# takes seconds). The input size and MobileNetV2's alpha do not change them (tests/test_backbones.py
+# checks each base it builds against this table). The custom CNN is not listed: it has no
+# pretrained weights, so no phase 2 (train.plan_phases).
 BASE_LAYERS = {
     "vgg16": 19, "resnet50v2": 190, "resnet101v2": 377, "resnet152v2": 564, "mobilenetv2": 154,
     "inceptionv3": 311, "densenet121": 427, "densenet169": 595, "densenet201": 707, "nasnetmobile": 769,
@@ -291,6 +291,9 @@ BASE_LAYERS = {
     "efficientnetb7": 813, "efficientnetv2b0": 270, "efficientnetv2b1": 334, "efficientnetv2b2": 349,
     "efficientnetv2b3": 409, "efficientnetv2s": 513, "efficientnetv2m": 740, "efficientnetv2l": 1028,
     "convnexttiny": 133,
+    # The efficientnet package's (efn_b*, below); its ImageNet weights are loaded into the same layers.
+    "efn_b0": 230, "efn_b1": 332, "efn_b2": 332, "efn_b3": 377, "efn_b4": 467, "efn_b5": 569, "efn_b6": 659,
+    "efn_b7": 806,
 }
 # Built for ImageNet weights, these have one layer more: Keras adds a Rescaling (see _application).
 RESCALED_FOR_IMAGENET = {f"efficientnetb{i}" for i in range(8)}

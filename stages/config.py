@@ -516,9 +516,10 @@ def _check_training(training: TrainingConfig, where: str, overridden: set[str], 
 
 
 def _check_unfreeze(experiment: Experiment, source: str) -> None:
-    """Phase 2's `unfreeze` against the layers of the base, where backbones.BASE_LAYERS knows them:
-    train@ refuses more, but only after fetch, validate, split and weights have run. The default
-    (20) is more than VGG16's 19 layers, so an experiment may inherit it without a word."""
+    """Phase 2's `unfreeze` against the layers of the base (backbones.BASE_LAYERS, which lists
+    every family with ImageNet weights): train@ refuses more, but only after fetch, validate, split
+    and weights have run. The default (20) is more than VGG16's 19 layers, so an experiment may
+    inherit it without a word."""
     from stages import backbones
 
     tune, backbone = experiment.training.fine_tune, experiment.backbone

@@ -105,8 +105,9 @@ def test_backbone_builds_trains_one_step_and_predicts_probabilities(keras, name,
     assert ("to_rgb" in names) == (spec.rgb and channels == 1)
     assert {"to_float", "preprocess", "features", "dense_1", "predictions"} <= names
     # The table params check phase 2's `unfreeze` against, without building a base (here at a
-    # small input, and MobileNetV2 at alpha 0.35: neither changes the count).
-    if name in backbones.APPLICATIONS:
+    # small input, and MobileNetV2 at alpha 0.35: neither changes the count), for every family
+    # with ImageNet weights, keras.applications' and the efficientnet package's.
+    if spec.pretrained:
         assert len(base.layers) == backbones.base_layers(name, pretrained=False)
     assert base.trainable  # no pretrained weights: the base must learn
     # From scratch, BatchNormalization momentum is lowered to 0.9 so its statistics track the data.

@@ -878,9 +878,42 @@ def test_an_unfreeze_beyond_the_base_is_only_refused_where_there_is_a_phase_two(
     parse_params(raw, "params.yaml")
 
 
-def test_a_family_without_a_known_layer_count_is_left_to_train(raw):
-    """The efficientnet package's bases are not in the table of layer counts: train@ checks them
-    on the built base."""
-    raw["experiments"]["food11-efn_b7"]["train"] = {"fine_tune": {"unfreeze": 100000}}
+def test_an_unfreeze_beyond_an_efficientnet_package_base_is_refused_when_params_are_read(raw):
+    """The efficientnet package's bases (TensorFlow only) have their layer counts in the table
+    too: B7's has 806, none of them a Rescaling added for the ImageNet weights."""
+    raw["experiments"]["food11-efn_b7"]["train"] = {"fine_tune": {"unfreeze": 807}}
 
+    assert config_error(raw) == (
+        "params.yaml: experiments.food11-efn_b7.train.fine_tune.unfreeze: 807 is more than the 806 layers of efn_b7's "
+        "base; use at most 806, or 0 for all of them"
+    )
+    raw["experiments"]["food11-efn_b7"]["train"] = {"fine_tune": {"unfreeze": 806}}
     parse_params(raw, "params.yaml")
+
+
+def test_every_family_with_a_phase_two_has_its_layer_count_for_params():
+    """Phase 2 is for a pretrained base only, so each pretrained family needs its count for the
+    check when params are read; the custom CNN has no pretrained weights (weights: imagenet is
+    refused for it), so no phase 2 and no count."""
+    from stages import backbones
+
+    for name in backbones.list_backbones():
+        pretrained = backbones.get_backbone(name).pretrained
+        assert (backbones.base_layers(name, pretrained=True) is not None) == pretrained, name
+
+
+def test_a_custom_cnns_unfreeze_is_not_refused_by_params_and_train_says_it_is_not_applied(raw, capsys):
+    """A custom CNN trains from scratch: it never has a phase 2, so no `unfreeze` is too many for
+    it when params are read, and train@ says in one line that the key is not applied."""
+    from stages.train import _check_plan, plan_phases
+
+    raw["experiments"]["cifar10-cifar10_cnn"]["train"]["fine_tune"] = {"unfreeze": 100000}
+
+    experiment = parse_params(raw, "params.yaml").experiment("cifar10-cifar10_cnn")
+    _check_plan(experiment, plan_phases(experiment), None, train_images=10**6)
+
+    assert [phase.number for phase in plan_phases(experiment)] == [1]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "train@cifar10-cifar10_cnn: experiments.cifar10-cifar10_cnn.train.fine_tune.unfreeze is not applied: there is "
+        "no phase 2, as it trains from scratch (phase 2 is for a pretrained frozen base)"
+    )
