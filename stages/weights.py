@@ -267,9 +267,12 @@ def fetch_weights(experiment_name: str, params_path: str, out: Path) -> dict[str
         try:
             download(url, target, sha256=None, what=stage)
         except UserError as error:
+            # Training from scratch also gets past a machine with no way to the file, but it
+            # trains another model than the course's pretrained one: the line says so.
             raise UserError(
                 f"{stage}: cannot download {url} ({_reason(str(error), stage, url)}){removed}; "
-                f"put that file at {target} and run again"
+                f"put that file at {target} and run again. Or train {backbone.model} from scratch instead, with "
+                f"experiments.{experiment.name}.backbone_overrides: {{weights: null}}: another model, with no ImageNet start"
             ) from None
         digests = _digests(target)
         mismatch = _mismatch(digests, expected)

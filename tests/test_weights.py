@@ -345,7 +345,7 @@ def test_a_file_no_hash_vouches_for_must_fit_the_base(workdir, generated, monkey
     message = str(error.value)
     assert "\n" not in message
     assert f"the file that was there does not fit mobilenetv2's base at {SIZE}x{SIZE}" in message
-    assert message.endswith(f"put that file at {cache / FILENAME} and run again")
+    assert f"put that file at {cache / FILENAME} and run again. Or train mobilenetv2 from scratch" in message
     assert not (cache / FILENAME).exists() and not (workdir / "out").exists()
 
     # In the cache, online: replaced by the published file.
@@ -437,7 +437,8 @@ def test_weights_url_needs_a_sha256(workdir) -> None:
 
 
 def test_unreachable_host_says_where_to_put_the_file(tmp_path) -> None:
-    """The stage as DVC runs it: one `error:` line naming the cache path, no traceback."""
+    """The stage as DVC runs it: one `error:` line naming the cache path, no traceback, and the
+    other way out, training from scratch, which the line says is another model."""
     url = f"http://127.0.0.1:{closed_port()}/{FILENAME}"
     params = write_params(tmp_path / "params.yaml", weights_url=url, weights_sha256="a" * 64)
     env = {**os.environ, "CLASSMATRIX_DOWNLOADS": str(tmp_path / "downloads"), "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -453,9 +454,18 @@ def test_unreachable_host_says_where_to_put_the_file(tmp_path) -> None:
     target = tmp_path / "downloads" / "weights" / FILENAME
     assert lines[0] == (
         f"error: weights@{EXPERIMENT}: cannot download {url} (failed after {downloads.RETRIES + 1} tries "
-        f"(connection refused)); put that file at {target} and run again"
+        f"(connection refused)); put that file at {target} and run again. Or train mobilenetv2 from scratch "
+        f"instead, with experiments.{EXPERIMENT}.backbone_overrides: {{weights: null}}: another model, with no "
+        "ImageNet start"
     )
     assert not (tmp_path / "out").exists()
+
+    # The override it names is one params take, and the stage then needs no file.
+    raw = yaml.safe_load(params.read_text(encoding="utf-8"))
+    raw["experiments"][EXPERIMENT]["backbone_overrides"] = {"weights": None}
+    params.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    run(params, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "weights.json").read_text())["weights"] is None
 
 
 def test_no_weights_writes_only_the_record(workdir) -> None:
@@ -574,7 +584,7 @@ def test_a_rerun_offline_takes_the_file_from_dvcs_cache(tmp_path, generated, mon
     os.chmod(copy, 0o644)
     copy.write_bytes(served.read_bytes()[:-1])
     shutil.rmtree(tmp_path / "elsewhere")
-    with pytest.raises(UserError, match=rf"cannot download .*; put that file at .*{FILENAME} and run again$"):
+    with pytest.raises(UserError, match=rf"cannot download .*; put that file at .*{FILENAME} and run again\. Or train "):
         main(["--experiment", EXPERIMENT, "--out", str(tmp_path / "published2"), "--params", str(published)])
 
     # Without dvc.lock, a file whose published md5 is known is found by that md5 (the address of
