@@ -386,10 +386,14 @@ def spreadsheet_rows(path: Path, records: int) -> range | list[int]:
     it: the header is row 1, and a blank line, which the readers skip, is a row too (a quoted
     cell holding a line break stays one row). Without blank lines, data record i is row i + 2."""
     with open(path, "rb") as handle:
-        breaks, last = 0, b""
+        breaks, bare, last = 0, 0, b""
         for chunk in iter(lambda: handle.read(1 << 24), b""):
+            # A carriage return before no line feed ends a line of its own (an old Mac's) or sits in
+            # a quoted cell: the line feeds do not tell which, so the file is parsed.
+            split = last.endswith(b"\r") and chunk.startswith(b"\n")  # a CRLF across two chunks
+            bare += chunk.count(b"\r") - chunk.count(b"\r\n") - split
             breaks, last = breaks + chunk.count(b"\n"), chunk
-    if breaks + (not last.endswith(b"\n")) == records + 1:
+    if not bare and breaks + (not last.endswith(b"\n")) == records + 1:
         # One line a record, none blank: counted, not parsed again (FER-2013's 300 MB).
         return range(2, records + 2)
     limit = csvmodule.field_size_limit(1 << 30)  # a pixel cell may exceed the 128 KiB default

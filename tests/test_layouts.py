@@ -522,6 +522,45 @@ def test_csv_rows_are_numbered_as_a_spreadsheet_shows_them_blank_lines_included(
     assert {path for path in found if "::" in path} == {"labels.csv::6", "labels.csv::7", "labels.csv::8"}
 
 
+# Line endings a file may mix, each with a blank line above `gone.png`, which a spreadsheet shows
+# as row 4 (or 5): a cell holding a bare carriage return stays in its row; a line ending in a bare
+# one (an old Mac's, in an otherwise LF file) is a row of its own for pandas, Arrow and a
+# spreadsheet alike.
+MIXED_ENDINGS = {
+    "quoted-cr": (b'file,label,pixels,notes\nb.png,dog,1 2 3 4,"one\rcell"\n\ngone.png,cat,1 2 3,\n', 4),
+    "crlf-and-lf": (b"file,label,pixels,notes\r\nb.png,dog,1 2 3 4,\n\r\ngone.png,cat,1 2 3,\r\n", 4),
+    "unquoted-cr": (b"file,label,pixels,notes\na.png,cat,1 2 3 4,\rb.png,dog,1 2 3 4,\n\ngone.png,cat,1 2 3,\n", 5),
+    "all-three": (
+        b'file,label,pixels,notes\na.png,cat,1 2 3 4,\rb.png,dog,1 2 3 4,"one\rcell"\r\n\ngone.png,cat,1 2 3,\n', 5
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["csv", "pixels_csv"])
+@pytest.mark.parametrize("name", list(MIXED_ENDINGS))
+def test_rows_are_numbered_right_whatever_line_endings_a_csv_mixes(tmp_path, name, kind):
+    """Rows are numbered by counting line feeds where that is safe, not by parsing the file again.
+    A line ending in a bare carriage return adds a record without a line feed: with a blank line
+    elsewhere, the count came out as for a file of neither, and every row below the blank line
+    was named one too high."""
+    content, row = MIXED_ENDINGS[name]
+    raw = tmp_path / "raw"
+    for image in ("a.png", "b.png"):
+        write_image(raw / image)
+    (raw / "labels.csv").write_bytes(content)
+    if kind == "csv":
+        layout = {"kind": kind, "file": "labels.csv", "path_column": "file", "label_column": "label"}
+        expected = f"missing: listed in labels.csv row {row} but not found (looked for gone.png)"
+    else:
+        layout = {"kind": kind, "file": "labels.csv", "label_column": "label", "pixels_column": "pixels", "width": 2,
+                  "height": 2}
+        expected = "undecodable: 3 pixel values, expected 4 (2x2)"
+
+    found = run_layout(config(layout, ["cat", "dog"], image_size=2, channels=1), raw)
+
+    assert found[f"labels.csv::{row}"].reason == expected
+
+
 def test_csv_names_find_files_whose_names_are_decomposed_on_disk(tmp_path):
     """A zip made on macOS holds `café.png` decomposed (NFD); the CSV names it composed (NFC).
     The row finds the file, which keeps its name on disk."""
