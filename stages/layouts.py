@@ -339,7 +339,9 @@ def _not_utf8(path: Path) -> UserError | None:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
+        # A line ends in CRLF, LF or a bare CR (an old Mac's), as in a text editor and the readers.
+        before = data[: error.start]
+        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
         return UserError(
             f"{path}: not UTF-8 text (line {line} holds the byte 0x{data[error.start]:02x}, as a file saved in "
             "Windows-1252 or Latin-1 does); save it as UTF-8 (iconv -f cp1252 -t utf-8), then fetch again"

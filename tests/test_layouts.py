@@ -631,15 +631,17 @@ def test_csv_file_errors_are_one_line(tmp_path, layout, expected):
         ("pixels_csv", {"pixels_column": "pixels"}, 0),  # in the first block: the header's reader finds it
     ],
 )
-def test_a_label_csv_saved_in_windows_1252_is_one_line_saying_to_save_it_as_utf8(tmp_path, kind, layout, rows):
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+def test_a_label_csv_saved_in_windows_1252_is_one_line_saying_to_save_it_as_utf8(tmp_path, kind, layout, rows, newline):
     """Excel on Windows saves "CSV" in Windows-1252: `crème` is one byte 0xe8, not UTF-8. The
     line names the file, the line holding the byte, and to save it as UTF-8 (before: it said to
-    check layout.file in params.yaml, which names the file rightly)."""
+    check layout.file in params.yaml, which names the file rightly). Lines end as the file ends
+    them, an old Mac's in a bare carriage return too (before: counted by line feeds, line 1)."""
     raw = tmp_path / "raw"
     raw.mkdir()
     filler = [f"{n}.png,1 2 3 4,bread" for n in range(rows)]
     lines = ["file,pixels,label", *filler, "crème.png,1 2 3 4,crème"]
-    (raw / "labels.csv").write_bytes(("\n".join(lines) + "\n").encode("cp1252"))
+    (raw / "labels.csv").write_bytes((newline.join(lines) + newline).encode("cp1252"))
     cfg = config({"kind": kind, "file": "labels.csv", "label_column": "label", **layout}, ["bread"], channels=1)
 
     with pytest.raises(UserError) as caught:
