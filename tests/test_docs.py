@@ -161,3 +161,14 @@ def test_every_params_key_the_docs_quote_exists():
                 if not schema_has(roots[root], key.split(".")[1:]):
                     wrong.append(f"{doc.relative_to(ROOT)}:{number}: {key}")
     assert wrong == []
+
+
+def test_no_doc_runs_stages_through_the_venvs_dvc_without_its_path():
+    """`.venv/bin/dvc repro` (or `exp run`, `queue start`) runs each stage's `python -m stages.x`
+    through the shell's PATH, where `python` is the system's, which lacks the packages, or none:
+    a doc puts `.venv/bin` on the PATH first, as make does, and then calls plain `dvc`."""
+    wrong = [f"{doc.relative_to(ROOT)}:{number}: {match.group(0)}"
+             for doc in DOCS
+             for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1)
+             for match in re.finditer(r"\.venv/bin/dvc(?: -[\w-]+)* (?:repro|exp run|queue start)\b", line)]
+    assert wrong == []
