@@ -3,6 +3,7 @@ evidence, the options of each command line, the make targets and the params keys
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import fnmatch
@@ -105,6 +106,43 @@ def test_every_option_the_docs_give_a_command_is_one_it_takes():
                     flag = word.split("=")[0]
                     if re.fullmatch(r"--?[A-Za-z][\w-]*", flag) and flag not in known:
                         wrong.append(f"{doc.relative_to(ROOT)}:{number}: {module.name} {subcommand or ''} takes no {flag}")
+    assert wrong == []
+
+
+# `dvc [global options] command ...`, also as `.venv/bin/dvc`, up to where COMMAND_END says.
+DVC_COMMAND = re.compile(r"(?<![\w.-])dvc((?: --?[\w-]+)*) ([a-z][\w-]*)")
+
+
+def test_every_option_the_docs_give_dvc_is_one_it_takes():
+    """`dvc --wait-for-lock repro --single-item train@a`, `dvc exp run --queue -S ...` in a doc: the
+    installed DVC's own parser takes each option, spelt out (not an abbreviation argparse would
+    accept), as a global one or its (sub)command's. A command DVC does not have is prose (`dvc` is
+    not found), not checked."""
+    from dvc.cli.parser import get_main_parser
+
+    def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        return next((action.choices for action in parser._actions
+                     if isinstance(action, argparse._SubParsersAction)), {})
+
+    def options(parser: argparse.ArgumentParser) -> set[str]:
+        return {option for action in parser._actions for option in action.option_strings}
+
+    main = get_main_parser()
+    wrong = []
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text(encoding="utf-8").replace("\\\n", " ").splitlines(), 1):
+            for match in DVC_COMMAND.finditer(line):
+                parser = commands(main).get(match.group(2))
+                if parser is None:
+                    continue
+                rest = COMMAND_END.split(line[match.end():])[0].split()
+                if rest and rest[0] in commands(parser):
+                    parser, rest = commands(parser)[rest[0]], rest[1:]
+                given = [(main, word) for word in match.group(1).split()] + [(parser, word) for word in rest]
+                for owner, word in given:
+                    flag = word.split("=")[0]
+                    if re.fullmatch(r"--?[A-Za-z][\w-]*", flag) and flag not in options(owner):
+                        wrong.append(f"{doc.relative_to(ROOT)}:{number}: {match.group(0)} ... takes no {flag}")
     assert wrong == []
 
 
