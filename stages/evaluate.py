@@ -112,6 +112,10 @@ def evaluate(
     evaluation: Path,
 ) -> dict[str, Any]:
     experiment = load_params(params_path).experiment(experiment_name)
+    if model_dir.is_file():
+        # Else "model.keras/training.json: missing; run train again", a retrain of a model that is there.
+        raise UserError(f"--model {model_dir} is a file; give train's output folder, which holds model.keras, "
+                        f"training.json and history.csv: --model {model_dir.parent}")
     training_record = read_training_record(model_dir / "training.json", experiment.name)
     history = read_history(model_dir / "history.csv", experiment.name)
     data = load_prepared(data_dir, splits=("train", "test"))

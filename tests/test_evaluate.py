@@ -84,6 +84,22 @@ def test_unreadable_training_json_is_one_line_naming_the_file(tmp_path: Path) ->
     assert "training.json" in done.stderr.strip().splitlines()[-1]
 
 
+def test_the_model_file_given_for_its_folder_is_one_line_saying_so(tmp_path: Path) -> None:
+    """`--model models/digits/small_cnn/model.keras` (the file, where evaluate takes train's
+    folder): before, "model.keras/training.json: missing; run train@digits-small_cnn again", which
+    sent the user to retrain a model that was there. Now the line says to give the folder."""
+    model_dir = tmp_path / "models" / "digits" / "small_cnn"
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.keras").write_bytes(b"PK\5\6" + bytes(18))
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as raised:
+        evaluate_stage.evaluate("digits-small_cnn", str(ROOT / "params.yaml"), tmp_path / "data", model_dir / "model.keras",
+                                out / "m.json", out / "p.csv", out / "f", out / "e")
+    assert str(raised.value) == (f"--model {model_dir / 'model.keras'} is a file; give train's output folder, which "
+                                 f"holds model.keras, training.json and history.csv: --model {model_dir}")
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # A tracking server that does not answer, in two ways MLflow words differently from a refused
 # connection (before, evaluate took them for a missing run and advised a retrain).
