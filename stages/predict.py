@@ -112,7 +112,8 @@ def load(uri: str, scratch: Path) -> LoadedModel:
 def files_under(folder: Path) -> tuple[list[Path], list[str]]:
     """Every file under `folder`, sorted, links to folders followed (each real folder once, so a
     loop ends); a dangling link too (a git-annex or DVC link whose data is absent): it is tried and
-    reported as unreadable, not passed over in silence. And one message per folder that could not
+    reported as unreadable, not passed over in silence; a named pipe, socket or device as well, to
+    be named as such. And one message per folder that could not
     be listed (another user's, mode 700): os.walk would pass over it without a word."""
     found, seen, unlisted = [], set(), []
 
@@ -125,8 +126,18 @@ def files_under(folder: Path) -> tuple[list[Path], list[str]]:
             subfolders[:] = []
             continue
         seen.add(real)
-        found += [p for name in names if (p := Path(here) / name).is_file() or not p.exists()]
+        found += [Path(here) / name for name in names]
     return sorted(found), unlisted
+
+
+def not_a_file(path: Path) -> str:
+    """The message for a named pipe (`<(curl ...)` is one), socket or device: opening a pipe with
+    no writer waits for good, and one with a writer is read once, where decoding reads twice."""
+    return f"{path}: not a regular file (a named pipe, socket or device), so not read; save what it holds to a file and name that"
+
+
+def special(path: Path) -> bool:
+    return path.exists() and not path.is_file() and not path.is_dir()
 
 
 def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
@@ -142,10 +153,13 @@ def image_files(paths: list[Path]) -> tuple[list[Path], list[str], list[Path]]:
             images = [p for p in found if not not_an_image(p.relative_to(path).as_posix())]
             if not images and not unlisted:
                 problems.append(f"{path}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
-            files.extend(images)
+            problems.extend(not_a_file(p) for p in images if special(p))
+            files.extend(p for p in images if not special(p))
             left_out.extend(p for p in found if not_an_image(p.relative_to(path).as_posix()))
         elif path.is_file():
             files.append(path)
+        elif special(path):
+            problems.append(not_a_file(path))
         else:
             problems.append(f"{path}: no such file or folder")
     unique, seen = [], set()

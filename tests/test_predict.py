@@ -112,6 +112,25 @@ def test_a_broken_link_in_a_folder_is_reported_not_silently_dropped(tmp_path: Pa
     assert "No such file or directory" in unreadable[0]
 
 
+def test_a_named_pipe_is_named_as_not_a_file_not_missing_or_dropped(tmp_path: Path) -> None:
+    """`predict --dataset digits <(curl ...)` names a pipe (/dev/fd/63); a folder may hold a FIFO.
+    Before: the one named was "no such file or folder", which it is not, and the one in a folder
+    was passed over in silence, neither classified, left out nor counted. Now each is named as not
+    a regular file, and never opened (opening a FIFO with no writer waits for good)."""
+    import os
+
+    folder = tmp_path / "photos"
+    image = write_png(folder / "a.png", 0)
+    os.mkfifo(folder / "b.png")
+    os.mkfifo(tmp_path / "piped")
+
+    files, problems, left_out = image_files([folder, tmp_path / "piped"])
+
+    assert files == [image] and left_out == []
+    assert problems == [f"{path}: not a regular file (a named pipe, socket or device), so not read; save what it "
+                        "holds to a file and name that" for path in (folder / "b.png", tmp_path / "piped")]
+
+
 def test_a_link_to_a_folder_in_a_folder_given_is_followed_once(tmp_path: Path) -> None:
     """`photos/more -> /elsewhere/more`: before, rglob did not enter it, and its images were
     neither classified nor left out, with no word. A link back up (a loop) ends."""
