@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from stages import tracking
-from stages.errors import UserError, run_stage
+from stages.errors import NO_ROOM, UserError, run_stage
 from stages.layouts import IMAGE_SUFFIXES, not_an_image
 
 BATCH = 64
@@ -264,6 +264,16 @@ def main(argv: list[str] | None = None) -> None:
         # The reader stopped early (`predict ... | head`): the rest of the lines go nowhere, as
         # does Python's own flush at exit, which would otherwise fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as error:
+        # A full disk under `predict ... > results.tsv`: the file keeps the lines written before,
+        # which the stages' "no room" line (nothing half-written left) would deny.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        advice = "make room there and run predict again" if error.errno in NO_ROOM else "run predict again once it can be written"
+        raise UserError(
+            f"cannot write the results to stdout ([Errno {error.errno}] {error.strerror}): what it goes to holds part "
+            f"of them at most; {advice} ({len(results)} of {len(results) + len(unreadable)} files were classified "
+            f"with {loaded.uri})"
+        ) from None
     for problem in unreadable:
         print(f"error: {problem}", file=sys.stderr)
     missing = f"; {len(problems)} of the paths given, or folders in them, gave no image (named above)" if problems else ""

@@ -405,6 +405,34 @@ def test_main_names_the_files_of_a_folder_it_left_out(
     assert err[1] == "predict: 1 of 1 files classified with models:/toy@champion"
 
 
+def test_a_full_disk_under_stdout_is_one_line_saying_the_results_are_cut_short(
+    registry: MlflowClient, tmp_path: Path, loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`predict ... > results.tsv` on a full disk (here /dev/full, which refuses every write so).
+    Before: the stages' "no room left" line, which went on "nothing half-written was left under an
+    output's name": untrue of what the shell redirected stdout to, which keeps the lines written
+    before the disk filled. Now the line names stdout and says its file holds part of the results."""
+    import io
+
+    folder = tmp_path / "photos"
+    for i in range(3):
+        write_png(folder / f"{i}.png", 0)
+    register(registry, tmp_path, loaded, "toy")
+    capsys.readouterr()
+    full = open("/dev/full", "w", encoding="utf-8")
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(full.buffer, encoding="utf-8"))
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(predict_stage.main, ["--dataset", "toy", str(folder)])
+
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: cannot write the results to stdout ([Errno 28] No space left on device): what it goes "
+                     "to holds part of them at most; make room there and run predict again (3 of 3 files were "
+                     "classified with models:/toy@champion)"]
+
+
 def test_main_rejects_alias_and_version_together(capsys: pytest.CaptureFixture[str]) -> None:
     """--alias, --version and --run name one model: two of them is a usage error (status 2)."""
     with pytest.raises(SystemExit) as exit_info:
