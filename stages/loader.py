@@ -43,6 +43,8 @@ class PreparedData:
 
 def load_prepared(data: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> PreparedData:
     """Memory-map the arrays written by the split stage."""
+    if data.is_file():  # else "no prepared data; run the split stage", for data that is there
+        raise UserError(f"--data {data} is a file; give the split stage's output folder, which holds it: --data {data.parent}")
     if not (data / "classes.json").exists():
         raise UserError(f"{data}: no prepared data; run the split stage for this dataset first")
     again = "run the split stage for this dataset again"

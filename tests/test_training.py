@@ -1386,6 +1386,20 @@ def test_damaged_prepared_arrays_are_one_line_naming_the_file(tmp_path, tracking
     assert not (tmp_path / "out").exists()
 
 
+def test_an_array_file_given_for_the_prepared_folder_is_one_line_saying_so(tmp_path) -> None:
+    """`--data data/processed/digits/test_x.npy` (a file, where train and evaluate take split's
+    folder): before, "test_x.npy: no prepared data; run the split stage for this dataset first",
+    advice to split again data that was there. Now the line says to give the folder."""
+    from stages.errors import UserError
+    from stages.loader import load_prepared
+
+    data = write_prepared(tmp_path / "data")
+    with pytest.raises(UserError) as error:
+        load_prepared(data / "test_x.npy")
+    assert str(error.value) == (f"--data {data / 'test_x.npy'} is a file; give the split stage's output folder, "
+                                f"which holds it: --data {data}")
+
+
 def test_evaluating_a_model_on_data_split_again_since_it_trained_is_refused(tmp_path, tracking) -> None:
     """evaluate run by hand (or with --single-item) after split ran again (a new seed): the test
     split may hold images the model trained on, and the inflated score went to the registry. The
