@@ -179,7 +179,7 @@ def evaluate(
     predictions = predictions_table(test_paths, data.classes, y_test, probabilities)
     with atomic_path(predictions_path) as temporary:
         predictions.to_csv(temporary, index=False)
-    write_figures(figures, history, data.classes, x_test, y_test, probabilities, per_class)
+    drawn = write_figures(figures, history, data.classes, x_test, y_test, probabilities, per_class)
     evaluation.mkdir(parents=True, exist_ok=True)
     write_json_atomic(evaluation / "classification_report.json", report)
     per_class_table = pd.DataFrame(
@@ -214,7 +214,7 @@ def evaluate(
     with tracking.unavailable("log the evaluation", consequence):
         log_evaluation(
             experiment, training_record, record, model, model_file, x_test[:1], probabilities.shape[1],
-            data.classes, metrics_path, [predictions_path, *sorted(figures.glob("*.png")),
+            data.classes, metrics_path, [predictions_path, *drawn,
                                          evaluation / "classification_report.json", evaluation / "per_class.csv",
                                          evaluation / "confusion.csv"],
         )
@@ -262,7 +262,9 @@ def confusion_table(classes: list[str], y_test: np.ndarray, y_pred: np.ndarray) 
 def write_figures(
     figures: Path, history: pd.DataFrame, classes: list[str], x_test: np.ndarray, y_test: np.ndarray,
     probabilities: np.ndarray, per_class: dict[str, dict[str, Any]],
-) -> None:
+) -> list[Path]:
+    """Draw the figures and return their paths: what is logged to MLflow, not every PNG of the
+    folder, where a write killed by hand leaves its temporary file (.confusion.png.*.tmp.png)."""
     y_pred = probabilities.argmax(axis=1)
     figures.mkdir(parents=True, exist_ok=True)
     draw.confusion_figure(y_test, y_pred, classes, figures / "confusion.png", normalise=False)
@@ -277,6 +279,7 @@ def write_figures(
         [float(probabilities[i].max() / probabilities[i].sum()) for i in shown],
         figures / "mistakes.png",
     )
+    return [figures / name for name in ("confusion.png", "confusion_normalized.png", "curves.png", "f1.png", "mistakes.png")]
 
 
 def log_evaluation(

@@ -434,6 +434,22 @@ def test_a_missing_or_unreadable_history_csv_is_one_line_before_predicting(
     assert "\n" not in str(raised.value)
 
 
+def test_only_the_figures_evaluate_draws_are_logged_not_a_killed_writes_leftover(trained: Path) -> None:
+    """A figure's write killed by SIGKILL (evaluate run by hand) leaves its temporary file,
+    `.confusion.png.<random>.tmp.png`, in the figures folder, with whatever else lies there (a
+    figure an older version drew). Before, evaluate logged every PNG of the folder into the run's
+    evaluation/: the half-written one too. Now the figures it drew, and those only."""
+    figures = trained / "reports" / "figures"
+    figures.mkdir(parents=True)
+    (figures / ".confusion.png.k1ll3d.tmp.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (figures / "roc.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    _evaluate(trained)
+    run_id = json.loads((trained / "net" / "training.json").read_text())["run_id"]
+    logged = {Path(a.path).name for a in MlflowClient().list_artifacts(run_id, "evaluation")}
+    assert {name for name in logged if name.endswith(".png")} == {
+        "confusion.png", "confusion_normalized.png", "curves.png", "f1.png", "mistakes.png"}
+
+
 def test_confusion_csv_counts_every_pair_of_classes_from_the_predictions(trained: Path) -> None:
     """The DVC confusion plot's data: a row per actual and predicted class, every pair in the
     classes' order, 0 included, counting the predictions CSV's images (which stay one per image)."""
