@@ -360,8 +360,6 @@ def test_with_balanced_class_weights_val_loss_is_the_weighted_loss_training_mini
     """Early stopping and the best epoch follow val_loss. With class_weight balanced it weighs each
     validation image by its class's weight from the training split, as training weighs its loss;
     the plain mean would mostly measure the largest class. Accuracy stays unweighted."""
-    import keras
-
     data = write_prepared(tmp_path / "data")
     for split in ("train", "val"):  # class 0 keeps every image, classes 1-9 about one in six
         x, y = np.load(data / f"{split}_x.npy"), np.load(data / f"{split}_y.npy")
@@ -378,9 +376,36 @@ def test_with_balanced_class_weights_val_loss_is_the_weighted_loss_training_mini
     weighted, accuracy = model.evaluate(x, y, sample_weight=weights[y], verbose=0)
     plain, _ = model.evaluate(x, y, verbose=0)
     assert logged["val_loss"] == pytest.approx(weighted, rel=1e-3)
-    assert logged["val_loss"] != pytest.approx(plain, rel=0.05)
+    # Apart by far more than the match above allows (after this epoch, 4.8 % on PyTorch, over 5 %
+    # on JAX).
+    assert logged["val_loss"] != pytest.approx(plain, rel=0.01)
     assert logged["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
-    assert record["best_epoch"] == 0 and keras.backend.backend() == "tensorflow"
+    assert record["best_epoch"] == 0
+
+
+def test_with_balanced_class_weights_the_training_loss_is_weighted(tmp_path: Path, tracking: str) -> None:
+    """The weights ride in the batches (above); this shows the backend's fit applies them. One
+    step on all the training images at a learning rate too small to move the weights, and nothing
+    random in the model: the epoch's loss is the trained model's weighted loss on them."""
+    data = write_prepared(tmp_path / "data")
+    x, y = np.load(data / "train_x.npy"), np.load(data / "train_y.npy")
+    keep = (y == 0) | (np.arange(len(y)) % 6 == 0)
+    np.save(data / "train_x.npy", x[keep])
+    np.save(data / "train_y.npy", y[keep])
+    plain_cnn = {"model": "cnn", "options": {"filters": [8], "convs_per_block": 1, "dropout": 0},
+                 "head": {"pool": "flatten", "dense": [], "dropout": 0}}
+    train = {"epochs": 1, "batch_size": 5000, "learning_rate": 1e-12, "class_weight": "balanced",
+             "fine_tune": {"epochs": 0}}
+    model, _ = train_toy(tmp_path, "weighted", plain_cnn, train)
+    logged = pd.read_csv(tmp_path / "weighted" / "history.csv").iloc[0]
+    x, y = x[keep], y[keep]
+    model.compile(loss="sparse_categorical_crossentropy")
+    weighted = model.evaluate(x, y, sample_weight=class_weights(y, 10)[y], batch_size=5000, verbose=0)
+    plain = model.evaluate(x, y, batch_size=5000, verbose=0)
+    assert logged["loss"] == pytest.approx(weighted, rel=1e-4)
+    # An untrained model's loss differs little by class, yet the two are far apart for that match
+    # (0.27 % on PyTorch here: 2.2977 weighted, 2.2916 plain).
+    assert abs(weighted - plain) > 1e-3 * plain
 
 
 def test_a_killed_train_stage_resumes_and_ends_with_the_uninterrupted_weights(tmp_path: Path, tracking: str) -> None:
@@ -1052,6 +1077,7 @@ def test_train_and_evaluate_on_other_backends_never_import_tensorflow(backend: s
         # Keras would turn XLA off for the rotation and zoom layers; on JAX they compile.
         assert record["phases"][0]["xla"] is True
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] > 0.2, "better than chance (0.1)"
+
 
 
 WRITES_WHILE_KERAS_LOADS = """
