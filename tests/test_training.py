@@ -1062,7 +1062,7 @@ def train_and_evaluate_arguments(tmp_path: Path, data: Path, params: Path) -> di
             not torch_installed(), reason="PyTorch is optional: `make env-torch` installs the CPU build")),
     ],
 )
-def test_train_and_evaluate_on_other_backends_never_import_tensorflow(backend: str, tmp_path: Path, tracking: str) -> None:
+def test_train_evaluate_and_predict_on_other_backends_never_import_tensorflow(backend: str, tmp_path: Path, tracking: str) -> None:
     data = write_prepared(tmp_path / "data")
     params = write_params(tmp_path / "params.yaml", SMALL_CNN, {"epochs": 3}, augmentation={"rotation": 8, "zoom": 0.1})
     env = {**os.environ, "KERAS_BACKEND": backend, "MLFLOW_TRACKING_URI": tracking}
@@ -1078,6 +1078,24 @@ def test_train_and_evaluate_on_other_backends_never_import_tensorflow(backend: s
         assert record["phases"][0]["xla"] is True
     assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] > 0.2, "better than chance (0.1)"
 
+    # predict, on the other of the two: the model evaluate registered loads there, without
+    # TensorFlow too, and labels the first test images as evaluate did.
+    from PIL import Image
+
+    other = {"jax": "torch" if torch_installed() else "jax", "torch": "jax"}[backend]
+    files = []
+    for i, image in enumerate(np.load(data / "test_x.npy")[:4]):
+        files.append(str(tmp_path / f"test{i}.png"))
+        Image.fromarray(image[..., 0]).save(files[-1])
+    result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW.format(stage="predict"), "--dataset", "toy",
+                             "--version", "1", *files], cwd=REPO, env={**env, "KERAS_BACKEND": other},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and "no tensorflow" in result.stdout, result.stderr[-3000:]
+    lines = [line.split("\t") for line in result.stdout.splitlines() if "\t" in line]
+    evaluated = pd.read_csv(tmp_path / "predictions.csv").iloc[:4]
+    assert [path for path, _, _ in lines] == files
+    assert [label for _, label, _ in lines] == evaluated["predicted"].astype(str).tolist()
+    assert [float(confidence) for _, _, confidence in lines] == pytest.approx(evaluated["confidence"].tolist(), abs=1e-4)
 
 
 WRITES_WHILE_KERAS_LOADS = """
