@@ -45,6 +45,15 @@ def copy_repository(copy: Path) -> dict[str, str]:
     return env
 
 
+def shorten_demo(copy: Path, small_cnn: int, mobilenetv2: int) -> None:
+    """Fewer epochs for the demo's two experiments in `copy`, for tests that need the demo's
+    outputs but not its accuracy: the full demo is run once, by `project`."""
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["experiments"]["digits-small_cnn"]["train"].update(epochs=small_cnn)
+    params["experiments"]["digits-mobilenetv2"]["train"].update(epochs=mobilenetv2)
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A copy of the repository's tracked files, as a fresh clone would have them."""
@@ -251,10 +260,7 @@ def test_the_demo_runs_end_to_end_on_the_jax_backend(tmp_path: Path) -> None:
     predict the test split as evaluate on JAX did."""
     env = copy_repository(tmp_path)
     env["KERAS_BACKEND"] = "jax"
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["experiments"]["digits-small_cnn"]["train"].update(epochs=8)
-    params["experiments"]["digits-mobilenetv2"]["train"].update(epochs=4)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shorten_demo(tmp_path, small_cnn=8, mobilenetv2=4)
     first = run(["dvc", "repro", "report@demo"], tmp_path, env)
     assert "report@demo" in stages_run(first.stdout)
     for backbone in ("small_cnn", "mobilenetv2"):
