@@ -113,8 +113,8 @@ def files_under(folder: Path) -> tuple[list[Path], list[str]]:
     """Every file under `folder`, sorted, links to folders followed (each real folder once, so a
     loop ends); a dangling link too (a git-annex or DVC link whose data is absent): it is tried and
     reported as unreadable, not passed over in silence; a named pipe, socket or device as well, to
-    be named as such. And one message per folder that could not
-    be listed (another user's, mode 700): os.walk would pass over it without a word."""
+    be named as such. And one message per folder that could not be listed (another user's, mode
+    700): os.walk would pass over it without a word."""
     found, seen, unlisted = [], set(), []
 
     def refused(error: OSError) -> None:
